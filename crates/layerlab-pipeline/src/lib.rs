@@ -1,0 +1,15 @@
+//! The light part of layerlab, shared by the stage binaries and `cargo xtask`: the pipeline file,
+//! the data-folder layout, stage keys and stamps, atomic writes and the run lock. No candle, no arrow.
+
+pub mod cache;
+pub mod config;
+pub mod fsutil;
+pub mod lock;
+pub mod paths;
+
+pub use cache::{Stage, StageKey, Stamp};
+pub use config::{AggregateConfig, Experiment, ModelConfig, Pipeline, ResetConfig, TrainConfig};
+pub use paths::Layout;
+
+/// The layerlab version written into every table and stamp.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

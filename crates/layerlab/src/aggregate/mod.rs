@@ -1,0 +1,80 @@
+//! Aggregation: an experiment's per-seed reset results → summary and robustness tables, the
+//! heatmap and movement figures, and a Markdown report (the library half of the `aggregate` stage).
+
+pub mod inputs;
+pub mod plot;
+pub mod report;
+pub mod stats;
+pub mod summary;
+pub mod tables;
+
+use summary::{Curve, SummaryRow};
+
+/// The test error of guessing uniformly: 1 − 1/classes (0.9 for ten classes).
+pub fn chance_error(classes: usize) -> f64 {
+    1.0 - 1.0 / classes.max(1) as f64
+}
+
+/// The paper's figure for one BatchNorm setting: one row per unit (input at the top), a first
+/// column for re-randomization, then one per checkpoint τ. `None` when no unit was reset alone.
+pub fn heatmap(summary: &[SummaryRow], bn: &str, title: String, subtitle: String, chance: f64) -> Option<plot::Heatmap> {
+    let units = summary::units(summary);
+    if units.is_empty() {
+        return None;
+    }
+    let single = |r: &&SummaryRow| r.is_single() && r.bn_stats == bn;
+    let mut epochs: Vec<i64> =
+        summary.iter().filter(single).filter(|r| r.mode == "reinit").filter_map(|r| r.source_epoch).collect();
+    epochs.sort_unstable();
+    epochs.dedup();
+    let has_rerandomize = summary.iter().filter(single).any(|r| r.mode == "rerandomize");
+    let mut cols: Vec<(&str, Option<i64>)> = Vec::new();
+    if has_rerandomize {
+        cols.push(("rerandomize", None));
+    }
+    cols.extend(epochs.iter().map(|&e| ("reinit", Some(e))));
+    let values = units
+        .iter()
+        .map(|(_, unit)| {
+            cols.iter()
+                .map(|&(mode, epoch)| {
+                    summary
+                        .iter()
+                        .filter(single)
+                        .find(|r| r.mode == mode && r.source_epoch == epoch && r.unit.as_deref() == Some(unit.as_str()))
+                        .map(|r| r.test.mean)
+                })
+                .collect()
+        })
+        .collect();
+    let x_label = match (has_rerandomize, epochs.is_empty()) {
+        (true, false) => "re-randomized  |  re-initialized to checkpoint τ (epoch)",
+        (true, true) => "re-randomized",
+        _ => "re-initialized to checkpoint τ (epoch)",
+    };
+    Some(plot::Heatmap {
+        title,
+        subtitle,
+        rows: units.into_iter().map(|(_, u)| u).collect(),
+        cols: cols.iter().map(|&(_, e)| e.map_or("rand.".to_string(), |e| e.to_string())).collect(),
+        gap_after: (has_rerandomize && !epochs.is_empty()).then_some(1),
+        values,
+        vmax: chance,
+        x_label: x_label.into(),
+        y_label: "unit (input at the top)".into(),
+        bar_label: "test error".into(),
+    })
+}
+
+/// The movement figure: one line per unit, the whole network ("all") last.
+pub fn movement_lines(curves: &[Curve], title: String) -> plot::Lines {
+    plot::Lines {
+        title,
+        x_label: "epoch".into(),
+        y_label: "relative distance from init  ‖w − w₀‖ / ‖w₀‖".into(),
+        series: curves
+            .iter()
+            .map(|c| (c.unit.clone(), c.points.iter().map(|&(e, v)| (e as f64, v)).collect()))
+            .collect(),
+    }
+}

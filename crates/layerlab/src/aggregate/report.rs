@@ -1,0 +1,248 @@
+//! `report.md`: one experiment's results in words, tables and figures, readable on its own.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use serde_json::Value;
+
+use super::inputs::Inputs;
+use super::summary::{baseline, RobustnessRow, SummaryRow, Verdict};
+use layerlab_pipeline::Experiment;
+
+/// Everything the report shows.
+pub struct ReportInput<'a> {
+    pub experiment: &'a Experiment,
+    pub pipeline_path: &'a Path,
+    pub inputs: &'a Inputs,
+    pub summary: &'a [SummaryRow],
+    pub robustness: &'a [RobustnessRow],
+    /// (bn_stats, file name of the PNG) per heatmap; the SVG has the same stem.
+    pub heatmaps: &'a [(String, String)],
+    pub movement_figure: Option<&'a str>,
+    pub chance: f64,
+    pub classes: usize,
+    pub aggregate_key: &'a str,
+    pub config_hash: &'a str,
+}
+
+fn pct(v: f64) -> String {
+    format!("{:.2}%", 100.0 * v)
+}
+
+fn pp(v: f64) -> String {
+    format!("{:+.2} pp", 100.0 * v)
+}
+
+/// A settings section as JSON; sections are plain data, so a failure can only show as `null`.
+fn json<T: serde::Serialize>(section: &T) -> Value {
+    serde_json::to_value(section).unwrap_or(Value::Null)
+}
+
+/// A settings section as `key = value` items, in the order serde gives them.
+fn settings_line(value: &Value) -> String {
+    match value {
+        Value::Object(map) => map
+            .iter()
+            .map(|(k, v)| match v {
+                Value::Null => format!("{k} = (none)"),
+                Value::String(s) => format!("{k} = {s}"),
+                other => format!("{k} = {other}"),
+            })
+            .collect::<Vec<_>>()
+            .join(", "),
+        other => other.to_string(),
+    }
+}
+
+fn list<T: ToString>(items: impl IntoIterator<Item = T>) -> String {
+    items.into_iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", ")
+}
+
+fn verdict_cells(v: Option<Verdict>) -> [String; 3] {
+    match v {
+        Some(v) => [pct(v.error), pp(v.delta), format!("**{}**", v.class())],
+        None => ["–".into(), "–".into(), "–".into()],
+    }
+}
+
+/// The whole report as Markdown.
+pub fn render(r: &ReportInput) -> String {
+    let exp = r.experiment;
+    let mut md = String::new();
+    let w = &mut md;
+    let first = r.inputs.results.first();
+    let arch = first.map_or(exp.model.arch.as_str(), |f| f.arch.as_str());
+    let _ = writeln!(w, "# {}: which layers matter\n", exp.name);
+    if !exp.description.is_empty() {
+        let _ = writeln!(w, "{}\n", exp.description);
+    }
+    let _ = writeln!(
+        w,
+        "Architecture `{arch}` on `{}`. Each unit (layer) of the trained network is put back, alone, to an earlier \
+         checkpoint (re-initialization) or to a fresh random draw from its initial distribution (re-randomization), \
+         with every other unit kept as trained and no retraining; the table and figures show the test error that \
+         results. Numbers are means over the {} seed(s) found: {} (the experiment lists {}).\n",
+        exp.dataset,
+        r.inputs.seeds.len(),
+        list(&r.inputs.seeds),
+        list(&exp.seeds)
+    );
+    for (seed, why) in &r.inputs.skipped {
+        let _ = writeln!(w, "> **Seed {seed} is missing** from these results: {why}.\n");
+    }
+
+    let _ = writeln!(w, "## Settings\n");
+    let _ = writeln!(w, "- **Model**: {}", settings_line(&json(&exp.model)));
+    let _ = writeln!(w, "- **Training**: {}", settings_line(&json(&exp.train)));
+    let _ = writeln!(w, "- **Resets**: {}", settings_line(&json(&exp.reset)));
+    let _ = writeln!(
+        w,
+        "- **Classification**: tolerance = {} ({:.1} percentage points above the baseline); chance level = {} ({} classes)",
+        exp.aggregate.tolerance,
+        100.0 * exp.aggregate.tolerance,
+        pct(r.chance),
+        r.classes
+    );
+    let _ = writeln!(w, "- **Pipeline file**: `{}`\n", r.pipeline_path.display());
+
+    let _ = writeln!(w, "## Baseline\n");
+    match baseline(r.summary) {
+        Some(b) => {
+            let spread = |e: &super::stats::Estimate| match (e.std, e.ci95) {
+                (Some(s), Some((lo, hi))) => format!(" ± {} (std over {} seeds; 95% interval {} to {})", pct(s), e.n, pct(lo), pct(hi)),
+                _ => format!(" ({} seed: no spread)", e.n),
+            };
+            let _ = writeln!(w, "- Test error of the trained network: **{}**{}", pct(b.test.mean), spread(&b.test));
+            let _ = writeln!(w, "- Training error (fixed training subset): {}{}\n", pct(b.train.mean), spread(&b.train));
+        }
+        None => {
+            let _ = writeln!(w, "No baseline rows were found.\n");
+        }
+    }
+
+    let _ = writeln!(w, "## Robustness of each unit\n");
+    let _ = writeln!(
+        w,
+        "A unit is **robust** when its mean test error after the reset is at most {:.1} percentage points above the \
+         baseline, and **critical** otherwise. Re-initialization here is to epoch 0 (the initial values); the heatmap \
+         below shows every checkpoint. `robustness.parquet` also holds the normalized damage \
+         (error − baseline) / (chance − baseline), so another cut can be applied.\n",
+        100.0 * exp.aggregate.tolerance
+    );
+    let bns: Vec<&str> = {
+        let mut v: Vec<&str> = Vec::new();
+        for row in r.robustness {
+            if !v.contains(&row.bn_stats.as_str()) {
+                v.push(&row.bn_stats);
+            }
+        }
+        v
+    };
+    for bn in &bns {
+        if bns.len() > 1 || *bn != "none" {
+            let _ = writeln!(w, "### BatchNorm statistics: `{bn}`\n");
+        }
+        let _ = writeln!(w, "| unit | re-init τ=0 | Δ | class | re-randomized | Δ | class | moved (‖w−w₀‖/‖w₀‖) |");
+        let _ = writeln!(w, "|---|---:|---:|---|---:|---:|---|---:|");
+        let rows: Vec<&RobustnessRow> = r.robustness.iter().filter(|x| x.bn_stats == *bn).collect();
+        for row in &rows {
+            let [a, b, c] = verdict_cells(row.reinit);
+            let [d, e, f] = verdict_cells(row.rerandomize);
+            let moved = row.final_movement.map_or("–".to_string(), |m| format!("{m:.3}"));
+            let _ = writeln!(w, "| {} | {a} | {b} | {c} | {d} | {e} | {f} | {moved} |", row.unit);
+        }
+        let names = |pick: &dyn Fn(&RobustnessRow) -> Option<Verdict>, robust: bool| {
+            let v: Vec<&str> =
+                rows.iter().filter(|x| pick(x).is_some_and(|v| v.robust == robust)).map(|x| x.unit.as_str()).collect();
+            if v.is_empty() {
+                "none".to_string()
+            } else {
+                v.join(", ")
+            }
+        };
+        let _ = writeln!(
+            w,
+            "\nCritical to re-initialization: {}. Critical to re-randomization: {}.\n",
+            names(&|x| x.reinit, false),
+            names(&|x| x.rerandomize, false)
+        );
+    }
+
+    let _ = writeln!(w, "## Figures\n");
+    for (bn, png) in r.heatmaps {
+        let svg = png.trim_end_matches(".png").to_string() + ".svg";
+        let what = if bn == "none" { String::new() } else { format!(" (BatchNorm statistics: `{bn}`)") };
+        let _ = writeln!(w, "Test error after resetting one unit{what}; colour from 0 to chance level ({}):\n", pct(r.chance));
+        let _ = writeln!(w, "![Reset heatmap{what}]({png})\n");
+        let _ = writeln!(w, "Vector version: [{svg}]({svg}).\n");
+    }
+    match r.movement_figure {
+        Some(png) => {
+            let svg = png.trim_end_matches(".png").to_string() + ".svg";
+            let _ = writeln!(w, "How far each unit moved from its initial value during training (mean over seeds):\n");
+            let _ = writeln!(w, "![Movement from initialization]({png})\n");
+            let _ = writeln!(w, "Vector version: [{svg}]({svg}).\n");
+        }
+        None => {
+            let _ = writeln!(w, "No movement figure: no seed has finished snapshot results.\n");
+        }
+    }
+
+    let joint: Vec<&SummaryRow> = r.summary.iter().filter(|x| x.mode == "joint").collect();
+    let _ = writeln!(w, "## Joint resets\n");
+    if joint.is_empty() {
+        let _ = writeln!(w, "No joint resets were run (`reset.modes` leaves out `joint`).\n");
+    } else {
+        let _ = writeln!(w, "Test error when a whole set of units is re-initialized to checkpoint τ together:\n");
+        let mut epochs: Vec<i64> = joint.iter().filter_map(|x| x.source_epoch).collect();
+        epochs.sort_unstable();
+        epochs.dedup();
+        let mut bn_joint: Vec<&str> = Vec::new();
+        for x in &joint {
+            if !bn_joint.contains(&x.bn_stats.as_str()) {
+                bn_joint.push(&x.bn_stats);
+            }
+        }
+        for bn in bn_joint {
+            if bn != "none" {
+                let _ = writeln!(w, "BatchNorm statistics: `{bn}`\n");
+            }
+            let _ = writeln!(w, "| set | units | {} |", list(epochs.iter().map(|e| format!("τ={e}"))).replace(", ", " | "));
+            let _ = writeln!(w, "|---|---|{}", "---:|".repeat(epochs.len()));
+            let mut sets: Vec<(&str, &str)> = Vec::new();
+            for x in joint.iter().filter(|x| x.bn_stats == bn) {
+                let s = (x.unit.as_deref().unwrap_or("?"), x.units.as_str());
+                if !sets.contains(&s) {
+                    sets.push(s);
+                }
+            }
+            for (set, units) in sets {
+                let cells: Vec<String> = epochs
+                    .iter()
+                    .map(|&e| {
+                        joint
+                            .iter()
+                            .find(|x| x.bn_stats == bn && x.unit.as_deref() == Some(set) && x.source_epoch == Some(e))
+                            .map_or("–".into(), |x| pct(x.test.mean))
+                    })
+                    .collect();
+                let _ = writeln!(w, "| {set} | {} | {} |", units.replace(',', ", "), cells.join(" | "));
+            }
+            let _ = writeln!(w);
+        }
+    }
+
+    let _ = writeln!(w, "## Provenance\n");
+    let _ = writeln!(w, "- Written by layerlab {} (aggregate key `{}`, config hash `{}`).", layerlab_pipeline::VERSION, r.aggregate_key, r.config_hash);
+    let _ = writeln!(w, "- Seeds found: {} of the experiment's {}.", list(&r.inputs.seeds), list(&exp.seeds));
+    if !r.inputs.movement_missing.is_empty() {
+        let _ = writeln!(w, "- Seeds without movement results (left out of the movement figure): {}.", list(&r.inputs.movement_missing));
+    }
+    let _ = writeln!(w, "- Tables: [summary.parquet](summary.parquet), [robustness.parquet](robustness.parquet); every experiment together: [../robustness.parquet](../robustness.parquet).\n");
+    let _ = writeln!(w, "| seed | reset results | config hash | written by |");
+    let _ = writeln!(w, "|---:|---|---|---|");
+    for s in &r.inputs.results {
+        let _ = writeln!(w, "| {} | `{}` | `{}` | layerlab {} |", s.seed, s.path.display(), s.config_hash, s.layerlab_version);
+    }
+    md
+}

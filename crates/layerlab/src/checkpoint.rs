@@ -1,0 +1,144 @@
+//! Checkpoints: a [`State`] to and from safetensors, with PyTorch state_dict names and metadata.
+//!
+//! A checkpoint loads in Python with `safetensors.torch.load_file` and then into the matching
+//! PyTorch module. Metadata (all strings, as safetensors requires) says what it is.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use safetensors::tensor::{Dtype, TensorView};
+use safetensors::SafeTensors;
+
+use crate::model::{Architecture, State};
+use layerlab_pipeline::fsutil;
+
+/// What a checkpoint says about itself.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct CheckpointMeta {
+    pub experiment: String,
+    pub seed: u64,
+    pub epoch: u32,
+    pub step: u64,
+    pub architecture: String,
+    pub config_hash: String,
+}
+
+impl CheckpointMeta {
+    fn to_map(&self) -> HashMap<String, String> {
+        HashMap::from([
+            ("format".into(), "layerlab-checkpoint-1".into()),
+            ("experiment".into(), self.experiment.clone()),
+            ("seed".into(), self.seed.to_string()),
+            ("epoch".into(), self.epoch.to_string()),
+            ("step".into(), self.step.to_string()),
+            ("architecture".into(), self.architecture.clone()),
+            ("config_hash".into(), self.config_hash.clone()),
+            ("layerlab_version".into(), layerlab_pipeline::VERSION.into()),
+        ])
+    }
+
+    fn from_map(map: &HashMap<String, String>) -> Result<CheckpointMeta> {
+        let get = |k: &str| map.get(k).cloned().with_context(|| format!("metadata lacks '{k}'"));
+        let num = |k: &str| -> Result<u64> { get(k)?.parse().with_context(|| format!("metadata '{k}' is not a number")) };
+        Ok(CheckpointMeta {
+            experiment: get("experiment")?,
+            seed: num("seed")?,
+            epoch: u32::try_from(num("epoch")?).context("metadata 'epoch' is too large")?,
+            step: num("step")?,
+            architecture: get("architecture")?,
+            config_hash: get("config_hash")?,
+        })
+    }
+}
+
+fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
+    let values: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    Ok(values.iter().flat_map(|v| v.to_le_bytes()).collect())
+}
+
+/// Writes named f32 tensors with metadata, atomically.
+pub fn save_tensors(path: &Path, tensors: &BTreeMap<String, Tensor>, metadata: HashMap<String, String>) -> Result<()> {
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(name, t)| Ok((name.clone(), t.dims().to_vec(), tensor_bytes(t)?)))
+        .collect::<Result<_>>()?;
+    let views = bytes
+        .iter()
+        .map(|(name, shape, data)| Ok((name.as_str(), TensorView::new(Dtype::F32, shape.clone(), data)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let serialized = safetensors::serialize(views, Some(metadata))
+        .with_context(|| format!("cannot serialize {}", path.display()))?;
+    fsutil::write_atomic(path, &serialized)
+}
+
+/// Reads every f32 tensor of a safetensors file, with its metadata.
+pub fn load_tensors(path: &Path, device: &Device) -> Result<(BTreeMap<String, Tensor>, HashMap<String, String>)> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read checkpoint {}", path.display()))?;
+    let (_, header) = SafeTensors::read_metadata(&bytes)
+        .with_context(|| format!("{} is not a valid safetensors file", path.display()))?;
+    let st = SafeTensors::deserialize(&bytes)
+        .with_context(|| format!("{} is not a valid safetensors file", path.display()))?;
+    let mut out = BTreeMap::new();
+    for (name, view) in st.tensors() {
+        if view.dtype() != Dtype::F32 {
+            bail!("{}: tensor '{name}' is {:?}, expected F32", path.display(), view.dtype());
+        }
+        let values: Vec<f32> = view.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect();
+        out.insert(name.clone(), Tensor::from_vec(values, view.shape().to_vec(), device)?);
+    }
+    Ok((out, header.metadata().clone().unwrap_or_default()))
+}
+
+/// Saves a network's weights as a checkpoint.
+pub fn save(path: &Path, state: &State, meta: &CheckpointMeta) -> Result<()> {
+    save_tensors(path, state, meta.to_map())
+}
+
+/// Loads a checkpoint and checks it belongs to `arch`: names, shapes, and the architecture tag.
+pub fn load(path: &Path, arch: &Architecture, device: &Device) -> Result<(State, CheckpointMeta)> {
+    let (state, metadata) = load_tensors(path, device)?;
+    let meta = CheckpointMeta::from_map(&metadata).with_context(|| format!("{} is not a layerlab checkpoint", path.display()))?;
+    if meta.architecture != arch.name {
+        bail!("{} holds a {} network, expected {}", path.display(), meta.architecture, arch.name);
+    }
+    arch.check_state(&state).with_context(|| format!("{} does not fit {}", path.display(), arch.name))?;
+    Ok((state, meta))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use layerlab_pipeline::ModelConfig;
+
+    #[test]
+    fn round_trip_is_bit_exact_and_checks_architecture() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = ModelConfig {
+            arch: "fcn".into(),
+            depth: 1,
+            width: 8,
+            width_mult: 1.0,
+            batch_norm: false,
+            pad_to: 0,
+            init: "pytorch".into(),
+        };
+        let arch = Architecture::build(&cfg, [1, 4, 4], 3).unwrap();
+        let state = crate::init::initial_state(&arch, 7, &Device::Cpu).unwrap();
+        let meta = CheckpointMeta { experiment: "x".into(), seed: 7, epoch: 3, step: 99, architecture: arch.name.clone(), config_hash: "abc".into() };
+        let path = dir.path().join("epoch-0003.safetensors");
+        save(&path, &state, &meta).unwrap();
+        let (back, meta_back) = load(&path, &arch, &Device::Cpu).unwrap();
+        assert_eq!(meta_back, meta);
+        for (name, t) in &state {
+            let a: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            let b: Vec<f32> = back[name].flatten_all().unwrap().to_vec1().unwrap();
+            assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "{name}");
+        }
+        // Another architecture is refused, naming the file.
+        let other = Architecture::build(&ModelConfig { width: 9, ..cfg }, [1, 4, 4], 3).unwrap();
+        let err = format!("{:#}", load(&path, &other, &Device::Cpu).unwrap_err());
+        assert!(err.contains("epoch-0003.safetensors"), "{err}");
+    }
+}

@@ -1,0 +1,163 @@
+//! Datasets in their canonical form: `images` u8 [N, C, H, W] and `labels` u8 [N] in safetensors,
+//! plus the readers of the raw formats (IDX, CIFAR binary) and the sources they come from.
+
+pub mod cifar;
+pub mod fetch;
+pub mod http;
+pub mod idx;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use safetensors::tensor::{Dtype, TensorView};
+use safetensors::SafeTensors;
+
+use layerlab_pipeline::fsutil;
+
+/// One split of a dataset, in memory.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Split {
+    /// Row-major u8 pixels, [n, channels, height, width].
+    pub images: Vec<u8>,
+    pub labels: Vec<u8>,
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
+}
+
+impl Split {
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+    pub fn image_size(&self) -> usize {
+        self.channels * self.height * self.width
+    }
+    /// Checks that the buffers agree with the shape and every label is a class.
+    pub fn check(&self, classes: usize) -> Result<()> {
+        if self.images.len() != self.len() * self.image_size() {
+            bail!("{} image bytes for {} labels of {} bytes each", self.images.len(), self.len(), self.image_size());
+        }
+        if let Some((i, l)) = self.labels.iter().enumerate().find(|(_, &l)| l as usize >= classes) {
+            bail!("label {l} at index {i} is not a class (0 ..= {})", classes - 1);
+        }
+        Ok(())
+    }
+    /// The first `n` examples (or all, when `n` is larger).
+    pub fn head(&self, n: usize) -> Split {
+        let n = n.min(self.len());
+        Split {
+            images: self.images[..n * self.image_size()].to_vec(),
+            labels: self.labels[..n].to_vec(),
+            ..*self
+        }
+    }
+    /// Examples per class.
+    pub fn class_counts(&self, classes: usize) -> Vec<u64> {
+        let mut counts = vec![0u64; classes];
+        for &l in &self.labels {
+            if (l as usize) < classes {
+                counts[l as usize] += 1;
+            }
+        }
+        counts
+    }
+}
+
+/// The paths of a stored dataset.
+pub fn split_path(dataset_dir: &Path, split: &str) -> PathBuf {
+    dataset_dir.join(format!("{split}.safetensors"))
+}
+pub fn manifest_path(dataset_dir: &Path) -> PathBuf {
+    dataset_dir.join("manifest.json")
+}
+
+/// Writes a split atomically as safetensors with the dataset name and source in the metadata.
+pub fn write_split(path: &Path, split: &Split, dataset: &str, source: &str) -> Result<()> {
+    let n = split.len();
+    let images = TensorView::new(Dtype::U8, vec![n, split.channels, split.height, split.width], &split.images)?;
+    let labels = TensorView::new(Dtype::U8, vec![n], &split.labels)?;
+    let metadata = HashMap::from([
+        ("dataset".to_string(), dataset.to_string()),
+        ("source".to_string(), source.to_string()),
+        ("format".to_string(), "layerlab-dataset-1".to_string()),
+    ]);
+    let bytes = safetensors::serialize([("images", images), ("labels", labels)], Some(metadata))
+        .with_context(|| format!("cannot serialize {}", path.display()))?;
+    fsutil::write_atomic(path, &bytes)
+}
+
+/// Reads a split written by [`write_split`], checking names, dtypes and shapes.
+pub fn read_split(path: &Path) -> Result<Split> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read dataset file {}", path.display()))?;
+    let st = SafeTensors::deserialize(&bytes)
+        .with_context(|| format!("{} is not a valid safetensors file", path.display()))?;
+    let images = st.tensor("images").with_context(|| format!("{}: no tensor 'images'", path.display()))?;
+    let labels = st.tensor("labels").with_context(|| format!("{}: no tensor 'labels'", path.display()))?;
+    if images.dtype() != Dtype::U8 || images.shape().len() != 4 {
+        bail!("{}: 'images' must be u8 [N, C, H, W], found {:?} {:?}", path.display(), images.dtype(), images.shape());
+    }
+    let labels_u8: Vec<u8> = match labels.dtype() {
+        Dtype::U8 => labels.data().to_vec(),
+        Dtype::I64 => labels
+            .data()
+            .chunks_exact(8)
+            .map(|c| {
+                let v = i64::from_le_bytes(c.try_into().expect("8 bytes"));
+                u8::try_from(v).with_context(|| format!("{}: label {v} out of range", path.display()))
+            })
+            .collect::<Result<_>>()?,
+        other => bail!("{}: 'labels' must be u8 or i64, found {other:?}", path.display()),
+    };
+    let s = images.shape();
+    if labels.shape() != [s[0]] {
+        bail!("{}: {} images but labels of shape {:?}", path.display(), s[0], labels.shape());
+    }
+    let split = Split { images: images.data().to_vec(), labels: labels_u8, channels: s[1], height: s[2], width: s[3] };
+    split.check(256).with_context(|| format!("{}", path.display()))?;
+    Ok(split)
+}
+
+/// Number of classes of a known dataset.
+pub fn classes(dataset: &str) -> usize {
+    match dataset {
+        "mnist" | "fashion-mnist" | "cifar10" => 10,
+        _ => 10,
+    }
+}
+
+/// Loads `train` and `test` of a fetched dataset, refusing a folder without a manifest.
+pub fn load(dataset_dir: &Path) -> Result<(Split, Split)> {
+    if !manifest_path(dataset_dir).exists() {
+        bail!(
+            "dataset folder {} has no manifest.json: run fetch-data first",
+            dataset_dir.display()
+        );
+    }
+    let train = read_split(&split_path(dataset_dir, "train"))?;
+    let test = read_split(&split_path(dataset_dir, "test"))?;
+    if (train.channels, train.height, train.width) != (test.channels, test.height, test.width) {
+        bail!("{}: train and test images differ in shape", dataset_dir.display());
+    }
+    Ok((train, test))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_round_trips_through_safetensors() {
+        let dir = tempfile::tempdir().unwrap();
+        let split = Split { images: (0..24).collect(), labels: vec![3, 9], channels: 3, height: 2, width: 2 };
+        let path = dir.path().join("train.safetensors");
+        write_split(&path, &split, "toy", "test").unwrap();
+        assert_eq!(read_split(&path).unwrap(), split);
+        std::fs::write(&path, b"garbage").unwrap();
+        let err = format!("{:#}", read_split(&path).unwrap_err());
+        assert!(err.contains("train.safetensors"), "{err}");
+    }
+}

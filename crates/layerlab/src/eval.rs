@@ -1,0 +1,61 @@
+//! Runs a network over a split in evaluation mode and returns loss and error.
+
+use anyhow::Result;
+use candle_core::{Device, Tensor};
+
+use crate::data::Split;
+use crate::model::{images_to_tensor, loss_and_errors, Architecture, BnMode, State};
+
+/// Mean loss and error rate over a set of examples.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Metrics {
+    pub loss: f64,
+    pub error: f64,
+    pub examples: usize,
+}
+
+/// One batch of a split as tensors: inputs [n, c, h, w] (f32, pixels / 255) and labels (u32).
+pub fn batch_tensors(split: &Split, indices: &[usize], device: &Device) -> Result<(Tensor, Tensor)> {
+    let size = split.image_size();
+    let mut pixels = Vec::with_capacity(indices.len() * size);
+    let mut labels = Vec::with_capacity(indices.len());
+    for &i in indices {
+        pixels.extend_from_slice(&split.images[i * size..(i + 1) * size]);
+        labels.push(split.labels[i] as u32);
+    }
+    let x = images_to_tensor(&pixels, [indices.len(), split.channels, split.height, split.width], device)?;
+    let y = Tensor::from_vec(labels, indices.len(), device)?;
+    Ok((x, y))
+}
+
+/// Sums loss × count and errors over batches, so that the result is a mean over examples.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Accumulator {
+    loss_sum: f64,
+    errors: usize,
+    examples: usize,
+}
+
+impl Accumulator {
+    pub fn add(&mut self, mean_loss: f64, errors: usize, examples: usize) {
+        self.loss_sum += mean_loss * examples as f64;
+        self.errors += errors;
+        self.examples += examples;
+    }
+    pub fn metrics(&self) -> Metrics {
+        let n = self.examples.max(1) as f64;
+        Metrics { loss: self.loss_sum / n, error: self.errors as f64 / n, examples: self.examples }
+    }
+}
+
+/// Evaluates `state` on the examples `indices` of `split` in batches.
+pub fn evaluate(arch: &Architecture, state: &State, split: &Split, indices: &[usize], batch: usize, device: &Device) -> Result<Metrics> {
+    let mut acc = Accumulator::default();
+    for chunk in indices.chunks(batch.max(1)) {
+        let (x, y) = batch_tensors(split, chunk, device)?;
+        let logits = arch.forward(state, &x, BnMode::Eval)?;
+        let (loss, errors) = loss_and_errors(&logits, &y)?;
+        acc.add(loss.to_scalar::<f32>()? as f64, errors, chunk.len());
+    }
+    Ok(acc.metrics())
+}

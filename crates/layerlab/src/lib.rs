@@ -1,0 +1,20 @@
+//! layerlab: which layers of a trained network matter.
+//!
+//! The library behind the stage binaries: datasets, models and their units, training, checkpoints,
+//! resets, evaluation and tables. The stage binaries only parse flags and call [`stages`].
+
+pub mod aggregate;
+pub mod checkpoint;
+pub mod conv;
+pub mod data;
+pub mod eval;
+pub mod init;
+pub mod model;
+pub mod progress;
+pub mod reset;
+pub mod stages;
+pub mod table;
+pub mod train;
+
+pub use layerlab_pipeline as pipeline;
+pub use layerlab_pipeline::{cache, config, fsutil, paths};

@@ -1,0 +1,64 @@
+//! One module per stage binary: each combines the library's parts and honours the stage cache.
+
+pub mod aggregate;
+pub mod cli;
+pub mod reset_eval;
+pub mod snapshot;
+pub mod train;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+
+use layerlab_pipeline::cache::{self, Freshness, Stage, StageKey};
+use layerlab_pipeline::{Experiment, Layout, Pipeline};
+
+/// What every per-experiment stage is given: the pipeline, one experiment, and where things go.
+pub struct StageContext {
+    pub pipeline: Pipeline,
+    pub layout: Layout,
+    pub experiment: Experiment,
+    pub force: bool,
+}
+
+impl StageContext {
+    /// Loads the pipeline file and picks the experiment; `data_dir` overrides the file's.
+    pub fn load(config: &std::path::Path, experiment: &str, data_dir: Option<PathBuf>, force: bool) -> Result<StageContext> {
+        let pipeline = Pipeline::load(config)?;
+        let experiment = pipeline.experiment(experiment)?.clone();
+        let mut layout = Layout::from_pipeline(&pipeline);
+        if let Some(d) = data_dir {
+            if layout.datasets_dir == layout.data_dir.join("datasets") {
+                layout.datasets_dir = d.join("datasets");
+            }
+            layout.data_dir = d;
+        }
+        Ok(StageContext { pipeline, layout, experiment, force })
+    }
+
+    /// The stage's key and output folder, and whether the work is already done.
+    pub fn plan(&self, stage: Stage, seed: u64) -> (StageKey, PathBuf, bool) {
+        let key = cache::key_for(stage, &self.experiment, seed);
+        let dir = cache::output_dir(&self.layout, stage, &self.experiment, seed);
+        let fresh = !self.force && cache::check(&self.layout, stage, &self.experiment, seed) == Freshness::Fresh;
+        (key, dir, fresh)
+    }
+
+    /// Refuses a seed the experiment does not list.
+    pub fn check_seed(&self, seed: u64) -> Result<()> {
+        if !self.experiment.seeds.contains(&seed) {
+            anyhow::bail!(
+                "experiment '{}' does not list seed {seed} (seeds: {:?}) in {}",
+                self.experiment.name,
+                self.experiment.seeds,
+                self.pipeline.path.display()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The compute device: the CPU (candle's CUDA path is not wired in yet).
+pub fn device() -> candle_core::Device {
+    candle_core::Device::Cpu
+}

@@ -1,0 +1,233 @@
+//! The `reset-eval` stage: a trained run → `reset/results.parquet`, one row per evaluation of a
+//! reset network (baseline, re-initialization to each kept epoch, re-randomization draws, joint
+//! resets), each on the whole test set and on a fixed, seeded training subset.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+
+use crate::data;
+use crate::eval::Metrics;
+use crate::init::{derive_seed, draw_unit, rerandomize_seed};
+use crate::model::{Architecture, State, Unit};
+use crate::progress;
+use crate::reset::{self, BnStats, Calibration, EvalSet, Variant};
+use crate::stages::snapshot::load_checkpoints;
+use crate::stages::{device, StageContext};
+use crate::table::{provenance, Column, Table};
+use crate::train::epoch_order;
+use layerlab_pipeline::cache::{Stage, Stamp};
+use layerlab_pipeline::Experiment;
+
+pub enum Outcome {
+    UpToDate,
+    Written { rows: usize, seconds: f64 },
+}
+
+/// One row of `results.parquet`.
+#[derive(Debug, Clone)]
+pub struct ResultRow {
+    pub mode: &'static str,
+    pub unit: Option<String>,
+    pub unit_index: Option<i64>,
+    pub units: String,
+    pub source_epoch: Option<i64>,
+    pub draw: Option<i64>,
+    pub bn_stats: &'static str,
+    pub test: Metrics,
+    pub train: Metrics,
+}
+
+/// The joint sets of an experiment: `all-but-first`, the configured ones, and the suffixes.
+pub fn joint_sets(exp: &Experiment, arch: &Architecture) -> Result<Vec<(String, Vec<String>)>> {
+    let names: Vec<String> = arch.units.iter().map(|u| u.name.clone()).collect();
+    let mut sets = Vec::new();
+    if names.len() > 1 {
+        sets.push(("all-but-first".to_string(), names[1..].to_vec()));
+    }
+    for (set, units) in &exp.reset.joint_sets {
+        for u in units {
+            if !names.contains(u) {
+                bail!(
+                    "experiment '{}': joint set '{set}' names unit '{u}', which {} does not have (units: {})",
+                    exp.name,
+                    arch.name,
+                    names.join(", ")
+                );
+            }
+        }
+        sets.push((set.clone(), units.clone()));
+    }
+    if exp.reset.joint_suffixes {
+        for d in 0..names.len() {
+            sets.push((format!("from-{}", names[d]), names[d..].to_vec()));
+        }
+    }
+    Ok(sets)
+}
+
+pub fn run(ctx: &StageContext, seed: u64) -> Result<Outcome> {
+    ctx.check_seed(seed)?;
+    let exp = &ctx.experiment;
+    let (key, out_dir, fresh) = ctx.plan(Stage::ResetEval, seed);
+    if fresh {
+        return Ok(Outcome::UpToDate);
+    }
+    let t0 = Instant::now();
+    let dev = device();
+    let (train_split, test_split) = data::load(&ctx.layout.dataset_dir(&exp.dataset))?;
+    let arch = Architecture::build(
+        &exp.model,
+        [test_split.channels, test_split.height, test_split.width],
+        data::classes(&exp.dataset),
+    )?;
+    let sets = joint_sets(exp, &arch)?;
+    let bn_settings: Vec<BnStats> = if arch.has_batch_norm() {
+        exp.reset.bn_stats.iter().map(|s| BnStats::parse(s)).collect::<Result<_>>()?
+    } else {
+        vec![BnStats::None]
+    };
+    let checkpoints: BTreeMap<u32, State> = load_checkpoints(ctx, seed, &arch)?.into_iter().collect();
+    let (&final_epoch, trained) = checkpoints.iter().next_back().context("no checkpoints")?;
+    tracing::info!("reset-eval {} seed {seed}: final epoch {final_epoch}, {} units", exp.name, arch.units.len());
+
+    let n_test = exp.train.test_examples.map_or(test_split.len(), |n| (n as usize).min(test_split.len()));
+    let eval_batch = exp.train.eval_batch_size as usize;
+    let test_set = EvalSet { split: &test_split, indices: (0..n_test).collect(), batch: eval_batch };
+    let subset_seed = derive_seed(&["train-subset", &seed.to_string()]);
+    let mut subset: Vec<usize> = epoch_order(train_split.len(), subset_seed, 0);
+    subset.truncate(exp.reset.train_subset as usize);
+    subset.sort_unstable();
+    let train_set = EvalSet { split: &train_split, indices: subset, batch: eval_batch };
+    let cal_order = epoch_order(train_split.len(), derive_seed(&["calibrate", &seed.to_string()]), 0);
+    let calibration = Calibration {
+        split: &train_split,
+        batches: cal_order
+            .chunks(exp.train.batch_size as usize)
+            .take(exp.reset.recalibrate_batches as usize)
+            .map(<[usize]>::to_vec)
+            .collect(),
+    };
+    let modes = &exp.reset.modes;
+    let mode_on = |m: &str| modes.iter().any(|x| x == m);
+
+    // Baseline: the trained network itself.
+    let mut rows = Vec::new();
+    let base = reset::evaluate_variants(
+        &arch,
+        trained,
+        arch.layers.len(),
+        &mut [Variant { state: trained.clone() }],
+        &[&test_set, &train_set],
+        None,
+        &dev,
+        || {},
+    )?;
+    rows.push(ResultRow {
+        mode: "baseline",
+        unit: None,
+        unit_index: None,
+        units: String::new(),
+        source_epoch: None,
+        draw: None,
+        bn_stats: if arch.has_batch_norm() { "trained" } else { "none" },
+        test: base[0][0],
+        train: base[1][0],
+    });
+    tracing::info!("baseline test error {:.4}", base[0][0].error);
+
+    // Every group of variants shares one prefix: a single unit, or a joint set.
+    let groups: Vec<(Option<&Unit>, String, Vec<&Unit>)> = arch
+        .units
+        .iter()
+        .map(|u| (Some(u), u.name.clone(), vec![u]))
+        .chain(sets.iter().map(|(name, units)| {
+            (None, name.clone(), units.iter().map(|n| arch.unit(n).expect("validated above")).collect())
+        }))
+        .filter(|(single, _, _)| if single.is_some() { mode_on("reinit") || mode_on("rerandomize") } else { mode_on("joint") })
+        .collect();
+    let bar = progress::bar((groups.len() * bn_settings.len()) as u64, "reset-eval");
+    for &bn in &bn_settings {
+        for (single, name, units) in &groups {
+            let mut variants = Vec::new();
+            let mut labels: Vec<(&'static str, Option<i64>, Option<i64>)> = Vec::new();
+            let reinit_mode = if single.is_some() { "reinit" } else { "joint" };
+            if single.is_none() || mode_on("reinit") {
+                for (&epoch, source) in &checkpoints {
+                    variants.push(Variant { state: reset::reset_units(trained, units, source, bn)? });
+                    labels.push((reinit_mode, Some(epoch as i64), None));
+                }
+            }
+            if let (Some(unit), true) = (single, mode_on("rerandomize")) {
+                for draw in 0..exp.reset.draws {
+                    let source = draw_unit(unit, rerandomize_seed(&exp.name, seed, &unit.name, draw), &dev)?;
+                    variants.push(Variant { state: reset::reset_units(trained, units, &source, bn)? });
+                    labels.push(("rerandomize", None, Some(draw as i64)));
+                }
+            }
+            let entry = reset::entry_layer(units);
+            let cal = (bn == BnStats::Recalibrate).then_some(&calibration);
+            let metrics = reset::evaluate_variants(&arch, trained, entry, &mut variants, &[&test_set, &train_set], cal, &dev, || {})
+                .with_context(|| format!("evaluating resets of {name}"))?;
+            let unit_names = units.iter().map(|u| u.name.as_str()).collect::<Vec<_>>().join(",");
+            for (i, (mode, source_epoch, draw)) in labels.into_iter().enumerate() {
+                rows.push(ResultRow {
+                    mode,
+                    unit: Some(name.clone()),
+                    unit_index: single.map(|u| u.index as i64),
+                    units: unit_names.clone(),
+                    source_epoch,
+                    draw,
+                    bn_stats: bn.name(),
+                    test: metrics[0][i],
+                    train: metrics[1][i],
+                });
+            }
+            bar.inc(1);
+            if !progress::interactive() {
+                tracing::info!("{name} ({}): {} evaluations", bn.name(), metrics[0].len());
+            }
+        }
+    }
+    bar.finish_and_clear();
+    Stamp::remove(&out_dir)?;
+    write_results(&out_dir.join("results.parquet"), &rows, exp, &arch, seed, &key)?;
+    let seconds = t0.elapsed().as_secs_f64();
+    Stamp::write(&out_dir, &key, seconds)?;
+    Ok(Outcome::Written { rows: rows.len(), seconds })
+}
+
+fn write_results(
+    path: &std::path::Path,
+    rows: &[ResultRow],
+    exp: &Experiment,
+    arch: &Architecture,
+    seed: u64,
+    key: &layerlab_pipeline::StageKey,
+) -> Result<()> {
+    let n = rows.len();
+    let text = |f: &dyn Fn(&ResultRow) -> Option<String>| Column::Text(rows.iter().map(f).collect());
+    let int = |f: &dyn Fn(&ResultRow) -> Option<i64>| Column::Int(rows.iter().map(f).collect());
+    let float = |f: &dyn Fn(&ResultRow) -> f64| Column::Float(rows.iter().map(|r| Some(f(r))).collect());
+    let mut meta = provenance(&exp.name, &key.config.to_string(), &key.config_hash());
+    meta.push(("architecture".into(), arch.name.clone()));
+    Table::new()
+        .col("experiment", Column::Text(vec![Some(exp.name.clone()); n]))
+        .col("dataset", Column::Text(vec![Some(exp.dataset.clone()); n]))
+        .col("arch", Column::Text(vec![Some(arch.name.clone()); n]))
+        .col("seed", Column::Int(vec![Some(seed as i64); n]))
+        .col("mode", text(&|r| Some(r.mode.to_string())))
+        .nullable("unit", text(&|r| r.unit.clone()))
+        .nullable("unit_index", int(&|r| r.unit_index))
+        .col("units", text(&|r| Some(r.units.clone())))
+        .nullable("source_epoch", int(&|r| r.source_epoch))
+        .nullable("draw", int(&|r| r.draw))
+        .col("bn_stats", text(&|r| Some(r.bn_stats.to_string())))
+        .col("test_error", float(&|r| r.test.error))
+        .col("test_loss", float(&|r| r.test.loss))
+        .col("train_error", float(&|r| r.train.error))
+        .col("train_loss", float(&|r| r.train.loss))
+        .write(path, &meta)
+        .with_context(|| format!("cannot write {}", path.display()))
+}

@@ -1,0 +1,55 @@
+//! The `train` stage: dataset + settings → checkpoints and `history.parquet`.
+
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+
+use crate::model::Architecture;
+use crate::stages::{device, StageContext};
+use crate::table::provenance;
+use crate::{data, init, train};
+use layerlab_pipeline::cache::{Stage, Stamp};
+
+/// What the stage did.
+pub enum Outcome {
+    UpToDate,
+    Trained(train::TrainSummary),
+}
+
+pub fn run(ctx: &StageContext, seed: u64) -> Result<Outcome> {
+    ctx.check_seed(seed)?;
+    let exp = &ctx.experiment;
+    let (key, out_dir, fresh) = ctx.plan(Stage::Train, seed);
+    if fresh {
+        return Ok(Outcome::UpToDate);
+    }
+    let t0 = Instant::now();
+    let dataset_dir = ctx.layout.dataset_dir(&exp.dataset);
+    let (train_split, test_split) = data::load(&dataset_dir).with_context(|| format!("dataset '{}'", exp.dataset))?;
+    let input = [train_split.channels, train_split.height, train_split.width];
+    let arch = Architecture::build(&exp.model, input, data::classes(&exp.dataset))
+        .with_context(|| format!("experiment '{}': cannot build the model for {} inputs {input:?}", exp.name, exp.dataset))?;
+    let dev = device();
+    let initial = init::initial_state(&arch, seed, &dev)?;
+    // From here on the old results are being replaced: they must not look done.
+    Stamp::remove(&out_dir)?;
+    let config_json = key.config.to_string();
+    let config_hash = key.config_hash();
+    let job = train::TrainJob {
+        experiment: &exp.name,
+        seed,
+        arch: &arch,
+        cfg: &exp.train,
+        train: &train_split,
+        test: &test_split,
+        out_dir: &out_dir,
+        key: &key.key,
+        config_hash: &config_hash,
+        checkpoint_epochs: &exp.checkpoint_epochs(),
+        table_metadata: provenance(&exp.name, &config_json, &config_hash),
+        device: &dev,
+    };
+    let summary = train::run(&job, initial)?;
+    Stamp::write(&out_dir, &key, t0.elapsed().as_secs_f64())?;
+    Ok(Outcome::Trained(summary))
+}

@@ -1,0 +1,491 @@
+//! Training: SGD with momentum and weight decay, learning-rate schedules, seeded data order and
+//! augmentation, checkpoints at chosen epochs, and exact resume after a kill.
+//!
+//! The optimizer follows `torch.optim.SGD`: g ← ∇ + λθ; b ← μb + g; θ ← θ − η(g + μb if Nesterov
+//! else b). Its momentum buffers are saved with the weights each epoch (`resume.safetensors`), so a
+//! killed run continues from its last finished epoch and ends bit-identical to an unbroken one.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor, Var};
+use rand_core::RngCore;
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{self, CheckpointMeta};
+use crate::data::Split;
+use crate::eval::{self, Accumulator};
+use crate::init::{derive_seed, rng};
+use crate::model::{images_to_tensor, loss_and_errors, Architecture, BnMode, State};
+use crate::progress;
+use crate::table::{Column, Table};
+use layerlab_pipeline::{paths, TrainConfig};
+
+/// The learning rate at a step (0-based), following the configured schedule and warm-up.
+pub fn learning_rate(cfg: &TrainConfig, step: u64, steps_per_epoch: u64) -> f64 {
+    let total = (cfg.epochs as u64 * steps_per_epoch).max(1);
+    let warmup = cfg.warmup_epochs as u64 * steps_per_epoch;
+    let epoch = (step / steps_per_epoch.max(1)) as u32;
+    let base = match cfg.schedule.as_str() {
+        "cosine" => cfg.lr * 0.5 * (1.0 + (std::f64::consts::PI * step as f64 / total as f64).cos()),
+        "step" => cfg.lr * cfg.lr_gamma.powi(cfg.lr_milestones.iter().filter(|&&m| epoch >= m).count() as i32),
+        _ => cfg.lr,
+    };
+    if step < warmup {
+        base * (step + 1) as f64 / warmup as f64
+    } else {
+        base
+    }
+}
+
+/// A seeded permutation of `0..n` for one epoch.
+pub fn epoch_order(n: usize, seed: u64, epoch: u32) -> Vec<usize> {
+    let mut r = rng(derive_seed(&["shuffle", &seed.to_string(), &epoch.to_string()]));
+    let mut order: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        let j = (r.next_u64() % (i as u64 + 1)) as usize;
+        order.swap(i, j);
+    }
+    order
+}
+
+/// Random crop (zero padding 4) and horizontal flip of u8 images [n, c, h, w], in place.
+pub fn augment(pixels: &mut [u8], shape: [usize; 4], rng: &mut impl RngCore) {
+    let [n, c, h, w] = shape;
+    let size = c * h * w;
+    let mut scratch = vec![0u8; size];
+    for img in pixels.chunks_exact_mut(size).take(n) {
+        let dy = (rng.next_u32() % 9) as isize - 4;
+        let dx = (rng.next_u32() % 9) as isize - 4;
+        let flip = rng.next_u32() & 1 == 1;
+        for ch in 0..c {
+            for y in 0..h {
+                for x in 0..w {
+                    let sx = if flip { w - 1 - x } else { x } as isize + dx;
+                    let sy = y as isize + dy;
+                    let inside = sx >= 0 && sy >= 0 && (sx as usize) < w && (sy as usize) < h;
+                    scratch[ch * h * w + y * w + x] =
+                        if inside { img[ch * h * w + sy as usize * w + sx as usize] } else { 0 };
+                }
+            }
+        }
+        img.copy_from_slice(&scratch);
+    }
+}
+
+/// One row of `history.parquet`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EpochRecord {
+    pub epoch: u32,
+    pub step: u64,
+    pub lr: f64,
+    pub train_loss: Option<f64>,
+    pub train_error: Option<f64>,
+    pub test_loss: f64,
+    pub test_error: f64,
+    pub seconds: f64,
+}
+
+/// Everything a training run needs.
+pub struct TrainJob<'a> {
+    pub experiment: &'a str,
+    pub seed: u64,
+    pub arch: &'a Architecture,
+    pub cfg: &'a TrainConfig,
+    pub train: &'a Split,
+    pub test: &'a Split,
+    /// `train/` output folder.
+    pub out_dir: &'a Path,
+    /// The stage key: a resume file with another key is ignored.
+    pub key: &'a str,
+    pub config_hash: &'a str,
+    pub checkpoint_epochs: &'a [u32],
+    /// Extra provenance for the history table.
+    pub table_metadata: Vec<(String, String)>,
+    pub device: &'a Device,
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    pub history: Vec<EpochRecord>,
+    pub resumed_from: Option<u32>,
+    pub examples_per_second: f64,
+}
+
+struct Optimizer {
+    /// Trainable tensors, by name, in a fixed order.
+    params: Vec<(String, Var)>,
+    momentum: BTreeMap<String, Tensor>,
+    /// BatchNorm running statistics and other non-trained tensors.
+    buffers: BTreeMap<String, Tensor>,
+}
+
+impl Optimizer {
+    fn new(arch: &Architecture, state: &State, momentum: Option<BTreeMap<String, Tensor>>) -> Result<Optimizer> {
+        let mut params = Vec::new();
+        let mut buffers = BTreeMap::new();
+        let mut buf = BTreeMap::new();
+        for (_, spec) in arch.tensor_specs() {
+            let t = state.get(&spec.name).with_context(|| format!("missing tensor {}", spec.name))?;
+            if spec.trainable {
+                params.push((spec.name.clone(), Var::from_tensor(t)?));
+                let m = match &momentum {
+                    Some(m) => m.get(&spec.name).with_context(|| format!("resume file lacks momentum for {}", spec.name))?.clone(),
+                    None => t.zeros_like()?,
+                };
+                buf.insert(spec.name.clone(), m);
+            } else {
+                buffers.insert(spec.name.clone(), t.clone());
+            }
+        }
+        Ok(Optimizer { params, momentum: buf, buffers })
+    }
+
+    fn state(&self) -> State {
+        let mut s: State = self.buffers.clone();
+        for (name, v) in &self.params {
+            s.insert(name.clone(), v.as_tensor().clone());
+        }
+        s
+    }
+
+    /// Plain tensors, detached from any graph.
+    fn detached_state(&self) -> State {
+        self.state().into_iter().map(|(k, v)| (k, v.detach())).collect()
+    }
+
+    fn step(&mut self, grads: &candle_core::backprop::GradStore, lr: f64, cfg: &TrainConfig) -> Result<()> {
+        for (name, var) in &self.params {
+            let Some(g) = grads.get(var.as_tensor()) else { continue };
+            let p = var.as_tensor().detach();
+            let g = if cfg.weight_decay > 0.0 { (g + (&p * cfg.weight_decay)?)? } else { g.clone() };
+            let old = &self.momentum[name];
+            // Detached, or every step would keep the whole history of updates alive.
+            let b = ((old * cfg.momentum)? + &g)?.detach();
+            let d = if cfg.nesterov { (&g + (&b * cfg.momentum)?)? } else { b.clone() };
+            var.set(&(p - (d * lr)?)?)?;
+            self.momentum.insert(name.clone(), b);
+        }
+        Ok(())
+    }
+}
+
+const RESUME_FILE: &str = "resume.safetensors";
+
+fn resume_path(out_dir: &Path) -> PathBuf {
+    out_dir.join(RESUME_FILE)
+}
+
+struct ResumePoint {
+    epoch: u32,
+    step: u64,
+    state: State,
+    momentum: BTreeMap<String, Tensor>,
+    history: Vec<EpochRecord>,
+}
+
+fn save_resume(path: &Path, key: &str, opt: &Optimizer, epoch: u32, step: u64, history: &[EpochRecord]) -> Result<()> {
+    let mut tensors = BTreeMap::new();
+    for (k, v) in opt.detached_state() {
+        tensors.insert(format!("model/{k}"), v);
+    }
+    for (k, v) in &opt.momentum {
+        tensors.insert(format!("momentum/{k}"), v.clone());
+    }
+    let meta = HashMap::from([
+        ("format".to_string(), "layerlab-resume-1".to_string()),
+        ("key".to_string(), key.to_string()),
+        ("epoch".to_string(), epoch.to_string()),
+        ("step".to_string(), step.to_string()),
+        ("history".to_string(), serde_json::to_string(history)?),
+    ]);
+    checkpoint::save_tensors(path, &tensors, meta)
+}
+
+fn load_resume(path: &Path, key: &str, arch: &Architecture, device: &Device) -> Result<Option<ResumePoint>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let fault = || format!("resume file {} is damaged; delete it to start this run over", path.display());
+    let (tensors, meta) = checkpoint::load_tensors(path, device).with_context(fault)?;
+    if meta.get("key").map(String::as_str) != Some(key) {
+        // Written for other settings: not ours to continue.
+        return Ok(None);
+    }
+    let epoch: u32 = meta.get("epoch").and_then(|e| e.parse().ok()).with_context(fault)?;
+    let step: u64 = meta.get("step").and_then(|e| e.parse().ok()).with_context(fault)?;
+    let history: Vec<EpochRecord> = meta
+        .get("history")
+        .and_then(|h| serde_json::from_str(h).ok())
+        .with_context(fault)?;
+    let mut state = State::new();
+    let mut momentum = BTreeMap::new();
+    for (k, v) in tensors {
+        if let Some(name) = k.strip_prefix("model/") {
+            state.insert(name.to_string(), v);
+        } else if let Some(name) = k.strip_prefix("momentum/") {
+            momentum.insert(name.to_string(), v);
+        }
+    }
+    arch.check_state(&state).with_context(fault)?;
+    Ok(Some(ResumePoint { epoch, step, state, momentum, history }))
+}
+
+/// Trains, writing checkpoints and `history.parquet` into `job.out_dir`.
+pub fn run(job: &TrainJob<'_>, initial: State) -> Result<TrainSummary> {
+    let cfg = job.cfg;
+    let n_train = job.cfg.train_examples.map_or(job.train.len(), |n| (n as usize).min(job.train.len()));
+    let n_test = job.cfg.test_examples.map_or(job.test.len(), |n| (n as usize).min(job.test.len()));
+    let test_idx: Vec<usize> = (0..n_test).collect();
+    let bs = cfg.batch_size as usize;
+    let steps_per_epoch = n_train.div_ceil(bs) as u64;
+    let ckpt_dir = job.out_dir.join("checkpoints");
+    let resume = resume_path(job.out_dir);
+
+    let (mut opt, mut history, start_epoch, mut step, resumed_from) =
+        match load_resume(&resume, job.key, job.arch, job.device)? {
+            Some(r) => {
+                tracing::info!("resuming {} seed {} after epoch {}", job.experiment, job.seed, r.epoch);
+                (Optimizer::new(job.arch, &r.state, Some(r.momentum))?, r.history, r.epoch + 1, r.step, Some(r.epoch))
+            }
+            None => {
+                // A fresh start: checkpoints of earlier settings must not mix with these.
+                if ckpt_dir.exists() {
+                    std::fs::remove_dir_all(&ckpt_dir).with_context(|| format!("cannot clear {}", ckpt_dir.display()))?;
+                }
+                (Optimizer::new(job.arch, &initial, None)?, Vec::new(), 0, 0, None)
+            }
+        };
+    std::fs::create_dir_all(&ckpt_dir).with_context(|| format!("cannot create {}", ckpt_dir.display()))?;
+
+    let meta = |epoch: u32, step: u64| CheckpointMeta {
+        experiment: job.experiment.into(),
+        seed: job.seed,
+        epoch,
+        step,
+        architecture: job.arch.name.clone(),
+        config_hash: job.config_hash.into(),
+    };
+
+    if start_epoch == 0 {
+        let t0 = Instant::now();
+        let state = opt.detached_state();
+        let m = eval::evaluate(job.arch, &state, job.test, &test_idx, cfg.eval_batch_size as usize, job.device)?;
+        checkpoint::save(&paths::checkpoint_in(&ckpt_dir, 0), &state, &meta(0, 0))?;
+        history.push(EpochRecord {
+            epoch: 0,
+            step: 0,
+            lr: learning_rate(cfg, 0, steps_per_epoch),
+            train_loss: None,
+            train_error: None,
+            test_loss: m.loss,
+            test_error: m.error,
+            seconds: t0.elapsed().as_secs_f64(),
+        });
+        tracing::info!("epoch 0: test error {:.4} (initialization)", m.error);
+    }
+
+    let [c, h, w] = [job.train.channels, job.train.height, job.train.width];
+    let size = c * h * w;
+    let mut train_seconds = 0.0;
+    let mut trained_examples = 0usize;
+    for epoch in start_epoch.max(1)..=cfg.epochs {
+        let t0 = Instant::now();
+        let order = epoch_order(n_train, job.seed, epoch);
+        let mut aug_rng = rng(derive_seed(&["augment", &job.seed.to_string(), &epoch.to_string()]));
+        let bar = progress::bar(steps_per_epoch, &format!("epoch {epoch}/{}", cfg.epochs));
+        let mut acc = Accumulator::default();
+        let mut lr = 0.0;
+        for chunk in order.chunks(bs) {
+            lr = learning_rate(cfg, step, steps_per_epoch);
+            let mut pixels = Vec::with_capacity(chunk.len() * size);
+            let mut labels = Vec::with_capacity(chunk.len());
+            for &i in chunk {
+                pixels.extend_from_slice(&job.train.images[i * size..(i + 1) * size]);
+                labels.push(job.train.labels[i] as u32);
+            }
+            let shape = [chunk.len(), c, h, w];
+            if cfg.augment {
+                augment(&mut pixels, shape, &mut aug_rng);
+            }
+            let x = images_to_tensor(&pixels, shape, job.device)?;
+            let y = Tensor::from_vec(labels, chunk.len(), job.device)?;
+            let mut bn_updates = Vec::new();
+            let logits = job.arch.forward(&opt.state(), &x, BnMode::Train(&mut bn_updates))?;
+            let (loss, errors) = loss_and_errors(&logits, &y)?;
+            let loss_value = loss.to_scalar::<f32>()? as f64;
+            if !loss_value.is_finite() {
+                bail!(
+                    "training diverged: loss is {loss_value} at epoch {epoch}, step {step} (lr {lr:.3e}); lower train.lr"
+                );
+            }
+            let grads = loss.backward()?;
+            opt.step(&grads, lr, cfg)?;
+            for (name, t) in bn_updates {
+                opt.buffers.insert(name, t.detach());
+            }
+            acc.add(loss_value, errors, chunk.len());
+            step += 1;
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+        let train_time = t0.elapsed().as_secs_f64();
+        train_seconds += train_time;
+        trained_examples += n_train;
+        let state = opt.detached_state();
+        let m = eval::evaluate(job.arch, &state, job.test, &test_idx, cfg.eval_batch_size as usize, job.device)?;
+        let tm = acc.metrics();
+        history.push(EpochRecord {
+            epoch,
+            step,
+            lr,
+            train_loss: Some(tm.loss),
+            train_error: Some(tm.error),
+            test_loss: m.loss,
+            test_error: m.error,
+            seconds: t0.elapsed().as_secs_f64(),
+        });
+        if job.checkpoint_epochs.contains(&epoch) {
+            checkpoint::save(&paths::checkpoint_in(&ckpt_dir, epoch), &state, &meta(epoch, step))?;
+        }
+        if epoch < cfg.epochs {
+            save_resume(&resume, job.key, &opt, epoch, step, &history)?;
+        }
+        tracing::info!(
+            "epoch {epoch}/{}: train loss {:.4} error {:.4}, test loss {:.4} error {:.4}, {:.0} ex/s",
+            cfg.epochs,
+            tm.loss,
+            tm.error,
+            m.loss,
+            m.error,
+            n_train as f64 / train_time
+        );
+    }
+    write_history(&job.out_dir.join("history.parquet"), &history, job)?;
+    if resume.exists() {
+        std::fs::remove_file(&resume).with_context(|| format!("cannot remove {}", resume.display()))?;
+    }
+    let examples_per_second = if train_seconds > 0.0 { trained_examples as f64 / train_seconds } else { 0.0 };
+    Ok(TrainSummary { history, resumed_from, examples_per_second })
+}
+
+fn write_history(path: &Path, history: &[EpochRecord], job: &TrainJob<'_>) -> Result<()> {
+    let n = history.len();
+    let col_i = |f: &dyn Fn(&EpochRecord) -> i64| Column::Int(history.iter().map(|r| Some(f(r))).collect());
+    let col_f = |f: &dyn Fn(&EpochRecord) -> Option<f64>| Column::Float(history.iter().map(f).collect());
+    Table::new()
+        .col("experiment", Column::Text(vec![Some(job.experiment.to_string()); n]))
+        .col("seed", Column::Int(vec![Some(job.seed as i64); n]))
+        .col("epoch", col_i(&|r| r.epoch as i64))
+        .col("step", col_i(&|r| r.step as i64))
+        .col("lr", col_f(&|r| Some(r.lr)))
+        .nullable("train_loss", col_f(&|r| r.train_loss))
+        .nullable("train_error", col_f(&|r| r.train_error))
+        .col("test_loss", col_f(&|r| Some(r.test_loss)))
+        .col("test_error", col_f(&|r| Some(r.test_error)))
+        .col("seconds", col_f(&|r| Some(r.seconds)))
+        .write(path, &job.table_metadata)
+}
+
+/// Removes a leftover resume file (used when a finished run is redone from scratch).
+pub fn discard_resume(out_dir: &Path) -> Result<()> {
+    let p = resume_path(out_dir);
+    if p.exists() {
+        std::fs::remove_file(&p).with_context(|| format!("cannot remove {}", p.display()))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> TrainConfig {
+        TrainConfig {
+            epochs: 10,
+            batch_size: 128,
+            lr: 0.1,
+            schedule: "constant".into(),
+            lr_milestones: vec![],
+            lr_gamma: 0.1,
+            warmup_epochs: 0,
+            momentum: 0.9,
+            nesterov: false,
+            weight_decay: 0.0,
+            augment: false,
+            checkpoints: vec![0],
+            train_examples: None,
+            test_examples: None,
+            eval_batch_size: 1000,
+        }
+    }
+
+    #[test]
+    fn schedules_match_their_formulas() {
+        let c = TrainConfig { schedule: "cosine".into(), ..cfg() };
+        assert_eq!(learning_rate(&c, 0, 10), 0.1);
+        assert!((learning_rate(&c, 50, 10) - 0.05).abs() < 1e-12);
+        assert!(learning_rate(&c, 99, 10) < 1e-3);
+        let s = TrainConfig { schedule: "step".into(), lr_milestones: vec![3, 6], ..cfg() };
+        assert_eq!(learning_rate(&s, 29, 10), 0.1);
+        assert!((learning_rate(&s, 30, 10) - 0.01).abs() < 1e-12);
+        assert!((learning_rate(&s, 60, 10) - 0.001).abs() < 1e-12);
+        let w = TrainConfig { warmup_epochs: 1, ..cfg() };
+        assert!((learning_rate(&w, 0, 10) - 0.01).abs() < 1e-12);
+        assert_eq!(learning_rate(&w, 10, 10), 0.1);
+    }
+
+    #[test]
+    fn epoch_order_is_a_seeded_permutation() {
+        let a = epoch_order(1000, 0, 1);
+        let mut sorted = a.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..1000).collect::<Vec<_>>());
+        assert_eq!(a, epoch_order(1000, 0, 1));
+        assert_ne!(a, epoch_order(1000, 0, 2));
+        assert_ne!(a, epoch_order(1000, 1, 1));
+    }
+
+    #[test]
+    fn augmentation_keeps_pixels_and_shifts_them() {
+        let shape = [1, 1, 8, 8];
+        let original: Vec<u8> = (0..64).map(|v| v as u8 + 1).collect();
+        let mut r = rng(3);
+        let mut moved = false;
+        for _ in 0..20 {
+            let mut img = original.clone();
+            augment(&mut img, shape, &mut r);
+            // Every non-zero pixel is one of the originals.
+            assert!(img.iter().all(|&p| p == 0 || original.contains(&p)));
+            moved |= img != original;
+        }
+        assert!(moved);
+    }
+
+    #[test]
+    fn sgd_momentum_matches_a_hand_computation() {
+        // One parameter p = 1 with loss p²/2 (gradient p), lr 0.1, momentum 0.9, weight decay 0.5.
+        let c = TrainConfig { weight_decay: 0.5, ..cfg() };
+        let dev = Device::Cpu;
+        let p = Var::from_tensor(&Tensor::new(&[1.0f32], &dev).unwrap()).unwrap();
+        let mut opt = Optimizer {
+            params: vec![("p".into(), p.clone())],
+            momentum: BTreeMap::from([("p".to_string(), Tensor::zeros(1, candle_core::DType::F32, &dev).unwrap())]),
+            buffers: BTreeMap::new(),
+        };
+        let (mut pv, mut bv) = (1.0f64, 0.0f64);
+        for _ in 0..3 {
+            let loss = (p.as_tensor().sqr().unwrap() * 0.5).unwrap().sum_all().unwrap();
+            let grads = loss.backward().unwrap();
+            opt.step(&grads, 0.1, &c).unwrap();
+            let g = pv + 0.5 * pv;
+            bv = 0.9 * bv + g;
+            pv -= 0.1 * bv;
+            let got = p.as_tensor().to_vec1::<f32>().unwrap()[0] as f64;
+            assert!((got - pv).abs() < 1e-6, "{got} vs {pv}");
+        }
+    }
+}

@@ -1,0 +1,90 @@
+//! Every command and option of `cargo xtask`, in one place.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", about = "Run layerlab's pipeline, its tests and benchmarks")]
+pub struct Xtask {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Fetch, train, snapshot, reset-eval and aggregate every chosen experiment; skip what is up to date.
+    RunAll(RunAll),
+    /// Run one stage by hand, with the same caching.
+    Run(Run),
+    /// Show every stage of every experiment and seed: fresh, stale (and why), or missing.
+    Status(Status),
+    /// Remove outputs (never the datasets unless --datasets).
+    Clean(Clean),
+    /// Run the test suite (the README's test command).
+    Test(Test),
+}
+
+/// Options shared by the commands that read the pipeline.
+#[derive(Debug, Args, Clone)]
+pub struct PipelineArgs {
+    /// The pipeline file.
+    #[arg(long, default_value = "pipeline.toml")]
+    pub config: PathBuf,
+    /// Experiments to work on (repeatable); default: the file's `default_experiments`.
+    #[arg(long = "experiment", short = 'e')]
+    pub experiments: Vec<String>,
+    /// Use the dev-profile stage binaries instead of release ones (for tests).
+    #[arg(long, hide = true)]
+    pub dev_build: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RunAll {
+    #[command(flatten)]
+    pub pipeline: PipelineArgs,
+    /// Rerun every stage even when it is up to date (datasets are kept).
+    #[arg(long)]
+    pub force: bool,
+    /// Say what would run, and why, without running it.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct Run {
+    /// fetch-data, train, snapshot, reset-eval or aggregate.
+    pub stage: String,
+    #[command(flatten)]
+    pub pipeline: PipelineArgs,
+    /// Only this seed (per-seed stages); default: every seed of the experiment.
+    #[arg(long, short)]
+    pub seed: Option<u64>,
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct Status {
+    #[command(flatten)]
+    pub pipeline: PipelineArgs,
+    /// Show every experiment in the file, not only the default ones.
+    #[arg(long)]
+    pub all: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct Clean {
+    #[command(flatten)]
+    pub pipeline: PipelineArgs,
+    /// Also remove the datasets.
+    #[arg(long)]
+    pub datasets: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct Test {
+    /// Extra arguments for `cargo test`.
+    #[arg(trailing_var_arg = true)]
+    pub args: Vec<String>,
+}

@@ -1,0 +1,41 @@
+//! `cargo xtask`: runs the pipeline's stages in order with caching, shows their status, cleans
+//! outputs, runs the tests and the benchmarks. It only orders and invokes the stage binaries.
+
+mod flags;
+mod plan;
+mod run_all;
+mod status;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::Parser;
+use xshell::Shell;
+
+fn main() -> ExitCode {
+    let flags = flags::Xtask::parse();
+    match run(flags) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(flags: flags::Xtask) -> anyhow::Result<()> {
+    let sh = Shell::new()?;
+    sh.change_dir(project_root());
+    match flags.command {
+        flags::Command::RunAll(cmd) => cmd.run(&sh),
+        flags::Command::Run(cmd) => cmd.run(&sh),
+        flags::Command::Status(cmd) => cmd.run(&sh),
+        flags::Command::Clean(cmd) => cmd.run(&sh),
+        flags::Command::Test(cmd) => cmd.run(&sh),
+    }
+}
+
+/// The workspace root (the folder above `xtask/`).
+pub fn project_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+}
