@@ -1,1 +1,97 @@
-//! Shared helpers live in the test files.
+//! Helpers for the end-to-end tests: the workspace's paths, the stage binaries (built once, dev
+//! profile), and a shared copy of real MNIST fetched once from the offline source.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is inside the workspace").to_path_buf()
+}
+
+/// The cargo target folder.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"))
+}
+
+fn cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
+}
+
+/// Builds every stage binary and xtask once (dev profile) and returns the folder holding them.
+pub fn bins() -> &'static Path {
+    static BINS: OnceLock<PathBuf> = OnceLock::new();
+    BINS.get_or_init(|| {
+        let status = Command::new(cargo())
+            .current_dir(root())
+            .args(["build", "-q", "-p", "fetch-data", "-p", "train", "-p", "snapshot", "-p", "reset-eval", "-p", "aggregate", "-p", "xtask"])
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "building the stage binaries failed");
+        target_dir().join("debug")
+    })
+}
+
+/// Runs a stage binary with arguments and returns its output.
+pub fn run_bin(name: &str, args: &[&str]) -> Output {
+    Command::new(bins().join(name)).args(args).current_dir(root()).output().expect("binary starts")
+}
+
+/// Runs `cargo xtask` (the built xtask binary) with arguments.
+pub fn xtask(args: &[&str]) -> Output {
+    run_bin("xtask", args)
+}
+
+/// A folder holding `mnist/` (real MNIST, fetched once into the target folder and reused).
+pub fn mnist_datasets() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = target_dir().join("test-cache").join("datasets");
+        let d = dir.to_str().expect("utf-8 path").to_string();
+        let out = run_bin("fetch-data", &["mnist", "--offline", "--datasets-dir", &d]);
+        assert!(out.status.success(), "fetching MNIST for the tests failed:\n{}", text(&out));
+        dir
+    })
+}
+
+/// stdout and stderr of a finished command, for messages.
+pub fn text(out: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+/// sha256 of a file, hex.
+pub fn sha256_file(path: &Path) -> String {
+    use sha2::Digest;
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// A tiny pipeline on a slice of real MNIST, with outputs in `data_dir`.
+pub fn tiny_pipeline(data_dir: &Path, extra_reset: &str) -> String {
+    format!(
+        r#"data_dir = "{data}"
+datasets_dir = "{datasets}"
+[[experiment]]
+name = "tiny"
+dataset = "mnist"
+seeds = [0, 1]
+[experiment.model]
+arch = "fcn"
+depth = 2
+width = 32
+[experiment.train]
+epochs = 3
+lr = 0.05
+checkpoints = [0, 1, 3]
+train_examples = 3000
+test_examples = 1000
+[experiment.reset]
+draws = 2
+train_subset = 500
+{extra_reset}
+"#,
+        data = data_dir.display(),
+        datasets = mnist_datasets().display(),
+    )
+}

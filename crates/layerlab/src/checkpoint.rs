@@ -8,7 +8,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use safetensors::tensor::{Dtype, TensorView};
+use safetensors::tensor::Dtype;
 use safetensors::SafeTensors;
 
 use crate::model::{Architecture, State};
@@ -58,19 +58,44 @@ fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
     Ok(values.iter().flat_map(|v| v.to_le_bytes()).collect())
 }
 
-/// Writes named f32 tensors with metadata, atomically.
+/// The bytes of a safetensors file whose header is written in a fixed order (sorted names and
+/// metadata keys), so that equal content gives byte-identical files. The `safetensors` crate
+/// serializes metadata from a `HashMap`, whose order changes from run to run.
+pub fn safetensors_bytes(tensors: &[(String, &'static str, Vec<usize>, Vec<u8>)], metadata: &BTreeMap<String, String>) -> Vec<u8> {
+    let mut header = serde_json::Map::new();
+    if !metadata.is_empty() {
+        header.insert("__metadata__".into(), serde_json::to_value(metadata).expect("strings serialize"));
+    }
+    let mut offset = 0usize;
+    for (name, dtype, shape, data) in tensors {
+        header.insert(
+            name.clone(),
+            serde_json::json!({ "dtype": dtype, "shape": shape, "data_offsets": [offset, offset + data.len()] }),
+        );
+        offset += data.len();
+    }
+    let mut head = serde_json::Value::Object(header).to_string().into_bytes();
+    // The format pads the header with spaces to a multiple of 8 bytes.
+    while head.len() % 8 != 0 {
+        head.push(b' ');
+    }
+    let mut out = Vec::with_capacity(8 + head.len() + offset);
+    out.extend_from_slice(&(head.len() as u64).to_le_bytes());
+    out.extend_from_slice(&head);
+    for (_, _, _, data) in tensors {
+        out.extend_from_slice(data);
+    }
+    out
+}
+
+/// Writes named f32 tensors with metadata, atomically and deterministically.
 pub fn save_tensors(path: &Path, tensors: &BTreeMap<String, Tensor>, metadata: HashMap<String, String>) -> Result<()> {
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+    let entries = tensors
         .iter()
-        .map(|(name, t)| Ok((name.clone(), t.dims().to_vec(), tensor_bytes(t)?)))
-        .collect::<Result<_>>()?;
-    let views = bytes
-        .iter()
-        .map(|(name, shape, data)| Ok((name.as_str(), TensorView::new(Dtype::F32, shape.clone(), data)?)))
+        .map(|(name, t)| Ok((name.clone(), "F32", t.dims().to_vec(), tensor_bytes(t)?)))
         .collect::<Result<Vec<_>>>()?;
-    let serialized = safetensors::serialize(views, Some(metadata))
-        .with_context(|| format!("cannot serialize {}", path.display()))?;
-    fsutil::write_atomic(path, &serialized)
+    let bytes = safetensors_bytes(&entries, &metadata.into_iter().collect());
+    fsutil::write_atomic(path, &bytes)
 }
 
 /// Reads every f32 tensor of a safetensors file, with its metadata.

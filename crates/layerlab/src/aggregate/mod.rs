@@ -47,6 +47,7 @@ pub fn heatmap(summary: &[SummaryRow], bn: &str, title: String, subtitle: String
                 .collect()
         })
         .collect();
+    let units_len = units.len();
     let x_label = match (has_rerandomize, epochs.is_empty()) {
         (true, false) => "re-randomized  |  re-initialized to checkpoint τ (epoch)",
         (true, true) => "re-randomized",
@@ -61,12 +62,14 @@ pub fn heatmap(summary: &[SummaryRow], bn: &str, title: String, subtitle: String
         values,
         vmax: chance,
         x_label: x_label.into(),
-        y_label: "unit (input at the top)".into(),
+        // The longer label only fits beside a grid of several rows.
+        y_label: if units_len >= 5 { "unit (input at the top)" } else { "unit" }.into(),
         bar_label: "test error".into(),
     })
 }
 
-/// The movement figure: one line per unit, the whole network ("all") last.
+/// The movement figure: one line per unit, the whole network (the snapshot's unit "all", which
+/// has no index) last and emphasized.
 pub fn movement_lines(curves: &[Curve], title: String) -> plot::Lines {
     plot::Lines {
         title,
@@ -74,7 +77,11 @@ pub fn movement_lines(curves: &[Curve], title: String) -> plot::Lines {
         y_label: "relative distance from init  ‖w − w₀‖ / ‖w₀‖".into(),
         series: curves
             .iter()
-            .map(|c| (c.unit.clone(), c.points.iter().map(|&(e, v)| (e as f64, v)).collect()))
+            .map(|c| plot::Series {
+                name: if c.unit_index.is_none() { format!("{} (network)", c.unit) } else { c.unit.clone() },
+                points: c.points.iter().map(|&(e, v)| (e as f64, v)).collect(),
+                emphasis: c.unit_index.is_none(),
+            })
             .collect(),
     }
 }

@@ -108,6 +108,20 @@ pub fn colour(value: f64, vmax: f64) -> RGBColor {
     RGBColor(mix(a.0, b.0), mix(a.1, b.1), mix(a.2, b.2))
 }
 
+/// The colour bar's tick spacing: the finest step at least 26 pixels apart and at most ten
+/// intervals over the bar, preferring steps that
+/// end exactly at `vmax` (0.3 for a 0.9 scale) so that the top of the bar is labelled.
+fn tick_step(vmax: f64, bar_h: i32) -> f64 {
+    const STEPS: [f64; 8] = [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.45, 0.5];
+    let fits = |s: f64| vmax / s <= (bar_h as f64 / 26.0).min(10.0);
+    let divides = |s: f64| ((vmax / s) - (vmax / s).round()).abs() < 1e-9;
+    STEPS
+        .into_iter()
+        .find(|&s| fits(s) && divides(s))
+        .or_else(|| STEPS.into_iter().find(|&s| fits(s)))
+        .unwrap_or(if vmax > 0.0 { vmax } else { 1.0 })
+}
+
 /// Black or white, whichever reads better on `bg`.
 fn ink_on(bg: RGBColor) -> RGBColor {
     let luma = 0.299 * bg.0 as f64 + 0.587 * bg.1 as f64 + 0.114 * bg.2 as f64;
@@ -137,7 +151,7 @@ pub struct Heatmap {
 }
 
 const CELL_W: i32 = 76;
-const CELL_H: i32 = 38;
+const CELL_H: i32 = 40;
 const GAP: i32 = 12;
 const TITLE: u32 = 22;
 const SUBTITLE: u32 = 15;
@@ -244,7 +258,7 @@ impl Figure for Heatmap {
             root.draw(&Rectangle::new([(bx, y0), (bx + bw, y1)], colour(v, self.vmax).filled())).map_err(drawing)?;
         }
         root.draw(&Rectangle::new([(bx, bar_top), (bx + bw, bar_bottom)], BLACK.stroke_width(1))).map_err(drawing)?;
-        let tick = if self.vmax <= 1.0 { 0.1 } else { 10f64.powf(self.vmax.log10().floor()) };
+        let tick = tick_step(self.vmax, bar_h);
         let n_ticks = (self.vmax / tick + 1e-9).floor() as i32;
         let left_mid = Pos::new(HPos::Left, VPos::Center);
         for k in 0..=n_ticks {
@@ -270,8 +284,16 @@ pub struct Lines {
     pub title: String,
     pub x_label: String,
     pub y_label: String,
-    /// (name, points); a series named "all" is drawn in black, thicker.
-    pub series: Vec<(String, Vec<(f64, f64)>)>,
+    pub series: Vec<Series>,
+}
+
+/// One line of a [`Lines`] figure.
+#[derive(Debug, Clone)]
+pub struct Series {
+    pub name: String,
+    pub points: Vec<(f64, f64)>,
+    /// Drawn in black and thicker (the whole network beside its units).
+    pub emphasis: bool,
 }
 
 /// Matplotlib's "tab10", for the first ten series.
@@ -307,13 +329,13 @@ impl Figure for Lines {
 
     fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Result<()> {
         root.fill(&WHITE).map_err(drawing)?;
-        let points = self.series.iter().flat_map(|(_, p)| p.iter());
+        let points = self.series.iter().flat_map(|s| s.points.iter());
         let x_max = points.clone().map(|p| p.0).fold(0.0, f64::max).max(1.0);
         let y_max = points.map(|p| p.1).filter(|v| v.is_finite()).fold(0.0, f64::max).max(1e-3) * 1.08;
         // The legend gets its own strip on the right, so it never hides a curve.
         let mut legend_w = 40;
-        for (name, _) in &self.series {
-            legend_w = legend_w.max(40 + text_width(name, 14)?);
+        for s in &self.series {
+            legend_w = legend_w.max(40 + text_width(&s.name, 14)?);
         }
         let (w, _) = root.dim_in_pixel();
         let (plot_area, legend_area) = root.split_horizontally(w.saturating_sub(legend_w + 20));
@@ -330,13 +352,17 @@ impl Figure for Lines {
             .y_desc(&self.y_label)
             .label_style(font(14))
             .axis_desc_style(font(16))
-            .light_line_style(RGBColor(235, 235, 235))
+            .bold_line_style(RGBColor(220, 220, 220))
+            .light_line_style(TRANSPARENT)
+            // Epochs are whole numbers: label only those.
+            .x_label_formatter(&|x| if x.fract() == 0.0 { format!("{x:.0}") } else { String::new() })
             .draw()
             .map_err(drawing)?;
         let mut k = 0;
         let left_mid = Pos::new(HPos::Left, VPos::Center);
-        for (i, (name, pts)) in self.series.iter().enumerate() {
-            let (colour, width) = if name == "all" {
+        for (i, series) in self.series.iter().enumerate() {
+            let (name, pts) = (&series.name, &series.points);
+            let (colour, width) = if series.emphasis {
                 (BLACK, 3)
             } else {
                 k += 1;
@@ -355,10 +381,10 @@ impl Figure for Lines {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
 
-    pub fn sample() -> Heatmap {
+    fn sample() -> Heatmap {
         let rows: Vec<String> = ["fc1", "fc2", "fc3", "fc4"].iter().map(|s| s.to_string()).collect();
         let cols: Vec<String> = ["rand.", "0", "1", "2", "3", "5", "10", "20", "40"].iter().map(|s| s.to_string()).collect();
         let values = (0..rows.len())
@@ -376,6 +402,16 @@ pub(crate) mod tests {
             y_label: "unit".into(),
             bar_label: "test error".into(),
         }
+    }
+
+    #[test]
+    fn colour_bar_ticks_are_readable() {
+        assert_eq!(tick_step(0.9, 400), 0.1);
+        assert_eq!(tick_step(0.9, 160), 0.15);
+        assert_eq!(tick_step(0.9, 152), 0.3);
+        assert_eq!(tick_step(0.9, 100), 0.3);
+        assert_eq!(tick_step(0.9, 900), 0.1);
+        assert_eq!(tick_step(0.5, 300), 0.05);
     }
 
     #[test]
@@ -410,7 +446,7 @@ pub(crate) mod tests {
     fn heatmap_svg_is_well_formed_with_text() {
         let text = svg(&sample()).unwrap();
         let doc = roxmltree::Document::parse(&text).unwrap();
-        let texts: Vec<&str> = doc.descendants().filter(|n| n.has_tag_name("text")).filter_map(|n| n.text()).collect();
+        let texts: Vec<&str> = doc.descendants().filter(|n| n.has_tag_name("text")).filter_map(|n| n.text()).map(str::trim).collect();
         assert!(texts.contains(&"fc1"));
         assert!(texts.iter().any(|t| t.contains("test error after resetting")));
         assert!(texts.contains(&"90%"));
@@ -423,12 +459,12 @@ pub(crate) mod tests {
             title: "movement".into(),
             x_label: "epoch".into(),
             y_label: "‖w − w₀‖ / ‖w₀‖".into(),
-            series: vec![("fc1".into(), vec![(0.0, 0.0), (1.0, 0.5)]), ("all".into(), vec![(0.0, 0.0), (1.0, 0.2)])],
+            series: vec![
+                Series { name: "fc1".into(), points: vec![(0.0, 0.0), (1.0, 0.5)], emphasis: false },
+                Series { name: "whole network".into(), points: vec![(0.0, 0.0), (1.0, 0.2)], emphasis: true },
+            ],
         };
         roxmltree::Document::parse(&svg(&l).unwrap()).unwrap();
         assert!(png(&l).unwrap().starts_with(b"\x89PNG"));
     }
 }
-#[cfg(test)]
-#[test]
-fn zz_dump() { std::fs::write("/tmp/sample.svg", svg(&tests::sample()).unwrap()).unwrap(); std::fs::write("/tmp/sample.png", png(&tests::sample()).unwrap()).unwrap(); }

@@ -75,10 +75,7 @@ pub fn parse_batch(bytes: &[u8]) -> Result<Split, CifarError> {
 /// the file at fault.
 pub fn parse_splits(files: &[(String, Vec<u8>)]) -> Result<(Split, Split)> {
     let get = |name: &str| -> Result<Split> {
-        let (_, bytes) = files
-            .iter()
-            .find(|(n, _)| n == name)
-            .with_context(|| format!("{name} is missing"))?;
+        let (_, bytes) = files.iter().find(|(n, _)| n == name).with_context(|| format!("{name} is missing"))?;
         parse_batch(bytes).with_context(|| name.to_string())
     };
     let mut train = get(TRAIN_FILES[0])?;
@@ -104,7 +101,8 @@ pub fn read_folder(dir: &Path) -> Result<Vec<(String, Vec<u8>)>> {
         .map(|name| {
             let path = folder.join(name);
             let file = File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
-            let bytes = read_capped(file, MAX_BATCH_BYTES).with_context(|| format!("cannot read {}", path.display()))?;
+            let bytes =
+                read_capped(file, MAX_BATCH_BYTES).with_context(|| format!("cannot read {}", path.display()))?;
             Ok((name.to_string(), bytes))
         })
         .collect()
@@ -121,15 +119,20 @@ pub fn read_archive(reader: impl Read) -> Result<Vec<(String, Vec<u8>)>> {
         let mut parts = path.components().filter(|c| !matches!(c, std::path::Component::CurDir));
         let (Some(dir), Some(file), None) = (parts.next(), parts.next(), parts.next()) else { continue };
         let file = file.as_os_str().to_string_lossy().into_owned();
-        if dir.as_os_str() != ARCHIVE_DIR || !batch_files().any(|n| n == file) || found.iter().any(|(n, _)| *n == file) {
+        if dir.as_os_str() != ARCHIVE_DIR || !batch_files().any(|n| n == file) || found.iter().any(|(n, _)| *n == file)
+        {
             continue;
         }
-        let bytes = read_capped(entry, MAX_BATCH_BYTES).with_context(|| format!("cannot read {ARCHIVE_DIR}/{file} from the archive"))?;
+        let bytes = read_capped(entry, MAX_BATCH_BYTES)
+            .with_context(|| format!("cannot read {ARCHIVE_DIR}/{file} from the archive"))?;
         found.push((file, bytes));
     }
     let missing: Vec<&str> = batch_files().filter(|n| !found.iter().any(|(f, _)| f == n)).collect();
     if !missing.is_empty() {
-        bail!("the archive lacks {}", missing.iter().map(|m| format!("{ARCHIVE_DIR}/{m}")).collect::<Vec<_>>().join(", "));
+        bail!(
+            "the archive lacks {}",
+            missing.iter().map(|m| format!("{ARCHIVE_DIR}/{m}")).collect::<Vec<_>>().join(", ")
+        );
     }
     found.sort_by_key(|(n, _)| batch_files().position(|b| b == n));
     Ok(found)
@@ -170,7 +173,11 @@ mod tests {
         for r in 0..n {
             let mut pixels = [0u8; IMAGE_BYTES];
             for (i, p) in pixels.iter_mut().enumerate() {
-                *p = (r as u8).wrapping_mul(31).wrapping_add(seed).wrapping_add((i / 1024) as u8 * 85).wrapping_add(i as u8);
+                *p = (r as u8)
+                    .wrapping_mul(31)
+                    .wrapping_add(seed)
+                    .wrapping_add((i / 1024) as u8 * 85)
+                    .wrapping_add(i as u8);
             }
             out.extend(encode_record(((r + seed as usize) % CLASSES) as u8, &pixels));
         }

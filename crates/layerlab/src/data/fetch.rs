@@ -115,9 +115,10 @@ impl std::fmt::Display for Dataset {
 impl std::str::FromStr for Dataset {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Dataset> {
-        Dataset::ALL.into_iter().find(|d| d.name() == s).ok_or_else(|| {
-            anyhow!("unknown dataset '{s}' (known: {})", Dataset::ALL.map(|d| d.name()).join(", "))
-        })
+        Dataset::ALL
+            .into_iter()
+            .find(|d| d.name() == s)
+            .ok_or_else(|| anyhow!("unknown dataset '{s}' (known: {})", Dataset::ALL.map(|d| d.name()).join(", ")))
     }
 }
 
@@ -275,7 +276,12 @@ pub fn fetch(opts: &FetchOptions) -> Result<FetchReport> {
                     // leaves a verified dataset without its stamp: add it.
                     Stamp::write(&opts.dir, &key, manifest.seconds)?;
                 }
-                info!("{name}: already present in {} ({} + {} examples)", opts.dir.display(), manifest.train.samples, manifest.test.samples);
+                info!(
+                    "{name}: already present in {} ({} + {} examples)",
+                    opts.dir.display(),
+                    manifest.train.samples,
+                    manifest.test.samples
+                );
                 return Ok(FetchReport {
                     dataset: opts.dataset,
                     dir: opts.dir.clone(),
@@ -288,7 +294,9 @@ pub fn fetch(opts: &FetchOptions) -> Result<FetchReport> {
                     attempts: Vec::new(),
                 });
             }
-            Err(why) if opts.dir.exists() => info!("{name}: fetching again, the copy in {} is not usable: {why:#}", opts.dir.display()),
+            Err(why) if opts.dir.exists() => {
+                info!("{name}: fetching again, the copy in {} is not usable: {why:#}", opts.dir.display())
+            }
             Err(_) => {}
         }
     }
@@ -338,7 +346,13 @@ pub fn fetch(opts: &FetchOptions) -> Result<FetchReport> {
             attempts.iter().map(|a| format!("  - {}: {}", a.source, a.failure.as_deref().unwrap_or("ok"))).collect();
         bail!("no source of {name} could be verified; {} left unchanged:\n{}", opts.dir.display(), list.join("\n"));
     };
-    info!("{name}: verified {} ({}, {} + {} examples)", verified.source, verified.check.name(), verified.train.len(), verified.test.len());
+    info!(
+        "{name}: verified {} ({}, {} + {} examples)",
+        verified.source,
+        verified.check.name(),
+        verified.train.len(),
+        verified.test.len()
+    );
 
     let seconds = started.elapsed().as_secs_f64();
     let manifest = Manifest {
@@ -408,7 +422,9 @@ fn install(opts: &FetchOptions, staging: &Path, verified: &Verified, manifest: &
 
 fn remove_if_present(path: &Path) -> Result<()> {
     match fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e).with_context(|| format!("cannot remove {}", path.display())),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("cannot remove {}", path.display()))
+        }
         _ => Ok(()),
     }
 }
@@ -524,7 +540,11 @@ struct Verified {
 /// Checks raw files (structure, then pinned checksums where there are some) and decodes them.
 fn verify(dataset: Dataset, raw: Raw) -> Result<Verified> {
     let get = |name: &str| -> Result<&[u8]> {
-        raw.files.iter().find(|(n, _)| n == name).map(|(_, b)| b.as_slice()).with_context(|| format!("{name} is missing"))
+        raw.files
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, b)| b.as_slice())
+            .with_context(|| format!("{name} is missing"))
     };
     let (train, test, check) = match dataset.pinned_sha256() {
         Some(pinned) => {
@@ -550,7 +570,11 @@ fn verify(dataset: Dataset, raw: Raw) -> Result<Verified> {
     let files = raw
         .files
         .iter()
-        .map(|(name, bytes)| RawFileRecord { name: name.clone(), sha256: hex::encode(Sha256::digest(bytes)), bytes: bytes.len() as u64 })
+        .map(|(name, bytes)| RawFileRecord {
+            name: name.clone(),
+            sha256: hex::encode(Sha256::digest(bytes)),
+            bytes: bytes.len() as u64,
+        })
         .collect();
     Ok(Verified { source: raw.source, check, files, archive: raw.archive, train, test })
 }
@@ -830,7 +854,12 @@ mod tests {
         let mut out: Vec<_> = fs::read_dir(dir)
             .unwrap()
             .map(|e| e.unwrap().path())
-            .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), hex::encode(Sha256::digest(fs::read(&p).unwrap()))))
+            .map(|p| {
+                (
+                    p.file_name().unwrap().to_string_lossy().into_owned(),
+                    hex::encode(Sha256::digest(fs::read(&p).unwrap())),
+                )
+            })
             .collect();
         out.sort();
         out
@@ -899,7 +928,10 @@ mod tests {
         assert!(!dir.exists());
         fs::write(raw.join(IDX_FILES[3]), idx::encode_labels(&[1])).unwrap();
         let err = format!("{:#}", fetch(&offline(Dataset::Mnist, &dir, Some(&raw))).unwrap_err());
-        assert!(err.contains("t10k-images-idx3-ubyte holds 2 images but t10k-labels-idx1-ubyte holds 1 labels"), "{err}");
+        assert!(
+            err.contains("t10k-images-idx3-ubyte holds 2 images but t10k-labels-idx1-ubyte holds 1 labels"),
+            "{err}"
+        );
         let left: Vec<_> = fs::read_dir(tmp.path().join("datasets")).unwrap().collect();
         assert!(left.is_empty(), "{left:?}");
     }

@@ -23,6 +23,7 @@ use crate::progress;
 #[derive(Debug, Clone)]
 pub struct Downloader {
     agent: Agent,
+    timeout: Duration,
     retries: u32,
     max_bytes: u64,
 }
@@ -66,7 +67,7 @@ impl Downloader {
             .accept_encoding(AutoHeaderValue::None)
             .user_agent(format!("layerlab-fetch-data/{}", layerlab_pipeline::VERSION))
             .build();
-        Downloader { agent: config.into(), retries: 2, max_bytes: 1 << 30 }
+        Downloader { agent: config.into(), timeout, retries: 2, max_bytes: 1 << 30 }
     }
 
     /// How many times a failed attempt is repeated (default 2). An attempt that received nothing
@@ -95,7 +96,11 @@ impl Downloader {
             match self.attempt(url, &part) {
                 Ok(bytes) => {
                     fs::rename(&part, dest).with_context(|| format!("cannot move {} into place", dest.display()))?;
-                    return Ok(Downloaded { path: dest.to_path_buf(), bytes, resumed: resumed_from > 0 || attempt > 1 });
+                    return Ok(Downloaded {
+                        path: dest.to_path_buf(),
+                        bytes,
+                        resumed: resumed_from > 0 || attempt > 1,
+                    });
                 }
                 Err(Failure::Permanent(e)) => {
                     remove_if_empty(&part);
@@ -107,10 +112,23 @@ impl Downloader {
                     }
                     if attempt > self.retries || idle_failures > 1 {
                         remove_if_empty(&part);
-                        return Err(e.context(format!("gave up after {attempt} attempts")));
+                        let kept = file_len(&part);
+                        let e = e.context(format!("gave up after {attempt} attempts"));
+                        if kept > 0 {
+                            return Err(e.context(format!(
+                                "{kept} bytes kept in {} for a later run to resume",
+                                part.display()
+                            )));
+                        }
+                        return Err(e);
                     }
                     let wait = Duration::from_millis(500 * attempt as u64);
-                    warn!("{url}: {e:#}; retrying in {:.1} s (attempt {} of {})", wait.as_secs_f64(), attempt + 1, self.retries + 1);
+                    warn!(
+                        "{url}: {e:#}; retrying in {:.1} s (attempt {} of {})",
+                        wait.as_secs_f64(),
+                        attempt + 1,
+                        self.retries + 1
+                    );
                     std::thread::sleep(wait);
                 }
             }
@@ -124,7 +142,7 @@ impl Downloader {
         if have > 0 {
             request = request.header("Range", format!("bytes={have}-"));
         }
-        let response = request.call().map_err(classify)?;
+        let response = request.call().map_err(|e| classify(e, self.timeout))?;
         let status = response.status().as_u16();
         let header = |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
         let encoded = header("content-encoding").is_some_and(|v| !v.eq_ignore_ascii_case("identity"));
@@ -136,7 +154,9 @@ impl Downloader {
                     _ => {
                         // A range other than the one asked for cannot be appended: start over.
                         let _ = fs::remove_file(part);
-                        return Err(Failure::Transient(anyhow!("server answered range '{range}' to a request from byte {have}")));
+                        return Err(Failure::Transient(anyhow!(
+                            "server answered range '{range}' to a request from byte {have}"
+                        )));
                     }
                 }
             }
@@ -158,16 +178,15 @@ impl Downloader {
         let total = if encoded { None } else { total };
         if let Some(t) = total {
             if t > self.max_bytes {
-                return Err(Failure::Permanent(anyhow!("body of {t} bytes exceeds the limit of {} bytes", self.max_bytes)));
+                return Err(Failure::Permanent(anyhow!(
+                    "body of {t} bytes exceeds the limit of {} bytes",
+                    self.max_bytes
+                )));
             }
         }
-        let mut file = if start == 0 {
-            File::create(part)
-        } else {
-            OpenOptions::new().append(true).open(part)
-        }
-        .with_context(|| format!("cannot write {}", part.display()))
-        .map_err(Failure::Permanent)?;
+        let mut file = if start == 0 { File::create(part) } else { OpenOptions::new().append(true).open(part) }
+            .with_context(|| format!("cannot write {}", part.display()))
+            .map_err(Failure::Permanent)?;
 
         let progress = Progress::new(url, start, total);
         let mut body = response.into_body().into_reader();
@@ -178,7 +197,9 @@ impl Downloader {
                 Ok(0) => break Ok(()),
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => break Err(Failure::Transient(anyhow!(e).context(format!("connection lost after {written} bytes")))),
+                Err(e) => {
+                    break Err(Failure::Transient(anyhow!(e).context(format!("connection lost after {written} bytes"))))
+                }
             };
             if written + n as u64 > self.max_bytes {
                 break Err(Failure::Permanent(anyhow!("body exceeds the limit of {} bytes", self.max_bytes)));
@@ -203,8 +224,11 @@ impl Downloader {
 }
 
 /// Sorts ureq's errors into those worth retrying and those not.
-fn classify(e: ureq::Error) -> Failure {
+fn classify(e: ureq::Error, timeout: Duration) -> Failure {
     match e {
+        ureq::Error::Timeout(which) => {
+            Failure::Transient(anyhow!("no progress within {} s (timeout: {which})", timeout.as_secs_f64()))
+        }
         ureq::Error::BadUri(_) | ureq::Error::Http(_) | ureq::Error::InvalidProxyUrl | ureq::Error::Tls(_) => {
             Failure::Permanent(e.into())
         }
@@ -250,11 +274,10 @@ impl Progress {
         let name = url.rsplit('/').next().unwrap_or(url).to_string();
         let bar = progress::interactive().then(|| {
             let bar = total.map(ProgressBar::new).unwrap_or_else(ProgressBar::no_length);
-            let style = ProgressStyle::with_template(
-                "{prefix} [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec}, eta {eta})",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> ");
+            let style =
+                ProgressStyle::with_template("{prefix} [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec}, eta {eta})")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> ");
             bar.set_style(style);
             bar.set_prefix(name);
             bar.set_position(start);
@@ -299,6 +322,78 @@ mod tests {
         assert_eq!(parse_content_range("items 1-2/3"), None);
         assert_eq!(parse_content_range("bytes x-2/3"), None);
         assert_eq!(parse_content_range(""), None);
+    }
+
+    /// Serves `body` once per connection: the first answer is cut off halfway, later ones honour
+    /// a range; a path other than `/file` gets a 404. Returns the base URL and the request heads.
+    fn server(body: Vec<u8>) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+        use std::io::BufRead;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let heads = log.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let mut stream = stream.unwrap();
+                let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+                let mut head = String::new();
+                while !head.ends_with("\r\n\r\n") && reader.read_line(&mut head).unwrap_or(0) > 0 {}
+                let first = heads.lock().unwrap().is_empty();
+                heads.lock().unwrap().push(head.clone());
+                if !head.starts_with("GET /file ") {
+                    let _ =
+                        stream.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                    continue;
+                }
+                let start = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("range: bytes=")
+                            .map(|r| r.trim_end_matches('-').to_string())
+                    })
+                    .and_then(|r| r.parse::<usize>().ok())
+                    .unwrap_or(0);
+                let (status, range) = match start {
+                    0 => ("200 OK", String::new()),
+                    s => (
+                        "206 Partial Content",
+                        format!("Content-Range: bytes {s}-{}/{}\r\n", body.len() - 1, body.len()),
+                    ),
+                };
+                let header = format!(
+                    "HTTP/1.1 {status}\r\nContent-Length: {}\r\n{range}Connection: close\r\n\r\n",
+                    body.len() - start
+                );
+                let _ = stream.write_all(header.as_bytes());
+                let end = if first { body.len() / 2 } else { body.len() };
+                let _ = stream.write_all(&body[start..end]);
+            }
+        });
+        (url, log)
+    }
+
+    #[test]
+    fn a_cut_off_body_is_resumed_and_a_missing_file_is_not_retried() {
+        let body: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let (url, log) = server(body.clone());
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("file");
+        let got = Downloader::new(Duration::from_secs(5)).download(&format!("{url}/file"), &dest).unwrap();
+        assert_eq!((got.bytes, got.resumed), (100_000, true));
+        assert_eq!(fs::read(&dest).unwrap(), body);
+        assert!(!part_path(&dest).exists());
+        assert!(
+            log.lock().unwrap()[1].to_ascii_lowercase().contains("range: bytes=50000-"),
+            "{:?}",
+            log.lock().unwrap()
+        );
+
+        let missing = dir.path().join("missing");
+        let err = Downloader::new(Duration::from_secs(5)).download(&format!("{url}/missing"), &missing).unwrap_err();
+        assert_eq!(err.to_string(), "HTTP status 404");
+        assert_eq!(log.lock().unwrap().len(), 3, "a 404 is not retried");
+        assert!(!missing.exists() && !part_path(&missing).exists());
     }
 
     #[test]

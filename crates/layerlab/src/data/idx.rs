@@ -20,7 +20,9 @@ pub enum IdxError {
     ShortHeader { len: usize, need: usize },
     #[error("magic number is {found:#010x}, expected {expected:#010x} ({what})")]
     WrongMagic { found: u32, expected: u32, what: &'static str },
-    #[error("header claims {items} {what} of {item_bytes} bytes ({need} data bytes) but the file holds {have}: truncated")]
+    #[error(
+        "header claims {items} {what} of {item_bytes} bytes ({need} data bytes) but the file holds {have}: truncated"
+    )]
     Truncated { what: &'static str, items: u64, item_bytes: u64, need: u128, have: u64 },
     #[error("header claims {items} {what} of {item_bytes} bytes ({need} data bytes) but the file holds {have}: {extra} bytes too many")]
     TrailingBytes { what: &'static str, items: u64, item_bytes: u64, need: u128, have: u64, extra: u128 },
@@ -91,7 +93,13 @@ pub fn parse_labels(bytes: &[u8]) -> Result<Vec<u8>, IdxError> {
 
 /// Parses a pair of images and labels files into a one-channel split, checking that the counts
 /// agree and that every label is one of `classes`. Errors name the file at fault.
-pub fn parse_split(images_name: &str, images: &[u8], labels_name: &str, labels: &[u8], classes: usize) -> anyhow::Result<Split> {
+pub fn parse_split(
+    images_name: &str,
+    images: &[u8],
+    labels_name: &str,
+    labels: &[u8],
+    classes: usize,
+) -> anyhow::Result<Split> {
     use anyhow::Context;
     let images = parse_images(images).with_context(|| images_name.to_string())?;
     let labels = parse_labels(labels).with_context(|| labels_name.to_string())?;
@@ -209,7 +217,9 @@ mod tests {
 
     #[test]
     fn split_faults_are_named() {
-        let split = |images: &[u8], labels: &[u8]| format!("{:#}", parse_split("imgs", images, "labs", labels, 10).unwrap_err());
+        let split = |images: &[u8], labels: &[u8]| {
+            format!("{:#}", parse_split("imgs", images, "labs", labels, 10).unwrap_err())
+        };
         let err = split(&images(3), &encode_labels(&[0, 1]));
         assert_eq!(err, "imgs holds 3 images but labs holds 2 labels");
         let err = split(&images(2), &encode_labels(&[0, 10]));

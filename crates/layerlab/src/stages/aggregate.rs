@@ -61,9 +61,15 @@ fn metadata(exp: &Experiment, key: &StageKey, inputs: &Inputs, chance: f64) -> V
     meta
 }
 
+/// The drawn figures: heatmaps by BatchNorm setting, and the movement curves when there are any.
+struct Figures {
+    heatmaps: Vec<(String, Rendered)>,
+    movement: Option<Rendered>,
+}
+
 /// Draws every heatmap (one per BatchNorm setting, the first under the plain name) and the
 /// movement figure.
-fn figures(exp: &Experiment, inputs: &Inputs, summary: &[SummaryRow], chance: f64) -> Result<(Vec<(String, Rendered)>, Option<Rendered>)> {
+fn figures(exp: &Experiment, inputs: &Inputs, summary: &[SummaryRow], chance: f64) -> Result<Figures> {
     let seeds = inputs.seeds.iter().map(u64::to_string).collect::<Vec<_>>().join(", ");
     let base = summary::baseline(summary).map_or(String::new(), |b| format!("  ·  baseline {:.2}%", 100.0 * b.test.mean));
     let mut heatmaps = Vec::new();
@@ -83,7 +89,7 @@ fn figures(exp: &Experiment, inputs: &Inputs, summary: &[SummaryRow], chance: f6
         let title = format!("{}: how far each unit moved from its initialization", exp.name);
         Some(render("movement".into(), &movement_lines(&curves, title))?)
     };
-    Ok((heatmaps, movement))
+    Ok(Figures { heatmaps, movement })
 }
 
 fn write_figure(dir: &Path, f: &Rendered) -> Result<()> {
@@ -124,7 +130,7 @@ pub fn run(ctx: &StageContext) -> Result<Outcome> {
     tracing::info!("aggregate {}: seeds {:?}, {} summary rows, {} units", exp.name, inputs.seeds, summary.len(), robustness.len());
     // Everything is computed and drawn before the folder is touched, so a failure here leaves the
     // previous results whole.
-    let (heatmaps, movement) = figures(exp, &inputs, &summary, chance)?;
+    let Figures { heatmaps, movement } = figures(exp, &inputs, &summary, chance)?;
     let first = &inputs.results[0];
     let id = Identity { experiment: &exp.name, dataset: &first.dataset, arch: &first.arch };
     let meta = metadata(exp, &key, &inputs, chance);
@@ -220,24 +226,36 @@ mod tests {
 
     /// Writes a finished reset-eval result (and snapshot movement) for one seed, as the stages do.
     fn write_seed(ctx: &StageContext, seed: u64, drop_column: Option<&str>) {
+        write_seed_bn(ctx, seed, drop_column, &["none"]);
+    }
+
+    /// Like [`write_seed`], for a network with BatchNorm evaluated under each of `bns`.
+    fn write_seed_bn(ctx: &StageContext, seed: u64, drop_column: Option<&str>, bns: &[&str]) {
         let exp = &ctx.experiment;
-        type Row = (String, Option<String>, Option<i64>, String, Option<i64>, Option<i64>, f64);
-        let mut rows: Vec<Row> = vec![("baseline".into(), None, None, String::new(), None, None, fake_error(seed, "baseline", 0, None, None))];
-        for (u, name) in UNITS.iter().enumerate() {
-            for e in exp.checkpoint_epochs() {
-                let err = fake_error(seed, "reinit", u, Some(e as i64), None);
-                rows.push(("reinit".into(), Some(name.to_string()), Some(u as i64), name.to_string(), Some(e as i64), None, err));
+        type Row = (String, Option<String>, Option<i64>, String, Option<i64>, Option<i64>, f64, String);
+        let trained = if bns == ["none"] { "none" } else { "trained" };
+        let mut rows: Vec<Row> =
+            vec![("baseline".into(), None, None, String::new(), None, None, fake_error(seed, "baseline", 0, None, None), trained.into())];
+        for (k, bn) in bns.iter().enumerate() {
+            // Each later BatchNorm setting does a little better, so the heatmaps differ.
+            let shift = -0.1 * k as f64;
+            for (u, name) in UNITS.iter().enumerate() {
+                for e in exp.checkpoint_epochs() {
+                    let err = fake_error(seed, "reinit", u, Some(e as i64), None);
+                    let err = if e == 0 && u == 0 { err + shift } else { err };
+                    rows.push(("reinit".into(), Some(name.to_string()), Some(u as i64), name.to_string(), Some(e as i64), None, err, bn.to_string()));
+                }
+                for d in 0..exp.reset.draws as i64 {
+                    let err = fake_error(seed, "rerandomize", u, None, Some(d)) + shift;
+                    rows.push(("rerandomize".into(), Some(name.to_string()), Some(u as i64), name.to_string(), None, Some(d), err, bn.to_string()));
+                }
             }
-            for d in 0..exp.reset.draws as i64 {
-                let err = fake_error(seed, "rerandomize", u, None, Some(d));
-                rows.push(("rerandomize".into(), Some(name.to_string()), Some(u as i64), name.to_string(), None, Some(d), err));
-            }
-        }
-        for u in 0..UNITS.len() {
-            let set = format!("from-{}", UNITS[u]);
-            for e in exp.checkpoint_epochs() {
-                let err = fake_error(seed, "joint", u, Some(e as i64), None);
-                rows.push(("joint".into(), Some(set.clone()), None, UNITS[u..].join(","), Some(e as i64), None, err));
+            for u in 0..UNITS.len() {
+                let set = format!("from-{}", UNITS[u]);
+                for e in exp.checkpoint_epochs() {
+                    let err = fake_error(seed, "joint", u, Some(e as i64), None);
+                    rows.push(("joint".into(), Some(set.clone()), None, UNITS[u..].join(","), Some(e as i64), None, err, bn.to_string()));
+                }
             }
         }
         let n = rows.len();
@@ -254,7 +272,7 @@ mod tests {
             .col("units", Column::Text(rows.iter().map(|r| Some(r.3.clone())).collect()))
             .nullable("source_epoch", Column::Int(rows.iter().map(|r| r.4).collect()))
             .nullable("draw", Column::Int(rows.iter().map(|r| r.5).collect()))
-            .col("bn_stats", Column::Text(vec![Some("none".into()); n]))
+            .col("bn_stats", Column::Text(rows.iter().map(|r| Some(r.7.clone())).collect()))
             .col("test_error", Column::Float(rows.iter().map(|r| Some(r.6)).collect()))
             .col("test_loss", Column::Float(rows.iter().map(|r| Some(2.0 * r.6)).collect()))
             .col("train_error", Column::Float(rows.iter().map(|r| Some(r.6 / 2.0)).collect()))
@@ -266,7 +284,8 @@ mod tests {
         t.write(&dir.join("results.parquet"), &meta).unwrap();
         Stamp::write(&dir, &key, 1.0).unwrap();
 
-        let mut m: (Vec<Option<i64>>, Vec<Option<String>>, Vec<Option<i64>>, Vec<Option<f64>>) = Default::default();
+        type MovementColumns = (Vec<Option<i64>>, Vec<Option<String>>, Vec<Option<i64>>, Vec<Option<f64>>);
+        let mut m: MovementColumns = Default::default();
         for (u, name) in UNITS.iter().enumerate().map(|(u, n)| (Some(u as i64), n.to_string())).chain([(None, "all".to_string())]) {
             for e in exp.checkpoint_epochs() {
                 m.0.push(u);
@@ -366,6 +385,34 @@ mod tests {
         let one = ReadTable::read(&b.layout.results_dir("fake-fcn-b").join("summary.parquet")).unwrap();
         assert!(one.floats("test_error_ci95_low").unwrap().iter().all(Option::is_none));
         assert!(one.floats("test_error_std").unwrap().iter().all(Option::is_none));
+    }
+
+    #[test]
+    fn one_heatmap_per_batch_norm_setting() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ctx = context(tmp.path());
+        let out = ctx.layout.results_dir("fake-fcn");
+        // A figure of a setting no longer run must not survive the next aggregation.
+        std::fs::create_dir_all(&out).unwrap();
+        std::fs::write(out.join("heatmap-old.png"), b"stale").unwrap();
+        for seed in [0, 1, 2] {
+            write_seed_bn(&ctx, seed, None, &["with-layer", "keep", "recalibrate"]);
+        }
+        run(&ctx).unwrap();
+        for f in ["heatmap.png", "heatmap.svg", "heatmap-keep.png", "heatmap-keep.svg", "heatmap-recalibrate.png"] {
+            assert!(out.join(f).is_file(), "{f} missing");
+        }
+        assert!(!out.join("heatmap-old.png").exists());
+        assert!(!out.join("heatmap-with-layer.png").exists());
+        let t = ReadTable::read(&out.join("robustness.parquet")).unwrap();
+        assert_eq!(t.rows(), 12);
+        let bn = t.texts("bn_stats").unwrap();
+        assert_eq!(bn[0].as_deref(), Some("with-layer"));
+        assert_eq!(bn[11].as_deref(), Some("recalibrate"));
+        let s = ReadTable::read(&out.join("summary.parquet")).unwrap();
+        assert_eq!(s.texts("bn_stats").unwrap()[0].as_deref(), Some("trained"));
+        let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+        assert!(md.contains("### BatchNorm statistics: `keep`") && md.contains("](heatmap-keep.png)"), "{md}");
     }
 
     #[test]

@@ -1,0 +1,118 @@
+//! The `train` binary on real MNIST: identical checkpoints from identical settings, a SIGKILLed run
+//! that resumes to bit-identical weights, and clear refusals of bad input.
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use layerlab_tests::{bins, mnist_datasets, run_bin, sha256_file, text};
+
+fn config(dir: &Path, arch_extra: &str) -> std::path::PathBuf {
+    let cfg = format!(
+        r#"data_dir = "{}"
+datasets_dir = "{}"
+[[experiment]]
+name = "det"
+dataset = "mnist"
+seeds = [4]
+[experiment.model]
+arch = "fcn"
+depth = 2
+width = 48
+{arch_extra}
+[experiment.train]
+epochs = 4
+lr = 0.05
+nesterov = true
+weight_decay = 1e-4
+checkpoints = [0, 2]
+train_examples = 12000
+test_examples = 500
+"#,
+        dir.join("data").display(),
+        mnist_datasets().display()
+    );
+    let path = dir.join("pipeline.toml");
+    fs::write(&path, cfg).unwrap();
+    path
+}
+
+fn checkpoint_hashes(dir: &Path) -> Vec<(String, String)> {
+    let ckpts = dir.join("data/runs/det/seed-4/train/checkpoints");
+    let mut out: Vec<_> = fs::read_dir(&ckpts)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), sha256_file(&p)))
+        .collect();
+    out.sort();
+    out
+}
+
+fn train(config: &Path) -> std::process::Output {
+    run_bin("train", &["--config", config.to_str().unwrap(), "-e", "det", "-s", "4"])
+}
+
+#[test]
+fn same_settings_give_identical_checkpoints_and_a_killed_run_resumes_exactly() {
+    let (a, b, c) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    for d in [&a, &b] {
+        let out = train(&config(d.path(), ""));
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    let reference = checkpoint_hashes(a.path());
+    let names: Vec<_> = reference.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["epoch-0000.safetensors", "epoch-0002.safetensors", "epoch-0004.safetensors"]);
+    assert_eq!(checkpoint_hashes(b.path()), reference, "two runs of the same settings differ");
+
+    // Kill -9 as soon as the first epoch's resume point exists, then run again to the end.
+    let cfg = config(c.path(), "");
+    let resume = c.path().join("data/runs/det/seed-4/train/resume.safetensors");
+    let mut child = Command::new(bins().join("train"))
+        .args(["--config", cfg.to_str().unwrap(), "-e", "det", "-s", "4"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !resume.exists() && start.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(resume.exists(), "no resume point appeared");
+    assert!(!c.path().join("data/runs/det/seed-4/train/stamp.json").exists(), "a killed run must not look done");
+    let out = train(&cfg);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(t.contains("resumed after epoch"), "{t}");
+    assert_eq!(checkpoint_hashes(c.path()), reference, "the resumed run differs from an unbroken one");
+}
+
+#[test]
+fn bad_input_is_refused_with_a_clear_message() {
+    let d = tempfile::tempdir().unwrap();
+    // An unknown architecture: the file, the line and the key.
+    let cfg = config(d.path(), "init = \"xavier\"");
+    let out = train(&cfg);
+    let t = text(&out);
+    assert!(!out.status.success());
+    assert!(t.contains("pipeline.toml") && t.contains("model.init") && t.contains("xavier"), "{t}");
+    // A seed the experiment does not list.
+    let cfg = config(d.path(), "");
+    let out = run_bin("train", &["--config", cfg.to_str().unwrap(), "-e", "det", "-s", "9"]);
+    assert!(!out.status.success() && text(&out).contains("seed 9"), "{}", text(&out));
+    // A damaged resume file is named, and the checkpoints already written are kept.
+    let out = train(&cfg);
+    assert!(out.status.success(), "{}", text(&out));
+    let before = checkpoint_hashes(d.path());
+    let train_dir = d.path().join("data/runs/det/seed-4/train");
+    fs::remove_file(train_dir.join("stamp.json")).unwrap();
+    fs::write(train_dir.join("resume.safetensors"), b"\x08\0\0\0\0\0\0\0{}garbage").unwrap();
+    let out = train(&cfg);
+    let t = text(&out);
+    assert!(!out.status.success(), "{t}");
+    assert!(t.contains("resume.safetensors"), "{t}");
+    assert!(!t.contains("panicked"), "{t}");
+    assert_eq!(checkpoint_hashes(d.path()), before);
+}
