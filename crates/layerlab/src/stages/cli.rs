@@ -1,5 +1,6 @@
 //! Flags shared by the per-experiment stage binaries, logging set-up, and the error exit.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -31,7 +32,7 @@ impl ExperimentArgs {
 /// Logs to stderr; `RUST_LOG` overrides the default level (info).
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal()).with_target(false).try_init();
 }
 
 /// Prints an error with its whole context chain and returns a failing exit code.
