@@ -25,7 +25,22 @@ pub fn bins() -> &'static Path {
     BINS.get_or_init(|| {
         let status = Command::new(cargo())
             .current_dir(root())
-            .args(["build", "-q", "-p", "fetch-data", "-p", "train", "-p", "snapshot", "-p", "reset-eval", "-p", "aggregate", "-p", "xtask"])
+            .args([
+                "build",
+                "-q",
+                "-p",
+                "fetch-data",
+                "-p",
+                "train",
+                "-p",
+                "snapshot",
+                "-p",
+                "reset-eval",
+                "-p",
+                "aggregate",
+                "-p",
+                "xtask",
+            ])
             .status()
             .expect("cargo runs");
         assert!(status.success(), "building the stage binaries failed");

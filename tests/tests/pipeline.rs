@@ -63,7 +63,10 @@ fn run_all_caches_and_reruns_exactly_what_changed() {
     let agg_before = finished_at(&results);
     fs::write(&config, tiny_pipeline(&data, "recalibrate_batches = 3")).unwrap();
     let third = run_all(&config);
-    assert!(third.contains("reset-eval tiny seed 0: running (stale: settings changed (reset.recalibrate_batches))"), "{third}");
+    assert!(
+        third.contains("reset-eval tiny seed 0: running (stale: settings changed (reset.recalibrate_batches))"),
+        "{third}"
+    );
     assert_eq!(finished_at(&run(0).join("train")), before[0]);
     assert_eq!(finished_at(&run(0).join("snapshot")), before[1]);
     assert!(finished_at(&run(0).join("reset")) > before[2]);
@@ -90,7 +93,9 @@ fn run_all_caches_and_reruns_exactly_what_changed() {
     let baseline = errors[modes.iter().position(|m| m.as_deref() == Some("baseline")).unwrap()].unwrap();
     let row = |unit: &str, epoch: i64| {
         (0..modes.len())
-            .find(|&i| modes[i].as_deref() == Some("reinit") && units[i].as_deref() == Some(unit) && epochs[i] == Some(epoch))
+            .find(|&i| {
+                modes[i].as_deref() == Some("reinit") && units[i].as_deref() == Some(unit) && epochs[i] == Some(epoch)
+            })
             .map(|i| errors[i].unwrap())
             .unwrap()
     };
@@ -99,7 +104,11 @@ fn run_all_caches_and_reruns_exactly_what_changed() {
     }
     let (_, test) = data::load(&pipeline.datasets_dir.join("mnist")).unwrap();
     let arch = Architecture::build(&exp.model, [1, 28, 28], 10).unwrap();
-    let ckpt = |e: u32| checkpoint::load(&run(0).join(format!("train/checkpoints/epoch-{e:04}.safetensors")), &arch, &Device::Cpu).unwrap().0;
+    let ckpt = |e: u32| {
+        checkpoint::load(&run(0).join(format!("train/checkpoints/epoch-{e:04}.safetensors")), &arch, &Device::Cpu)
+            .unwrap()
+            .0
+    };
     let (fin, early) = (ckpt(3), ckpt(1));
     let unit = arch.unit("fc2").unwrap();
     let mut assembled = fin.clone();

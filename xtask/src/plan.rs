@@ -73,7 +73,8 @@ impl Job {
 pub fn load(args: &PipelineArgs, sh: &Shell) -> Result<(Pipeline, Vec<Experiment>, PathBuf)> {
     let config = sh.current_dir().join(&args.config);
     let pipeline = Pipeline::load(&config)?;
-    let names = if args.experiments.is_empty() { pipeline.default_experiments.clone() } else { args.experiments.clone() };
+    let names =
+        if args.experiments.is_empty() { pipeline.default_experiments.clone() } else { args.experiments.clone() };
     let experiments = names.iter().map(|n| pipeline.experiment(n).cloned()).collect::<Result<Vec<_>>>()?;
     Ok((pipeline, experiments, config))
 }
@@ -103,10 +104,12 @@ pub fn jobs(experiments: &[Experiment], only: Option<Stage>, seed: Option<u64>) 
     }
     // One fetch per dataset.
     let mut seen = Vec::new();
-    jobs.retain(|j| j.stage != Stage::FetchData || {
-        let new = !seen.contains(&j.experiment.dataset);
-        seen.push(j.experiment.dataset.clone());
-        new
+    jobs.retain(|j| {
+        j.stage != Stage::FetchData || {
+            let new = !seen.contains(&j.experiment.dataset);
+            seen.push(j.experiment.dataset.clone());
+            new
+        }
     });
     Ok(jobs)
 }
@@ -115,6 +118,7 @@ pub fn jobs(experiments: &[Experiment], only: Option<Stage>, seed: Option<u64>) 
 pub fn build_binaries(sh: &Shell, dev: bool) -> Result<PathBuf> {
     let profile: &[&str] = if dev { &[] } else { &["--release"] };
     cmd!(sh, "cargo build --quiet {profile...} -p fetch-data -p train -p snapshot -p reset-eval -p aggregate").run()?;
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| sh.current_dir().join("target"));
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| sh.current_dir().join("target"));
     Ok(target.join(if dev { "debug" } else { "release" }))
 }

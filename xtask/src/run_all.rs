@@ -42,7 +42,15 @@ impl flags::Run {
 
 /// Runs every job that is not fresh. Freshness is checked just before each job, so a job whose
 /// input was redone in this run sees it and runs too.
-fn execute(sh: &Shell, jobs: &[Job], layout: &Layout, config: &std::path::Path, force: bool, dry_run: bool, dev: bool) -> Result<()> {
+fn execute(
+    sh: &Shell,
+    jobs: &[Job],
+    layout: &Layout,
+    config: &std::path::Path,
+    force: bool,
+    dry_run: bool,
+    dev: bool,
+) -> Result<()> {
     let started = Instant::now();
     let _lock = if dry_run { None } else { Some(RunLock::acquire(&layout.data_dir)?) };
     let mut bins = None;
@@ -88,7 +96,11 @@ fn execute(sh: &Shell, jobs: &[Job], layout: &Layout, config: &std::path::Path, 
         ran += 1;
     }
     if ran == 0 && !dry_run {
-        println!("up to date: nothing to do ({} stages checked in {:.2} s)", jobs.len(), started.elapsed().as_secs_f64());
+        println!(
+            "up to date: nothing to do ({} stages checked in {:.2} s)",
+            jobs.len(),
+            started.elapsed().as_secs_f64()
+        );
     } else if !dry_run {
         println!("ran {ran} of {} stages in {:.1} s", jobs.len(), started.elapsed().as_secs_f64());
     }

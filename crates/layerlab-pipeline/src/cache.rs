@@ -69,9 +69,16 @@ pub struct StageKey {
 impl StageKey {
     fn new(stage: Stage, config: Value, inputs: BTreeMap<String, String>) -> StageKey {
         // serde_json's map is sorted, so this text is canonical.
-        let canonical = json!({ "stage": stage.name(), "version": stage.version(), "config": config, "inputs": inputs });
+        let canonical =
+            json!({ "stage": stage.name(), "version": stage.version(), "config": config, "inputs": inputs });
         let digest = Sha256::digest(canonical.to_string().as_bytes());
-        StageKey { stage: stage.name().into(), version: stage.version(), config, inputs, key: hex::encode(&digest[..12]) }
+        StageKey {
+            stage: stage.name().into(),
+            version: stage.version(),
+            config,
+            inputs,
+            key: hex::encode(&digest[..12]),
+        }
     }
 
     /// Short hash of the settings alone, for metadata ("config hash").
@@ -103,10 +110,8 @@ pub fn snapshot_key(exp: &Experiment, seed: u64) -> StageKey {
 
 pub fn reset_key(exp: &Experiment, seed: u64) -> StageKey {
     let config = json!({ "experiment": exp.name, "seed": seed, "reset": to_value(&exp.reset) });
-    let inputs = BTreeMap::from([
-        ("dataset".into(), dataset_key(&exp.dataset).key),
-        ("train".into(), train_key(exp, seed).key),
-    ]);
+    let inputs =
+        BTreeMap::from([("dataset".into(), dataset_key(&exp.dataset).key), ("train".into(), train_key(exp, seed).key)]);
     StageKey::new(Stage::ResetEval, config, inputs)
 }
 
@@ -300,7 +305,9 @@ pub fn input_dirs(layout: &Layout, stage: Stage, exp: &Experiment, seed: u64) ->
         Stage::FetchData => Vec::new(),
         Stage::Train => vec![("dataset".into(), out(Stage::FetchData, seed))],
         Stage::Snapshot => vec![("train".into(), out(Stage::Train, seed))],
-        Stage::ResetEval => vec![("dataset".into(), out(Stage::FetchData, seed)), ("train".into(), out(Stage::Train, seed))],
+        Stage::ResetEval => {
+            vec![("dataset".into(), out(Stage::FetchData, seed)), ("train".into(), out(Stage::Train, seed))]
+        }
         Stage::Aggregate => exp
             .seeds
             .iter()

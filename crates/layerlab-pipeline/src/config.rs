@@ -193,8 +193,8 @@ pub const INITS: &[&str] = &["pytorch", "kaiming-normal"];
 impl Pipeline {
     /// Reads and validates a pipeline file. Paths in it are relative to its folder.
     pub fn load(path: &Path) -> Result<Pipeline> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read pipeline file {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("cannot read pipeline file {}", path.display()))?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         Pipeline::parse(&text, path, &base)
     }

@@ -44,7 +44,8 @@ impl RunLock {
                         Some(pid) if process_alive(pid) => {
                             let ago = since
                                 .map(|s| {
-                                    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(s);
+                                    let now =
+                                        SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(s);
                                     format!(", started {} s ago", now.saturating_sub(s))
                                 })
                                 .unwrap_or_default();
@@ -56,7 +57,8 @@ impl RunLock {
                         }
                         _ => {
                             // The holder is dead (or the file is garbage): take the lock over.
-                            fs::remove_file(&path).with_context(|| format!("cannot remove stale lock {}", path.display()))?;
+                            fs::remove_file(&path)
+                                .with_context(|| format!("cannot remove stale lock {}", path.display()))?;
                         }
                     }
                 }

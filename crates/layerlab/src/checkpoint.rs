@@ -41,7 +41,8 @@ impl CheckpointMeta {
 
     fn from_map(map: &HashMap<String, String>) -> Result<CheckpointMeta> {
         let get = |k: &str| map.get(k).cloned().with_context(|| format!("metadata lacks '{k}'"));
-        let num = |k: &str| -> Result<u64> { get(k)?.parse().with_context(|| format!("metadata '{k}' is not a number")) };
+        let num =
+            |k: &str| -> Result<u64> { get(k)?.parse().with_context(|| format!("metadata '{k}' is not a number")) };
         Ok(CheckpointMeta {
             experiment: get("experiment")?,
             seed: num("seed")?,
@@ -61,7 +62,10 @@ fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
 /// The bytes of a safetensors file whose header is written in a fixed order (sorted names and
 /// metadata keys), so that equal content gives byte-identical files. The `safetensors` crate
 /// serializes metadata from a `HashMap`, whose order changes from run to run.
-pub fn safetensors_bytes(tensors: &[(String, &'static str, Vec<usize>, Vec<u8>)], metadata: &BTreeMap<String, String>) -> Vec<u8> {
+pub fn safetensors_bytes(
+    tensors: &[(String, &'static str, Vec<usize>, Vec<u8>)],
+    metadata: &BTreeMap<String, String>,
+) -> Vec<u8> {
     let mut header = serde_json::Map::new();
     if !metadata.is_empty() {
         header.insert("__metadata__".into(), serde_json::to_value(metadata).expect("strings serialize"));
@@ -110,7 +114,8 @@ pub fn load_tensors(path: &Path, device: &Device) -> Result<(BTreeMap<String, Te
         if view.dtype() != Dtype::F32 {
             bail!("{}: tensor '{name}' is {:?}, expected F32", path.display(), view.dtype());
         }
-        let values: Vec<f32> = view.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect();
+        let values: Vec<f32> =
+            view.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect();
         out.insert(name.clone(), Tensor::from_vec(values, view.shape().to_vec(), device)?);
     }
     Ok((out, header.metadata().clone().unwrap_or_default()))
@@ -124,7 +129,8 @@ pub fn save(path: &Path, state: &State, meta: &CheckpointMeta) -> Result<()> {
 /// Loads a checkpoint and checks it belongs to `arch`: names, shapes, and the architecture tag.
 pub fn load(path: &Path, arch: &Architecture, device: &Device) -> Result<(State, CheckpointMeta)> {
     let (state, metadata) = load_tensors(path, device)?;
-    let meta = CheckpointMeta::from_map(&metadata).with_context(|| format!("{} is not a layerlab checkpoint", path.display()))?;
+    let meta = CheckpointMeta::from_map(&metadata)
+        .with_context(|| format!("{} is not a layerlab checkpoint", path.display()))?;
     if meta.architecture != arch.name {
         bail!("{} holds a {} network, expected {}", path.display(), meta.architecture, arch.name);
     }
@@ -151,7 +157,14 @@ mod tests {
         };
         let arch = Architecture::build(&cfg, [1, 4, 4], 3).unwrap();
         let state = crate::init::initial_state(&arch, 7, &Device::Cpu).unwrap();
-        let meta = CheckpointMeta { experiment: "x".into(), seed: 7, epoch: 3, step: 99, architecture: arch.name.clone(), config_hash: "abc".into() };
+        let meta = CheckpointMeta {
+            experiment: "x".into(),
+            seed: 7,
+            epoch: 3,
+            step: 99,
+            architecture: arch.name.clone(),
+            config_hash: "abc".into(),
+        };
         let path = dir.path().join("epoch-0003.safetensors");
         save(&path, &state, &meta).unwrap();
         let (back, meta_back) = load(&path, &arch, &Device::Cpu).unwrap();

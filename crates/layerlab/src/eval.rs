@@ -49,7 +49,14 @@ impl Accumulator {
 }
 
 /// Evaluates `state` on the examples `indices` of `split` in batches.
-pub fn evaluate(arch: &Architecture, state: &State, split: &Split, indices: &[usize], batch: usize, device: &Device) -> Result<Metrics> {
+pub fn evaluate(
+    arch: &Architecture,
+    state: &State,
+    split: &Split,
+    indices: &[usize],
+    batch: usize,
+    device: &Device,
+) -> Result<Metrics> {
     let mut acc = Accumulator::default();
     for chunk in indices.chunks(batch.max(1)) {
         let (x, y) = batch_tensors(split, chunk, device)?;

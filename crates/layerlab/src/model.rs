@@ -23,16 +23,28 @@ pub enum Layer {
     Pad(usize),
     Flatten,
     /// `{name}.weight` [out, in] and `{name}.bias` [out].
-    Linear { name: String },
+    Linear {
+        name: String,
+    },
     /// `{name}.weight` [out, in, k, k] (and `{name}.bias` when `bias`).
-    Conv { name: String, stride: usize, padding: usize, bias: bool },
+    Conv {
+        name: String,
+        stride: usize,
+        padding: usize,
+        bias: bool,
+    },
     /// `{name}.weight`, `.bias`, `.running_mean`, `.running_var` [channels].
-    BatchNorm { name: String },
+    BatchNorm {
+        name: String,
+    },
     Relu,
     MaxPool2,
     GlobalAvgPool,
     /// relu(main(x) + shortcut(x)); an empty shortcut is the identity.
-    Residual { main: Vec<Layer>, shortcut: Vec<Layer> },
+    Residual {
+        main: Vec<Layer>,
+        shortcut: Vec<Layer>,
+    },
 }
 
 /// How one tensor of a unit is shaped and drawn.
@@ -138,7 +150,14 @@ impl Architecture {
     }
 
     /// Runs top-level layers `from .. to` only (prefix reuse feeds a cached activation at `from`).
-    pub fn forward_range(&self, state: &State, x: &Tensor, from: usize, to: usize, mut bn: BnMode<'_>) -> Result<Tensor> {
+    pub fn forward_range(
+        &self,
+        state: &State,
+        x: &Tensor,
+        from: usize,
+        to: usize,
+        mut bn: BnMode<'_>,
+    ) -> Result<Tensor> {
         let mut x = x.clone();
         for layer in &self.layers[from..to] {
             x = apply(layer, state, &x, &mut bn)?;
@@ -303,7 +322,16 @@ impl Builder {
     }
 
     /// A conv unit (entry at the current top-level layer), returning its conv layer.
-    fn conv_layer(&mut self, unit: &str, prefix: &str, cin: usize, cout: usize, k: usize, stride: usize, bias: bool) -> Layer {
+    fn conv_layer(
+        &mut self,
+        unit: &str,
+        prefix: &str,
+        cin: usize,
+        cout: usize,
+        k: usize,
+        stride: usize,
+        bias: bool,
+    ) -> Layer {
         let fan_in = cin * k * k;
         let (w, b) = self.weight_init(fan_in);
         let entry = self.layers.len();
@@ -412,14 +440,23 @@ impl Builder {
                     size = size.div_ceil(2);
                 }
                 let p = format!("layer{}.{b}", s + 1);
-                let mut main = vec![self.conv_layer(&format!("{p}.conv1"), &format!("{p}.conv1"), cin, cout, 3, stride, false)];
+                let mut main =
+                    vec![self.conv_layer(&format!("{p}.conv1"), &format!("{p}.conv1"), cin, cout, 3, stride, false)];
                 main.push(self.bn_layer(&format!("{p}.bn1"), cout));
                 main.push(Layer::Relu);
                 main.push(self.conv_layer(&format!("{p}.conv2"), &format!("{p}.conv2"), cout, cout, 3, 1, false));
                 main.push(self.bn_layer(&format!("{p}.bn2"), cout));
                 let mut shortcut = Vec::new();
                 if stride != 1 || cin != cout {
-                    shortcut.push(self.conv_layer(&format!("{p}.shortcut"), &format!("{p}.shortcut.0"), cin, cout, 1, stride, false));
+                    shortcut.push(self.conv_layer(
+                        &format!("{p}.shortcut"),
+                        &format!("{p}.shortcut.0"),
+                        cin,
+                        cout,
+                        1,
+                        stride,
+                        false,
+                    ));
                     shortcut.push(self.bn_layer(&format!("{p}.shortcut.1"), cout));
                 }
                 self.layers.push(Layer::Residual { main, shortcut });
@@ -433,7 +470,13 @@ impl Builder {
     }
 
     fn finish(self) -> Architecture {
-        Architecture { name: self.name, layers: self.layers, units: self.units, input: self.input, classes: self.classes }
+        Architecture {
+            name: self.name,
+            layers: self.layers,
+            units: self.units,
+            input: self.input,
+            classes: self.classes,
+        }
     }
 }
 

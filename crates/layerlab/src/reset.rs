@@ -213,7 +213,8 @@ mod tests {
         let variant = reset_units(&trained, &[unit], &source, BnStats::None).unwrap();
         let full = crate::eval::evaluate(&a, &variant, &split, &set.indices, 8, &Device::Cpu).unwrap();
         let mut variants = vec![Variant { state: variant }];
-        let got = evaluate_variants(&a, &trained, unit.entry_layer, &mut variants, &[&set], None, &Device::Cpu, || {}).unwrap();
+        let got = evaluate_variants(&a, &trained, unit.entry_layer, &mut variants, &[&set], None, &Device::Cpu, || {})
+            .unwrap();
         assert_eq!(got[0][0], full);
     }
 }

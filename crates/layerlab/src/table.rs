@@ -11,8 +11,8 @@ use arrow::datatypes::{DataType, Field, Schema};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
-use parquet::file::properties::WriterProperties;
 use parquet::file::metadata::KeyValue;
+use parquet::file::properties::WriterProperties;
 
 use layerlab_pipeline::fsutil;
 
@@ -136,7 +136,9 @@ impl ReadTable {
             .unwrap_or_default();
         let schema = builder.schema().clone();
         let reader = builder.build()?;
-        let batches = reader.collect::<std::result::Result<Vec<_>, _>>().with_context(|| format!("cannot read {}", path.display()))?;
+        let batches = reader
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .with_context(|| format!("cannot read {}", path.display()))?;
         let batch = arrow::compute::concat_batches(&schema, &batches)?;
         Ok(ReadTable { path: path.display().to_string(), batch, metadata })
     }

@@ -133,7 +133,10 @@ impl Optimizer {
             if spec.trainable {
                 params.push((spec.name.clone(), Var::from_tensor(t)?));
                 let m = match &momentum {
-                    Some(m) => m.get(&spec.name).with_context(|| format!("resume file lacks momentum for {}", spec.name))?.clone(),
+                    Some(m) => m
+                        .get(&spec.name)
+                        .with_context(|| format!("resume file lacks momentum for {}", spec.name))?
+                        .clone(),
                     None => t.zeros_like()?,
                 };
                 buf.insert(spec.name.clone(), m);
@@ -217,10 +220,8 @@ fn load_resume(path: &Path, key: &str, arch: &Architecture, device: &Device) -> 
     }
     let epoch: u32 = meta.get("epoch").and_then(|e| e.parse().ok()).with_context(fault)?;
     let step: u64 = meta.get("step").and_then(|e| e.parse().ok()).with_context(fault)?;
-    let history: Vec<EpochRecord> = meta
-        .get("history")
-        .and_then(|h| serde_json::from_str(h).ok())
-        .with_context(fault)?;
+    let history: Vec<EpochRecord> =
+        meta.get("history").and_then(|h| serde_json::from_str(h).ok()).with_context(fault)?;
     let mut state = State::new();
     let mut momentum = BTreeMap::new();
     for (k, v) in tensors {
@@ -254,7 +255,8 @@ pub fn run(job: &TrainJob<'_>, initial: State) -> Result<TrainSummary> {
             None => {
                 // A fresh start: checkpoints of earlier settings must not mix with these.
                 if ckpt_dir.exists() {
-                    std::fs::remove_dir_all(&ckpt_dir).with_context(|| format!("cannot clear {}", ckpt_dir.display()))?;
+                    std::fs::remove_dir_all(&ckpt_dir)
+                        .with_context(|| format!("cannot clear {}", ckpt_dir.display()))?;
                 }
                 (Optimizer::new(job.arch, &initial, None)?, Vec::new(), 0, 0, None)
             }

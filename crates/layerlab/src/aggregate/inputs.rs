@@ -118,7 +118,9 @@ pub fn read_results(path: &Path, seed: u64) -> Result<SeedResults> {
         .with_context(|| format!("{}: no 'config_hash' in the key-value metadata: not written by reset-eval", t.path))?
         .clone();
     let mut settings = match t.metadata.get("config") {
-        Some(text) => serde_json::from_str(text).with_context(|| format!("{}: metadata 'config' is not JSON", t.path))?,
+        Some(text) => {
+            serde_json::from_str(text).with_context(|| format!("{}: metadata 'config' is not JSON", t.path))?
+        }
         None => Value::Null,
     };
     if let Value::Object(map) = &mut settings {

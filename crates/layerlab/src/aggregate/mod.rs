@@ -17,7 +17,13 @@ pub fn chance_error(classes: usize) -> f64 {
 
 /// The paper's figure for one BatchNorm setting: one row per unit (input at the top), a first
 /// column for re-randomization, then one per checkpoint τ. `None` when no unit was reset alone.
-pub fn heatmap(summary: &[SummaryRow], bn: &str, title: String, subtitle: String, chance: f64) -> Option<plot::Heatmap> {
+pub fn heatmap(
+    summary: &[SummaryRow],
+    bn: &str,
+    title: String,
+    subtitle: String,
+    chance: f64,
+) -> Option<plot::Heatmap> {
     let units = summary::units(summary);
     if units.is_empty() {
         return None;

@@ -208,13 +208,18 @@ impl Figure for Heatmap {
         let grid_w = self.col_x(&lay, self.cols.len()) - lay.left;
         let mid_x = lay.width as i32 / 2;
         root.draw(&Text::new(self.title.clone(), (mid_x, 26), font(TITLE).pos(centre))).map_err(drawing)?;
-        root.draw(&Text::new(self.subtitle.clone(), (mid_x, 54), font(SUBTITLE).color(&RGBColor(70, 70, 70)).pos(centre)))
-            .map_err(drawing)?;
+        root.draw(&Text::new(
+            self.subtitle.clone(),
+            (mid_x, 54),
+            font(SUBTITLE).color(&RGBColor(70, 70, 70)).pos(centre),
+        ))
+        .map_err(drawing)?;
 
         for (r, name) in self.rows.iter().enumerate() {
             let y0 = lay.top + r as i32 * CELL_H;
             let right = Pos::new(HPos::Right, VPos::Center);
-            root.draw(&Text::new(name.clone(), (lay.left - 10, y0 + CELL_H / 2), font(LABEL).pos(right))).map_err(drawing)?;
+            root.draw(&Text::new(name.clone(), (lay.left - 10, y0 + CELL_H / 2), font(LABEL).pos(right)))
+                .map_err(drawing)?;
             for c in 0..self.cols.len() {
                 let x0 = self.col_x(&lay, c);
                 let value = self.values.get(r).and_then(|row| row.get(c)).copied().flatten();
@@ -226,8 +231,12 @@ impl Figure for Heatmap {
                 root.draw(&Rectangle::new([(x0 + 1, y0 + 1), (x0 + CELL_W - 1, y0 + CELL_H - 1)], bg.filled()))
                     .map_err(drawing)?;
                 let ink = ink_on(bg);
-                root.draw(&Text::new(text, (x0 + CELL_W / 2, y0 + CELL_H / 2), font(CELL_TEXT).color(&ink).pos(centre)))
-                    .map_err(drawing)?;
+                root.draw(&Text::new(
+                    text,
+                    (x0 + CELL_W / 2, y0 + CELL_H / 2),
+                    font(CELL_TEXT).color(&ink).pos(centre),
+                ))
+                .map_err(drawing)?;
             }
         }
         let bottom = lay.top + self.rows.len() as i32 * CELL_H;
@@ -264,7 +273,8 @@ impl Figure for Heatmap {
         for k in 0..=n_ticks {
             let v = k as f64 * tick;
             let y = bar_bottom - ((v / self.vmax) * bar_h as f64).round() as i32;
-            root.draw(&PathElement::new(vec![(bx + bw, y), (bx + bw + 5, y)], BLACK.stroke_width(1))).map_err(drawing)?;
+            root.draw(&PathElement::new(vec![(bx + bw, y), (bx + bw + 5, y)], BLACK.stroke_width(1)))
+                .map_err(drawing)?;
             let label = format!("{:.0}%", 100.0 * v);
             root.draw(&Text::new(label, (bx + bw + 8, y), font(14).pos(left_mid))).map_err(drawing)?;
         }
@@ -386,9 +396,14 @@ mod tests {
 
     fn sample() -> Heatmap {
         let rows: Vec<String> = ["fc1", "fc2", "fc3", "fc4"].iter().map(|s| s.to_string()).collect();
-        let cols: Vec<String> = ["rand.", "0", "1", "2", "3", "5", "10", "20", "40"].iter().map(|s| s.to_string()).collect();
+        let cols: Vec<String> =
+            ["rand.", "0", "1", "2", "3", "5", "10", "20", "40"].iter().map(|s| s.to_string()).collect();
         let values = (0..rows.len())
-            .map(|r| (0..cols.len()).map(|c| if c == 4 && r == 3 { None } else { Some(0.9 * ((r * 9 + c) % 10) as f64 / 10.0) }).collect())
+            .map(|r| {
+                (0..cols.len())
+                    .map(|c| if c == 4 && r == 3 { None } else { Some(0.9 * ((r * 9 + c) % 10) as f64 / 10.0) })
+                    .collect()
+            })
             .collect();
         Heatmap {
             title: "fcn-mnist: test error after resetting one unit".into(),
@@ -446,7 +461,8 @@ mod tests {
     fn heatmap_svg_is_well_formed_with_text() {
         let text = svg(&sample()).unwrap();
         let doc = roxmltree::Document::parse(&text).unwrap();
-        let texts: Vec<&str> = doc.descendants().filter(|n| n.has_tag_name("text")).filter_map(|n| n.text()).map(str::trim).collect();
+        let texts: Vec<&str> =
+            doc.descendants().filter(|n| n.has_tag_name("text")).filter_map(|n| n.text()).map(str::trim).collect();
         assert!(texts.contains(&"fc1"));
         assert!(texts.iter().any(|t| t.contains("test error after resetting")));
         assert!(texts.contains(&"90%"));

@@ -109,11 +109,14 @@ pub fn render(r: &ReportInput) -> String {
     match baseline(r.summary) {
         Some(b) => {
             let spread = |e: &super::stats::Estimate| match (e.std, e.ci95) {
-                (Some(s), Some((lo, hi))) => format!(" ± {} (std over {} seeds; 95% interval {} to {})", pct(s), e.n, pct(lo), pct(hi)),
+                (Some(s), Some((lo, hi))) => {
+                    format!(" ± {} (std over {} seeds; 95% interval {} to {})", pct(s), e.n, pct(lo), pct(hi))
+                }
                 _ => format!(" ({} seed: no spread)", e.n),
             };
             let _ = writeln!(w, "- Test error of the trained network: **{}**{}", pct(b.test.mean), spread(&b.test));
-            let _ = writeln!(w, "- Training error (fixed training subset): {}{}\n", pct(b.train.mean), spread(&b.train));
+            let _ =
+                writeln!(w, "- Training error (fixed training subset): {}{}\n", pct(b.train.mean), spread(&b.train));
         }
         None => {
             let _ = writeln!(w, "No baseline rows were found.\n");
@@ -172,7 +175,11 @@ pub fn render(r: &ReportInput) -> String {
     for (bn, png) in r.heatmaps {
         let svg = png.trim_end_matches(".png").to_string() + ".svg";
         let what = if bn == "none" { String::new() } else { format!(" (BatchNorm statistics: `{bn}`)") };
-        let _ = writeln!(w, "Test error after resetting one unit{what}; colour from 0 to chance level ({}):\n", pct(r.chance));
+        let _ = writeln!(
+            w,
+            "Test error after resetting one unit{what}; colour from 0 to chance level ({}):\n",
+            pct(r.chance)
+        );
         let _ = writeln!(w, "![Reset heatmap{what}]({png})\n");
         let _ = writeln!(w, "Vector version: [{svg}]({svg}).\n");
     }
@@ -207,7 +214,8 @@ pub fn render(r: &ReportInput) -> String {
             if bn != "none" {
                 let _ = writeln!(w, "BatchNorm statistics: `{bn}`\n");
             }
-            let _ = writeln!(w, "| set | units | {} |", list(epochs.iter().map(|e| format!("τ={e}"))).replace(", ", " | "));
+            let _ =
+                writeln!(w, "| set | units | {} |", list(epochs.iter().map(|e| format!("τ={e}"))).replace(", ", " | "));
             let _ = writeln!(w, "|---|---|{}", "---:|".repeat(epochs.len()));
             let mut sets: Vec<(&str, &str)> = Vec::new();
             for x in joint.iter().filter(|x| x.bn_stats == bn) {
@@ -233,16 +241,33 @@ pub fn render(r: &ReportInput) -> String {
     }
 
     let _ = writeln!(w, "## Provenance\n");
-    let _ = writeln!(w, "- Written by layerlab {} (aggregate key `{}`, config hash `{}`).", layerlab_pipeline::VERSION, r.aggregate_key, r.config_hash);
+    let _ = writeln!(
+        w,
+        "- Written by layerlab {} (aggregate key `{}`, config hash `{}`).",
+        layerlab_pipeline::VERSION,
+        r.aggregate_key,
+        r.config_hash
+    );
     let _ = writeln!(w, "- Seeds found: {} of the experiment's {}.", list(&r.inputs.seeds), list(&exp.seeds));
     if !r.inputs.movement_missing.is_empty() {
-        let _ = writeln!(w, "- Seeds without movement results (left out of the movement figure): {}.", list(&r.inputs.movement_missing));
+        let _ = writeln!(
+            w,
+            "- Seeds without movement results (left out of the movement figure): {}.",
+            list(&r.inputs.movement_missing)
+        );
     }
     let _ = writeln!(w, "- Tables: [summary.parquet](summary.parquet), [robustness.parquet](robustness.parquet); every experiment together: [../robustness.parquet](../robustness.parquet).\n");
     let _ = writeln!(w, "| seed | reset results | config hash | written by |");
     let _ = writeln!(w, "|---:|---|---|---|");
     for s in &r.inputs.results {
-        let _ = writeln!(w, "| {} | `{}` | `{}` | layerlab {} |", s.seed, s.path.display(), s.config_hash, s.layerlab_version);
+        let _ = writeln!(
+            w,
+            "| {} | `{}` | `{}` | layerlab {} |",
+            s.seed,
+            s.path.display(),
+            s.config_hash,
+            s.layerlab_version
+        );
     }
     md
 }

@@ -186,7 +186,10 @@ pub fn classify(
         for (index, unit) in units(summary) {
             let find = |mode: &str, epoch: Option<i64>| {
                 summary.iter().find(|r| {
-                    r.mode == mode && r.bn_stats == bn && r.unit.as_deref() == Some(unit.as_str()) && r.source_epoch == epoch
+                    r.mode == mode
+                        && r.bn_stats == bn
+                        && r.unit.as_deref() == Some(unit.as_str())
+                        && r.source_epoch == epoch
                 })
             };
             let reinit = find("reinit", Some(0));
@@ -246,7 +249,14 @@ pub fn final_movement(curves: &[Curve]) -> HashMap<String, f64> {
 mod tests {
     use super::*;
 
-    fn rec(seed: u64, mode: &str, unit: Option<(&str, i64)>, epoch: Option<i64>, draw: Option<i64>, test: f64) -> ResultRecord {
+    fn rec(
+        seed: u64,
+        mode: &str,
+        unit: Option<(&str, i64)>,
+        epoch: Option<i64>,
+        draw: Option<i64>,
+        test: f64,
+    ) -> ResultRecord {
         ResultRecord {
             seed,
             mode: mode.into(),

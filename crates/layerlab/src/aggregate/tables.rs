@@ -161,10 +161,16 @@ pub fn combine_robustness(results_root: &Path, reference: &Path) -> Result<(Path
         };
         let (cols, metadata) = table;
         if signature(&cols) != want {
-            tracing::warn!("{} left out of the cross-experiment table: its columns differ from this layerlab's", path.display());
+            tracing::warn!(
+                "{} left out of the cross-experiment table: its columns differ from this layerlab's",
+                path.display()
+            );
             continue;
         }
-        let name = metadata.get("experiment").cloned().unwrap_or_else(|| dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+        let name = metadata
+            .get("experiment")
+            .cloned()
+            .unwrap_or_else(|| dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
         hashes.insert(name.clone(), metadata.get("config_hash").cloned().unwrap_or_default().into());
         experiments.push(name);
         for (target, (_, c, _)) in combined.iter_mut().zip(cols) {

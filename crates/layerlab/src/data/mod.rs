@@ -49,11 +49,7 @@ impl Split {
     /// The first `n` examples (or all, when `n` is larger).
     pub fn head(&self, n: usize) -> Split {
         let n = n.min(self.len());
-        Split {
-            images: self.images[..n * self.image_size()].to_vec(),
-            labels: self.labels[..n].to_vec(),
-            ..*self
-        }
+        Split { images: self.images[..n * self.image_size()].to_vec(), labels: self.labels[..n].to_vec(), ..*self }
     }
     /// Examples per class.
     pub fn class_counts(&self, classes: usize) -> Vec<u64> {
@@ -132,10 +128,7 @@ pub fn classes(dataset: &str) -> usize {
 /// Loads `train` and `test` of a fetched dataset, refusing a folder without a manifest.
 pub fn load(dataset_dir: &Path) -> Result<(Split, Split)> {
     if !manifest_path(dataset_dir).exists() {
-        bail!(
-            "dataset folder {} has no manifest.json: run fetch-data first",
-            dataset_dir.display()
-        );
+        bail!("dataset folder {} has no manifest.json: run fetch-data first", dataset_dir.display());
     }
     let train = read_split(&split_path(dataset_dir, "train"))?;
     let test = read_split(&split_path(dataset_dir, "test"))?;

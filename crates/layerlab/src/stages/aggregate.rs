@@ -71,13 +71,15 @@ struct Figures {
 /// movement figure.
 fn figures(exp: &Experiment, inputs: &Inputs, summary: &[SummaryRow], chance: f64) -> Result<Figures> {
     let seeds = inputs.seeds.iter().map(u64::to_string).collect::<Vec<_>>().join(", ");
-    let base = summary::baseline(summary).map_or(String::new(), |b| format!("  ·  baseline {:.2}%", 100.0 * b.test.mean));
+    let base =
+        summary::baseline(summary).map_or(String::new(), |b| format!("  ·  baseline {:.2}%", 100.0 * b.test.mean));
     let mut heatmaps = Vec::new();
     for (i, bn) in summary::bn_settings(summary).into_iter().enumerate() {
         let stem = if i == 0 { "heatmap".to_string() } else { format!("heatmap-{}", file_safe(&bn)) };
         let bn_text = if bn == "none" { String::new() } else { format!("  ·  BatchNorm statistics: {bn}") };
         let title = format!("{}: test error (%) after resetting one unit", exp.name);
-        let subtitle = format!("mean over seed{} {seeds}{base}{bn_text}", if inputs.seeds.len() == 1 { "" } else { "s" });
+        let subtitle =
+            format!("mean over seed{} {seeds}{base}{bn_text}", if inputs.seeds.len() == 1 { "" } else { "s" });
         if let Some(h) = heatmap(summary, &bn, title, subtitle, chance) {
             heatmaps.push((bn, render(stem, &h)?));
         }
@@ -127,7 +129,13 @@ pub fn run(ctx: &StageContext) -> Result<Outcome> {
     let curves = summary::movement_curves(&inputs.movement);
     let robustness: Vec<RobustnessRow> =
         summary::classify(&summary, exp.aggregate.tolerance, chance, &summary::final_movement(&curves));
-    tracing::info!("aggregate {}: seeds {:?}, {} summary rows, {} units", exp.name, inputs.seeds, summary.len(), robustness.len());
+    tracing::info!(
+        "aggregate {}: seeds {:?}, {} summary rows, {} units",
+        exp.name,
+        inputs.seeds,
+        summary.len(),
+        robustness.len()
+    );
     // Everything is computed and drawn before the folder is touched, so a failure here leaves the
     // previous results whole.
     let Figures { heatmaps, movement } = figures(exp, &inputs, &summary, chance)?;
@@ -149,7 +157,8 @@ pub fn run(ctx: &StageContext) -> Result<Outcome> {
     written.extend(movement.iter().map(|f| f.stem.as_str()));
     remove_stale_figures(&out_dir, &written)?;
 
-    let heatmap_files: Vec<(String, String)> = heatmaps.iter().map(|(bn, f)| (bn.clone(), format!("{}.png", f.stem))).collect();
+    let heatmap_files: Vec<(String, String)> =
+        heatmaps.iter().map(|(bn, f)| (bn.clone(), format!("{}.png", f.stem))).collect();
     let movement_file = movement.as_ref().map(|f| format!("{}.png", f.stem));
     let text = report::render(&ReportInput {
         experiment: exp,
@@ -168,7 +177,12 @@ pub fn run(ctx: &StageContext) -> Result<Outcome> {
     fsutil::write_atomic(&report_path, text.as_bytes())?;
 
     let (combined, experiments) = tables::combine_robustness(&ctx.layout.results_root(), &robustness_path)?;
-    tracing::info!("{}: robustness of {} experiment(s): {}", combined.display(), experiments.len(), experiments.join(", "));
+    tracing::info!(
+        "{}: robustness of {} experiment(s): {}",
+        combined.display(),
+        experiments.len(),
+        experiments.join(", ")
+    );
 
     // A run that lacks some seeds is complete as far as it goes but not done: without a stamp, the
     // next run picks up the seeds that have finished since.
@@ -176,7 +190,10 @@ pub fn run(ctx: &StageContext) -> Result<Outcome> {
         Stamp::write(&out_dir, &key, t0.elapsed().as_secs_f64())?;
     } else {
         let missing: Vec<u64> = inputs.skipped.iter().map(|s| s.0).collect();
-        tracing::warn!("aggregate {}: seeds {missing:?} are missing; results written but not stamped as done", exp.name);
+        tracing::warn!(
+            "aggregate {}: seeds {missing:?} are missing; results written but not stamped as done",
+            exp.name
+        );
     }
     Ok(Outcome::Written { report: report_path, seeds: inputs.seeds.clone() })
 }
@@ -219,7 +236,13 @@ mod tests {
             ("reinit", 0, Some(1)) => 0.30,
             ("reinit", u, Some(0)) => base + 0.01 * u as f64,
             ("rerandomize", _, _) => 0.88 - 0.01 * draw.unwrap_or(0) as f64,
-            ("joint", u, Some(e)) => if e == 3 { base } else { 0.5 - 0.1 * u as f64 },
+            ("joint", u, Some(e)) => {
+                if e == 3 {
+                    base
+                } else {
+                    0.5 - 0.1 * u as f64
+                }
+            }
             _ => base,
         }
     }
@@ -234,8 +257,16 @@ mod tests {
         let exp = &ctx.experiment;
         type Row = (String, Option<String>, Option<i64>, String, Option<i64>, Option<i64>, f64, String);
         let trained = if bns == ["none"] { "none" } else { "trained" };
-        let mut rows: Vec<Row> =
-            vec![("baseline".into(), None, None, String::new(), None, None, fake_error(seed, "baseline", 0, None, None), trained.into())];
+        let mut rows: Vec<Row> = vec![(
+            "baseline".into(),
+            None,
+            None,
+            String::new(),
+            None,
+            None,
+            fake_error(seed, "baseline", 0, None, None),
+            trained.into(),
+        )];
         for (k, bn) in bns.iter().enumerate() {
             // Each later BatchNorm setting does a little better, so the heatmaps differ.
             let shift = -0.1 * k as f64;
@@ -243,18 +274,45 @@ mod tests {
                 for e in exp.checkpoint_epochs() {
                     let err = fake_error(seed, "reinit", u, Some(e as i64), None);
                     let err = if e == 0 && u == 0 { err + shift } else { err };
-                    rows.push(("reinit".into(), Some(name.to_string()), Some(u as i64), name.to_string(), Some(e as i64), None, err, bn.to_string()));
+                    rows.push((
+                        "reinit".into(),
+                        Some(name.to_string()),
+                        Some(u as i64),
+                        name.to_string(),
+                        Some(e as i64),
+                        None,
+                        err,
+                        bn.to_string(),
+                    ));
                 }
                 for d in 0..exp.reset.draws as i64 {
                     let err = fake_error(seed, "rerandomize", u, None, Some(d)) + shift;
-                    rows.push(("rerandomize".into(), Some(name.to_string()), Some(u as i64), name.to_string(), None, Some(d), err, bn.to_string()));
+                    rows.push((
+                        "rerandomize".into(),
+                        Some(name.to_string()),
+                        Some(u as i64),
+                        name.to_string(),
+                        None,
+                        Some(d),
+                        err,
+                        bn.to_string(),
+                    ));
                 }
             }
             for u in 0..UNITS.len() {
                 let set = format!("from-{}", UNITS[u]);
                 for e in exp.checkpoint_epochs() {
                     let err = fake_error(seed, "joint", u, Some(e as i64), None);
-                    rows.push(("joint".into(), Some(set.clone()), None, UNITS[u..].join(","), Some(e as i64), None, err, bn.to_string()));
+                    rows.push((
+                        "joint".into(),
+                        Some(set.clone()),
+                        None,
+                        UNITS[u..].join(","),
+                        Some(e as i64),
+                        None,
+                        err,
+                        bn.to_string(),
+                    ));
                 }
             }
         }
@@ -286,7 +344,9 @@ mod tests {
 
         type MovementColumns = (Vec<Option<i64>>, Vec<Option<String>>, Vec<Option<i64>>, Vec<Option<f64>>);
         let mut m: MovementColumns = Default::default();
-        for (u, name) in UNITS.iter().enumerate().map(|(u, n)| (Some(u as i64), n.to_string())).chain([(None, "all".to_string())]) {
+        for (u, name) in
+            UNITS.iter().enumerate().map(|(u, n)| (Some(u as i64), n.to_string())).chain([(None, "all".to_string())])
+        {
             for e in exp.checkpoint_epochs() {
                 m.0.push(u);
                 m.1.push(Some(name.clone()));
@@ -309,7 +369,10 @@ mod tests {
             .col("linf_to_init", floats(&m.3))
             .col("l2_to_final", floats(&m.3))
             .col("l2_norm", floats(&m.3))
-            .write(&sdir.join("movement.parquet"), &provenance(&exp.name, &skey.config.to_string(), &skey.config_hash()))
+            .write(
+                &sdir.join("movement.parquet"),
+                &provenance(&exp.name, &skey.config.to_string(), &skey.config_hash()),
+            )
             .unwrap();
         Stamp::write(&sdir, &skey, 1.0).unwrap();
     }
@@ -332,7 +395,16 @@ mod tests {
         assert_eq!(seeds, vec![0, 1, 2]);
         let out = ctx.layout.results_dir("fake-fcn");
         assert_eq!(report, out.join("report.md"));
-        for f in ["summary.parquet", "robustness.parquet", "heatmap.svg", "heatmap.png", "movement.svg", "movement.png", "report.md", "stamp.json"] {
+        for f in [
+            "summary.parquet",
+            "robustness.parquet",
+            "heatmap.svg",
+            "heatmap.png",
+            "movement.svg",
+            "movement.png",
+            "report.md",
+            "stamp.json",
+        ] {
             assert!(out.join(f).is_file(), "{f} missing");
         }
 
@@ -348,9 +420,15 @@ mod tests {
         let b = modes.iter().position(|m| m.as_deref() == Some("baseline")).unwrap();
         assert!((mean[b].unwrap() - 0.025).abs() < 1e-12);
         assert!(lo[b].unwrap() < 0.025);
-        let i = (0..s.rows()).find(|&i| modes[i].as_deref() == Some("reinit") && units[i].as_deref() == Some("fc1") && epochs[i] == Some(0)).unwrap();
+        let i = (0..s.rows())
+            .find(|&i| {
+                modes[i].as_deref() == Some("reinit") && units[i].as_deref() == Some("fc1") && epochs[i] == Some(0)
+            })
+            .unwrap();
         assert!((delta[i].unwrap() - (0.85 - 0.025)).abs() < 1e-12);
-        let r = (0..s.rows()).find(|&i| modes[i].as_deref() == Some("rerandomize") && units[i].as_deref() == Some("fc2")).unwrap();
+        let r = (0..s.rows())
+            .find(|&i| modes[i].as_deref() == Some("rerandomize") && units[i].as_deref() == Some("fc2"))
+            .unwrap();
         assert!((mean[r].unwrap() - 0.875).abs() < 1e-12);
         assert_eq!(n_rows[r], Some(6));
         assert_eq!(s.metadata.get("seeds").map(String::as_str), Some("0,1,2"));
@@ -359,13 +437,24 @@ mod tests {
         // Robustness: fc1 critical to re-initialization, the others robust; all critical to re-randomization.
         let t = ReadTable::read(&out.join("robustness.parquet")).unwrap();
         let classes: Vec<Option<String>> = t.texts("reinit_class").unwrap();
-        assert_eq!(classes, vec![Some("critical".into()), Some("robust".into()), Some("robust".into()), Some("robust".into())]);
+        assert_eq!(
+            classes,
+            vec![Some("critical".into()), Some("robust".into()), Some("robust".into()), Some("robust".into())]
+        );
         assert!(t.texts("rerandomize_class").unwrap().iter().all(|c| c.as_deref() == Some("critical")));
         assert!(t.floats("tolerance").unwrap().iter().all(|v| *v == Some(0.05)));
         assert!(t.floats("l2_to_init_rel_final").unwrap().iter().all(Option::is_some));
 
         let md = std::fs::read_to_string(&report).unwrap();
-        for needle in ["# fake-fcn", "![Reset heatmap](heatmap.png)", "movement.png", "Critical to re-initialization: fc1.", "from-fc2", "config hash", "2.50%"] {
+        for needle in [
+            "# fake-fcn",
+            "![Reset heatmap](heatmap.png)",
+            "movement.png",
+            "Critical to re-initialization: fc1.",
+            "from-fc2",
+            "config hash",
+            "2.50%",
+        ] {
             assert!(md.contains(needle), "report lacks {needle:?}:\n{md}");
         }
         roxmltree::Document::parse(&std::fs::read_to_string(out.join("heatmap.svg")).unwrap()).unwrap();

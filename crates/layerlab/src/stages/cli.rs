@@ -32,7 +32,12 @@ impl ExperimentArgs {
 /// Logs to stderr; `RUST_LOG` overrides the default level (info).
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal()).with_target(false).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .try_init();
 }
 
 /// Prints an error with its whole context chain and returns a failing exit code.
@@ -44,4 +49,31 @@ pub fn finish(result: anyhow::Result<()>) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The flags of a per-seed stage: the experiment flags and `--seed`.
+#[derive(Debug, clap::Parser)]
+pub struct SeedFlags {
+    #[command(flatten)]
+    pub common: ExperimentArgs,
+    /// Training seed (one of the experiment's seeds).
+    #[arg(long, short)]
+    pub seed: u64,
+}
+
+/// The whole `main` of a per-seed stage binary: parse flags, run the stage, print its one-line
+/// summary, or print the error and fail.
+pub fn seed_stage_main(
+    name: &'static str,
+    about: &'static str,
+    stage: fn(&super::StageContext, u64) -> anyhow::Result<String>,
+) -> ExitCode {
+    use clap::{CommandFactory, FromArgMatches};
+    init_logging();
+    let matches = SeedFlags::command().name(name).about(about).version(layerlab_pipeline::VERSION).get_matches();
+    let result = SeedFlags::from_arg_matches(&matches)
+        .map_err(anyhow::Error::from)
+        .and_then(|flags| stage(&flags.common.context()?, flags.seed))
+        .map(|line| println!("{line}"));
+    finish(result)
 }

@@ -23,7 +23,12 @@ pub struct StageContext {
 
 impl StageContext {
     /// Loads the pipeline file and picks the experiment; `data_dir` overrides the file's.
-    pub fn load(config: &std::path::Path, experiment: &str, data_dir: Option<PathBuf>, force: bool) -> Result<StageContext> {
+    pub fn load(
+        config: &std::path::Path,
+        experiment: &str,
+        data_dir: Option<PathBuf>,
+        force: bool,
+    ) -> Result<StageContext> {
         let pipeline = Pipeline::load(config)?;
         let experiment = pipeline.experiment(experiment)?.clone();
         let mut layout = Layout::from_pipeline(&pipeline);

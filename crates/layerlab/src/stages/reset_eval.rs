@@ -145,7 +145,15 @@ pub fn run(ctx: &StageContext, seed: u64) -> Result<Outcome> {
         .chain(sets.iter().map(|(name, units)| {
             (None, name.clone(), units.iter().map(|n| arch.unit(n).expect("validated above")).collect())
         }))
-        .filter(|(single, _, _)| if single.is_some() { mode_on("reinit") || mode_on("rerandomize") } else { mode_on("joint") })
+        .filter(
+            |(single, _, _)| {
+                if single.is_some() {
+                    mode_on("reinit") || mode_on("rerandomize")
+                } else {
+                    mode_on("joint")
+                }
+            },
+        )
         .collect();
     let bar = progress::bar((groups.len() * bn_settings.len()) as u64, "reset-eval");
     for &bn in &bn_settings {
@@ -168,8 +176,17 @@ pub fn run(ctx: &StageContext, seed: u64) -> Result<Outcome> {
             }
             let entry = reset::entry_layer(units);
             let cal = (bn == BnStats::Recalibrate).then_some(&calibration);
-            let metrics = reset::evaluate_variants(&arch, trained, entry, &mut variants, &[&test_set, &train_set], cal, &dev, || {})
-                .with_context(|| format!("evaluating resets of {name}"))?;
+            let metrics = reset::evaluate_variants(
+                &arch,
+                trained,
+                entry,
+                &mut variants,
+                &[&test_set, &train_set],
+                cal,
+                &dev,
+                || {},
+            )
+            .with_context(|| format!("evaluating resets of {name}"))?;
             let unit_names = units.iter().map(|u| u.name.as_str()).collect::<Vec<_>>().join(",");
             for (i, (mode, source_epoch, draw)) in labels.into_iter().enumerate() {
                 rows.push(ResultRow {
@@ -230,4 +247,15 @@ fn write_results(
         .col("train_loss", float(&|r| r.train.loss))
         .write(path, &meta)
         .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Runs the stage and says in one line what it did.
+pub fn describe(ctx: &StageContext, seed: u64) -> Result<String> {
+    let name = &ctx.experiment.name;
+    Ok(match run(ctx, seed)? {
+        Outcome::UpToDate => format!("reset-eval {name} seed {seed}: up to date"),
+        Outcome::Written { rows, seconds } => {
+            format!("reset-eval {name} seed {seed}: {rows} evaluations in {seconds:.1} s")
+        }
+    })
 }

@@ -22,7 +22,8 @@ pub enum Outcome {
 pub fn architecture(ctx: &StageContext) -> Result<Architecture> {
     let exp = &ctx.experiment;
     let dir = ctx.layout.dataset_dir(&exp.dataset);
-    let test = data::read_split(&data::split_path(&dir, "test")).with_context(|| format!("dataset '{}'", exp.dataset))?;
+    let test =
+        data::read_split(&data::split_path(&dir, "test")).with_context(|| format!("dataset '{}'", exp.dataset))?;
     Architecture::build(&exp.model, [test.channels, test.height, test.width], data::classes(&exp.dataset))
 }
 
@@ -39,7 +40,12 @@ pub fn load_checkpoints(ctx: &StageContext, seed: u64, arch: &Architecture) -> R
             let path = ctx.layout.checkpoint(&exp.name, seed, epoch);
             let (state, meta) = checkpoint::load(&path, arch, &device())?;
             if meta.epoch != epoch || meta.seed != seed {
-                anyhow::bail!("{} says epoch {} seed {}, expected epoch {epoch} seed {seed}", path.display(), meta.epoch, meta.seed);
+                anyhow::bail!(
+                    "{} says epoch {} seed {}, expected epoch {epoch} seed {seed}",
+                    path.display(),
+                    meta.epoch,
+                    meta.seed
+                );
             }
             Ok((epoch, state))
         })
@@ -136,4 +142,15 @@ pub fn run(ctx: &StageContext, seed: u64) -> Result<Outcome> {
         .write(&out_dir.join("movement.parquet"), &meta)?;
     Stamp::write(&out_dir, &key, t0.elapsed().as_secs_f64())?;
     Ok(Outcome::Written { units: arch.units.len(), epochs: checkpoints.len() })
+}
+
+/// Runs the stage and says in one line what it did.
+pub fn describe(ctx: &StageContext, seed: u64) -> Result<String> {
+    let name = &ctx.experiment.name;
+    Ok(match run(ctx, seed)? {
+        Outcome::UpToDate => format!("snapshot {name} seed {seed}: up to date"),
+        Outcome::Written { units, epochs } => {
+            format!("snapshot {name} seed {seed}: {units} units × {epochs} checkpoints")
+        }
+    })
 }

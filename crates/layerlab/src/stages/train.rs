@@ -27,8 +27,9 @@ pub fn run(ctx: &StageContext, seed: u64) -> Result<Outcome> {
     let dataset_dir = ctx.layout.dataset_dir(&exp.dataset);
     let (train_split, test_split) = data::load(&dataset_dir).with_context(|| format!("dataset '{}'", exp.dataset))?;
     let input = [train_split.channels, train_split.height, train_split.width];
-    let arch = Architecture::build(&exp.model, input, data::classes(&exp.dataset))
-        .with_context(|| format!("experiment '{}': cannot build the model for {} inputs {input:?}", exp.name, exp.dataset))?;
+    let arch = Architecture::build(&exp.model, input, data::classes(&exp.dataset)).with_context(|| {
+        format!("experiment '{}': cannot build the model for {} inputs {input:?}", exp.name, exp.dataset)
+    })?;
     let dev = device();
     let initial = init::initial_state(&arch, seed, &dev)?;
     // From here on the old results are being replaced: they must not look done.
@@ -52,4 +53,18 @@ pub fn run(ctx: &StageContext, seed: u64) -> Result<Outcome> {
     let summary = train::run(&job, initial)?;
     Stamp::write(&out_dir, &key, t0.elapsed().as_secs_f64())?;
     Ok(Outcome::Trained(summary))
+}
+
+/// Runs the stage and says in one line what it did.
+pub fn describe(ctx: &StageContext, seed: u64) -> Result<String> {
+    let name = &ctx.experiment.name;
+    Ok(match run(ctx, seed)? {
+        Outcome::UpToDate => format!("train {name} seed {seed}: up to date"),
+        Outcome::Trained(s) => format!(
+            "train {name} seed {seed}: final test error {:.4}, {:.0} examples/s{}",
+            s.history.last().map(|r| r.test_error).unwrap_or(f64::NAN),
+            s.examples_per_second,
+            s.resumed_from.map(|e| format!(" (resumed after epoch {e})")).unwrap_or_default()
+        ),
+    })
 }
