@@ -23,27 +23,18 @@ fn cargo() -> String {
 pub fn bins() -> &'static Path {
     static BINS: OnceLock<PathBuf> = OnceLock::new();
     BINS.get_or_init(|| {
-        let status = Command::new(cargo())
-            .current_dir(root())
-            .args([
-                "build",
-                "-q",
-                "-p",
-                "fetch-data",
-                "-p",
-                "train",
-                "-p",
-                "snapshot",
-                "-p",
-                "reset-eval",
-                "-p",
-                "aggregate",
-                "-p",
-                "xtask",
-            ])
-            .status()
-            .expect("cargo runs");
-        assert!(status.success(), "building the stage binaries failed");
+        // The same package set as `cargo xtask run-all --dev-build` builds, so that its own
+        // build finds everything up to date; xtask apart, as its features differ.
+        let stages = ["-p", "fetch-data", "-p", "train", "-p", "snapshot", "-p", "reset-eval", "-p", "aggregate"];
+        for packages in [&stages[..], &["-p", "xtask"]] {
+            let status = Command::new(cargo())
+                .current_dir(root())
+                .args(["build", "-q"])
+                .args(packages)
+                .status()
+                .expect("cargo runs");
+            assert!(status.success(), "building {packages:?} failed");
+        }
         target_dir().join("debug")
     })
 }
