@@ -100,6 +100,9 @@ section! {
         joint_sets: BTreeMap<String, Vec<String>> = BTreeMap::new(),
         /// Add the suffix sets `from-<unit>` (unit d to the output).
         joint_suffixes: bool = true,
+        /// Compute the activations entering a reset unit once per batch and share them among its
+        /// variants. Off only to measure what it saves: the numbers are the same either way.
+        prefix_reuse: bool = true,
     }
 }
 

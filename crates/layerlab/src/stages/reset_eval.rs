@@ -174,7 +174,10 @@ pub fn run(ctx: &StageContext, seed: u64) -> Result<Outcome> {
                     labels.push(("rerandomize", None, Some(draw as i64)));
                 }
             }
-            let entry = reset::entry_layer(units);
+            // Recalibration starts at the first reset unit whatever the setting, so that turning
+            // reuse off never changes which statistics are recomputed.
+            let reuse = exp.reset.prefix_reuse || bn == BnStats::Recalibrate;
+            let entry = if reuse { reset::entry_layer(units) } else { 0 };
             let cal = (bn == BnStats::Recalibrate).then_some(&calibration);
             let metrics = reset::evaluate_variants(
                 &arch,
