@@ -49,6 +49,14 @@ pub struct RunAll {
     /// Say what would run, and why, without running it.
     #[arg(long)]
     pub dry_run: bool,
+    /// Seed chains (train → snapshot → reset-eval) run at once; the cores are split among them.
+    #[arg(long, short = 'j', default_value_t = default_jobs())]
+    pub jobs: usize,
+}
+
+/// One chain per core.
+fn default_jobs() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 
 #[derive(Debug, Args)]
@@ -62,6 +70,9 @@ pub struct Run {
     pub seed: Option<u64>,
     #[arg(long)]
     pub force: bool,
+    /// Seed chains run at once.
+    #[arg(long, short = 'j', default_value_t = default_jobs())]
+    pub jobs: usize,
 }
 
 #[derive(Debug, Args)]

@@ -1,5 +1,10 @@
 //! `run-all` and `run`: invoke the stage binaries in dependency order, skipping fresh work.
 
+use std::collections::{BTreeMap, VecDeque};
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -16,7 +21,7 @@ impl flags::RunAll {
         let (pipeline, experiments, config) = plan::load(&self.pipeline, sh)?;
         let jobs = plan::jobs(&experiments, None, None)?;
         let layout = Layout::from_pipeline(&pipeline);
-        execute(sh, &jobs, &layout, &config, self.force, self.dry_run, self.pipeline.dev_build)?;
+        execute(sh, &jobs, &layout, &config, self.force, self.dry_run, self.pipeline.dev_build, self.jobs)?;
         for exp in &experiments {
             let report = layout.results_dir(&exp.name).join("report.md");
             if report.exists() && !self.dry_run {
@@ -36,73 +41,180 @@ impl flags::Run {
         let (pipeline, experiments, config) = plan::load(&self.pipeline, sh)?;
         let jobs = plan::jobs(&experiments, Some(stage), self.seed)?;
         let layout = Layout::from_pipeline(&pipeline);
-        execute(sh, &jobs, &layout, &config, self.force, false, self.pipeline.dev_build)
+        execute(sh, &jobs, &layout, &config, self.force, false, self.pipeline.dev_build, self.jobs)
     }
 }
 
-/// Runs every job that is not fresh. Freshness is checked just before each job, so a job whose
-/// input was redone in this run sees it and runs too.
+/// Why a job must run, or `None` when it is fresh.
+fn reason(job: &Job, layout: &Layout, force: bool) -> Option<String> {
+    match job.freshness(layout) {
+        Freshness::Fresh if force && job.stage != Stage::FetchData => Some("forced".into()),
+        Freshness::Fresh => None,
+        Freshness::Missing => Some("missing".to_string()),
+        Freshness::Stale(reason) => Some(format!("stale: {reason}")),
+    }
+}
+
+/// Everything a job needs to run, shared by the workers.
+struct Runner<'a> {
+    layout: &'a Layout,
+    force: bool,
+    total: usize,
+    ran: AtomicUsize,
+}
+
+impl Runner<'_> {
+    /// Checks freshness just before running, so a job whose input was redone in this run sees it.
+    /// With `threads`, the job runs with that many compute threads and its output goes to a log
+    /// file (parallel jobs would mix their progress bars); its tail is shown if it fails.
+    fn run(&self, number: usize, job: &Job, mut cmd: Command, threads: Option<usize>) -> Result<()> {
+        let prefix = format!("[{number}/{}] {}", self.total, job.label());
+        let Some(why) = reason(job, self.layout, self.force) else {
+            println!("{prefix}: cached");
+            return Ok(());
+        };
+        println!("{prefix}: running ({why})");
+        let t0 = Instant::now();
+        if self.force && job.stage != Stage::FetchData {
+            cmd.arg("--force");
+        }
+        let failed = || format!("{} failed; earlier results are kept", job.label());
+        match threads {
+            None => {
+                let status = cmd.status().with_context(failed)?;
+                anyhow::ensure!(status.success(), "{}: {status}", failed());
+            }
+            Some(n) => {
+                let log = self.layout.data_dir.join("logs").join(format!("{}.log", job.label().replace(' ', "-")));
+                std::fs::create_dir_all(log.parent().expect("a folder")).context("cannot create the log folder")?;
+                let file = std::fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
+                let status = cmd
+                    .env("RAYON_NUM_THREADS", n.to_string())
+                    .stdout(file.try_clone()?)
+                    .stderr(file)
+                    .status()
+                    .with_context(failed)?;
+                if !status.success() {
+                    let text = std::fs::read_to_string(&log).unwrap_or_default();
+                    let tail: Vec<&str> = text.lines().rev().take(15).collect();
+                    let tail: Vec<&str> = tail.into_iter().rev().collect();
+                    anyhow::bail!("{}: {status}; the end of {}:\n{}", failed(), log.display(), tail.join("\n"));
+                }
+            }
+        }
+        println!("{prefix}: done in {:.1} s", t0.elapsed().as_secs_f64());
+        self.ran.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// Runs every job that is not fresh: datasets first, then each (experiment, seed) chain of train →
+/// snapshot → reset-eval, up to `parallel` chains at once, then the aggregates.
+#[allow(clippy::too_many_arguments)]
 fn execute(
     sh: &Shell,
     jobs: &[Job],
     layout: &Layout,
-    config: &std::path::Path,
+    config: &Path,
     force: bool,
     dry_run: bool,
     dev: bool,
+    parallel: usize,
 ) -> Result<()> {
-    let started = Instant::now();
-    let _lock = if dry_run { None } else { Some(RunLock::acquire(&layout.data_dir)?) };
-    let mut bins = None;
-    let mut ran = 0;
-    // In a dry run nothing changes on disk, so what would rerun is followed by hand.
-    let mut would_run: Vec<&Job> = Vec::new();
-    for (i, job) in jobs.iter().enumerate() {
-        let mut why = match job.freshness(layout) {
-            Freshness::Fresh => None,
-            Freshness::Missing => Some("missing".to_string()),
-            Freshness::Stale(reason) => Some(format!("stale: {reason}")),
-        };
-        if force && job.stage != Stage::FetchData && why.is_none() {
-            why = Some("forced".into());
-        }
-        if dry_run && why.is_none() {
-            if let Some(up) = would_run.iter().find(|u| job.depends_on(u)) {
-                why = Some(format!("input {} would rerun", up.label()));
-            }
-        }
-        let prefix = format!("[{}/{}] {}", i + 1, jobs.len(), job.label());
-        let Some(why) = why else {
-            println!("{prefix}: cached");
-            continue;
-        };
-        if dry_run {
-            println!("{prefix}: would run ({why})");
-            would_run.push(job);
-            continue;
-        }
-        println!("{prefix}: running ({why})");
-        let bins = match &bins {
-            Some(b) => b,
-            None => bins.insert(plan::build_binaries(sh, dev)?),
-        };
-        let t0 = Instant::now();
-        let mut cmd = job.command(sh, bins, config, layout);
-        if force && job.stage != Stage::FetchData {
-            cmd = cmd.arg("--force");
-        }
-        cmd.run().with_context(|| format!("{} failed; earlier results are kept", job.label()))?;
-        println!("{prefix}: done in {:.1} s", t0.elapsed().as_secs_f64());
-        ran += 1;
+    if dry_run {
+        return dry_run_report(jobs, layout, force);
     }
-    if ran == 0 && !dry_run {
+    let started = Instant::now();
+    let _lock = RunLock::acquire(&layout.data_dir)?;
+    if jobs.iter().all(|j| reason(j, layout, force).is_none()) {
         println!(
             "up to date: nothing to do ({} stages checked in {:.2} s)",
             jobs.len(),
             started.elapsed().as_secs_f64()
         );
-    } else if !dry_run {
-        println!("ran {ran} of {} stages in {:.1} s", jobs.len(), started.elapsed().as_secs_f64());
+        return Ok(());
+    }
+    let bins = plan::build_binaries(sh, dev)?;
+    let runner = Runner { layout, force, total: jobs.len(), ran: AtomicUsize::new(0) };
+    // Command lines are made here, as the shell cannot be shared with the workers.
+    let mut fetches = Vec::new();
+    let mut chains: BTreeMap<(String, u64), Vec<(usize, &Job, Command)>> = BTreeMap::new();
+    let mut aggregates = Vec::new();
+    for (i, job) in jobs.iter().enumerate() {
+        let item = (i + 1, job, Command::from(job.command(sh, &bins, config, layout)));
+        match (job.stage, job.seed) {
+            (Stage::FetchData, _) => fetches.push(item),
+            (Stage::Aggregate, _) => aggregates.push(item),
+            (_, Some(seed)) => chains.entry((job.experiment.name.clone(), seed)).or_default().push(item),
+            (_, None) => unreachable!("per-seed stages carry a seed"),
+        }
+    }
+    for (n, job, cmd) in fetches {
+        runner.run(n, job, cmd, None)?;
+    }
+    let workers = parallel.clamp(1, chains.len().max(1));
+    if workers == 1 {
+        for chain in chains.into_values() {
+            for (n, job, cmd) in chain {
+                runner.run(n, job, cmd, None)?;
+            }
+        }
+    } else {
+        // Split the cores among the chains: one small network per core runs faster than one
+        // network on every core (measured: FCN training 16.8k examples/s on 1 thread, 14.2k on 2).
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let threads = (cores / workers).max(1);
+        println!("running {} seed chains, {workers} at a time, {threads} thread(s) each", chains.len());
+        let queue = Mutex::new(chains.into_values().collect::<VecDeque<_>>());
+        let failure: Mutex<Option<anyhow::Error>> = Mutex::new(None);
+        std::thread::scope(|scope| {
+            for _ in 0..workers {
+                scope.spawn(|| loop {
+                    if failure.lock().map(|f| f.is_some()).unwrap_or(true) {
+                        return;
+                    }
+                    let Some(chain) = queue.lock().ok().and_then(|mut q| q.pop_front()) else { return };
+                    for (n, job, cmd) in chain {
+                        if let Err(e) = runner.run(n, job, cmd, Some(threads)) {
+                            if let Ok(mut f) = failure.lock() {
+                                f.get_or_insert(e);
+                            }
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        if let Some(e) = failure.into_inner().ok().flatten() {
+            return Err(e);
+        }
+    }
+    for (n, job, cmd) in aggregates {
+        runner.run(n, job, cmd, None)?;
+    }
+    let ran = runner.ran.load(Ordering::Relaxed);
+    println!("ran {ran} of {} stages in {:.1} s", jobs.len(), started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// What would run and why, following reruns downstream by hand (nothing changes on disk).
+fn dry_run_report(jobs: &[Job], layout: &Layout, force: bool) -> Result<()> {
+    let mut would_run: Vec<&Job> = Vec::new();
+    for (i, job) in jobs.iter().enumerate() {
+        let mut why = reason(job, layout, force);
+        if why.is_none() {
+            if let Some(up) = would_run.iter().find(|u| job.depends_on(u)) {
+                why = Some(format!("input {} would rerun", up.label()));
+            }
+        }
+        let prefix = format!("[{}/{}] {}", i + 1, jobs.len(), job.label());
+        match why {
+            None => println!("{prefix}: cached"),
+            Some(why) => {
+                println!("{prefix}: would run ({why})");
+                would_run.push(job);
+            }
+        }
     }
     Ok(())
 }
