@@ -171,9 +171,10 @@ impl CustomOp2 for Conv2d {
         let grad = grad.contiguous()?;
         let gi = Conv2dGradInput { padding: self.padding, stride: self.stride, h, w };
         let gw = Conv2dGradWeight { padding: self.padding, stride: self.stride, k };
-        let grad_x = grad.apply_op2_no_bwd(weight, &gi)?;
-        let grad_w = x.apply_op2_no_bwd(&grad, &gw)?;
-        Ok((Some(grad_x), Some(grad_w)))
+        // Inputs that need no gradient (the images entering the first layer) cost nothing.
+        let grad_x = if x.track_op() { Some(grad.apply_op2_no_bwd(weight, &gi)?) } else { None };
+        let grad_w = if weight.track_op() { Some(x.apply_op2_no_bwd(&grad, &gw)?) } else { None };
+        Ok((grad_x, grad_w))
     }
 }
 
