@@ -24,7 +24,7 @@ I, F, T, B = "BIGINT", "DOUBLE", "VARCHAR", "BOOLEAN"
 SCHEMAS = {
     "history": [
         ("experiment", T), ("seed", I), ("epoch", I), ("step", I), ("lr", F), ("train_loss", F),
-        ("train_error", F), ("test_loss", F), ("test_error", F), ("seconds", F),
+        ("train_error", F), ("test_loss", F), ("test_error", F), ("train_seconds", F), ("seconds", F),
     ],
     "units": [
         ("experiment", T), ("seed", I), ("unit_index", I), ("unit", T), ("kind", T), ("tensors", T),

@@ -32,6 +32,13 @@ macro_rules! section {
                 $name { $($field: self.$field.unwrap_or_else(|| $default),)* }
             }
         }
+
+        /// Every key at its default.
+        impl Default for $name {
+            fn default() -> $name {
+                $partial::default().resolve()
+            }
+        }
     };
 }
 
@@ -355,10 +362,18 @@ fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].bytes().filter(|&b| b == b'\n').count() + 1
 }
 
+/// The line of a TOML error, its text (so that the key at fault is named) and the fault.
 fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
     let mut out = String::new();
     if let Some(span) = e.span() {
-        let _ = write!(out, "line {}: ", line_of(text, span.start));
+        let line = line_of(text, span.start);
+        let _ = write!(out, "line {line}: ");
+        let source = text.lines().nth(line - 1).unwrap_or("").trim();
+        if !source.is_empty() {
+            let shown: String = source.chars().take(80).collect();
+            let more = if shown.len() < source.len() { "…" } else { "" };
+            let _ = write!(out, "`{shown}{more}`: ");
+        }
     }
     let _ = write!(out, "{}", e.message());
     out

@@ -9,6 +9,7 @@ pub mod conv;
 pub mod data;
 pub mod eval;
 pub mod init;
+pub mod mlp;
 pub mod model;
 pub mod progress;
 pub mod reset;

@@ -18,6 +18,7 @@ use crate::checkpoint::{self, CheckpointMeta};
 use crate::data::Split;
 use crate::eval::{self, Accumulator};
 use crate::init::{derive_seed, rng};
+use crate::mlp::{MlpPlan, MlpTrainer};
 use crate::model::{images_to_tensor, loss_and_errors, Architecture, BnMode, State};
 use crate::progress;
 use crate::table::{Column, Table};
@@ -85,6 +86,10 @@ pub struct EpochRecord {
     pub train_error: Option<f64>,
     pub test_loss: f64,
     pub test_error: f64,
+    /// Wall time of the epoch's training steps alone (null at epoch 0).
+    #[serde(default)]
+    pub train_seconds: Option<f64>,
+    /// Wall time of the whole epoch, evaluation and checkpoint included.
     pub seconds: f64,
 }
 
@@ -115,7 +120,8 @@ pub struct TrainSummary {
     pub examples_per_second: f64,
 }
 
-struct Optimizer {
+/// SGD over candle `Var`s, for the autograd path.
+pub struct Optimizer {
     /// Trainable tensors, by name, in a fixed order.
     params: Vec<(String, Var)>,
     momentum: BTreeMap<String, Tensor>,
@@ -176,6 +182,83 @@ impl Optimizer {
     }
 }
 
+/// How training steps are computed: the fast path for fully connected networks (see [`crate::mlp`]),
+/// or candle autograd for every other network. `LAYERLAB_AUTOGRAD=1` forces autograd.
+pub enum Engine {
+    Autograd(Optimizer),
+    Mlp { trainer: MlpTrainer, inputs: Vec<f32> },
+}
+
+impl Engine {
+    pub fn new(
+        arch: &Architecture,
+        state: &State,
+        momentum: Option<BTreeMap<String, Tensor>>,
+        device: &Device,
+    ) -> Result<Engine> {
+        match MlpPlan::of(arch) {
+            Some(plan) if device.is_cpu() && std::env::var_os("LAYERLAB_AUTOGRAD").is_none() => {
+                Ok(Engine::Mlp { trainer: MlpTrainer::new(&plan, state, momentum.as_ref())?, inputs: Vec::new() })
+            }
+            _ => Ok(Engine::Autograd(Optimizer::new(arch, state, momentum)?)),
+        }
+    }
+
+    /// The weights and buffers, detached from any graph.
+    pub fn state(&self, device: &Device) -> Result<State> {
+        match self {
+            Engine::Autograd(opt) => Ok(opt.detached_state()),
+            Engine::Mlp { trainer, .. } => trainer.state(device),
+        }
+    }
+
+    pub fn momentum(&self, device: &Device) -> Result<BTreeMap<String, Tensor>> {
+        match self {
+            Engine::Autograd(opt) => Ok(opt.momentum.clone()),
+            Engine::Mlp { trainer, .. } => trainer.momentum(device),
+        }
+    }
+
+    /// One SGD step on u8 images [n, c, h, w]; the batch's mean loss and errors before the update.
+    #[allow(clippy::too_many_arguments)]
+    pub fn step(
+        &mut self,
+        arch: &Architecture,
+        pixels: &[u8],
+        shape: [usize; 4],
+        labels: Vec<u32>,
+        lr: f64,
+        cfg: &TrainConfig,
+        device: &Device,
+    ) -> Result<(f64, usize)> {
+        match self {
+            Engine::Mlp { trainer, inputs } => {
+                inputs.clear();
+                inputs.extend(pixels.iter().map(|&p| p as f32 / 255.0));
+                trainer.step(inputs, &labels, lr, cfg)
+            }
+            Engine::Autograd(opt) => {
+                let x = images_to_tensor(pixels, shape, device)?;
+                let y = Tensor::from_vec(labels, shape[0], device)?;
+                let mut bn_updates = Vec::new();
+                let logits = arch.forward(&opt.state(), &x, BnMode::Train(&mut bn_updates))?;
+                let (loss, errors) = loss_and_errors(&logits, &y)?;
+                let loss_value = loss.to_scalar::<f32>()? as f64;
+                if !loss_value.is_finite() {
+                    // The caller reports the divergence; the weights stay as they were.
+                    return Ok((loss_value, errors));
+                }
+                let grads = loss.backward()?;
+                opt.step(&grads, lr, cfg)?;
+                for (name, t) in bn_updates {
+                    opt.buffers.insert(name, t.detach());
+                }
+                Ok((loss_value, errors))
+            }
+        }
+    }
+}
+
 const RESUME_FILE: &str = "resume.safetensors";
 
 fn resume_path(out_dir: &Path) -> PathBuf {
@@ -190,13 +273,21 @@ struct ResumePoint {
     history: Vec<EpochRecord>,
 }
 
-fn save_resume(path: &Path, key: &str, opt: &Optimizer, epoch: u32, step: u64, history: &[EpochRecord]) -> Result<()> {
+fn save_resume(
+    path: &Path,
+    key: &str,
+    engine: &Engine,
+    device: &Device,
+    epoch: u32,
+    step: u64,
+    history: &[EpochRecord],
+) -> Result<()> {
     let mut tensors = BTreeMap::new();
-    for (k, v) in opt.detached_state() {
+    for (k, v) in engine.state(device)? {
         tensors.insert(format!("model/{k}"), v);
     }
-    for (k, v) in &opt.momentum {
-        tensors.insert(format!("momentum/{k}"), v.clone());
+    for (k, v) in engine.momentum(device)? {
+        tensors.insert(format!("momentum/{k}"), v);
     }
     let meta = HashMap::from([
         ("format".to_string(), "layerlab-resume-1".to_string()),
@@ -246,11 +337,12 @@ pub fn run(job: &TrainJob<'_>, initial: State) -> Result<TrainSummary> {
     let ckpt_dir = job.out_dir.join("checkpoints");
     let resume = resume_path(job.out_dir);
 
-    let (mut opt, mut history, start_epoch, mut step, resumed_from) =
+    let (mut engine, mut history, start_epoch, mut step, resumed_from) =
         match load_resume(&resume, job.key, job.arch, job.device)? {
             Some(r) => {
                 tracing::info!("resuming {} seed {} after epoch {}", job.experiment, job.seed, r.epoch);
-                (Optimizer::new(job.arch, &r.state, Some(r.momentum))?, r.history, r.epoch + 1, r.step, Some(r.epoch))
+                let engine = Engine::new(job.arch, &r.state, Some(r.momentum), job.device)?;
+                (engine, r.history, r.epoch + 1, r.step, Some(r.epoch))
             }
             None => {
                 // A fresh start: checkpoints of earlier settings must not mix with these.
@@ -258,7 +350,7 @@ pub fn run(job: &TrainJob<'_>, initial: State) -> Result<TrainSummary> {
                     std::fs::remove_dir_all(&ckpt_dir)
                         .with_context(|| format!("cannot clear {}", ckpt_dir.display()))?;
                 }
-                (Optimizer::new(job.arch, &initial, None)?, Vec::new(), 0, 0, None)
+                (Engine::new(job.arch, &initial, None, job.device)?, Vec::new(), 0, 0, None)
             }
         };
     std::fs::create_dir_all(&ckpt_dir).with_context(|| format!("cannot create {}", ckpt_dir.display()))?;
@@ -274,7 +366,7 @@ pub fn run(job: &TrainJob<'_>, initial: State) -> Result<TrainSummary> {
 
     if start_epoch == 0 {
         let t0 = Instant::now();
-        let state = opt.detached_state();
+        let state = engine.state(job.device)?;
         let m = eval::evaluate(job.arch, &state, job.test, &test_idx, cfg.eval_batch_size as usize, job.device)?;
         checkpoint::save(&paths::checkpoint_in(&ckpt_dir, 0), &state, &meta(0, 0))?;
         history.push(EpochRecord {
@@ -285,6 +377,7 @@ pub fn run(job: &TrainJob<'_>, initial: State) -> Result<TrainSummary> {
             train_error: None,
             test_loss: m.loss,
             test_error: m.error,
+            train_seconds: None,
             seconds: t0.elapsed().as_secs_f64(),
         });
         tracing::info!("epoch 0: test error {:.4} (initialization)", m.error);
@@ -313,21 +406,11 @@ pub fn run(job: &TrainJob<'_>, initial: State) -> Result<TrainSummary> {
             if cfg.augment {
                 augment(&mut pixels, shape, &mut aug_rng);
             }
-            let x = images_to_tensor(&pixels, shape, job.device)?;
-            let y = Tensor::from_vec(labels, chunk.len(), job.device)?;
-            let mut bn_updates = Vec::new();
-            let logits = job.arch.forward(&opt.state(), &x, BnMode::Train(&mut bn_updates))?;
-            let (loss, errors) = loss_and_errors(&logits, &y)?;
-            let loss_value = loss.to_scalar::<f32>()? as f64;
+            let (loss_value, errors) = engine.step(job.arch, &pixels, shape, labels, lr, cfg, job.device)?;
             if !loss_value.is_finite() {
                 bail!(
                     "training diverged: loss is {loss_value} at epoch {epoch}, step {step} (lr {lr:.3e}); lower train.lr"
                 );
-            }
-            let grads = loss.backward()?;
-            opt.step(&grads, lr, cfg)?;
-            for (name, t) in bn_updates {
-                opt.buffers.insert(name, t.detach());
             }
             acc.add(loss_value, errors, chunk.len());
             step += 1;
@@ -337,7 +420,7 @@ pub fn run(job: &TrainJob<'_>, initial: State) -> Result<TrainSummary> {
         let train_time = t0.elapsed().as_secs_f64();
         train_seconds += train_time;
         trained_examples += n_train;
-        let state = opt.detached_state();
+        let state = engine.state(job.device)?;
         let m = eval::evaluate(job.arch, &state, job.test, &test_idx, cfg.eval_batch_size as usize, job.device)?;
         let tm = acc.metrics();
         history.push(EpochRecord {
@@ -348,13 +431,14 @@ pub fn run(job: &TrainJob<'_>, initial: State) -> Result<TrainSummary> {
             train_error: Some(tm.error),
             test_loss: m.loss,
             test_error: m.error,
+            train_seconds: Some(train_time),
             seconds: t0.elapsed().as_secs_f64(),
         });
         if job.checkpoint_epochs.contains(&epoch) {
             checkpoint::save(&paths::checkpoint_in(&ckpt_dir, epoch), &state, &meta(epoch, step))?;
         }
         if epoch < cfg.epochs {
-            save_resume(&resume, job.key, &opt, epoch, step, &history)?;
+            save_resume(&resume, job.key, &engine, job.device, epoch, step, &history)?;
         }
         tracing::info!(
             "epoch {epoch}/{}: train loss {:.4} error {:.4}, test loss {:.4} error {:.4}, {:.0} ex/s",
@@ -388,6 +472,7 @@ fn write_history(path: &Path, history: &[EpochRecord], job: &TrainJob<'_>) -> Re
         .nullable("train_error", col_f(&|r| r.train_error))
         .col("test_loss", col_f(&|r| Some(r.test_loss)))
         .col("test_error", col_f(&|r| Some(r.test_error)))
+        .nullable("train_seconds", col_f(&|r| r.train_seconds))
         .col("seconds", col_f(&|r| Some(r.seconds)))
         .write(path, &job.table_metadata)
 }

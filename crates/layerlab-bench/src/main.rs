@@ -1,0 +1,326 @@
+//! `layerlab-bench`: layerlab's side of `cargo xtask bench` for what the stage binaries do not
+//! time by themselves (CNN training and inference steps), the FLOP counts of the benchmarked
+//! networks, the per-epoch training rate read from a `history.parquet`, and the bench table.
+//!
+//! Every figure is printed as one JSON object per line, in the same form as
+//! `bench/pytorch_bench.py` prints PyTorch's:
+//! `{"workload", "figure", "value", "unit", "flops", "peak_rss_mb"}`.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use clap::{Parser, Subcommand};
+use layerlab::config::{ModelConfig, TrainConfig};
+use layerlab::init;
+use layerlab::model::{images_to_tensor, Architecture, BnMode, Layer};
+use layerlab::table::{Column, ReadTable, Table};
+use layerlab::train::Engine;
+use rand_core::RngCore;
+use serde_json::{json, Value};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(name = "layerlab-bench", about = "layerlab's side of `cargo xtask bench`")]
+struct Flags {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Training and inference throughput of a CNN on synthetic 32×32×3 images.
+    Cnn {
+        /// vgg11 (with BatchNorm) or resnet18.
+        #[arg(long)]
+        arch: String,
+        #[arg(long, default_value_t = 0.25)]
+        width_mult: f64,
+        #[arg(long, default_value_t = 128)]
+        batch: usize,
+        #[arg(long, default_value_t = 500)]
+        eval_batch: usize,
+        /// Steps per timed repeat.
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        #[arg(long, default_value_t = 5)]
+        repeats: usize,
+    },
+    /// The median per-epoch training rate of a finished run, from its history.parquet.
+    History {
+        path: PathBuf,
+        /// Training examples per epoch.
+        #[arg(long)]
+        examples: usize,
+        /// The workload name to print.
+        #[arg(long, default_value = "fcn-mnist")]
+        workload: String,
+    },
+    /// FLOPs of one example through the FCN 784-256×3-10 (forward; training).
+    FcnFlops,
+    /// Writes the bench table (JSON lines on stdin) to a Parquet file.
+    Table {
+        out: PathBuf,
+        #[arg(long)]
+        revision: String,
+        #[arg(long)]
+        machine: String,
+        #[arg(long)]
+        date: String,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    match run(Flags::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(flags: Flags) -> Result<()> {
+    match flags.command {
+        Command::Cnn { arch, width_mult, batch, eval_batch, steps, repeats } => {
+            cnn(&arch, width_mult, batch, eval_batch, steps, repeats)
+        }
+        Command::History { path, examples, workload } => history(&path, examples, &workload),
+        Command::FcnFlops => {
+            let a = fcn()?;
+            println!("{}", json!({"forward": forward_flops(&a)?, "train": train_flops(&a)?}));
+            Ok(())
+        }
+        Command::Table { out, revision, machine, date } => table(&out, &revision, &machine, &date),
+    }
+}
+
+/// Peak resident memory of this process so far, in MB (Linux; 0 elsewhere).
+fn peak_rss_mb() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn emit(workload: &str, figure: &str, value: f64, unit: &str, flops: Option<u64>) {
+    println!(
+        "{}",
+        json!({"workload": workload, "figure": figure, "value": value, "unit": unit, "flops": flops,
+               "peak_rss_mb": peak_rss_mb()})
+    );
+}
+
+fn fcn() -> Result<Architecture> {
+    let cfg = ModelConfig { arch: "fcn".into(), depth: 3, width: 256, ..ModelConfig::default() };
+    Architecture::build(&cfg, [1, 28, 28], 10)
+}
+
+/// Multiply-adds × 2 of every convolution and Linear layer for one example.
+fn forward_flops(arch: &Architecture) -> Result<u64> {
+    fn walk(arch: &Architecture, layers: &[Layer], shape: &mut [usize; 3], flops: &mut u64) -> Result<()> {
+        let dims = |name: &str| -> Result<Vec<usize>> {
+            Ok(arch.spec(&format!("{name}.weight")).context("weight spec")?.shape.clone())
+        };
+        for layer in layers {
+            match layer {
+                Layer::Pad(p) => {
+                    shape[1] += 2 * p;
+                    shape[2] += 2 * p;
+                }
+                Layer::Flatten => *shape = [shape.iter().product(), 1, 1],
+                Layer::Linear { name } => {
+                    let w = dims(name)?;
+                    *flops += 2 * (w[0] * w[1]) as u64;
+                    *shape = [w[0], 1, 1];
+                }
+                Layer::Conv { name, stride, padding, .. } => {
+                    let w = dims(name)?;
+                    let out = |s: usize| (s + 2 * padding - w[2]) / stride + 1;
+                    *shape = [w[0], out(shape[1]), out(shape[2])];
+                    *flops += 2 * (shape.iter().product::<usize>() * w[1] * w[2] * w[3]) as u64;
+                }
+                Layer::MaxPool2 => *shape = [shape[0], shape[1] / 2, shape[2] / 2],
+                Layer::GlobalAvgPool => *shape = [shape[0], 1, 1],
+                Layer::BatchNorm { .. } | Layer::Relu => {}
+                Layer::Residual { main, shortcut } => {
+                    let mut s = *shape;
+                    walk(arch, shortcut, &mut s, flops)?;
+                    walk(arch, main, shape, flops)?;
+                }
+            }
+        }
+        Ok(())
+    }
+    let mut shape = arch.input;
+    let mut flops = 0;
+    walk(arch, &arch.layers, &mut shape, &mut flops)?;
+    Ok(flops)
+}
+
+/// Forward, weight gradients, and input gradients of every layer but the first (whose input
+/// gradient nobody needs).
+fn train_flops(arch: &Architecture) -> Result<u64> {
+    let first = arch.layers.iter().position(|l| matches!(l, Layer::Linear { .. } | Layer::Conv { .. }));
+    let fwd = forward_flops(arch)?;
+    let first_fwd = match first {
+        Some(i) => {
+            let sub = Architecture { layers: arch.layers[..=i].to_vec(), ..arch.clone() };
+            forward_flops(&sub)?
+        }
+        None => 0,
+    };
+    Ok(3 * fwd - first_fwd)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        f64::NAN
+    } else if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Median seconds of `repeats` calls of `f` after one warm-up call.
+fn timed(repeats: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    let mut times = Vec::with_capacity(repeats);
+    for _ in 0..repeats.max(1) {
+        let t0 = Instant::now();
+        f()?;
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    Ok(median(times))
+}
+
+fn cnn(arch_name: &str, width_mult: f64, batch: usize, eval_batch: usize, steps: usize, repeats: usize) -> Result<()> {
+    let (cfg, label) = match arch_name {
+        "vgg11" => (
+            ModelConfig { arch: "vgg11".into(), width_mult, batch_norm: true, ..ModelConfig::default() },
+            format!("vgg11-bn-w{width_mult}"),
+        ),
+        "resnet18" => (
+            ModelConfig { arch: "resnet18".into(), width_mult, ..ModelConfig::default() },
+            format!("resnet18-w{width_mult}"),
+        ),
+        other => bail!("unknown bench architecture '{other}' (vgg11 or resnet18)"),
+    };
+    let arch = Architecture::build(&cfg, [3, 32, 32], 10)?;
+    let dev = Device::Cpu;
+    let state = init::initial_state(&arch, 0, &dev)?;
+    let train_cfg = TrainConfig { momentum: 0.9, weight_decay: 5e-4, ..TrainConfig::default() };
+    let mut rng = init::rng(1);
+    let pixels: Vec<u8> = (0..batch * 3 * 32 * 32).map(|_| rng.next_u32() as u8).collect();
+    let labels: Vec<u32> = (0..batch).map(|_| rng.next_u32() % 10).collect();
+    let mut engine = Engine::new(&arch, &state, None, &dev)?;
+    let t = timed(repeats, || {
+        for _ in 0..steps {
+            let (loss, _) = engine.step(&arch, &pixels, [batch, 3, 32, 32], labels.clone(), 0.01, &train_cfg, &dev)?;
+            if !loss.is_finite() {
+                bail!("loss became {loss}");
+            }
+        }
+        Ok(())
+    })?;
+    emit(&label, "train throughput", (batch * steps) as f64 / t, "images/s", Some(train_flops(&arch)?));
+
+    let trained = engine.state(&dev)?;
+    let eval_pixels: Vec<u8> = (0..eval_batch * 3 * 32 * 32).map(|_| rng.next_u32() as u8).collect();
+    let x = images_to_tensor(&eval_pixels, [eval_batch, 3, 32, 32], &dev)?;
+    let t = timed(repeats, || {
+        for _ in 0..steps {
+            let logits = arch.forward(&trained, &x, BnMode::Eval)?;
+            logits.argmax(1)?.to_vec1::<u32>()?;
+        }
+        Ok(())
+    })?;
+    emit(&label, "inference throughput", (eval_batch * steps) as f64 / t, "images/s", Some(forward_flops(&arch)?));
+    Ok(())
+}
+
+fn history(path: &std::path::Path, examples: usize, workload: &str) -> Result<()> {
+    let t = ReadTable::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let secs: Vec<f64> = t
+        .floats("train_seconds")
+        .with_context(|| format!("{} has no train_seconds column", path.display()))?
+        .into_iter()
+        .flatten()
+        .collect();
+    if secs.is_empty() {
+        bail!("{} holds no trained epoch", path.display());
+    }
+    // The first epoch is the warm-up when there are others.
+    let timed = if secs.len() > 1 { secs[1..].to_vec() } else { secs };
+    let rates: Vec<f64> = timed.iter().map(|s| examples as f64 / s).collect();
+    let a = fcn()?;
+    emit(workload, "train throughput", median(rates), "examples/s", Some(train_flops(&a)?));
+    Ok(())
+}
+
+fn table(out: &std::path::Path, revision: &str, machine: &str, date: &str) -> Result<()> {
+    let mut rows: Vec<Value> = Vec::new();
+    for line in std::io::stdin().lines() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        rows.push(serde_json::from_str(&line).with_context(|| format!("bad bench row: {line}"))?);
+    }
+    let n = rows.len();
+    let text = |k: &str| Column::Text(rows.iter().map(|r| r[k].as_str().map(String::from)).collect());
+    let float = |k: &str| Column::Float(rows.iter().map(|r| r[k].as_f64()).collect());
+    Table::new()
+        .col("date", Column::Text(vec![Some(date.to_string()); n]))
+        .col("git_revision", Column::Text(vec![Some(revision.to_string()); n]))
+        .col("machine", Column::Text(vec![Some(machine.to_string()); n]))
+        .col("workload", text("workload"))
+        .col("figure", text("figure"))
+        .col("side", text("side"))
+        .col("value", float("value"))
+        .col("unit", text("unit"))
+        .nullable("ratio", float("ratio"))
+        .nullable("target", text("target"))
+        .nullable("gflops", float("gflops"))
+        .nullable("peak_gflops", float("peak_gflops"))
+        .nullable("peak_rss_mb", float("peak_rss_mb"))
+        .write(out, &[])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fcn_flops_by_hand() {
+        let a = fcn().unwrap();
+        let macs = 784 * 256 + 256 * 256 * 2 + 256 * 10;
+        assert_eq!(forward_flops(&a).unwrap(), 2 * macs);
+        assert_eq!(train_flops(&a).unwrap(), 3 * 2 * macs - 2 * 784 * 256);
+    }
+
+    #[test]
+    fn vgg_flops_count_every_conv() {
+        let cfg = ModelConfig { arch: "vgg11".into(), width_mult: 0.25, batch_norm: true, ..ModelConfig::default() };
+        let a = Architecture::build(&cfg, [3, 32, 32], 10).unwrap();
+        // conv1 3→16 at 32², conv2 16→32 at 16², conv3 32→64 and conv4 64→64 at 8², conv5 64→128 and
+        // conv6 128→128 at 4², conv7 and conv8 128→128 at 2², fc 128→10.
+        let macs = 1024 * 16 * 27
+            + 256 * 32 * 144
+            + 64 * 64 * 288
+            + 64 * 64 * 576
+            + 16 * 128 * 576
+            + 16 * 128 * 1152
+            + 2 * 4 * 128 * 1152
+            + 128 * 10;
+        assert_eq!(forward_flops(&a).unwrap(), 2 * macs as u64);
+    }
+}

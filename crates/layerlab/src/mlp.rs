@@ -1,0 +1,463 @@
+//! A fast path for fully connected networks (Flatten, then Linear layers with ReLU between them):
+//! forward pass, backward pass and the SGD update written directly on f32 buffers with `gemm`.
+//!
+//! Why: for a 784-256-256-256-10 network at batch 128 a candle autograd step spends most of its
+//! time outside the matrix products (a graph of ~40 small tensors, each allocated, filled and
+//! freed every step). Here every buffer is allocated once, the bias and ReLU are fused into the
+//! passes over the products' outputs, and the optimizer updates the weights in place. The maths is
+//! the same as the general path (`model::Architecture::forward` + `loss.backward()` + the SGD of
+//! `train.rs`); `tests::matches_candle_autograd` checks the two against each other.
+
+use std::collections::BTreeMap;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+
+use crate::model::{Architecture, Layer, State};
+use layerlab_pipeline::TrainConfig;
+
+/// One Linear layer of the plan.
+#[derive(Debug, Clone)]
+struct Dense {
+    name: String,
+    inputs: usize,
+    outputs: usize,
+    relu: bool,
+}
+
+/// The layers of a network that the fast path can run, or `None` when it has other layers.
+#[derive(Debug, Clone)]
+pub struct MlpPlan {
+    layers: Vec<Dense>,
+}
+
+impl MlpPlan {
+    /// `Some` for `[Flatten,] Linear, Relu, …, Linear` networks.
+    pub fn of(arch: &Architecture) -> Option<MlpPlan> {
+        let mut layers: Vec<Dense> = Vec::new();
+        let mut features: usize = arch.input.iter().product();
+        for (i, layer) in arch.layers.iter().enumerate() {
+            match layer {
+                Layer::Flatten if i == 0 => {}
+                Layer::Linear { name } => {
+                    let spec = arch.spec(&format!("{name}.weight"))?;
+                    let [outputs, inputs] = spec.shape[..] else { return None };
+                    if inputs != features {
+                        return None;
+                    }
+                    layers.push(Dense { name: name.clone(), inputs, outputs, relu: false });
+                    features = outputs;
+                }
+                Layer::Relu => {
+                    let last = layers.last_mut()?;
+                    if last.relu {
+                        return None;
+                    }
+                    last.relu = true;
+                }
+                _ => return None,
+            }
+        }
+        let last = layers.last()?;
+        (!last.relu && last.outputs == arch.classes).then_some(MlpPlan { layers })
+    }
+
+    fn inputs(&self) -> usize {
+        self.layers[0].inputs
+    }
+    fn classes(&self) -> usize {
+        self.layers.last().expect("a plan has layers").outputs
+    }
+}
+
+/// Weights of one layer, row-major like PyTorch: weight [outputs, inputs], bias [outputs].
+#[derive(Debug, Clone, Default)]
+struct Params {
+    weight: Vec<f32>,
+    bias: Vec<f32>,
+}
+
+impl Params {
+    fn zeros(d: &Dense) -> Params {
+        Params { weight: vec![0.0; d.outputs * d.inputs], bias: vec![0.0; d.outputs] }
+    }
+    fn from_state(d: &Dense, state: &State, what: &str) -> Result<Params> {
+        let read = |suffix: &str, len: usize| -> Result<Vec<f32>> {
+            let name = format!("{}.{suffix}", d.name);
+            let t = state.get(&name).with_context(|| format!("{what} lacks tensor '{name}'"))?;
+            let v = t.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
+            if v.len() != len {
+                bail!("{what}: tensor '{name}' has {} values, expected {len}", v.len());
+            }
+            Ok(v)
+        };
+        Ok(Params { weight: read("weight", d.outputs * d.inputs)?, bias: read("bias", d.outputs)? })
+    }
+    fn into_state(&self, d: &Dense, state: &mut State, device: &Device) -> Result<()> {
+        let w = Tensor::from_slice(&self.weight, (d.outputs, d.inputs), device)?;
+        let b = Tensor::from_slice(&self.bias, d.outputs, device)?;
+        state.insert(format!("{}.weight", d.name), w);
+        state.insert(format!("{}.bias", d.name), b);
+        Ok(())
+    }
+}
+
+fn parallelism() -> gemm::Parallelism {
+    match rayon::current_num_threads() {
+        0 | 1 => gemm::Parallelism::None,
+        n => gemm::Parallelism::Rayon(n),
+    }
+}
+
+/// `dst[m×n] (+)= lhs[m×k] · rhs[k×n]`, each operand given by its row and column strides.
+#[allow(clippy::too_many_arguments)]
+fn matmul(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    accumulate: bool,
+    lhs: &[f32],
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: &[f32],
+    (rhs_rs, rhs_cs): (usize, usize),
+) {
+    // The slices must cover every element the strides reach; checked here, once, so that the
+    // unsafe call below only reads and writes inside them.
+    assert!(dst.len() >= m * n);
+    assert!(m == 0 || k == 0 || lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs);
+    assert!(k == 0 || n == 0 || rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs);
+    // SAFETY: bounds checked above; dst does not alias lhs or rhs (distinct borrows).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism(),
+        );
+    }
+}
+
+/// Forward pass of one layer: `out[b, o] = act(Σ_i x[b, i] · w[o, i] + bias[o])`.
+fn dense_forward(d: &Dense, p: &Params, x: &[f32], batch: usize, out: &mut [f32]) {
+    let out = &mut out[..batch * d.outputs];
+    for row in out.chunks_exact_mut(d.outputs) {
+        row.copy_from_slice(&p.bias);
+    }
+    // x [batch × inputs] · wᵀ [inputs × outputs]
+    matmul((batch, d.outputs, d.inputs), out, true, x, (d.inputs, 1), &p.weight, (1, d.inputs));
+    if d.relu {
+        for v in out.iter_mut() {
+            *v = v.max(0.0);
+        }
+    }
+}
+
+/// Softmax cross-entropy over a batch of logits: the mean loss, the number of wrong argmax
+/// predictions, and (when `grad` is given) d(mean loss)/d(logits).
+fn cross_entropy(logits: &[f32], labels: &[u32], classes: usize, mut grad: Option<&mut [f32]>) -> (f64, usize) {
+    let batch = labels.len();
+    let mut loss = 0.0f64;
+    let mut errors = 0;
+    for (b, (row, &label)) in logits.chunks_exact(classes).zip(labels).enumerate() {
+        let label = label as usize;
+        let (mut best, mut max) = (0, f32::NEG_INFINITY);
+        for (c, &v) in row.iter().enumerate() {
+            if v > max {
+                (best, max) = (c, v);
+            }
+        }
+        errors += usize::from(best != label);
+        let sum: f32 = row.iter().map(|&v| (v - max).exp()).sum();
+        let log_sum = sum.ln();
+        loss += f64::from(log_sum - (row[label] - max));
+        if let Some(g) = grad.as_deref_mut() {
+            let g = &mut g[b * classes..(b + 1) * classes];
+            let scale = 1.0 / batch as f32;
+            for (c, (gv, &v)) in g.iter_mut().zip(row).enumerate() {
+                let p = (v - max - log_sum).exp();
+                *gv = (p - if c == label { 1.0 } else { 0.0 }) * scale;
+            }
+        }
+    }
+    (loss / batch.max(1) as f64, errors)
+}
+
+/// Mean loss and errors of a batch [batch × inputs] (f32, already scaled), in evaluation.
+pub struct MlpForward {
+    plan: MlpPlan,
+    params: Vec<Params>,
+    scratch: [Vec<f32>; 2],
+}
+
+impl MlpForward {
+    pub fn new(plan: &MlpPlan, state: &State) -> Result<MlpForward> {
+        let params = plan.layers.iter().map(|d| Params::from_state(d, state, "the weights")).collect::<Result<_>>()?;
+        Ok(MlpForward { plan: plan.clone(), params, scratch: [Vec::new(), Vec::new()] })
+    }
+
+    /// Logits of a batch, in a buffer owned by `self`.
+    pub fn logits(&mut self, x: &[f32], batch: usize) -> &[f32] {
+        let widest = self.plan.layers.iter().map(|d| d.outputs).max().unwrap_or(0);
+        for s in &mut self.scratch {
+            s.resize(batch * widest, 0.0);
+        }
+        let [a, b] = &mut self.scratch;
+        let (mut input, mut output): (&mut Vec<f32>, &mut Vec<f32>) = (a, b);
+        for (i, (d, p)) in self.plan.layers.iter().zip(&self.params).enumerate() {
+            let x_in: &[f32] = if i == 0 { x } else { &input[..batch * d.inputs] };
+            dense_forward(d, p, x_in, batch, output);
+            std::mem::swap(&mut input, &mut output);
+        }
+        &input[..batch * self.plan.classes()]
+    }
+
+    /// (mean loss, errors) of a batch.
+    pub fn loss_and_errors(&mut self, x: &[f32], labels: &[u32]) -> (f64, usize) {
+        let classes = self.plan.classes();
+        let logits = self.logits(x, labels.len()).to_vec();
+        cross_entropy(&logits, labels, classes, None)
+    }
+}
+
+/// Training state of the fast path: weights, momentum buffers, gradients and activations, all
+/// allocated once.
+pub struct MlpTrainer {
+    plan: MlpPlan,
+    params: Vec<Params>,
+    momentum: Vec<Params>,
+    grads: Vec<Params>,
+    /// Output of every layer (after its ReLU), [batch × outputs].
+    activations: Vec<Vec<f32>>,
+    /// d loss / d (layer output) for the layer being differentiated and the one below.
+    delta: [Vec<f32>; 2],
+}
+
+impl MlpTrainer {
+    /// From a state (and, when resuming, the momentum buffers by tensor name).
+    pub fn new(plan: &MlpPlan, state: &State, momentum: Option<&BTreeMap<String, Tensor>>) -> Result<MlpTrainer> {
+        let params: Vec<Params> =
+            plan.layers.iter().map(|d| Params::from_state(d, state, "the weights")).collect::<Result<_>>()?;
+        let momentum = match momentum {
+            Some(m) => plan
+                .layers
+                .iter()
+                .map(|d| Params::from_state(d, m, "the resume file's momentum"))
+                .collect::<Result<_>>()?,
+            None => plan.layers.iter().map(Params::zeros).collect(),
+        };
+        let grads = plan.layers.iter().map(Params::zeros).collect();
+        Ok(MlpTrainer {
+            plan: plan.clone(),
+            params,
+            momentum,
+            grads,
+            activations: vec![Vec::new(); plan.layers.len()],
+            delta: [Vec::new(), Vec::new()],
+        })
+    }
+
+    /// The weights as tensors by state_dict name.
+    pub fn state(&self, device: &Device) -> Result<State> {
+        let mut s = State::new();
+        for (d, p) in self.plan.layers.iter().zip(&self.params) {
+            p.into_state(d, &mut s, device)?;
+        }
+        Ok(s)
+    }
+
+    /// The momentum buffers as tensors by state_dict name.
+    pub fn momentum(&self, device: &Device) -> Result<BTreeMap<String, Tensor>> {
+        let mut s = BTreeMap::new();
+        for (d, p) in self.plan.layers.iter().zip(&self.momentum) {
+            p.into_state(d, &mut s, device)?;
+        }
+        Ok(s)
+    }
+
+    /// One SGD step on a batch [batch × inputs] (f32, already scaled); returns the batch's mean
+    /// loss and errors before the update.
+    pub fn step(&mut self, x: &[f32], labels: &[u32], lr: f64, cfg: &TrainConfig) -> Result<(f64, usize)> {
+        let batch = labels.len();
+        if x.len() != batch * self.plan.inputs() {
+            bail!("a batch of {batch} examples has {} input values, expected {}", x.len(), batch * self.plan.inputs());
+        }
+        let n_layers = self.plan.layers.len();
+        for (d, a) in self.plan.layers.iter().zip(&mut self.activations) {
+            a.resize(batch * d.outputs, 0.0);
+        }
+        for i in 0..n_layers {
+            let (below, rest) = self.activations.split_at_mut(i);
+            let x_in: &[f32] = if i == 0 { x } else { &below[i - 1] };
+            dense_forward(&self.plan.layers[i], &self.params[i], x_in, batch, &mut rest[0]);
+        }
+        let classes = self.plan.classes();
+        let [delta, delta_below] = &mut self.delta;
+        let widest = self.plan.layers.iter().map(|d| d.outputs.max(d.inputs)).max().unwrap_or(0);
+        delta.resize(batch * widest, 0.0);
+        delta_below.resize(batch * widest, 0.0);
+        let (loss, errors) =
+            cross_entropy(&self.activations[n_layers - 1], labels, classes, Some(&mut delta[..batch * classes]));
+
+        for i in (0..n_layers).rev() {
+            let d = &self.plan.layers[i];
+            let x_in: &[f32] = if i == 0 { x } else { &self.activations[i - 1] };
+            let dz = &delta[..batch * d.outputs];
+            let g = &mut self.grads[i];
+            // dW [outputs × inputs] = dzᵀ [outputs × batch] · x [batch × inputs]
+            matmul((d.outputs, d.inputs, batch), &mut g.weight, false, dz, (1, d.outputs), x_in, (d.inputs, 1));
+            g.bias.fill(0.0);
+            for row in dz.chunks_exact(d.outputs) {
+                for (gb, &v) in g.bias.iter_mut().zip(row) {
+                    *gb += v;
+                }
+            }
+            if i > 0 {
+                // dx [batch × inputs] = dz [batch × outputs] · W [outputs × inputs], then through
+                // the ReLU below (its output is positive exactly where its input was).
+                let dx = &mut delta_below[..batch * d.inputs];
+                matmul(
+                    (batch, d.inputs, d.outputs),
+                    dx,
+                    false,
+                    dz,
+                    (d.outputs, 1),
+                    &self.params[i].weight,
+                    (d.inputs, 1),
+                );
+                if self.plan.layers[i - 1].relu {
+                    for (g, &a) in dx.iter_mut().zip(&self.activations[i - 1]) {
+                        if a <= 0.0 {
+                            *g = 0.0;
+                        }
+                    }
+                }
+                std::mem::swap(delta, delta_below);
+            }
+        }
+        self.update(lr, cfg);
+        Ok((loss, errors))
+    }
+
+    /// torch.optim.SGD, in place: g ← ∇ + λθ; b ← μb + g; θ ← θ − η(g + μb if Nesterov else b).
+    fn update(&mut self, lr: f64, cfg: &TrainConfig) {
+        let (lr, mu, wd, nesterov) = (lr as f32, cfg.momentum as f32, cfg.weight_decay as f32, cfg.nesterov);
+        for ((p, m), g) in self.params.iter_mut().zip(&mut self.momentum).zip(&self.grads) {
+            for (p, (m, g)) in [(&mut p.weight, (&mut m.weight, &g.weight)), (&mut p.bias, (&mut m.bias, &g.bias))] {
+                for ((p, m), &g) in p.iter_mut().zip(m.iter_mut()).zip(g.iter()) {
+                    let g = if wd > 0.0 { g + *p * wd } else { g };
+                    *m = *m * mu + g;
+                    let step = if nesterov { g + *m * mu } else { *m };
+                    *p -= step * lr;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::init;
+    use crate::model::{images_to_tensor, loss_and_errors, BnMode};
+    use candle_core::Var;
+    use layerlab_pipeline::ModelConfig;
+
+    fn fcn(depth: u32, width: u32) -> Architecture {
+        let cfg = ModelConfig { arch: "fcn".into(), depth, width, ..ModelConfig::default() };
+        Architecture::build(&cfg, [1, 4, 4], 3).unwrap()
+    }
+
+    fn train_cfg(nesterov: bool, weight_decay: f64) -> TrainConfig {
+        TrainConfig { momentum: 0.9, nesterov, weight_decay, ..TrainConfig::default() }
+    }
+
+    #[test]
+    fn plans_only_fully_connected_networks() {
+        let p = MlpPlan::of(&fcn(2, 5)).expect("an FCN has a plan");
+        let shapes: Vec<_> = p.layers.iter().map(|d| (d.inputs, d.outputs, d.relu)).collect();
+        assert_eq!(shapes, [(16, 5, true), (5, 5, true), (5, 3, false)]);
+        let vgg = ModelConfig { arch: "vgg11".into(), width_mult: 0.125, ..ModelConfig::default() };
+        assert!(MlpPlan::of(&Architecture::build(&vgg, [3, 32, 32], 10).unwrap()).is_none());
+    }
+
+    /// Three SGD steps of the fast path against candle autograd with the same maths.
+    #[test]
+    fn matches_candle_autograd() {
+        let dev = Device::Cpu;
+        let arch = fcn(2, 7);
+        let plan = MlpPlan::of(&arch).unwrap();
+        for (nesterov, wd) in [(false, 0.0), (true, 5e-3)] {
+            let cfg = train_cfg(nesterov, wd);
+            let state = init::initial_state(&arch, 3, &dev).unwrap();
+            let mut fast = MlpTrainer::new(&plan, &state, None).unwrap();
+            let vars: BTreeMap<String, Var> =
+                state.iter().map(|(k, v)| (k.clone(), Var::from_tensor(v).unwrap())).collect();
+            let mut momentum: BTreeMap<String, Tensor> =
+                state.iter().map(|(k, v)| (k.clone(), v.zeros_like().unwrap())).collect();
+            let batch = 6;
+            for step in 0..3u32 {
+                let pixels: Vec<u8> = (0..batch * 16).map(|i| ((i as u32 * 37 + step * 11) % 256) as u8).collect();
+                let labels: Vec<u32> = (0..batch as u32).map(|i| (i + step) % 3).collect();
+                let x = images_to_tensor(&pixels, [batch, 1, 4, 4], &dev).unwrap();
+                let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let (fast_loss, fast_errors) = fast.step(&xs, &labels, 0.1, &cfg).unwrap();
+
+                let current: State = vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
+                let logits = arch.forward(&current, &x, BnMode::Eval).unwrap();
+                let y = Tensor::from_vec(labels.clone(), batch, &dev).unwrap();
+                let (loss, errors) = loss_and_errors(&logits, &y).unwrap();
+                let grads = loss.backward().unwrap();
+                assert!((loss.to_scalar::<f32>().unwrap() as f64 - fast_loss).abs() < 1e-5);
+                assert_eq!(errors, fast_errors);
+                for (name, var) in &vars {
+                    let p = var.as_tensor().detach();
+                    let g = grads.get(var.as_tensor()).unwrap();
+                    let g = (g + (&p * wd).unwrap()).unwrap();
+                    let b = ((&momentum[name] * 0.9).unwrap() + &g).unwrap();
+                    let d = if nesterov { (&g + (&b * 0.9).unwrap()).unwrap() } else { b.clone() };
+                    var.set(&(p - (d * 0.1).unwrap()).unwrap()).unwrap();
+                    momentum.insert(name.clone(), b);
+                }
+            }
+            let got = fast.state(&dev).unwrap();
+            let got_m = fast.momentum(&dev).unwrap();
+            for (name, var) in &vars {
+                let diff = |a: &Tensor, b: &Tensor| {
+                    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+                };
+                assert!(diff(&got[name], var.as_tensor()) < 1e-5, "{name} differs");
+                assert!(diff(&got_m[name], &momentum[name]) < 1e-5, "momentum of {name} differs");
+            }
+        }
+    }
+
+    #[test]
+    fn forward_matches_candle() {
+        let dev = Device::Cpu;
+        let arch = fcn(3, 9);
+        let state = init::initial_state(&arch, 1, &dev).unwrap();
+        let pixels: Vec<u8> = (0..5 * 16).map(|i| (i * 53 % 256) as u8).collect();
+        let x = images_to_tensor(&pixels, [5, 1, 4, 4], &dev).unwrap();
+        let want = arch.forward(&state, &x, BnMode::Eval).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mut fwd = MlpForward::new(&MlpPlan::of(&arch).unwrap(), &state).unwrap();
+        let got = fwd.logits(&x.flatten_all().unwrap().to_vec1::<f32>().unwrap(), 5).to_vec();
+        assert_eq!(got.len(), want.len());
+        for (a, b) in got.iter().zip(&want) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+    }
+}

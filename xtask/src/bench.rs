@@ -1,0 +1,386 @@
+//! `cargo xtask bench`: layerlab against a plain PyTorch baseline (`bench/pytorch_bench.py`) on
+//! the same machine, in one invocation, with the same thread count on both sides.
+//!
+//! layerlab's side runs the real stage binaries where a stage is the workload (`train` for the
+//! 40-epoch FCN run, `reset-eval` for the reset grid) and `layerlab-bench` for CNN steps. Each
+//! process's peak memory comes from `wait4`'s rusage, its wall time from the clock around it.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use xshell::{cmd, Shell};
+
+use crate::flags;
+use crate::project_root;
+
+const WORKLOADS: [&str; 4] = ["fcn", "grid", "vgg", "resnet"];
+
+/// One measured figure of one side.
+#[derive(Debug, Clone)]
+struct Figure {
+    workload: String,
+    figure: String,
+    side: &'static str,
+    value: f64,
+    unit: String,
+    /// FLOPs per example for throughputs, in total for timed runs; none where not counted.
+    flops: Option<f64>,
+    peak_rss_mb: Option<f64>,
+}
+
+impl Figure {
+    fn from_json(v: &Value, side: &'static str) -> Result<Figure> {
+        let text = |k: &str| v[k].as_str().map(String::from).with_context(|| format!("bench row lacks '{k}': {v}"));
+        Ok(Figure {
+            workload: text("workload")?,
+            figure: text("figure")?,
+            side,
+            value: v["value"].as_f64().with_context(|| format!("bench row lacks a value: {v}"))?,
+            unit: text("unit")?,
+            flops: v["flops"].as_f64(),
+            peak_rss_mb: v["peak_rss_mb"].as_f64(),
+        })
+    }
+
+    /// Lower is better for times, higher for throughputs.
+    fn is_time(&self) -> bool {
+        self.unit == "s"
+    }
+
+    fn gflops(&self) -> Option<f64> {
+        let f = self.flops?;
+        Some(if self.is_time() { f / self.value } else { f * self.value } / 1e9)
+    }
+}
+
+/// What a process printed on stdout, how long it ran and its peak resident memory.
+struct Measured {
+    stdout: String,
+    seconds: f64,
+    peak_rss_mb: f64,
+}
+
+/// Runs a command to the end, its stderr appended to `log`; fails when it fails.
+fn measure(mut command: Command, log: &Path) -> Result<Measured> {
+    let what = format!("{command:?}");
+    let log_file = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("cannot open {}", log.display()))?;
+    command.stdout(Stdio::piped()).stderr(log_file);
+    let t0 = Instant::now();
+    let mut child = command.spawn().with_context(|| format!("cannot start {what}"))?;
+    let mut stdout = String::new();
+    child.stdout.take().expect("piped").read_to_string(&mut stdout)?;
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value of the plain C struct.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: the pid is our own unreaped child; status and usage are valid for writes. Reaping it
+    // here, instead of through `Child::wait`, is what gives its rusage (peak RSS).
+    let pid = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut usage) };
+    let seconds = t0.elapsed().as_secs_f64();
+    if pid < 0 {
+        bail!("waiting for {what} failed: {}", std::io::Error::last_os_error());
+    }
+    if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
+        bail!("{what} failed (wait status {status}); its messages are in {}", log.display());
+    }
+    // Linux reports ru_maxrss in KiB.
+    Ok(Measured { stdout, seconds, peak_rss_mb: usage.ru_maxrss as f64 / 1024.0 })
+}
+
+fn json_rows(stdout: &str, side: &'static str) -> Result<Vec<Figure>> {
+    stdout
+        .lines()
+        .filter(|l| l.trim_start().starts_with('{'))
+        .map(|l| Figure::from_json(&serde_json::from_str(l).with_context(|| format!("bad bench line: {l}"))?, side))
+        .collect()
+}
+
+/// The machine's f32 peak for `threads` cores: FMA lanes × 2 FLOPs × 2 FMA units × clock.
+fn peak_gflops(threads: usize) -> (f64, String) {
+    let info = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let flags = info.lines().find(|l| l.starts_with("flags")).unwrap_or("");
+    let has = |f: &str| flags.split_whitespace().any(|x| x == f);
+    let mhz: f64 = info
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))
+        .and_then(|l| l.split(':').nth(1))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0);
+    let (per_cycle, isa) = if has("avx512f") {
+        (64.0, "AVX-512: 2 FMA units x 16 lanes x 2")
+    } else if has("avx2") && has("fma") {
+        (32.0, "AVX2+FMA: 2 FMA units x 8 lanes x 2")
+    } else {
+        (8.0, "SSE: 4 lanes x (mul + add)")
+    };
+    let peak = threads as f64 * per_cycle * mhz / 1e3;
+    (
+        peak,
+        format!("{threads} cores x {per_cycle} FLOP/cycle ({isa}) x {mhz:.0} MHz (/proc/cpuinfo) = {peak:.1} GFLOP/s"),
+    )
+}
+
+/// The benchmark's Python: `--python`, or bench/.venv, made and filled with bench/requirements.txt.
+fn python(sh: &Shell, given: Option<&Path>) -> Result<PathBuf> {
+    if let Some(p) = given {
+        return Ok(p.to_path_buf());
+    }
+    let venv = project_root().join("bench/.venv");
+    let py = venv.join("bin/python");
+    let ready = venv.join(".requirements-installed");
+    let requirements = project_root().join("bench/requirements.txt");
+    if !ready.exists() {
+        eprintln!("bench: installing PyTorch into {} (once; a few GB)", venv.display());
+        if !py.exists() {
+            cmd!(sh, "python3 -m venv {venv}").run().context("cannot create bench/.venv (python3 -m venv)")?;
+        }
+        cmd!(sh, "{py} -m pip install --quiet --disable-pip-version-check -r {requirements}")
+            .run()
+            .context("cannot install the PyTorch baseline's requirements into bench/.venv")?;
+        fs::write(&ready, "")?;
+    }
+    Ok(py)
+}
+
+fn release_bin(name: &str) -> PathBuf {
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| project_root().join("target"));
+    target.join("release").join(name)
+}
+
+/// The FCN benchmark config: bench/fcn-mnist.toml, or a 3-epoch copy of it for `--quick`.
+fn fcn_config(bench_dir: &Path, quick: bool) -> Result<(PathBuf, u32)> {
+    let shipped = project_root().join("bench/fcn-mnist.toml");
+    if !quick {
+        return Ok((shipped, 40));
+    }
+    let text = fs::read_to_string(&shipped).with_context(|| format!("cannot read {}", shipped.display()))?;
+    let root = project_root();
+    let quick_text = text
+        .replace("epochs = 40", "epochs = 3")
+        .replace("checkpoints = [0, 1, 2, 3, 5, 10, 20, 40]", "checkpoints = [0, 1, 2, 3]")
+        .replace("\"../data/bench\"", &format!("{:?}", bench_dir.join("quick")))
+        .replace("\"../data/datasets\"", &format!("{:?}", root.join("data/datasets")));
+    let path = bench_dir.join("fcn-mnist-quick.toml");
+    fs::write(&path, quick_text)?;
+    Ok((path, 3))
+}
+
+impl flags::Bench {
+    pub fn run(&self, sh: &Shell) -> Result<()> {
+        for w in &self.workloads {
+            if !WORKLOADS.contains(&w.as_str()) {
+                bail!("unknown workload '{w}' (workloads: {})", WORKLOADS.join(", "));
+            }
+        }
+        let selected = |w: &str| self.workloads.is_empty() || self.workloads.iter().any(|x| x == w);
+        let root = project_root();
+        let bench_dir = root.join("data/bench");
+        fs::create_dir_all(&bench_dir).with_context(|| format!("cannot create {}", bench_dir.display()))?;
+        let log = bench_dir.join("bench.log");
+        fs::write(&log, "")?;
+        let threads = self.threads.max(1).to_string();
+
+        cmd!(sh, "cargo build --release -q -p fetch-data -p train -p reset-eval -p layerlab-bench").run()?;
+        let py = python(sh, self.python.as_deref())?;
+        let script = root.join("bench/pytorch_bench.py");
+        let datasets = root.join("data/datasets");
+        let (steps, repeats) = if self.quick { ("1", "2") } else { ("5", "5") };
+        let (config, epochs) = fcn_config(&bench_dir, self.quick)?;
+        let epochs_s = epochs.to_string();
+        let layerlab = |bin: &str| {
+            let mut c = Command::new(release_bin(bin));
+            c.env("RAYON_NUM_THREADS", &threads).current_dir(&root);
+            c
+        };
+        let pytorch = |workload: &str| {
+            let mut c = Command::new(&py);
+            c.arg(&script).arg(workload).arg("--threads").arg(&threads).arg("--datasets").arg(&datasets);
+            c.env("OMP_NUM_THREADS", &threads).current_dir(&root);
+            c
+        };
+        let mut rows: Vec<Figure> = Vec::new();
+
+        if selected("fcn") || selected("grid") {
+            let mut c = layerlab("fetch-data");
+            c.arg("mnist").arg("--datasets-dir").arg(&datasets);
+            measure(c, &log)?;
+        }
+        let fcn_dir = if self.quick { bench_dir.join("quick") } else { bench_dir.clone() };
+        let checkpoints = fcn_dir.join("runs/fcn-mnist/seed-0/train/checkpoints");
+        if selected("fcn") || (selected("grid") && !checkpoints.join(format!("epoch-{epochs:04}.safetensors")).exists())
+        {
+            eprintln!("bench: FCN training, {epochs} epochs (layerlab)");
+            let mut c = layerlab("train");
+            c.arg("--config").arg(&config).args(["-e", "fcn-mnist", "--seed", "0", "--force"]);
+            let m = measure(c, &log)?;
+            let mut c = layerlab("layerlab-bench");
+            c.arg("history")
+                .arg(fcn_dir.join("runs/fcn-mnist/seed-0/train/history.parquet"))
+                .args(["--examples", "60000"]);
+            let mut r = json_rows(&measure(c, &log)?.stdout, "layerlab")?;
+            for f in &mut r {
+                f.peak_rss_mb = Some(m.peak_rss_mb);
+            }
+            rows.extend(r);
+            rows.push(Figure {
+                workload: "fcn-mnist".into(),
+                figure: format!("{epochs}-epoch run"),
+                side: "layerlab",
+                value: m.seconds,
+                unit: "s".into(),
+                flops: None,
+                peak_rss_mb: Some(m.peak_rss_mb),
+            });
+            if selected("fcn") {
+                eprintln!("bench: FCN training, {epochs} epochs (PyTorch)");
+                let mut c = pytorch("fcn-train");
+                c.arg("--epochs").arg(&epochs_s).arg("--out").arg(&bench_dir);
+                rows.extend(json_rows(&measure(c, &log)?.stdout, "pytorch")?);
+            } else {
+                rows.clear();
+            }
+        }
+        if selected("grid") {
+            eprintln!("bench: FCN reset grid (layerlab)");
+            let mut c = layerlab("reset-eval");
+            c.arg("--config").arg(&config).args(["-e", "fcn-mnist", "--seed", "0", "--force"]);
+            let m = measure(c, &log)?;
+            let mut c = layerlab("layerlab-bench");
+            c.arg("fcn-flops");
+            let flops: Value = serde_json::from_str(measure(c, &log)?.stdout.trim())?;
+            // 4 units × (every kept checkpoint + 5 fresh draws).
+            let kept = fs::read_dir(&checkpoints)
+                .with_context(|| format!("cannot list {}", checkpoints.display()))?
+                .filter(|e| e.as_ref().is_ok_and(|e| e.file_name().to_string_lossy().starts_with("epoch-")))
+                .count();
+            let evaluations = 4.0 * (kept as f64 + 5.0);
+            rows.push(Figure {
+                workload: "fcn-mnist".into(),
+                figure: "reset grid".into(),
+                side: "layerlab",
+                value: m.seconds,
+                unit: "s".into(),
+                // Counted as the naive loop's work (every evaluation a full forward pass), so both
+                // sides are measured against the same count.
+                flops: flops["forward"].as_f64().map(|f| f * evaluations * 10_000.0),
+                peak_rss_mb: Some(m.peak_rss_mb),
+            });
+            eprintln!("bench: FCN reset grid (PyTorch)");
+            let mut c = pytorch("fcn-reset-grid");
+            c.arg("--checkpoints").arg(&checkpoints).arg("--epochs").arg(&epochs_s);
+            rows.extend(json_rows(&measure(c, &log)?.stdout, "pytorch")?);
+        }
+        for (name, arch) in [("vgg", "vgg11"), ("resnet", "resnet18")] {
+            if !selected(name) {
+                continue;
+            }
+            eprintln!("bench: {arch} (layerlab)");
+            let mut c = layerlab("layerlab-bench");
+            c.args(["cnn", "--arch", arch, "--steps", steps, "--repeats", repeats]);
+            rows.extend(json_rows(&measure(c, &log)?.stdout, "layerlab")?);
+            eprintln!("bench: {arch} (PyTorch)");
+            let mut c = pytorch(name);
+            c.args(["--steps", steps, "--repeats", repeats]);
+            rows.extend(json_rows(&measure(c, &log)?.stdout, "pytorch")?);
+        }
+        self.report(sh, &rows, &bench_dir)
+    }
+
+    fn report(&self, sh: &Shell, rows: &[Figure], bench_dir: &Path) -> Result<()> {
+        let (peak, peak_note) = peak_gflops(self.threads.max(1));
+        let mut pairs: BTreeMap<(String, String), [Option<&Figure>; 2]> = BTreeMap::new();
+        for f in rows {
+            let e = pairs.entry((f.workload.clone(), f.figure.clone())).or_default();
+            e[usize::from(f.side == "pytorch")] = Some(f);
+        }
+        let fmt = |f: Option<&Figure>| {
+            f.map(|f| {
+                let v = if f.is_time() { format!("{:.2} s", f.value) } else { format!("{:.0} {}", f.value, f.unit) };
+                let g = f.gflops().map(|g| format!(", {g:.1} GFLOP/s ({:.0}%)", 100.0 * g / peak)).unwrap_or_default();
+                let m = f.peak_rss_mb.map(|m| format!(", {m:.0} MB")).unwrap_or_default();
+                format!("{v}{g}{m}")
+            })
+            .unwrap_or_else(|| "-".into())
+        };
+        println!();
+        println!("{:<16} {:<22} {:<44} {:<44} {:>7}  target", "workload", "figure", "layerlab", "PyTorch", "ratio");
+        let mut out_rows = Vec::new();
+        for ((workload, figure), [ours, theirs]) in &pairs {
+            let ratio = match (ours, theirs) {
+                (Some(a), Some(b)) => Some(a.value / b.value),
+                _ => None,
+            };
+            let target = target(workload, figure);
+            let verdict = match (ratio, target) {
+                (Some(r), Some((bound, at_most))) => {
+                    let met = if at_most { r <= bound } else { r >= bound };
+                    format!("{}{bound:.2} {}", if at_most { "<= " } else { ">= " }, if met { "met" } else { "NOT met" })
+                }
+                _ => String::new(),
+            };
+            println!(
+                "{:<16} {:<22} {:<44} {:<44} {:>7}  {verdict}",
+                workload,
+                figure,
+                fmt(*ours),
+                fmt(*theirs),
+                ratio.map(|r| format!("{r:.2}")).unwrap_or_else(|| "-".into()),
+            );
+            for f in [ours, theirs].into_iter().flatten() {
+                out_rows.push(json!({
+                    "workload": f.workload, "figure": f.figure, "side": f.side, "value": f.value, "unit": f.unit,
+                    "ratio": ratio, "target": if verdict.is_empty() { Value::Null } else { json!(verdict) },
+                    "gflops": f.gflops(), "peak_gflops": peak, "peak_rss_mb": f.peak_rss_mb,
+                }));
+            }
+        }
+        println!("ratio = layerlab / PyTorch (times: lower is better; throughputs: higher is better)");
+        println!("peak f32 assumed: {peak_note}");
+
+        let revision = cmd!(sh, "git rev-parse --short HEAD").read().unwrap_or_else(|_| "unknown".into());
+        let dirty = !cmd!(sh, "git status --porcelain --untracked-files=no").read().unwrap_or_default().is_empty();
+        let revision = if dirty { format!("{revision}-dirty") } else { revision };
+        let machine = machine(self.threads);
+        let date = cmd!(sh, "date -u +%Y-%m-%dT%H:%M:%SZ").read().unwrap_or_default();
+        let input: String = out_rows.iter().map(|r| format!("{r}\n")).collect();
+        let out = bench_dir.join("bench.parquet");
+        let tool = release_bin("layerlab-bench");
+        cmd!(sh, "{tool} table {out} --revision {revision} --machine {machine} --date {date}").stdin(input).run()?;
+        println!("table: {}", out.display());
+        Ok(())
+    }
+}
+
+/// The targets: (bound, whether the ratio must stay at or below it).
+fn target(workload: &str, figure: &str) -> Option<(f64, bool)> {
+    Some(match (workload, figure) {
+        ("fcn-mnist", "train throughput") => (1.25, false),
+        ("fcn-mnist", f) if f.ends_with("-epoch run") => (0.8, true),
+        ("fcn-mnist", "reset grid") => (1.0 / 3.0, true),
+        (_, "train throughput") => (0.7, false),
+        (_, "inference throughput") => (1.0, false),
+        _ => return None,
+    })
+}
+
+fn machine(threads: usize) -> String {
+    let info = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = info
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    format!("{model}, {cores} cores, {threads} threads per side")
+}
