@@ -23,6 +23,8 @@ pub enum Command {
     Clean(Clean),
     /// Run the test suite (the README's test command).
     Test(Test),
+    /// Fuzz the readers of outside input (IDX, CIFAR-10, pipeline.toml) with cargo-fuzz.
+    Fuzz(Fuzz),
 }
 
 /// Options shared by the commands that read the pipeline.
@@ -98,4 +100,20 @@ pub struct Test {
     /// Extra arguments for `cargo test`.
     #[arg(trailing_var_arg = true)]
     pub args: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct Fuzz {
+    /// Targets to run, one after another (default: all of them: idx, cifar, pipeline_toml).
+    pub targets: Vec<String>,
+    /// How long to run each target, in seconds.
+    #[arg(long, default_value_t = 600)]
+    pub seconds: u64,
+    /// libFuzzer processes per target (`-fork=N`); 1 runs in one process.
+    #[arg(long, default_value_t = 1)]
+    pub jobs: usize,
+    /// Sanitizer for cargo-fuzz (`none`, `address`, ...); the readers are safe Rust, so none
+    /// runs fastest and still catches every panic and overflow.
+    #[arg(long, default_value = "none")]
+    pub sanitizer: String,
 }

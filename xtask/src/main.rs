@@ -2,6 +2,7 @@
 //! outputs, runs the tests and the benchmarks. It only orders and invokes the stage binaries.
 
 mod flags;
+mod fuzz;
 mod plan;
 mod run_all;
 mod status;
@@ -32,6 +33,7 @@ fn run(flags: flags::Xtask) -> anyhow::Result<()> {
         flags::Command::Status(cmd) => cmd.run(&sh),
         flags::Command::Clean(cmd) => cmd.run(&sh),
         flags::Command::Test(cmd) => cmd.run(&sh),
+        flags::Command::Fuzz(cmd) => cmd.run(&sh),
     }
 }
 

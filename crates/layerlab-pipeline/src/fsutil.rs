@@ -12,6 +12,20 @@ pub fn temp_path_for(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
 
+/// Removes temporary files in `dir` left by processes that no longer run (a killed stage), so
+/// that they do not pile up beside the results. Best effort: a file that cannot be removed stays.
+pub fn remove_stale_temps(dir: &Path) {
+    let Ok(entries) = fs::read_dir(if dir.as_os_str().is_empty() { Path::new(".") } else { dir }) else { return };
+    for entry in entries.flatten() {
+        let file = entry.file_name().to_string_lossy().into_owned();
+        let Some((_, pid)) = file.strip_prefix('.').and_then(|f| f.rsplit_once(".tmp-")) else { continue };
+        let Ok(pid) = pid.parse::<u32>() else { continue };
+        if pid != std::process::id() && !crate::lock::process_alive(pid) {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+}
+
 /// Writes `bytes` to `path` so that a reader sees either the old file or the whole new one.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     write_atomic_with(path, |f| f.write_all(bytes).map_err(Into::into))
@@ -22,17 +36,26 @@ pub fn write_atomic_with(path: &Path, fill: impl FnOnce(&mut File) -> Result<()>
     if let Some(dir) = path.parent() {
         fs::create_dir_all(dir).with_context(|| format!("cannot create folder {}", dir.display()))?;
     }
+    remove_stale_temps(path.parent().unwrap_or(Path::new(".")));
     let tmp = temp_path_for(path);
     let result = (|| -> Result<()> {
-        let mut file = File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-        fill(&mut file).with_context(|| format!("cannot write {}", tmp.display()))?;
+        let mut file =
+            File::create(&tmp).with_context(|| format!("cannot create the temporary file {}", tmp.display()))?;
+        fill(&mut file)?;
         file.sync_all().with_context(|| format!("cannot flush {}", tmp.display()))?;
         drop(file);
-        fs::rename(&tmp, path).with_context(|| format!("cannot move {} into place", path.display()))?;
+        fs::rename(&tmp, path).with_context(|| format!("cannot move {} into place", tmp.display()))?;
         Ok(())
     })();
-    if result.is_err() {
+    if let Err(e) = result {
         let _ = fs::remove_file(&tmp);
+        return Err(e.context(format!("cannot write {}", path.display())));
     }
-    result
+    // Make the rename itself durable (best effort: not every platform can open a folder).
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
 }

@@ -13,7 +13,8 @@ pub struct RunLock {
     path: PathBuf,
 }
 
-fn process_alive(pid: u32) -> bool {
+/// Whether a process runs (on Linux; elsewhere every process counts as alive).
+pub fn process_alive(pid: u32) -> bool {
     // On Linux a live process has a /proc entry; elsewhere assume it is alive (never steal).
     if cfg!(target_os = "linux") {
         Path::new(&format!("/proc/{pid}")).exists()

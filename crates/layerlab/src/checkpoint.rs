@@ -8,7 +8,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use safetensors::tensor::Dtype;
+use safetensors::tensor::{Dtype, SafeTensorError};
 use safetensors::SafeTensors;
 
 use crate::model::{Architecture, State};
@@ -92,6 +92,68 @@ pub fn safetensors_bytes(
     out
 }
 
+/// Says what is wrong with a safetensors file that the `safetensors` crate refused, in terms of
+/// the file: truncated, a header length or a tensor's byte range that does not fit, and which tensor.
+pub fn safetensors_fault(bytes: &[u8], err: SafeTensorError) -> String {
+    let len = bytes.len();
+    let header_len = bytes.get(..8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
+    match (&err, header_len) {
+        (SafeTensorError::HeaderTooSmall, _) => {
+            format!("truncated: the file is {len} bytes, shorter than the 8-byte header length")
+        }
+        (SafeTensorError::InvalidHeaderLength | SafeTensorError::HeaderTooLarge, Some(n)) => format!(
+            "the header length field says {n} bytes but the file holds {len} bytes in all: \
+             truncated, or not a safetensors file"
+        ),
+        (SafeTensorError::MetadataIncompleteBuffer | SafeTensorError::TensorInvalidInfo, Some(n)) => {
+            let start = 8 + n as usize;
+            let have = len.saturating_sub(start);
+            let header = bytes.get(8..start).and_then(|h| serde_json::from_slice::<serde_json::Value>(h).ok());
+            let mut end = 0u64;
+            let mut lying = None;
+            if let Some(serde_json::Value::Object(map)) = &header {
+                for (name, info) in map.iter().filter(|(k, _)| *k != "__metadata__") {
+                    let offsets: Vec<u64> = info["data_offsets"]
+                        .as_array()
+                        .map(|a| a.iter().filter_map(|v| v.as_u64()).collect())
+                        .unwrap_or_default();
+                    let shape: Vec<u64> = info["shape"]
+                        .as_array()
+                        .map(|a| a.iter().filter_map(|v| v.as_u64()).collect())
+                        .unwrap_or_default();
+                    let size = match info["dtype"].as_str() {
+                        Some("F64" | "I64" | "U64") => 8,
+                        Some("F32" | "I32" | "U32") => 4,
+                        Some("F16" | "BF16" | "I16" | "U16") => 2,
+                        _ => 1,
+                    };
+                    if let [a, b] = offsets[..] {
+                        end = end.max(b);
+                        let need = shape.iter().try_fold(size, |acc: u64, d| acc.checked_mul(*d));
+                        if lying.is_none() && need != b.checked_sub(a) {
+                            lying = Some(format!(
+                                "tensor '{name}' of shape {shape:?} needs {} bytes but the header gives it bytes {a}..{b}",
+                                need.map_or("too many".to_string(), |n| n.to_string())
+                            ));
+                        }
+                    }
+                }
+            }
+            match lying {
+                Some(why) => format!("the header lies about a size: {why}"),
+                None if (have as u64) < end => {
+                    format!("truncated: the header describes {end} data bytes but the file holds {have}")
+                }
+                None if (have as u64) > end => {
+                    format!("the header describes {end} data bytes but the file holds {have}: trailing bytes")
+                }
+                None => err.to_string(),
+            }
+        }
+        _ => err.to_string(),
+    }
+}
+
 /// Writes named f32 tensors with metadata, atomically and deterministically.
 pub fn save_tensors(path: &Path, tensors: &BTreeMap<String, Tensor>, metadata: HashMap<String, String>) -> Result<()> {
     let entries = tensors
@@ -105,10 +167,10 @@ pub fn save_tensors(path: &Path, tensors: &BTreeMap<String, Tensor>, metadata: H
 /// Reads every f32 tensor of a safetensors file, with its metadata.
 pub fn load_tensors(path: &Path, device: &Device) -> Result<(BTreeMap<String, Tensor>, HashMap<String, String>)> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read checkpoint {}", path.display()))?;
-    let (_, header) = SafeTensors::read_metadata(&bytes)
-        .with_context(|| format!("{} is not a valid safetensors file", path.display()))?;
-    let st = SafeTensors::deserialize(&bytes)
-        .with_context(|| format!("{} is not a valid safetensors file", path.display()))?;
+    let invalid =
+        |e| anyhow::anyhow!("{} is not a valid safetensors file: {}", path.display(), safetensors_fault(&bytes, e));
+    let (_, header) = SafeTensors::read_metadata(&bytes).map_err(invalid)?;
+    let st = SafeTensors::deserialize(&bytes).map_err(invalid)?;
     let mut out = BTreeMap::new();
     for (name, view) in st.tensors() {
         if view.dtype() != Dtype::F32 {

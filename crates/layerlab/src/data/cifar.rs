@@ -111,6 +111,15 @@ pub fn read_folder(dir: &Path) -> Result<Vec<(String, Vec<u8>)>> {
 /// Reads the six batch files from the `.tar.gz` archive, streaming it through memory; entries other
 /// than `cifar-10-batches-bin/<batch>` are skipped.
 pub fn read_archive(reader: impl Read) -> Result<Vec<(String, Vec<u8>)>> {
+    let mut reader = std::io::BufReader::new(reader);
+    let head = std::io::BufRead::fill_buf(&mut reader).context("cannot read the archive")?;
+    if !head.starts_with(&[0x1f, 0x8b]) {
+        let shown: Vec<String> = head.iter().take(4).map(|b| format!("{b:02x}")).collect();
+        bail!(
+            "not a gzip-compressed tar archive: it starts with bytes [{}], not the gzip magic 1f 8b",
+            shown.join(" ")
+        );
+    }
     let mut archive = tar::Archive::new(GzDecoder::new(reader));
     let mut found: Vec<(String, Vec<u8>)> = Vec::new();
     for entry in archive.entries().context("not a gzip-compressed tar archive")? {

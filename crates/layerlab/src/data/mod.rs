@@ -89,8 +89,10 @@ pub fn write_split(path: &Path, split: &Split, dataset: &str, source: &str) -> R
 /// Reads a split written by [`write_split`], checking names, dtypes and shapes.
 pub fn read_split(path: &Path) -> Result<Split> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read dataset file {}", path.display()))?;
-    let st = SafeTensors::deserialize(&bytes)
-        .with_context(|| format!("{} is not a valid safetensors file", path.display()))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| {
+        let why = crate::checkpoint::safetensors_fault(&bytes, e);
+        anyhow::anyhow!("{} is not a valid safetensors file: {why}", path.display())
+    })?;
     let images = st.tensor("images").with_context(|| format!("{}: no tensor 'images'", path.display()))?;
     let labels = st.tensor("labels").with_context(|| format!("{}: no tensor 'labels'", path.display()))?;
     if images.dtype() != Dtype::U8 || images.shape().len() != 4 {

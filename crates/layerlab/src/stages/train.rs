@@ -10,6 +10,10 @@ use crate::table::provenance;
 use crate::{data, init, train};
 use layerlab_pipeline::cache::{Stage, Stamp};
 
+/// The most parameters a network may have: weights, gradients and momentum of more would not fit
+/// in a workstation's memory, and the allocation would abort the process instead of failing.
+const MAX_PARAMS: usize = 1 << 30;
+
 /// What the stage did.
 pub enum Outcome {
     UpToDate,
@@ -30,6 +34,17 @@ pub fn run(ctx: &StageContext, seed: u64) -> Result<Outcome> {
     let arch = Architecture::build(&exp.model, input, data::classes(&exp.dataset)).with_context(|| {
         format!("experiment '{}': cannot build the model for {} inputs {input:?}", exp.name, exp.dataset)
     })?;
+    let params: usize = arch.units.iter().map(|u| u.params()).sum();
+    if params > MAX_PARAMS {
+        anyhow::bail!(
+            "{}, experiment '{}': the network {} has {params} parameters ({:.1} GB of f32 weights), too large \
+             to train (at most {MAX_PARAMS}); lower model.width, model.depth or model.width_mult",
+            ctx.pipeline.path.display(),
+            exp.name,
+            arch.name,
+            params as f64 * 4e-9
+        );
+    }
     let dev = device();
     let initial = init::initial_state(&arch, seed, &dev)?;
     // From here on the old results are being replaced: they must not look done.
