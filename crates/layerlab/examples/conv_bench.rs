@@ -16,6 +16,18 @@ use layerlab::model::{loss_and_errors, Architecture, BnMode};
 use layerlab::pipeline::ModelConfig;
 
 type ConvFn = fn(&Tensor, &Tensor, usize, usize) -> Result<Tensor>;
+type BnFn = fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>;
+
+/// Which kernels a stack runs.
+#[derive(Clone, Copy)]
+struct Kernels {
+    conv: ConvFn,
+    bn: BnFn,
+}
+
+const CANDLE: Kernels = Kernels { conv: conv2d_candle, bn: batch_norm };
+const OURS_CONV: Kernels = Kernels { conv: conv2d, bn: batch_norm };
+const OURS: Kernels = Kernels { conv: conv2d, bn: batch_norm_fused };
 
 /// Output channels, with 0 for a max-pool (VGG-11 at width 0.25).
 const PLAN: [usize; 13] = [16, 0, 32, 0, 64, 64, 0, 128, 128, 0, 128, 128, 0];
@@ -79,7 +91,7 @@ impl Stack {
         Ok(Stack { convs })
     }
 
-    fn forward(&self, conv: ConvFn, x: &Tensor) -> Result<Tensor> {
+    fn forward(&self, k: Kernels, x: &Tensor) -> Result<Tensor> {
         let mut x = x.clone();
         let mut next = self.convs.iter();
         for &c in &PLAN {
@@ -88,8 +100,8 @@ impl Stack {
                 continue;
             }
             let [w, b, g, beta] = next.next().context("plan and weights disagree")?;
-            x = conv(&x, w.as_tensor(), 1, 1)?.broadcast_add(&b.as_tensor().reshape((1, (), 1, 1))?)?;
-            x = batch_norm(&x, g.as_tensor(), beta.as_tensor())?.relu()?;
+            x = (k.conv)(&x, w.as_tensor(), 1, 1)?.broadcast_add(&b.as_tensor().reshape((1, (), 1, 1))?)?;
+            x = (k.bn)(&x, g.as_tensor(), beta.as_tensor())?.relu()?;
         }
         Ok(x)
     }
@@ -105,6 +117,10 @@ fn batch_norm(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
     Ok(x.broadcast_sub(&mean)?.broadcast_mul(&scale)?.broadcast_add(&bias.reshape((1, (), 1, 1))?)?)
 }
 
+fn batch_norm_fused(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    Ok(layerlab::conv::norm::train(x, weight, bias, 1e-5)?)
+}
+
 /// Images per second of `f` over `iters` timed runs after one warm-up.
 fn images_per_s(batch: usize, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     f()?;
@@ -115,13 +131,13 @@ fn images_per_s(batch: usize, iters: usize, mut f: impl FnMut() -> Result<()>) -
     Ok((batch * iters) as f64 / start.elapsed().as_secs_f64())
 }
 
-fn time_stack(stack: &Stack, conv: ConvFn, x: &Tensor, fl: &Flags) -> Result<(f64, f64)> {
+fn time_stack(stack: &Stack, k: Kernels, x: &Tensor, fl: &Flags) -> Result<(f64, f64)> {
     let fwd = images_per_s(fl.batch, fl.iters, || {
-        stack.forward(conv, x)?.sum_all()?.to_scalar::<f32>()?;
+        stack.forward(k, x)?.sum_all()?.to_scalar::<f32>()?;
         Ok(())
     })?;
     let train = images_per_s(fl.batch, fl.iters, || {
-        let loss = stack.forward(conv, x)?.sqr()?.mean_all()?;
+        let loss = stack.forward(k, x)?.sqr()?.mean_all()?;
         let grads = loss.backward()?;
         grads.get(stack.convs[0][0].as_tensor()).context("no gradient for the first conv")?;
         Ok(())
@@ -183,6 +199,7 @@ fn time_layers(x: &Tensor, fl: &Flags) -> Result<()> {
     let mut kinds: Vec<(&str, Vec<(Var, Layer)>)> = Vec::new();
     let mut conv = Vec::new();
     let mut bn = Vec::new();
+    let mut fused = Vec::new();
     let mut relu = Vec::new();
     let mut bias = Vec::new();
     for (i, &(cin, cout, s)) in shapes.iter().enumerate() {
@@ -192,7 +209,9 @@ fn time_layers(x: &Tensor, fl: &Flags) -> Result<()> {
         let output = Var::from_tensor(&random(&[n, cout, s, s], 400 + i as u64, 1.0)?)?;
         conv.push((input, Box::new(move |x: &Tensor| conv2d(x, &w, 1, 1)) as Layer));
         let (g, beta) = (Tensor::ones(cout, DType::F32, &Device::Cpu)?, Tensor::zeros(cout, DType::F32, &Device::Cpu)?);
+        let (g2, beta2) = (g.clone(), beta.clone());
         bn.push((output.clone(), Box::new(move |x: &Tensor| batch_norm(x, &g, &beta)) as Layer));
+        fused.push((output.clone(), Box::new(move |x: &Tensor| batch_norm_fused(x, &g2, &beta2)) as Layer));
         relu.push((output.clone(), Box::new(|x: &Tensor| Ok(x.relu()?)) as Layer));
         bias.push((output, Box::new(move |x: &Tensor| Ok(x.broadcast_add(&b.reshape((1, (), 1, 1))?)?)) as Layer));
     }
@@ -204,6 +223,7 @@ fn time_layers(x: &Tensor, fl: &Flags) -> Result<()> {
     kinds.push(("conv (ours)", conv));
     kinds.push(("bias add", bias));
     kinds.push(("batch norm", bn));
+    kinds.push(("bn (fused)", fused));
     kinds.push(("relu", relu));
     kinds.push(("max pool", pool));
     println!("per layer kind, summed over the stack (ms per batch of {n}):");
@@ -233,12 +253,15 @@ fn main() -> Result<()> {
     println!("batch {}, {} timed iterations, {threads} rayon threads", fl.batch, fl.iters);
     let x = random(&[fl.batch, 3, 32, 32], 1, 1.0)?;
     let stack = Stack::new()?;
-    let (ours_f, ours_t) = time_stack(&stack, conv2d, &x, &fl)?;
-    println!("ours:   forward {ours_f:9.1} img/s   forward+backward {ours_t:9.1} img/s");
+    let (ours_f, ours_t) = time_stack(&stack, OURS, &x, &fl)?;
+    println!("ours (conv + fused BN): forward {ours_f:8.1} img/s   forward+backward {ours_t:8.1} img/s");
+    let (conv_f, conv_t) = time_stack(&stack, OURS_CONV, &x, &fl)?;
+    println!("ours conv, candle BN:   forward {conv_f:8.1} img/s   forward+backward {conv_t:8.1} img/s");
     if !fl.skip_candle {
-        let (cand_f, cand_t) = time_stack(&stack, conv2d_candle, &x, &fl)?;
-        println!("candle: forward {cand_f:9.1} img/s   forward+backward {cand_t:9.1} img/s");
-        println!("speed-up: forward {:.1}x   forward+backward {:.1}x", ours_f / cand_f, ours_t / cand_t);
+        let (cand_f, cand_t) = time_stack(&stack, CANDLE, &x, &fl)?;
+        println!("candle conv and BN:     forward {cand_f:8.1} img/s   forward+backward {cand_t:8.1} img/s");
+        println!("conv alone vs candle:   forward {:.1}x   forward+backward {:.1}x", conv_f / cand_f, conv_t / cand_t);
+        println!("ours vs candle:         forward {:.1}x   forward+backward {:.1}x", ours_f / cand_f, ours_t / cand_t);
     }
     println!("full vgg11-bn-w0.25 training step (ours): {:.1} img/s", time_model(&x, &fl)?);
     time_layers(&x, &fl)?;

@@ -20,6 +20,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+pub mod norm;
+
 /// Square-kernel convolution with equal padding on every side (dilation 1, one group).
 ///
 /// `x` is [n, cin, h, w] and `weight` [cout, cin, k, k] (PyTorch layout). Gradients flow to both.
@@ -504,7 +506,7 @@ mod tests {
     use super::*;
 
     /// Deterministic values in [-1, 1) from a small xorshift generator.
-    fn random(shape: &[usize], seed: u64) -> Tensor {
+    pub(crate) fn random(shape: &[usize], seed: u64) -> Tensor {
         let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
         let values: Vec<f32> = (0..shape.iter().product::<usize>())
             .map(|_| {
@@ -517,7 +519,7 @@ mod tests {
         Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
     }
 
-    fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
+    pub(crate) fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
         assert_eq!(a.dims(), b.dims());
         let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();

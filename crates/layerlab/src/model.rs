@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 
+use crate::conv::norm;
 use crate::init::Init;
 use layerlab_pipeline::ModelConfig;
 
@@ -222,8 +223,10 @@ fn apply(layer: &Layer, state: &State, x: &Tensor, bn: &mut BnMode<'_>) -> Resul
 }
 
 fn batch_norm(name: &str, state: &State, x: &Tensor, bn: &mut BnMode<'_>) -> Result<Tensor> {
-    let weight = get(state, &format!("{name}.weight"))?.reshape((1, (), 1, 1))?;
-    let bias = get(state, &format!("{name}.bias"))?.reshape((1, (), 1, 1))?;
+    let (weight_c, bias_c) = (get(state, &format!("{name}.weight"))?, get(state, &format!("{name}.bias"))?);
+    let (weight, bias) = (weight_c.reshape((1, (), 1, 1))?, bias_c.reshape((1, (), 1, 1))?);
+    // f32 on the CPU: fused ops (crate::conv::norm) instead of a dozen candle passes.
+    let fused = norm::applies(x);
     let running_mean = get(state, &format!("{name}.running_mean"))?;
     let running_var = get(state, &format!("{name}.running_var"))?;
     let (mean, var) = match bn {
@@ -231,9 +234,14 @@ fn batch_norm(name: &str, state: &State, x: &Tensor, bn: &mut BnMode<'_>) -> Res
         BnMode::Train(_) | BnMode::Calibrate(_) => {
             let (n, _, h, w) = x.dims4()?;
             let count = (n * h * w) as f64;
-            let mean = x.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?;
-            let centered = x.broadcast_sub(&mean)?;
-            let var = centered.sqr()?.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?;
+            let (mean, var) = if fused {
+                let stats = norm::batch_stats(x)?;
+                (stats.get(0)?.reshape((1, (), 1, 1))?, stats.get(1)?.reshape((1, (), 1, 1))?)
+            } else {
+                let mean = x.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?;
+                let centered = x.broadcast_sub(&mean)?;
+                (mean, centered.sqr()?.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?)
+            };
             // PyTorch updates the running variance with the unbiased batch variance.
             let unbiased = (var.detach().flatten_all()? * (count / (count - 1.0).max(1.0)))?;
             let batch_mean = mean.detach().flatten_all()?;
@@ -251,10 +259,18 @@ fn batch_norm(name: &str, state: &State, x: &Tensor, bn: &mut BnMode<'_>) -> Res
                 }
                 BnMode::Eval => unreachable!("handled above"),
             }
+            if fused {
+                return Ok(norm::train(x, weight_c, bias_c, BN_EPS)?);
+            }
             (mean, var)
         }
     };
     let inv_std = (var + BN_EPS)?.sqrt()?.recip()?;
+    if fused && !x.track_op() && !weight.track_op() && !bias.track_op() {
+        let scale = inv_std.broadcast_mul(&weight)?.flatten_all()?;
+        let shift = (bias.flatten_all()? - (mean.flatten_all()? * &scale)?)?;
+        return Ok(norm::affine_no_grad(x, &scale, &shift)?);
+    }
     Ok(x.broadcast_sub(&mean)?.broadcast_mul(&(inv_std.broadcast_mul(&weight))?)?.broadcast_add(&bias)?)
 }
 

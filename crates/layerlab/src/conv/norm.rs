@@ -1,0 +1,344 @@
+//! BatchNorm over NCHW f32 tensors on the CPU as fused custom ops (one pass per direction).
+//!
+//! Written with candle ops, training-mode BatchNorm took a dozen passes over the activations
+//! forward and far more backward (strided reductions over the batch axis, broadcasts and their
+//! gradients). Here the statistics are per-channel reductions run by one thread per channel in a
+//! fixed order, so results do not depend on the thread count.
+
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::f32_data;
+
+/// Whether the fused ops handle this activation tensor.
+pub fn applies(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::F32 && x.rank() == 4
+}
+
+/// Per-channel batch mean and biased variance of `x` [n, c, h, w], as a [2, c] tensor with no
+/// gradient (the same values [`train`] normalises with).
+pub fn batch_stats(x: &Tensor) -> candle_core::Result<Tensor> {
+    x.apply_op1_no_bwd(&Stats)
+}
+
+/// Training-mode BatchNorm: `(x - mean) / sqrt(var + eps) * weight + bias` with the batch's
+/// per-channel mean and biased variance; gradients flow to `x`, `weight` and `bias` ([c] each).
+pub fn train(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    x.apply_op3(weight, bias, Train { eps })
+}
+
+/// Per-channel `x * scale + shift` with no gradient (evaluation-mode BatchNorm, once the running
+/// statistics are folded into `scale` and `shift`, [c] each).
+pub fn affine_no_grad(x: &Tensor, scale: &Tensor, shift: &Tensor) -> candle_core::Result<Tensor> {
+    x.apply_op3_no_bwd(scale, shift, &Affine)
+}
+
+fn dims(l: &Layout) -> candle_core::Result<(usize, usize, usize)> {
+    let &[n, c, h, w] = l.dims() else { bail!("BatchNorm wants an [n, c, h, w] tensor, got {:?}", l.dims()) };
+    Ok((n, c, h * w))
+}
+
+fn per_channel<'a>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    c: usize,
+    what: &str,
+) -> candle_core::Result<std::borrow::Cow<'a, [f32]>> {
+    let v = f32_data(s, l)?;
+    if v.len() != c {
+        bail!("BatchNorm {what} has {} values for {c} channels", v.len())
+    }
+    Ok(v)
+}
+
+/// Sum of a slice in f32 with eight fixed lanes (vectorises; same order every time).
+fn lane_sum(v: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = v.chunks_exact(8);
+    let rest = chunks.remainder();
+    for ch in chunks {
+        for (a, x) in acc.iter_mut().zip(ch) {
+            *a += f(*x);
+        }
+    }
+    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for x in rest {
+        s += f(*x);
+    }
+    s
+}
+
+/// Per-channel mean and biased variance (two passes, plane sums gathered in f64).
+fn stats(x: &[f32], n: usize, c: usize, hw: usize) -> Vec<(f64, f64)> {
+    let count = (n * hw).max(1) as f64;
+    (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let plane = |i: usize| &x[(i * c + ch) * hw..][..hw];
+            let mean = (0..n).map(|i| lane_sum(plane(i), |v| v) as f64).sum::<f64>() / count;
+            let m = mean as f32;
+            let var = (0..n).map(|i| lane_sum(plane(i), |v| (v - m) * (v - m)) as f64).sum::<f64>() / count;
+            (mean, var)
+        })
+        .collect()
+}
+
+/// Runs `f(image, channel, dst plane)` over every plane of `dst` [n, c, hw] in parallel.
+fn for_planes(dst: &mut [f32], c: usize, hw: usize, f: impl Fn(usize, usize, &mut [f32]) + Sync + Send) {
+    if dst.is_empty() {
+        return;
+    }
+    // Keep tasks at a few thousand values at least: late layers have 2×2 planes.
+    let min_planes = 4096usize.div_ceil(hw.max(1));
+    dst.par_chunks_mut(hw.max(1)).with_min_len(min_planes).enumerate().for_each(|(p, d)| f(p / c, p % c, d));
+}
+
+struct Stats;
+
+impl CustomOp1 for Stats {
+    fn name(&self) -> &'static str {
+        "layerlab-batch-norm-stats"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, c, hw) = dims(l)?;
+        let x = f32_data(s, l)?;
+        let st = stats(&x, n, c, hw);
+        let out = st.iter().map(|s| s.0 as f32).chain(st.iter().map(|s| s.1 as f32)).collect();
+        Ok((CpuStorage::F32(out), Shape::from((2, c))))
+    }
+}
+
+struct Train {
+    eps: f64,
+}
+
+impl CustomOp3 for Train {
+    fn name(&self) -> &'static str {
+        "layerlab-batch-norm-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, c, hw) = dims(l1)?;
+        let x = f32_data(s1, l1)?;
+        let (weight, bias) = (per_channel(s2, l2, c, "weight")?, per_channel(s3, l3, c, "bias")?);
+        // y = x * scale + shift per channel.
+        let (scale, shift): (Vec<f32>, Vec<f32>) = stats(&x, n, c, hw)
+            .iter()
+            .enumerate()
+            .map(|(ch, &(mean, var))| {
+                let scale = weight[ch] as f64 / (var + self.eps).sqrt();
+                (scale as f32, (bias[ch] as f64 - mean * scale) as f32)
+            })
+            .unzip();
+        let mut y = vec![0f32; x.len()];
+        for_planes(&mut y, c, hw, |i, ch, y| {
+            let x = &x[(i * c + ch) * hw..][..hw];
+            let (a, b) = (scale[ch], shift[ch]);
+            y.iter_mut().zip(x).for_each(|(y, x)| *y = x * a + b);
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, c, h, w) = x.dims4()?;
+        let size = n * c * h * w;
+        let packed = x.apply_op3_no_bwd(grad, weight, &TrainGrad { eps: self.eps })?;
+        let dx = packed.narrow(0, 0, size)?.reshape((n, c, h, w))?;
+        let dweight = packed.narrow(0, size, c)?.reshape(weight.shape())?;
+        let dbias = packed.narrow(0, size + c, c)?.reshape(weight.shape())?;
+        Ok((Some(dx), Some(dweight), Some(dbias)))
+    }
+}
+
+/// The gradients of [`Train`], packed as [dx (n·c·h·w), dweight (c), dbias (c)].
+struct TrainGrad {
+    eps: f64,
+}
+
+impl CustomOp3 for TrainGrad {
+    fn name(&self) -> &'static str {
+        "layerlab-batch-norm-train-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, c, hw) = dims(l1)?;
+        if l2.dims() != l1.dims() {
+            bail!("BatchNorm gradient {:?} does not match its input {:?}", l2.dims(), l1.dims())
+        }
+        let (x, dy) = (f32_data(s1, l1)?, f32_data(s2, l2)?);
+        let weight = per_channel(s3, l3, c, "weight")?;
+        let count = (n * hw).max(1) as f64;
+        let st = stats(&x, n, c, hw);
+        // Per channel: Σdy and Σdy·(x - mean), each plane in f32 lanes, planes summed in f64.
+        let sums: Vec<(f64, f64)> = (0..c)
+            .into_par_iter()
+            .map(|ch| {
+                let m = st[ch].0 as f32;
+                let (mut s_dy, mut s_dyx) = (0f64, 0f64);
+                for i in 0..n {
+                    let off = (i * c + ch) * hw;
+                    let (x, dy) = (&x[off..off + hw], &dy[off..off + hw]);
+                    s_dy += lane_sum(dy, |v| v) as f64;
+                    s_dyx += dot_centered(x, dy, m) as f64;
+                }
+                (s_dy, s_dyx)
+            })
+            .collect();
+        // dx = a·dy + b·x + d with a = weight·inv_std,
+        // b = -a·inv_std²·Σdy(x - mean)/M and d = -a·Σdy/M - b·mean.
+        let mut out = vec![0f32; x.len() + 2 * c];
+        let mut coef = Vec::with_capacity(c);
+        for ch in 0..c {
+            let (mean, var) = st[ch];
+            let (s_dy, s_dyx) = sums[ch];
+            let inv_std = 1.0 / (var + self.eps).sqrt();
+            let a = weight[ch] as f64 * inv_std;
+            let b = -a * inv_std * inv_std * s_dyx / count;
+            let d = -a * s_dy / count - b * mean;
+            coef.push((a as f32, b as f32, d as f32));
+            out[x.len() + ch] = (s_dyx * inv_std) as f32;
+            out[x.len() + c + ch] = s_dy as f32;
+        }
+        let (dx, _) = out.split_at_mut(x.len());
+        for_planes(dx, c, hw, |i, ch, dx| {
+            let off = (i * c + ch) * hw;
+            let (x, dy) = (&x[off..off + hw], &dy[off..off + hw]);
+            let (a, b, d) = coef[ch];
+            for ((dx, x), dy) in dx.iter_mut().zip(x).zip(dy) {
+                *dx = a * dy + b * x + d;
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from(x.len() + 2 * c)))
+    }
+}
+
+/// Σ dy·(x - m) in eight fixed lanes.
+fn dot_centered(x: &[f32], dy: &[f32], m: f32) -> f32 {
+    let mut acc = [0f32; 8];
+    let (xc, dc) = (x.chunks_exact(8), dy.chunks_exact(8));
+    let (xr, dr) = (xc.remainder(), dc.remainder());
+    for (x, d) in xc.zip(dc) {
+        for l in 0..8 {
+            acc[l] += (x[l] - m) * d[l];
+        }
+    }
+    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (x, d) in xr.iter().zip(dr) {
+        s += (x - m) * d;
+    }
+    s
+}
+
+struct Affine;
+
+impl CustomOp3 for Affine {
+    fn name(&self) -> &'static str {
+        "layerlab-channel-affine"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (_, c, hw) = dims(l1)?;
+        let x = f32_data(s1, l1)?;
+        let (scale, shift) = (per_channel(s2, l2, c, "scale")?, per_channel(s3, l3, c, "shift")?);
+        let mut y = vec![0f32; x.len()];
+        for_planes(&mut y, c, hw, |i, ch, y| {
+            let x = &x[(i * c + ch) * hw..][..hw];
+            let (a, b) = (scale[ch], shift[ch]);
+            y.iter_mut().zip(x).for_each(|(y, x)| *y = x * a + b);
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Var};
+
+    use super::*;
+    use crate::conv::tests::{max_rel_diff, random};
+
+    /// The candle-op BatchNorm that `model.rs` used before these ops.
+    fn reference(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Tensor {
+        let mean = x.mean_keepdim(0).unwrap().mean_keepdim(2).unwrap().mean_keepdim(3).unwrap();
+        let centered = x.broadcast_sub(&mean).unwrap();
+        let var = centered.sqr().unwrap().mean_keepdim(0).unwrap().mean_keepdim(2).unwrap().mean_keepdim(3).unwrap();
+        let inv_std = (var + 1e-5).unwrap().sqrt().unwrap().recip().unwrap();
+        let scale = inv_std.broadcast_mul(&weight.reshape((1, (), 1, 1)).unwrap()).unwrap();
+        centered.broadcast_mul(&scale).unwrap().broadcast_add(&bias.reshape((1, (), 1, 1)).unwrap()).unwrap()
+    }
+
+    type Bn = fn(&Tensor, &Tensor, &Tensor) -> Tensor;
+
+    fn run(f: Bn, x: &Tensor, weight: &Tensor, bias: &Tensor, r: &Tensor) -> [Tensor; 4] {
+        let vars = [x, weight, bias].map(|t| Var::from_tensor(t).unwrap());
+        let y = f(vars[0].as_tensor(), vars[1].as_tensor(), vars[2].as_tensor());
+        let grads = (&y * r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g = |i: usize| grads.get(vars[i].as_tensor()).unwrap().clone();
+        [y, g(0), g(1), g(2)]
+    }
+
+    #[test]
+    fn train_matches_candle_ops() {
+        for (i, &shape) in [[4, 3, 5, 5], [2, 8, 2, 2], [9, 2, 3, 7], [1, 4, 6, 6]].iter().enumerate() {
+            let x = random(&shape, 70 + i as u64).affine(3.0, 0.5).unwrap();
+            let weight = (random(&[shape[1]], 80 + i as u64) + 1.5).unwrap();
+            let bias = random(&[shape[1]], 90 + i as u64);
+            let r = random(&shape, 100 + i as u64);
+            let ours = run(|x, w, b| train(x, w, b, 1e-5).unwrap(), &x, &weight, &bias, &r);
+            let theirs = run(reference, &x, &weight, &bias, &r);
+            for (k, what) in ["output", "input grad", "weight grad", "bias grad"].iter().enumerate() {
+                let d = max_rel_diff(&ours[k], &theirs[k]);
+                assert!(d < 1e-4, "shape {shape:?}: {what} differs by {d}");
+            }
+            let st = batch_stats(&x).unwrap();
+            let mean = x.mean_keepdim(0).unwrap().mean_keepdim(2).unwrap().mean_keepdim(3).unwrap();
+            assert!(max_rel_diff(&st.get(0).unwrap(), &mean.flatten_all().unwrap()) < 1e-5);
+        }
+    }
+
+    #[test]
+    fn affine_scales_each_channel() {
+        let x = random(&[2, 3, 2, 2], 5);
+        let scale = Tensor::new(&[1f32, 2., 3.], &Device::Cpu).unwrap();
+        let shift = Tensor::new(&[0f32, 1., -1.], &Device::Cpu).unwrap();
+        let ours = affine_no_grad(&x, &scale, &shift).unwrap();
+        let theirs = x
+            .broadcast_mul(&scale.reshape((1, 3, 1, 1)).unwrap())
+            .unwrap()
+            .broadcast_add(&shift.reshape((1, 3, 1, 1)).unwrap())
+            .unwrap();
+        assert!(max_rel_diff(&ours, &theirs) < 1e-6);
+    }
+}
