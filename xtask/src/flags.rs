@@ -23,6 +23,8 @@ pub enum Command {
     Clean(Clean),
     /// Run the test suite (the README's test command).
     Test(Test),
+    /// Time layerlab against a PyTorch baseline on the same machine; write data/bench/bench.parquet.
+    Bench(Bench),
     /// Fuzz the readers of outside input (IDX, CIFAR-10, pipeline.toml) with cargo-fuzz.
     Fuzz(Fuzz),
 }
@@ -116,4 +118,20 @@ pub struct Fuzz {
     /// runs fastest and still catches every panic and overflow.
     #[arg(long, default_value = "none")]
     pub sanitizer: String,
+}
+
+#[derive(Debug, Args)]
+pub struct Bench {
+    /// Workloads to run (default: all): fcn (training), grid (FCN reset grid), vgg, resnet, run-all
+    /// (the default pipeline from the datasets, then again with nothing to do; not with --quick).
+    pub workloads: Vec<String>,
+    /// A Python with torch, numpy and safetensors; default: bench/.venv, made and filled on first use.
+    #[arg(long)]
+    pub python: Option<std::path::PathBuf>,
+    /// Threads for each side.
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
+    /// A short run to check the benchmark itself: 3 epochs, 1 step per repeat, 2 repeats.
+    #[arg(long)]
+    pub quick: bool,
 }

@@ -1,6 +1,7 @@
 //! `cargo xtask`: runs the pipeline's stages in order with caching, shows their status, cleans
 //! outputs, runs the tests and the benchmarks. It only orders and invokes the stage binaries.
 
+mod bench;
 mod flags;
 mod fuzz;
 mod plan;
@@ -33,6 +34,7 @@ fn run(flags: flags::Xtask) -> anyhow::Result<()> {
         flags::Command::Status(cmd) => cmd.run(&sh),
         flags::Command::Clean(cmd) => cmd.run(&sh),
         flags::Command::Test(cmd) => cmd.run(&sh),
+        flags::Command::Bench(cmd) => cmd.run(&sh),
         flags::Command::Fuzz(cmd) => cmd.run(&sh),
     }
 }

@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
+use rayon::prelude::*;
 
 use crate::model::{Architecture, Layer, State};
 use layerlab_pipeline::TrainConfig;
@@ -102,12 +103,14 @@ impl Params {
     }
 }
 
-fn parallelism() -> gemm::Parallelism {
-    match rayon::current_num_threads() {
-        0 | 1 => gemm::Parallelism::None,
-        n => gemm::Parallelism::Rayon(n),
-    }
-}
+/// Rows of a product's output handed to one task. The split is the same whatever the number of
+/// threads, so every value is computed by the same call in the same order: results do not depend
+/// on the thread count. (Letting gemm split the work itself was slower at these sizes, and its
+/// split depends on the thread count.)
+const ROWS_PER_TASK: usize = 32;
+
+/// Values of an elementwise pass handed to one task.
+const VALUES_PER_TASK: usize = 1 << 14;
 
 /// `dst[m×n] (+)= lhs[m×k] · rhs[k×n]`, each operand given by its row and column strides.
 #[allow(clippy::too_many_arguments)]
@@ -146,24 +149,45 @@ fn matmul(
             false,
             false,
             false,
-            parallelism(),
+            gemm::Parallelism::None,
         );
     }
 }
 
+/// [`matmul`] with the output's rows split into tasks of [`ROWS_PER_TASK`] run on rayon's threads.
+fn matmul_rows(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    accumulate: bool,
+    lhs: &[f32],
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: &[f32],
+    rhs_strides: (usize, usize),
+) {
+    dst[..m * n].par_chunks_mut(ROWS_PER_TASK * n).enumerate().for_each(|(task, dst)| {
+        let first = task * ROWS_PER_TASK;
+        let rows = dst.len() / n;
+        matmul((rows, n, k), dst, accumulate, &lhs[first * lhs_rs..], (lhs_rs, lhs_cs), rhs, rhs_strides);
+    });
+}
+
 /// Forward pass of one layer: `out[b, o] = act(Σ_i x[b, i] · w[o, i] + bias[o])`.
 fn dense_forward(d: &Dense, p: &Params, x: &[f32], batch: usize, out: &mut [f32]) {
-    let out = &mut out[..batch * d.outputs];
-    for row in out.chunks_exact_mut(d.outputs) {
-        row.copy_from_slice(&p.bias);
-    }
-    // x [batch × inputs] · wᵀ [inputs × outputs]
-    matmul((batch, d.outputs, d.inputs), out, true, x, (d.inputs, 1), &p.weight, (1, d.inputs));
-    if d.relu {
-        for v in out.iter_mut() {
-            *v = v.max(0.0);
+    let rows = ROWS_PER_TASK * d.outputs;
+    out[..batch * d.outputs].par_chunks_mut(rows).enumerate().for_each(|(task, out)| {
+        for row in out.chunks_exact_mut(d.outputs) {
+            row.copy_from_slice(&p.bias);
         }
-    }
+        // x [rows × inputs] · wᵀ [inputs × outputs]
+        let x = &x[task * ROWS_PER_TASK * d.inputs..];
+        let n_rows = out.len() / d.outputs;
+        matmul((n_rows, d.outputs, d.inputs), out, true, x, (d.inputs, 1), &p.weight, (1, d.inputs));
+        if d.relu {
+            for v in out.iter_mut() {
+                *v = v.max(0.0);
+            }
+        }
+    });
 }
 
 /// Softmax cross-entropy over a batch of logits: the mean loss, the number of wrong argmax
@@ -318,7 +342,7 @@ impl MlpTrainer {
             let dz = &delta[..batch * d.outputs];
             let g = &mut self.grads[i];
             // dW [outputs × inputs] = dzᵀ [outputs × batch] · x [batch × inputs]
-            matmul((d.outputs, d.inputs, batch), &mut g.weight, false, dz, (1, d.outputs), x_in, (d.inputs, 1));
+            matmul_rows((d.outputs, d.inputs, batch), &mut g.weight, false, dz, (1, d.outputs), x_in, (d.inputs, 1));
             g.bias.fill(0.0);
             for row in dz.chunks_exact(d.outputs) {
                 for (gb, &v) in g.bias.iter_mut().zip(row) {
@@ -329,21 +353,17 @@ impl MlpTrainer {
                 // dx [batch × inputs] = dz [batch × outputs] · W [outputs × inputs], then through
                 // the ReLU below (its output is positive exactly where its input was).
                 let dx = &mut delta_below[..batch * d.inputs];
-                matmul(
-                    (batch, d.inputs, d.outputs),
-                    dx,
-                    false,
-                    dz,
-                    (d.outputs, 1),
-                    &self.params[i].weight,
-                    (d.inputs, 1),
-                );
+                let w = &self.params[i].weight;
+                matmul_rows((batch, d.inputs, d.outputs), dx, false, dz, (d.outputs, 1), w, (d.inputs, 1));
                 if self.plan.layers[i - 1].relu {
-                    for (g, &a) in dx.iter_mut().zip(&self.activations[i - 1]) {
-                        if a <= 0.0 {
-                            *g = 0.0;
+                    let below = &self.activations[i - 1];
+                    dx.par_chunks_mut(VALUES_PER_TASK).zip(below.par_chunks(VALUES_PER_TASK)).for_each(|(dx, a)| {
+                        for (g, &a) in dx.iter_mut().zip(a) {
+                            if a <= 0.0 {
+                                *g = 0.0;
+                            }
                         }
-                    }
+                    });
                 }
                 std::mem::swap(delta, delta_below);
             }
@@ -357,12 +377,15 @@ impl MlpTrainer {
         let (lr, mu, wd, nesterov) = (lr as f32, cfg.momentum as f32, cfg.weight_decay as f32, cfg.nesterov);
         for ((p, m), g) in self.params.iter_mut().zip(&mut self.momentum).zip(&self.grads) {
             for (p, (m, g)) in [(&mut p.weight, (&mut m.weight, &g.weight)), (&mut p.bias, (&mut m.bias, &g.bias))] {
-                for ((p, m), &g) in p.iter_mut().zip(m.iter_mut()).zip(g.iter()) {
-                    let g = if wd > 0.0 { g + *p * wd } else { g };
-                    *m = *m * mu + g;
-                    let step = if nesterov { g + *m * mu } else { *m };
-                    *p -= step * lr;
-                }
+                let tasks = p.par_chunks_mut(VALUES_PER_TASK).zip(m.par_chunks_mut(VALUES_PER_TASK));
+                tasks.zip(g.par_chunks(VALUES_PER_TASK)).for_each(|((p, m), g)| {
+                    for ((p, m), &g) in p.iter_mut().zip(m.iter_mut()).zip(g) {
+                        let g = if wd > 0.0 { g + *p * wd } else { g };
+                        *m = *m * mu + g;
+                        let step = if nesterov { g + *m * mu } else { *m };
+                        *p -= step * lr;
+                    }
+                });
             }
         }
     }
