@@ -1,9 +1,10 @@
 //! Times candle's conv2d against layerlab's on a VGG-11-BN-w0.25-sized stack (32×32×3 inputs).
 //!
-//! `cargo run --release -p layerlab --example conv_bench -- [--batch 128] [--iters 3] [--skip-candle]`
+//! `cargo run --release -p layerlab --example conv_bench -- [--batch 128] [--iters 3] [--skip-candle] [--model-only]`
 //!
 //! Each stack is conv (+bias), BatchNorm in training mode, ReLU, with 2×2 max-pools between
-//! stages, exactly as `model.rs` runs them; only the convolution function differs. Also times
+//! stages, as `model.rs` runs them: once with candle's ops everywhere (the state before
+//! `layerlab::conv`), once with only our convolution, once with all of our ops. Also times
 //! the full model's training step (`Architecture::forward` + cross-entropy) and each layer kind
 //! of the stack on its own, to show where the time goes.
 
@@ -11,23 +12,49 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
-use layerlab::conv::{conv2d, conv2d_candle};
+use layerlab::conv::{conv2d, conv2d_bias, conv2d_candle, layers};
 use layerlab::model::{loss_and_errors, Architecture, BnMode};
 use layerlab::pipeline::ModelConfig;
 
-type ConvFn = fn(&Tensor, &Tensor, usize, usize) -> Result<Tensor>;
+type ConvFn = fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>;
 type BnFn = fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>;
+type UnaryFn = fn(&Tensor) -> Result<Tensor>;
 
 /// Which kernels a stack runs.
 #[derive(Clone, Copy)]
 struct Kernels {
+    /// Convolution (padding 1, stride 1) plus bias.
     conv: ConvFn,
     bn: BnFn,
+    relu: UnaryFn,
+    pool: UnaryFn,
 }
 
-const CANDLE: Kernels = Kernels { conv: conv2d_candle, bn: batch_norm };
-const OURS_CONV: Kernels = Kernels { conv: conv2d, bn: batch_norm };
-const OURS: Kernels = Kernels { conv: conv2d, bn: batch_norm_fused };
+const CANDLE: Kernels = Kernels { conv: conv_candle, bn: batch_norm, relu: relu_candle, pool: pool_candle };
+const OURS_CONV: Kernels = Kernels { conv: conv_ours_unfused, bn: batch_norm, relu: relu_candle, pool: pool_candle };
+const OURS: Kernels = Kernels { conv: conv_ours, bn: batch_norm_fused, relu: relu_ours, pool: pool_ours };
+
+fn conv_candle(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    Ok(conv2d_candle(x, w, 1, 1)?.broadcast_add(&b.reshape((1, (), 1, 1))?)?)
+}
+fn conv_ours_unfused(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    Ok(conv2d(x, w, 1, 1)?.broadcast_add(&b.reshape((1, (), 1, 1))?)?)
+}
+fn conv_ours(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    conv2d_bias(x, w, b, 1, 1)
+}
+fn relu_candle(x: &Tensor) -> Result<Tensor> {
+    Ok(x.relu()?)
+}
+fn relu_ours(x: &Tensor) -> Result<Tensor> {
+    Ok(layers::relu(x)?)
+}
+fn pool_candle(x: &Tensor) -> Result<Tensor> {
+    Ok(x.max_pool2d(2)?)
+}
+fn pool_ours(x: &Tensor) -> Result<Tensor> {
+    Ok(layers::max_pool2(x)?)
+}
 
 /// Output channels, with 0 for a max-pool (VGG-11 at width 0.25).
 const PLAN: [usize; 13] = [16, 0, 32, 0, 64, 64, 0, 128, 128, 0, 128, 128, 0];
@@ -36,16 +63,18 @@ struct Flags {
     batch: usize,
     iters: usize,
     skip_candle: bool,
+    model_only: bool,
 }
 
 fn flags() -> Result<Flags> {
-    let mut f = Flags { batch: 128, iters: 3, skip_candle: false };
+    let mut f = Flags { batch: 128, iters: 3, skip_candle: false, model_only: false };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--batch" => f.batch = args.next().context("--batch needs a value")?.parse()?,
             "--iters" => f.iters = args.next().context("--iters needs a value")?.parse()?,
             "--skip-candle" => f.skip_candle = true,
+            "--model-only" => f.model_only = true,
             other => bail!("unknown flag '{other}'"),
         }
     }
@@ -96,12 +125,12 @@ impl Stack {
         let mut next = self.convs.iter();
         for &c in &PLAN {
             if c == 0 {
-                x = x.max_pool2d(2)?;
+                x = (k.pool)(&x)?;
                 continue;
             }
             let [w, b, g, beta] = next.next().context("plan and weights disagree")?;
-            x = (k.conv)(&x, w.as_tensor(), 1, 1)?.broadcast_add(&b.as_tensor().reshape((1, (), 1, 1))?)?;
-            x = (k.bn)(&x, g.as_tensor(), beta.as_tensor())?.relu()?;
+            x = (k.conv)(&x, w.as_tensor(), b.as_tensor())?;
+            x = (k.relu)(&(k.bn)(&x, g.as_tensor(), beta.as_tensor())?)?;
         }
         Ok(x)
     }
@@ -198,6 +227,9 @@ fn time_layers(x: &Tensor, fl: &Flags) -> Result<()> {
     type Layer<'a> = Box<dyn Fn(&Tensor) -> Result<Tensor> + 'a>;
     let mut kinds: Vec<(&str, Vec<(Var, Layer)>)> = Vec::new();
     let mut conv = Vec::new();
+    let mut conv_bias = Vec::new();
+    let mut relu_ours = Vec::new();
+    let mut pool_ours = Vec::new();
     let mut bn = Vec::new();
     let mut fused = Vec::new();
     let mut relu = Vec::new();
@@ -207,25 +239,32 @@ fn time_layers(x: &Tensor, fl: &Flags) -> Result<()> {
         let b = random(&[cout], 200 + i as u64, 0.1)?;
         let input = Var::from_tensor(&random(&[n, cin, s, s], 300 + i as u64, 1.0)?)?;
         let output = Var::from_tensor(&random(&[n, cout, s, s], 400 + i as u64, 1.0)?)?;
-        conv.push((input, Box::new(move |x: &Tensor| conv2d(x, &w, 1, 1)) as Layer));
+        let (w2, b2) = (w.clone(), b.clone());
+        conv.push((input.clone(), Box::new(move |x: &Tensor| conv2d(x, &w, 1, 1)) as Layer));
+        conv_bias.push((input, Box::new(move |x: &Tensor| conv2d_bias(x, &w2, &b2, 1, 1)) as Layer));
         let (g, beta) = (Tensor::ones(cout, DType::F32, &Device::Cpu)?, Tensor::zeros(cout, DType::F32, &Device::Cpu)?);
         let (g2, beta2) = (g.clone(), beta.clone());
         bn.push((output.clone(), Box::new(move |x: &Tensor| batch_norm(x, &g, &beta)) as Layer));
         fused.push((output.clone(), Box::new(move |x: &Tensor| batch_norm_fused(x, &g2, &beta2)) as Layer));
         relu.push((output.clone(), Box::new(|x: &Tensor| Ok(x.relu()?)) as Layer));
+        relu_ours.push((output.clone(), Box::new(|x: &Tensor| Ok(layers::relu(x)?)) as Layer));
         bias.push((output, Box::new(move |x: &Tensor| Ok(x.broadcast_add(&b.reshape((1, (), 1, 1))?)?)) as Layer));
     }
     let mut pool = Vec::new();
     for (i, &(c, s)) in pools.iter().enumerate() {
         let input = Var::from_tensor(&random(&[n, c, s, s], 500 + i as u64, 1.0)?)?;
-        pool.push((input, Box::new(|x: &Tensor| Ok(x.max_pool2d(2)?)) as Layer));
+        pool.push((input.clone(), Box::new(|x: &Tensor| Ok(x.max_pool2d(2)?)) as Layer));
+        pool_ours.push((input, Box::new(|x: &Tensor| Ok(layers::max_pool2(x)?)) as Layer));
     }
     kinds.push(("conv (ours)", conv));
+    kinds.push(("conv+bias", conv_bias));
     kinds.push(("bias add", bias));
     kinds.push(("batch norm", bn));
     kinds.push(("bn (fused)", fused));
     kinds.push(("relu", relu));
+    kinds.push(("relu (ours)", relu_ours));
     kinds.push(("max pool", pool));
+    kinds.push(("pool (ours)", pool_ours));
     println!("per layer kind, summed over the stack (ms per batch of {n}):");
     for (name, layers) in &kinds {
         let per_batch = |train: bool| -> Result<f64> {
@@ -252,14 +291,18 @@ fn main() -> Result<()> {
     let threads = rayon::current_num_threads();
     println!("batch {}, {} timed iterations, {threads} rayon threads", fl.batch, fl.iters);
     let x = random(&[fl.batch, 3, 32, 32], 1, 1.0)?;
+    if fl.model_only {
+        println!("full vgg11-bn-w0.25 training step (ours): {:.1} img/s", time_model(&x, &fl)?);
+        return Ok(());
+    }
     let stack = Stack::new()?;
     let (ours_f, ours_t) = time_stack(&stack, OURS, &x, &fl)?;
-    println!("ours (conv + fused BN): forward {ours_f:8.1} img/s   forward+backward {ours_t:8.1} img/s");
+    println!("all ours:               forward {ours_f:8.1} img/s   forward+backward {ours_t:8.1} img/s");
     let (conv_f, conv_t) = time_stack(&stack, OURS_CONV, &x, &fl)?;
     println!("ours conv, candle BN:   forward {conv_f:8.1} img/s   forward+backward {conv_t:8.1} img/s");
     if !fl.skip_candle {
         let (cand_f, cand_t) = time_stack(&stack, CANDLE, &x, &fl)?;
-        println!("candle conv and BN:     forward {cand_f:8.1} img/s   forward+backward {cand_t:8.1} img/s");
+        println!("all candle:             forward {cand_f:8.1} img/s   forward+backward {cand_t:8.1} img/s");
         println!("conv alone vs candle:   forward {:.1}x   forward+backward {:.1}x", conv_f / cand_f, conv_t / cand_t);
         println!("ours vs candle:         forward {:.1}x   forward+backward {:.1}x", ours_f / cand_f, ours_t / cand_t);
     }

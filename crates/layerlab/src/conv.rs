@@ -17,9 +17,10 @@ use std::ops::Range;
 
 use anyhow::Result;
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+pub mod layers;
 pub mod norm;
 
 /// Square-kernel convolution with equal padding on every side (dilation 1, one group).
@@ -31,6 +32,15 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, padding: usize, stride: usize) -> Res
         return Ok(x.contiguous()?.apply_op2(&weight.contiguous()?, op)?);
     }
     Ok(x.conv2d(weight, padding, stride, 1, 1)?)
+}
+
+/// [`conv2d`] followed by a per-channel `bias` [cout], added inside the same op on the fast path.
+pub fn conv2d_bias(x: &Tensor, weight: &Tensor, bias: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+    if fast_path_applies(x, weight, padding, stride) && bias.dtype() == DType::F32 && bias.device().is_cpu() {
+        let op = Conv2d { padding, stride };
+        return Ok(x.contiguous()?.apply_op3(&weight.contiguous()?, bias, op)?);
+    }
+    Ok(conv2d(x, weight, padding, stride)?.broadcast_add(&bias.reshape((1, (), 1, 1))?)?)
 }
 
 /// The reference: candle's own convolution, whatever the device and dtype.
@@ -157,7 +167,7 @@ impl CustomOp2 for Conv2d {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let g = Geom::new(l1.dims(), l2.dims(), self.padding, self.stride)?;
         let (x, weight) = (f32_data(s1, l1)?, f32_data(s2, l2)?);
-        let y = forward(&g, &x, &weight);
+        let y = forward(&g, &x, &weight, None);
         Ok((CpuStorage::F32(y), Shape::from((g.n, g.o, g.ho, g.wo))))
     }
 
@@ -177,6 +187,48 @@ impl CustomOp2 for Conv2d {
         let grad_x = if x.track_op() { Some(grad.apply_op2_no_bwd(weight, &gi)?) } else { None };
         let grad_w = if weight.track_op() { Some(x.apply_op2_no_bwd(&grad, &gw)?) } else { None };
         Ok((grad_x, grad_w))
+    }
+}
+
+/// The same op with a bias [o] as third argument.
+impl CustomOp3 for Conv2d {
+    fn name(&self) -> &'static str {
+        "layerlab-conv2d-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = Geom::new(l1.dims(), l2.dims(), self.padding, self.stride)?;
+        let (x, weight, bias) = (f32_data(s1, l1)?, f32_data(s2, l2)?, f32_data(s3, l3)?);
+        if bias.len() != g.o {
+            bail!("conv2d: bias {:?} does not fit weight {:?}", l3.dims(), l2.dims())
+        }
+        let y = forward(&g, &x, &weight, Some(&bias));
+        Ok((CpuStorage::F32(y), Shape::from((g.n, g.o, g.ho, g.wo))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (grad_x, grad_w) = CustomOp2::bwd(self, x, weight, res, grad)?;
+        let grad_b = if bias.track_op() {
+            Some(grad.apply_op1_no_bwd(&layers::ChannelSum)?.reshape(bias.shape())?)
+        } else {
+            None
+        };
+        Ok((grad_x, grad_w, grad_b))
     }
 }
 
@@ -275,7 +327,7 @@ fn resized(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
     &mut v[..len]
 }
 
-fn forward(g: &Geom, x: &[f32], weight: &[f32]) -> Vec<f32> {
+fn forward(g: &Geom, x: &[f32], weight: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
     let mut y = vec![0f32; g.n * g.image_out()];
     if y.is_empty() {
         return y;
@@ -289,13 +341,22 @@ fn forward(g: &Geom, x: &[f32], weight: &[f32]) -> Vec<f32> {
         im2col(g, x, images, cols);
         if images == 1 {
             matmul(g.o, nc, ckk, y, nc, false, weight, (ckk, 1), cols, (nc, 1));
+            if let Some(bias) = bias {
+                for (y, b) in y.chunks_exact_mut(hwo).zip(bias) {
+                    y.iter_mut().for_each(|y| *y += b);
+                }
+            }
         } else {
             let tmp = resized(&mut s.mat, g.o * nc);
             matmul(g.o, nc, ckk, tmp, nc, false, weight, (ckk, 1), cols, (nc, 1));
             // tmp is [o, image, position]; y is [image, o, position].
             for (im, y) in y.chunks_exact_mut(g.image_out()).enumerate() {
                 for (oc, y) in y.chunks_exact_mut(hwo).enumerate() {
-                    y.copy_from_slice(&tmp[oc * nc + im * hwo..][..hwo]);
+                    let src = &tmp[oc * nc + im * hwo..][..hwo];
+                    match bias {
+                        Some(bias) => y.iter_mut().zip(src).for_each(|(y, v)| *y = v + bias[oc]),
+                        None => y.copy_from_slice(src),
+                    }
                 }
             }
         }
@@ -586,6 +647,30 @@ mod tests {
             let loss = dot(&y, &r);
             assert!((dot(&x, &gx) - loss).abs() < 1e-4 * loss.abs().max(1.0), "case {i}: input gradient");
             assert!((dot(&wt, &gw) - loss).abs() < 1e-4 * loss.abs().max(1.0), "case {i}: weight gradient");
+        }
+    }
+
+    #[test]
+    fn bias_is_added_and_gets_its_gradient() {
+        let (x, w, b) = (random(&[3, 4, 6, 5], 71), random(&[5, 4, 3, 3], 72), random(&[5], 73));
+        let r = random(&[3, 5, 6, 5], 74);
+        let grads = |f: &dyn Fn(&Tensor, &Tensor, &Tensor) -> Tensor| {
+            let vars = [&x, &w, &b].map(|t| Var::from_tensor(t).unwrap());
+            let y = f(vars[0].as_tensor(), vars[1].as_tensor(), vars[2].as_tensor());
+            let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            [
+                y.clone(),
+                g.get(vars[0].as_tensor()).unwrap().clone(),
+                g.get(vars[1].as_tensor()).unwrap().clone(),
+                g.get(vars[2].as_tensor()).unwrap().clone(),
+            ]
+        };
+        let ours = grads(&|x, w, b| conv2d_bias(x, w, b, 1, 1).unwrap());
+        let theirs = grads(&|x, w, b| {
+            conv2d_candle(x, w, 1, 1).unwrap().broadcast_add(&b.reshape((1, (), 1, 1)).unwrap()).unwrap()
+        });
+        for k in 0..4 {
+            assert!(max_rel_diff(&ours[k], &theirs[k]) < 1e-4, "result {k} differs");
         }
     }
 

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 
-use crate::conv::norm;
+use crate::conv::{layers, norm};
 use crate::init::Init;
 use layerlab_pipeline::ModelConfig;
 
@@ -196,17 +196,16 @@ fn apply(layer: &Layer, state: &State, x: &Tensor, bn: &mut BnMode<'_>) -> Resul
         }
         Layer::Conv { name, stride, padding, bias } => {
             let w = get(state, &format!("{name}.weight"))?;
-            let y = crate::conv::conv2d(x, w, *padding, *stride)?;
             if *bias {
                 let b = get(state, &format!("{name}.bias"))?;
-                y.broadcast_add(&b.reshape((1, (), 1, 1))?)?
+                crate::conv::conv2d_bias(x, w, b, *padding, *stride)?
             } else {
-                y
+                crate::conv::conv2d(x, w, *padding, *stride)?
             }
         }
         Layer::BatchNorm { name } => batch_norm(name, state, x, bn)?,
-        Layer::Relu => x.relu()?,
-        Layer::MaxPool2 => x.max_pool2d(2)?,
+        Layer::Relu => layers::relu(x)?,
+        Layer::MaxPool2 => layers::max_pool2(x)?,
         Layer::GlobalAvgPool => x.mean(D::Minus1)?.mean(D::Minus1)?,
         Layer::Residual { main, shortcut } => {
             let mut m = x.clone();
@@ -217,7 +216,7 @@ fn apply(layer: &Layer, state: &State, x: &Tensor, bn: &mut BnMode<'_>) -> Resul
             for l in shortcut {
                 s = apply(l, state, &s, bn)?;
             }
-            (m + s)?.relu()?
+            layers::relu(&(m + s)?)?
         }
     })
 }

@@ -52,7 +52,7 @@ fn per_channel<'a>(
 }
 
 /// Sum of a slice in f32 with eight fixed lanes (vectorises; same order every time).
-fn lane_sum(v: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+pub(super) fn lane_sum(v: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     let mut acc = [0f32; 8];
     let chunks = v.chunks_exact(8);
     let rest = chunks.remainder();
