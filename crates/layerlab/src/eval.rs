@@ -4,6 +4,7 @@ use anyhow::Result;
 use candle_core::{Device, Tensor};
 
 use crate::data::Split;
+use crate::mlp::{MlpForward, MlpPlan};
 use crate::model::{images_to_tensor, loss_and_errors, Architecture, BnMode, State};
 
 /// Mean loss and error rate over a set of examples.
@@ -26,6 +27,25 @@ pub fn batch_tensors(split: &Split, indices: &[usize], device: &Device) -> Resul
     let x = images_to_tensor(&pixels, [indices.len(), split.channels, split.height, split.width], device)?;
     let y = Tensor::from_vec(labels, indices.len(), device)?;
     Ok((x, y))
+}
+
+/// The fully connected fast path's plan, when it applies (see [`crate::mlp`]).
+pub fn fast_plan(arch: &Architecture, device: &Device) -> Option<MlpPlan> {
+    if device.is_cpu() && std::env::var_os("LAYERLAB_AUTOGRAD").is_none() {
+        MlpPlan::of(arch)
+    } else {
+        None
+    }
+}
+
+/// One batch as f32 inputs (pixels / 255, into `x`) and its labels.
+pub fn batch_f32(split: &Split, indices: &[usize], x: &mut Vec<f32>) -> Vec<u32> {
+    let size = split.image_size();
+    x.clear();
+    for &i in indices {
+        x.extend(split.images[i * size..(i + 1) * size].iter().map(|&p| p as f32 / 255.0));
+    }
+    indices.iter().map(|&i| split.labels[i] as u32).collect()
 }
 
 /// Sums loss × count and errors over batches, so that the result is a mean over examples.
@@ -58,6 +78,16 @@ pub fn evaluate(
     device: &Device,
 ) -> Result<Metrics> {
     let mut acc = Accumulator::default();
+    if let Some(plan) = fast_plan(arch, device) {
+        let mut net = MlpForward::new(&plan, state)?;
+        let mut x = Vec::new();
+        for chunk in indices.chunks(batch.max(1)) {
+            let labels = batch_f32(split, chunk, &mut x);
+            let (loss, errors) = net.loss_and_errors(&x, &labels);
+            acc.add(loss, errors, chunk.len());
+        }
+        return Ok(acc.metrics());
+    }
     for chunk in indices.chunks(batch.max(1)) {
         let (x, y) = batch_tensors(split, chunk, device)?;
         let logits = arch.forward(state, &x, BnMode::Eval)?;

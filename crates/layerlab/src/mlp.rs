@@ -20,6 +20,8 @@ use layerlab_pipeline::TrainConfig;
 /// One Linear layer of the plan.
 #[derive(Debug, Clone)]
 struct Dense {
+    /// Index of its Linear among the architecture's top-level layers.
+    layer_index: usize,
     name: String,
     inputs: usize,
     outputs: usize,
@@ -46,7 +48,7 @@ impl MlpPlan {
                     if inputs != features {
                         return None;
                     }
-                    layers.push(Dense { name: name.clone(), inputs, outputs, relu: false });
+                    layers.push(Dense { layer_index: i, name: name.clone(), inputs, outputs, relu: false });
                     features = outputs;
                 }
                 Layer::Relu => {
@@ -61,6 +63,11 @@ impl MlpPlan {
         }
         let last = layers.last()?;
         (!last.relu && last.outputs == arch.classes).then_some(MlpPlan { layers })
+    }
+
+    /// How many dense layers lie before top-level layer `layer` (where prefix reuse starts).
+    pub fn dense_before(&self, layer: usize) -> usize {
+        self.layers.iter().filter(|d| d.layer_index < layer).count()
     }
 
     fn inputs(&self) -> usize {
@@ -235,25 +242,40 @@ impl MlpForward {
 
     /// Logits of a batch, in a buffer owned by `self`.
     pub fn logits(&mut self, x: &[f32], batch: usize) -> &[f32] {
+        self.run(x, batch, 0, self.plan.layers.len())
+    }
+
+    /// Runs dense layers `from..to` on `x` (the activations entering layer `from`, [batch × its
+    /// inputs]) and returns their output, in a buffer owned by `self`.
+    pub fn run(&mut self, x: &[f32], batch: usize, from: usize, to: usize) -> &[f32] {
+        if from >= to {
+            return &[];
+        }
         let widest = self.plan.layers.iter().map(|d| d.outputs).max().unwrap_or(0);
         for s in &mut self.scratch {
             s.resize(batch * widest, 0.0);
         }
         let [a, b] = &mut self.scratch;
         let (mut input, mut output): (&mut Vec<f32>, &mut Vec<f32>) = (a, b);
-        for (i, (d, p)) in self.plan.layers.iter().zip(&self.params).enumerate() {
-            let x_in: &[f32] = if i == 0 { x } else { &input[..batch * d.inputs] };
-            dense_forward(d, p, x_in, batch, output);
+        for i in from..to {
+            let d = &self.plan.layers[i];
+            let x_in: &[f32] = if i == from { x } else { &input[..batch * d.inputs] };
+            dense_forward(d, &self.params[i], x_in, batch, output);
             std::mem::swap(&mut input, &mut output);
         }
-        &input[..batch * self.plan.classes()]
+        &input[..batch * self.plan.layers[to - 1].outputs]
     }
 
     /// (mean loss, errors) of a batch.
     pub fn loss_and_errors(&mut self, x: &[f32], labels: &[u32]) -> (f64, usize) {
+        self.loss_and_errors_from(x, labels, 0)
+    }
+
+    /// (mean loss, errors) of a batch whose activations entering dense layer `from` are `x`.
+    pub fn loss_and_errors_from(&mut self, x: &[f32], labels: &[u32], from: usize) -> (f64, usize) {
         let classes = self.plan.classes();
-        let logits = self.logits(x, labels.len()).to_vec();
-        cross_entropy(&logits, labels, classes, None)
+        let logits = self.run(x, labels.len(), from, self.plan.layers.len());
+        cross_entropy(logits, labels, classes, None)
     }
 }
 

@@ -11,7 +11,8 @@ use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 
 use crate::data::Split;
-use crate::eval::{batch_tensors, Accumulator, Metrics};
+use crate::eval::{batch_f32, batch_tensors, fast_plan, Accumulator, Metrics};
+use crate::mlp::MlpForward;
 use crate::model::{loss_and_errors, Architecture, BnMode, State, Unit};
 
 /// How BatchNorm running statistics are treated when a unit is reset.
@@ -133,6 +134,26 @@ pub fn evaluate_variants(
         }
     }
     let mut results = Vec::with_capacity(sets.len());
+    if let (Some(plan), None) = (fast_plan(arch, device), calibration) {
+        let from = plan.dense_before(entry);
+        let mut shared = MlpForward::new(&plan, trained)?;
+        let mut nets = variants.iter().map(|v| MlpForward::new(&plan, &v.state)).collect::<Result<Vec<_>>>()?;
+        let mut x = Vec::new();
+        for set in sets {
+            let mut accs = vec![Accumulator::default(); variants.len()];
+            for chunk in set.indices.chunks(set.batch.max(1)) {
+                let labels = batch_f32(set.split, chunk, &mut x);
+                let prefix = if from == 0 { x.clone() } else { shared.run(&x, chunk.len(), 0, from).to_vec() };
+                for (net, acc) in nets.iter_mut().zip(accs.iter_mut()) {
+                    let (loss, errors) = net.loss_and_errors_from(&prefix, &labels, from);
+                    acc.add(loss, errors, chunk.len());
+                }
+            }
+            results.push(accs.iter().map(Accumulator::metrics).collect());
+            on_progress();
+        }
+        return Ok(results);
+    }
     for set in sets {
         let mut accs = vec![Accumulator::default(); variants.len()];
         for chunk in set.indices.chunks(set.batch.max(1)) {

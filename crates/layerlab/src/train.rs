@@ -18,7 +18,7 @@ use crate::checkpoint::{self, CheckpointMeta};
 use crate::data::Split;
 use crate::eval::{self, Accumulator};
 use crate::init::{derive_seed, rng};
-use crate::mlp::{MlpPlan, MlpTrainer};
+use crate::mlp::MlpTrainer;
 use crate::model::{images_to_tensor, loss_and_errors, Architecture, BnMode, State};
 use crate::progress;
 use crate::table::{Column, Table};
@@ -196,8 +196,8 @@ impl Engine {
         momentum: Option<BTreeMap<String, Tensor>>,
         device: &Device,
     ) -> Result<Engine> {
-        match MlpPlan::of(arch) {
-            Some(plan) if device.is_cpu() && std::env::var_os("LAYERLAB_AUTOGRAD").is_none() => {
+        match crate::eval::fast_plan(arch, device) {
+            Some(plan) => {
                 Ok(Engine::Mlp { trainer: MlpTrainer::new(&plan, state, momentum.as_ref())?, inputs: Vec::new() })
             }
             _ => Ok(Engine::Autograd(Optimizer::new(arch, state, momentum)?)),
