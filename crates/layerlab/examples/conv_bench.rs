@@ -150,8 +150,13 @@ fn batch_norm_fused(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor
     Ok(layerlab::conv::norm::train(x, weight, bias, 1e-5)?)
 }
 
-/// Images per second of `f` over `iters` timed runs after one warm-up.
+/// Images per wall-clock second of `f` over `iters` timed runs after one warm-up.
 fn images_per_s(batch: usize, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    rates(batch, iters, &mut f)
+}
+
+/// Images per wall-clock second of `f` over `iters` timed runs after one warm-up.
+fn rates(batch: usize, iters: usize, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
     f()?;
     let start = Instant::now();
     for _ in 0..iters {
@@ -160,18 +165,23 @@ fn images_per_s(batch: usize, iters: usize, mut f: impl FnMut() -> Result<()>) -
     Ok((batch * iters) as f64 / start.elapsed().as_secs_f64())
 }
 
+/// Images per second of (forward, forward+backward).
 fn time_stack(stack: &Stack, k: Kernels, x: &Tensor, fl: &Flags) -> Result<(f64, f64)> {
-    let fwd = images_per_s(fl.batch, fl.iters, || {
+    let fwd = rates(fl.batch, fl.iters, &mut || {
         stack.forward(k, x)?.sum_all()?.to_scalar::<f32>()?;
         Ok(())
     })?;
-    let train = images_per_s(fl.batch, fl.iters, || {
+    let train = rates(fl.batch, fl.iters, &mut || {
         let loss = stack.forward(k, x)?.sqr()?.mean_all()?;
         let grads = loss.backward()?;
         grads.get(stack.convs[0][0].as_tensor()).context("no gradient for the first conv")?;
         Ok(())
     })?;
     Ok((fwd, train))
+}
+
+fn report(name: &str, (f, t): (f64, f64)) {
+    println!("{name:<22} forward {f:7.1} img/s   forward+backward {t:7.1} img/s");
 }
 
 /// The model's own training step: forward, cross-entropy, backward.
@@ -228,6 +238,7 @@ fn time_layers(x: &Tensor, fl: &Flags) -> Result<()> {
     let mut kinds: Vec<(&str, Vec<(Var, Layer)>)> = Vec::new();
     let mut conv = Vec::new();
     let mut conv_bias = Vec::new();
+    let mut conv_candle = Vec::new();
     let mut relu_ours = Vec::new();
     let mut pool_ours = Vec::new();
     let mut bn = Vec::new();
@@ -240,6 +251,8 @@ fn time_layers(x: &Tensor, fl: &Flags) -> Result<()> {
         let input = Var::from_tensor(&random(&[n, cin, s, s], 300 + i as u64, 1.0)?)?;
         let output = Var::from_tensor(&random(&[n, cout, s, s], 400 + i as u64, 1.0)?)?;
         let (w2, b2) = (w.clone(), b.clone());
+        let w3 = w.clone();
+        conv_candle.push((input.clone(), Box::new(move |x: &Tensor| conv2d_candle(x, &w3, 1, 1)) as Layer));
         conv.push((input.clone(), Box::new(move |x: &Tensor| conv2d(x, &w, 1, 1)) as Layer));
         conv_bias.push((input, Box::new(move |x: &Tensor| conv2d_bias(x, &w2, &b2, 1, 1)) as Layer));
         let (g, beta) = (Tensor::ones(cout, DType::F32, &Device::Cpu)?, Tensor::zeros(cout, DType::F32, &Device::Cpu)?);
@@ -256,6 +269,7 @@ fn time_layers(x: &Tensor, fl: &Flags) -> Result<()> {
         pool.push((input.clone(), Box::new(|x: &Tensor| Ok(x.max_pool2d(2)?)) as Layer));
         pool_ours.push((input, Box::new(|x: &Tensor| Ok(layers::max_pool2(x)?)) as Layer));
     }
+    kinds.push(("conv candle", conv_candle));
     kinds.push(("conv (ours)", conv));
     kinds.push(("conv+bias", conv_bias));
     kinds.push(("bias add", bias));
@@ -265,10 +279,10 @@ fn time_layers(x: &Tensor, fl: &Flags) -> Result<()> {
     kinds.push(("relu (ours)", relu_ours));
     kinds.push(("max pool", pool));
     kinds.push(("pool (ours)", pool_ours));
-    println!("per layer kind, summed over the stack (ms per batch of {n}):");
+    println!("per layer kind, summed over the stack (ms per batch of {n}; the loss is a sum, or a mean of squares):");
     for (name, layers) in &kinds {
         let per_batch = |train: bool| -> Result<f64> {
-            let ips = images_per_s(n, fl.iters, || {
+            let ips = rates(n, fl.iters, &mut || {
                 for (input, f) in layers {
                     let y = f(input.as_tensor())?;
                     if train {
@@ -281,7 +295,8 @@ fn time_layers(x: &Tensor, fl: &Flags) -> Result<()> {
             })?;
             Ok(n as f64 / ips * 1e3)
         };
-        println!("  {name:<12} forward {:8.1}   forward+backward {:8.1}", per_batch(false)?, per_batch(true)?);
+        let (f, t) = (per_batch(false)?, per_batch(true)?);
+        println!("  {name:<12} forward {f:8.1}   forward+backward {t:8.1}");
     }
     Ok(())
 }
@@ -296,15 +311,17 @@ fn main() -> Result<()> {
         return Ok(());
     }
     let stack = Stack::new()?;
-    let (ours_f, ours_t) = time_stack(&stack, OURS, &x, &fl)?;
-    println!("all ours:               forward {ours_f:8.1} img/s   forward+backward {ours_t:8.1} img/s");
-    let (conv_f, conv_t) = time_stack(&stack, OURS_CONV, &x, &fl)?;
-    println!("ours conv, candle BN:   forward {conv_f:8.1} img/s   forward+backward {conv_t:8.1} img/s");
+    let ours = time_stack(&stack, OURS, &x, &fl)?;
+    report("all ours:", ours);
+    let conv = time_stack(&stack, OURS_CONV, &x, &fl)?;
+    report("ours conv, candle BN:", conv);
     if !fl.skip_candle {
-        let (cand_f, cand_t) = time_stack(&stack, CANDLE, &x, &fl)?;
-        println!("all candle:             forward {cand_f:8.1} img/s   forward+backward {cand_t:8.1} img/s");
-        println!("conv alone vs candle:   forward {:.1}x   forward+backward {:.1}x", conv_f / cand_f, conv_t / cand_t);
-        println!("ours vs candle:         forward {:.1}x   forward+backward {:.1}x", ours_f / cand_f, ours_t / cand_t);
+        let cand = time_stack(&stack, CANDLE, &x, &fl)?;
+        report("all candle:", cand);
+        let ratio =
+            |a: (f64, f64), b: (f64, f64)| format!("forward {:.1}x   forward+backward {:.1}x", a.0 / b.0, a.1 / b.1);
+        println!("conv alone vs candle:  {}", ratio(conv, cand));
+        println!("all ours vs candle:    {}", ratio(ours, cand));
     }
     println!("full vgg11-bn-w0.25 training step (ours): {:.1} img/s", time_model(&x, &fl)?);
     time_layers(&x, &fl)?;
