@@ -13,13 +13,19 @@ pub struct RunLock {
     path: PathBuf,
 }
 
-/// Whether a process runs (on Linux; elsewhere every process counts as alive).
+/// Whether a process runs (on Linux; elsewhere every process counts as alive, so nothing is
+/// ever taken from a live one). A zombie (killed, not yet reaped by its parent) is not running.
 pub fn process_alive(pid: u32) -> bool {
-    // On Linux a live process has a /proc entry; elsewhere assume it is alive (never steal).
-    if cfg!(target_os = "linux") {
-        Path::new(&format!("/proc/{pid}")).exists()
-    } else {
-        true
+    if !cfg!(target_os = "linux") {
+        return true;
+    }
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses and may hold spaces.
+        Ok(stat) => match stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()) {
+            Some("Z" | "X" | "x") => false,
+            _ => true,
+        },
+        Err(_) => Path::new(&format!("/proc/{pid}")).exists(),
     }
 }
 
@@ -91,5 +97,20 @@ mod tests {
         fs::write(dir.join(".layerlab.lock"), "4294967294 0\n").unwrap();
         let _again = RunLock::acquire(&dir).unwrap();
         fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn a_killed_process_not_yet_reaped_is_not_alive() {
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        assert!(process_alive(child.id()));
+        child.kill().unwrap();
+        // Not waited for: a zombie until reaped, as a killed stage is while its parent is gone.
+        let t0 = std::time::Instant::now();
+        while process_alive(child.id()) && t0.elapsed().as_secs() < 5 {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(!process_alive(child.id()), "a zombie counts as running");
+        child.wait().unwrap();
     }
 }

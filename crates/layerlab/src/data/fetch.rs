@@ -267,6 +267,10 @@ pub struct FetchReport {
 pub fn fetch(opts: &FetchOptions) -> Result<FetchReport> {
     let started = Instant::now();
     let name = opts.dataset.name();
+    // Staging folders of killed runs go first, also when the dataset turns out to be present.
+    if let Some(parent) = opts.dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        remove_stale_staging(parent, name);
+    }
     if !opts.force {
         match check_present(opts.dataset, &opts.dir) {
             Ok(manifest) => {
@@ -436,8 +440,7 @@ fn remove_stale_staging(parent: &Path, name: &str) {
     for entry in entries.flatten() {
         let file_name = entry.file_name().to_string_lossy().into_owned();
         let Some(pid) = file_name.strip_prefix(&prefix).and_then(|p| p.parse::<u32>().ok()) else { continue };
-        let alive = !cfg!(target_os = "linux") || Path::new(&format!("/proc/{pid}")).exists();
-        if !alive {
+        if !layerlab_pipeline::lock::process_alive(pid) {
             let _ = fs::remove_dir_all(entry.path());
         }
     }

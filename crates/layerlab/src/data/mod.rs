@@ -6,11 +6,11 @@ pub mod fetch;
 pub mod http;
 pub mod idx;
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use safetensors::tensor::{Dtype, TensorView};
+use safetensors::tensor::Dtype;
 use safetensors::SafeTensors;
 
 use layerlab_pipeline::fsutil;
@@ -71,19 +71,29 @@ pub fn manifest_path(dataset_dir: &Path) -> PathBuf {
     dataset_dir.join("manifest.json")
 }
 
-/// Writes a split atomically as safetensors with the dataset name and source in the metadata.
+/// Writes a split atomically as safetensors with the dataset name and source in the metadata, in
+/// a fixed order (the `safetensors` crate's own writer orders metadata by a `HashMap`, so two
+/// fetches of the same data would differ byte for byte).
 pub fn write_split(path: &Path, split: &Split, dataset: &str, source: &str) -> Result<()> {
     let n = split.len();
-    let images = TensorView::new(Dtype::U8, vec![n, split.channels, split.height, split.width], &split.images)?;
-    let labels = TensorView::new(Dtype::U8, vec![n], &split.labels)?;
-    let metadata = HashMap::from([
+    if split.images.len() != n * split.image_size() {
+        bail!(
+            "cannot write {}: {} image bytes for {n} images of {} bytes",
+            path.display(),
+            split.images.len(),
+            split.image_size()
+        );
+    }
+    let tensors = [
+        ("images".to_string(), "U8", vec![n, split.channels, split.height, split.width], split.images.clone()),
+        ("labels".to_string(), "U8", vec![n], split.labels.clone()),
+    ];
+    let metadata = BTreeMap::from([
         ("dataset".to_string(), dataset.to_string()),
         ("source".to_string(), source.to_string()),
         ("format".to_string(), "layerlab-dataset-1".to_string()),
     ]);
-    let bytes = safetensors::serialize([("images", images), ("labels", labels)], Some(metadata))
-        .with_context(|| format!("cannot serialize {}", path.display()))?;
-    fsutil::write_atomic(path, &bytes)
+    fsutil::write_atomic(path, &crate::checkpoint::safetensors_bytes(&tensors, &metadata))
 }
 
 /// Reads a split written by [`write_split`], checking names, dtypes and shapes.
