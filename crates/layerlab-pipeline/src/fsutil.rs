@@ -59,3 +59,35 @@ pub fn write_atomic_with(path: &Path, fill: impl FnOnce(&mut File) -> Result<()>
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_write_removes_temporaries_of_dead_processes_only() {
+        let dir = std::env::temp_dir().join(format!("layerlab-fsutil-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let dead = dir.join(".a.parquet.tmp-4294967294");
+        let ours = temp_path_for(&dir.join("b.parquet"));
+        let other = dir.join(".notes.txt");
+        for p in [&dead, &ours, &other] {
+            fs::write(p, b"x").unwrap();
+        }
+        write_atomic(&dir.join("c.json"), b"{}").unwrap();
+        assert!(!dead.exists(), "a dead process's temporary file stayed");
+        assert!(ours.exists() && other.exists());
+        assert_eq!(fs::read(dir.join("c.json")).unwrap(), b"{}");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_failed_write_names_the_file_and_leaves_nothing() {
+        let dir = std::env::temp_dir().join(format!("layerlab-fsutil-fail-{}", std::process::id()));
+        let path = dir.join("t.bin");
+        let err = write_atomic_with(&path, |_| anyhow::bail!("disk full")).unwrap_err();
+        assert!(format!("{err:#}").starts_with(&format!("cannot write {}: disk full", path.display())), "{err:#}");
+        assert_eq!(fs::read_dir(&dir).unwrap().count(), 0);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
