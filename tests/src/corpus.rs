@@ -160,7 +160,7 @@ fn checkpoint_meta(arch: &str) -> BTreeMap<String, String> {
 /// A safetensors file whose header is the given JSON text, followed by `data`.
 fn raw_safetensors(header: &str, data: &[u8]) -> Vec<u8> {
     let mut head = header.as_bytes().to_vec();
-    while head.len() % 8 != 0 {
+    while !head.len().is_multiple_of(8) {
         head.push(b' ');
     }
     let mut out = (head.len() as u64).to_le_bytes().to_vec();

@@ -21,10 +21,9 @@ pub fn process_alive(pid: u32) -> bool {
     }
     match fs::read_to_string(format!("/proc/{pid}/stat")) {
         // The state follows the command name, which is in parentheses and may hold spaces.
-        Ok(stat) => match stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()) {
-            Some("Z" | "X" | "x") => false,
-            _ => true,
-        },
+        Ok(stat) => {
+            !matches!(stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()), Some("Z" | "X" | "x"))
+        }
         Err(_) => Path::new(&format!("/proc/{pid}")).exists(),
     }
 }
