@@ -57,13 +57,16 @@ impl flags::Fuzz {
             for c in &o.crashed {
                 println!("    crashing input: {}", c.display());
             }
-            if !o.status.success() || !o.crashed.is_empty() {
+            if o.executions.is_none() && o.crashed.is_empty() {
+                println!("    it did not run (a build failure?): see fuzz/logs/{}.log", o.target);
+                failed.push(format!("{} (did not run)", o.target));
+            } else if !o.status.success() || !o.crashed.is_empty() {
                 failed.push(o.target.clone());
             }
         }
         if !failed.is_empty() {
             bail!(
-                "fuzz targets found faults: {}; fix them in the library and copy each crashing input into \
+                "fuzzing failed: {}; fix each fault in the library and copy its crashing input into \
                  tests/corpus/fuzz-regressions/<target>/ so that the tests replay it",
                 failed.join(", ")
             );
