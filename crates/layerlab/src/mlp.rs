@@ -248,12 +248,14 @@ impl MlpForward {
     /// Runs dense layers `from..to` on `x` (the activations entering layer `from`, [batch × its
     /// inputs]) and returns their output, in a buffer owned by `self`.
     pub fn run(&mut self, x: &[f32], batch: usize, from: usize, to: usize) -> &[f32] {
-        if from >= to {
-            return &[];
-        }
         let widest = self.plan.layers.iter().map(|d| d.outputs).max().unwrap_or(0);
         for s in &mut self.scratch {
-            s.resize(batch * widest, 0.0);
+            s.resize(batch * widest.max(x.len() / batch.max(1)), 0.0);
+        }
+        if from >= to {
+            // Nothing to run: the activations are the output (the baseline's logits, say).
+            self.scratch[0][..x.len()].copy_from_slice(x);
+            return &self.scratch[0][..x.len()];
         }
         let [a, b] = &mut self.scratch;
         let (mut input, mut output): (&mut Vec<f32>, &mut Vec<f32>) = (a, b);
