@@ -191,6 +191,7 @@ impl flags::Bench {
         let threads = self.threads.max(1).to_string();
 
         cmd!(sh, "cargo build --release -q -p fetch-data -p train -p reset-eval -p layerlab-bench").run()?;
+        warn_if_busy();
         let py = python(sh, self.python.as_deref())?;
         let script = root.join("bench/pytorch_bench.py");
         let datasets = root.join("data/datasets");
@@ -405,6 +406,21 @@ impl flags::Bench {
         cmd!(sh, "{tool} table {out} --revision {revision} --machine {machine} --date {date}").stdin(input).run()?;
         println!("table: {}", out.display());
         Ok(())
+    }
+}
+
+/// Both sides want every core they are given; other work skews the figures, and PyTorch's OpenMP
+/// threads (which spin while waiting) far more than layerlab's.
+fn warn_if_busy() {
+    let load: f64 = fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
+        .unwrap_or(0.0);
+    if load > 0.5 {
+        eprintln!(
+            "bench: warning: the machine is busy (1-minute load average {load:.2}); figures taken now are \
+             not comparable with a quiet machine's"
+        );
     }
 }
 
