@@ -410,16 +410,24 @@ impl flags::Bench {
 }
 
 /// Both sides want every core they are given; other work skews the figures, and PyTorch's OpenMP
-/// threads (which spin while waiting) far more than layerlab's.
+/// threads (which spin while waiting) far more than layerlab's. Samples how busy the CPUs are over
+/// one second (the load average would still count the build that just ran).
 fn warn_if_busy() {
-    let load: f64 = fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
-        .unwrap_or(0.0);
-    if load > 0.5 {
+    fn cpu_times() -> Option<(u64, u64)> {
+        let stat = fs::read_to_string("/proc/stat").ok()?;
+        let fields: Vec<u64> = stat.lines().next()?.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+        let idle = fields.get(3)? + fields.get(4).copied().unwrap_or(0);
+        Some((fields.iter().sum(), idle))
+    }
+    let Some((total0, idle0)) = cpu_times() else { return };
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let Some((total1, idle1)) = cpu_times() else { return };
+    let busy = 1.0 - (idle1 - idle0) as f64 / (total1 - total0).max(1) as f64;
+    if busy > 0.1 {
         eprintln!(
-            "bench: warning: the machine is busy (1-minute load average {load:.2}); figures taken now are \
-             not comparable with a quiet machine's"
+            "bench: warning: the CPUs are {:.0}% busy with other work; figures taken now are not comparable \
+             with a quiet machine's",
+            busy * 100.0
         );
     }
 }
