@@ -240,8 +240,8 @@ mod tests {
         // With nothing after the entry (reset-eval's baseline), the shared prefix is the output.
         let trained_full = crate::eval::evaluate(&a, &trained, &split, &set.indices, 8, &Device::Cpu).unwrap();
         let mut same = vec![Variant { state: trained.clone() }];
-        let got = evaluate_variants(&a, &trained, a.layers.len(), &mut same, &[&set], None, &Device::Cpu, || {})
-            .unwrap();
+        let got =
+            evaluate_variants(&a, &trained, a.layers.len(), &mut same, &[&set], None, &Device::Cpu, || {}).unwrap();
         assert_eq!(got[0][0], trained_full);
     }
 }
