@@ -509,7 +509,7 @@ fn col2im(g: &Geom, cols: &[f32], images: usize, dx: &mut [f32]) {
 /// `accumulate`; `lhs` and `rhs` are given with (row, column) strides. Single-threaded: the
 /// callers parallelise over chunks, which keeps results independent of the thread count.
 #[allow(clippy::too_many_arguments)]
-fn matmul(
+pub(crate) fn matmul(
     m: usize,
     n: usize,
     k: usize,

@@ -14,6 +14,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
+use crate::conv::matmul;
 use crate::model::{Architecture, Layer, State};
 use layerlab_pipeline::TrainConfig;
 
@@ -119,49 +120,7 @@ const ROWS_PER_TASK: usize = 32;
 /// Values of an elementwise pass handed to one task.
 const VALUES_PER_TASK: usize = 1 << 14;
 
-/// `dst[m×n] (+)= lhs[m×k] · rhs[k×n]`, each operand given by its row and column strides.
-#[allow(clippy::too_many_arguments)]
-fn matmul(
-    (m, n, k): (usize, usize, usize),
-    dst: &mut [f32],
-    accumulate: bool,
-    lhs: &[f32],
-    (lhs_rs, lhs_cs): (usize, usize),
-    rhs: &[f32],
-    (rhs_rs, rhs_cs): (usize, usize),
-) {
-    // The slices must cover every element the strides reach; checked here, once, so that the
-    // unsafe call below only reads and writes inside them.
-    assert!(dst.len() >= m * n);
-    assert!(m == 0 || k == 0 || lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs);
-    assert!(k == 0 || n == 0 || rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs);
-    // SAFETY: bounds checked above; dst does not alias lhs or rhs (distinct borrows).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            lhs.as_ptr(),
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs.as_ptr(),
-            rhs_cs as isize,
-            rhs_rs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
-}
-
-/// [`matmul`] with the output's rows split into tasks of [`ROWS_PER_TASK`] run on rayon's threads.
+/// [`matmul`] (row-major `dst`) with the output's rows split into tasks of [`ROWS_PER_TASK`] run on rayon's threads.
 fn matmul_rows(
     (m, n, k): (usize, usize, usize),
     dst: &mut [f32],
@@ -174,7 +133,7 @@ fn matmul_rows(
     dst[..m * n].par_chunks_mut(ROWS_PER_TASK * n).enumerate().for_each(|(task, dst)| {
         let first = task * ROWS_PER_TASK;
         let rows = dst.len() / n;
-        matmul((rows, n, k), dst, accumulate, &lhs[first * lhs_rs..], (lhs_rs, lhs_cs), rhs, rhs_strides);
+        matmul(rows, n, k, dst, n, accumulate, &lhs[first * lhs_rs..], (lhs_rs, lhs_cs), rhs, rhs_strides);
     });
 }
 
@@ -188,7 +147,7 @@ fn dense_forward(d: &Dense, p: &Params, x: &[f32], batch: usize, out: &mut [f32]
         // x [rows × inputs] · wᵀ [inputs × outputs]
         let x = &x[task * ROWS_PER_TASK * d.inputs..];
         let n_rows = out.len() / d.outputs;
-        matmul((n_rows, d.outputs, d.inputs), out, true, x, (d.inputs, 1), &p.weight, (1, d.inputs));
+        matmul(n_rows, d.outputs, d.inputs, out, d.outputs, true, x, (d.inputs, 1), &p.weight, (1, d.inputs));
         if d.relu {
             for v in out.iter_mut() {
                 *v = v.max(0.0);
