@@ -224,31 +224,29 @@ impl flags::Bench {
             let mut c = layerlab("train");
             c.arg("--config").arg(&config).args(["-e", "fcn-mnist", "--seed", "0", "--force"]);
             let m = measure(c, &log)?;
-            let mut c = layerlab("layerlab-bench");
-            c.arg("history")
-                .arg(fcn_dir.join("runs/fcn-mnist/seed-0/train/history.parquet"))
-                .args(["--examples", "60000"]);
-            let mut r = json_rows(&measure(c, &log)?.stdout, "layerlab")?;
-            for f in &mut r {
-                f.peak_rss_mb = Some(m.peak_rss_mb);
-            }
-            rows.extend(r);
-            rows.push(Figure {
-                workload: "fcn-mnist".into(),
-                figure: format!("{epochs}-epoch run"),
-                side: "layerlab",
-                value: m.seconds,
-                unit: "s".into(),
-                flops: None,
-                peak_rss_mb: Some(m.peak_rss_mb),
-            });
+            // Trained only for the grid's checkpoints when fcn itself is not asked for.
             if selected("fcn") {
+                let mut c = layerlab("layerlab-bench");
+                c.arg("history")
+                    .arg(fcn_dir.join("runs/fcn-mnist/seed-0/train/history.parquet"))
+                    .args(["--examples", "60000"]);
+                for mut f in json_rows(&measure(c, &log)?.stdout, "layerlab")? {
+                    f.peak_rss_mb = Some(m.peak_rss_mb);
+                    rows.push(f);
+                }
+                rows.push(Figure {
+                    workload: "fcn-mnist".into(),
+                    figure: format!("{epochs}-epoch run"),
+                    side: "layerlab",
+                    value: m.seconds,
+                    unit: "s".into(),
+                    flops: None,
+                    peak_rss_mb: Some(m.peak_rss_mb),
+                });
                 eprintln!("bench: FCN training, {epochs} epochs (PyTorch)");
                 let mut c = pytorch("fcn-train");
                 c.arg("--epochs").arg(&epochs_s).arg("--out").arg(&bench_dir);
                 rows.extend(json_rows(&measure(c, &log)?.stdout, "pytorch")?);
-            } else {
-                rows.clear();
             }
         }
         if selected("grid") {

@@ -5,7 +5,7 @@ use candle_core::{Device, Tensor};
 
 use crate::data::Split;
 use crate::mlp::{MlpForward, MlpPlan};
-use crate::model::{images_to_tensor, loss_and_errors, Architecture, BnMode, State};
+use crate::model::{images_to_tensor, loss_and_errors, push_scaled_pixels, Architecture, BnMode, State};
 
 /// Mean loss and error rate over a set of examples.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -43,7 +43,7 @@ pub fn batch_f32(split: &Split, indices: &[usize], x: &mut Vec<f32>) -> Vec<u32>
     let size = split.image_size();
     x.clear();
     for &i in indices {
-        x.extend(split.images[i * size..(i + 1) * size].iter().map(|&p| p as f32 / 255.0));
+        push_scaled_pixels(&split.images[i * size..(i + 1) * size], x);
     }
     indices.iter().map(|&i| split.labels[i] as u32).collect()
 }

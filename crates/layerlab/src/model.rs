@@ -499,9 +499,16 @@ fn spec(name: String, shape: Vec<usize>, init: Init, trainable: bool) -> TensorS
     TensorSpec { name, shape, init, trainable }
 }
 
+/// Appends u8 pixels to `out` as the networks' f32 inputs (pixels / 255). Every path (candle
+/// tensors and the fully connected fast path) scales through here, so they see the same values.
+pub fn push_scaled_pixels(pixels: &[u8], out: &mut Vec<f32>) {
+    out.extend(pixels.iter().map(|&p| p as f32 / 255.0));
+}
+
 /// Turns u8 images [n, c, h, w] into f32 pixels / 255 on `device`.
 pub fn images_to_tensor(pixels: &[u8], shape: [usize; 4], device: &Device) -> Result<Tensor> {
-    let values: Vec<f32> = pixels.iter().map(|&p| p as f32 / 255.0).collect();
+    let mut values = Vec::with_capacity(pixels.len());
+    push_scaled_pixels(pixels, &mut values);
     Ok(Tensor::from_vec(values, shape.to_vec(), device)?)
 }
 

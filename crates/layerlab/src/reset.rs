@@ -143,9 +143,9 @@ pub fn evaluate_variants(
             let mut accs = vec![Accumulator::default(); variants.len()];
             for chunk in set.indices.chunks(set.batch.max(1)) {
                 let labels = batch_f32(set.split, chunk, &mut x);
-                let prefix = if from == 0 { x.clone() } else { shared.run(&x, chunk.len(), 0, from).to_vec() };
+                let prefix: &[f32] = if from == 0 { &x } else { shared.run(&x, chunk.len(), 0, from) };
                 for (net, acc) in nets.iter_mut().zip(accs.iter_mut()) {
-                    let (loss, errors) = net.loss_and_errors_from(&prefix, &labels, from);
+                    let (loss, errors) = net.loss_and_errors_from(prefix, &labels, from);
                     acc.add(loss, errors, chunk.len());
                 }
             }

@@ -19,7 +19,7 @@ use crate::data::Split;
 use crate::eval::{self, Accumulator};
 use crate::init::{derive_seed, rng};
 use crate::mlp::MlpTrainer;
-use crate::model::{images_to_tensor, loss_and_errors, Architecture, BnMode, State};
+use crate::model::{images_to_tensor, loss_and_errors, push_scaled_pixels, Architecture, BnMode, State};
 use crate::progress;
 use crate::table::{Column, Table};
 use layerlab_pipeline::{paths, TrainConfig};
@@ -234,7 +234,7 @@ impl Engine {
         match self {
             Engine::Mlp { trainer, inputs } => {
                 inputs.clear();
-                inputs.extend(pixels.iter().map(|&p| p as f32 / 255.0));
+                push_scaled_pixels(pixels, inputs);
                 trainer.step(inputs, &labels, lr, cfg)
             }
             Engine::Autograd(opt) => {
