@@ -5,7 +5,7 @@ Usage: python3 tests/python/check_tables.py DATA_DIR
 
 For every ``*.parquet`` under DATA_DIR the script reads the file with ``pandas.read_parquet`` and
 with DuckDB (``SELECT * FROM 'file'``), checks the documented columns and their types for the
-table's kind (known by file name: history, units, movement, results, summary, robustness), and
+table's kind (known by file name: history, units, movement, results, summary, robustness, sweep), and
 checks that DuckDB sees the provenance key ``config_hash`` in the file's key-value metadata. It
 prints one line per table and a final ``N passed, M failed`` line, and exits non-zero when any
 table fails (or when there is no table at all).
@@ -56,6 +56,11 @@ SCHEMAS = {
     ],
 }
 
+# sweep.parquet: `sweep`, `point`, one column per axis (named by its dotted setting, so its columns
+# depend on the sweep), then every summary column, then `tolerance` and `class`.
+SWEEP_HEAD = [("sweep", T), ("point", T)]
+SWEEP_TAIL = SCHEMAS["summary"] + [("tolerance", F), ("class", T)]
+
 # pandas dtypes acceptable for each Parquet type: an Int64 column holding nulls comes back as
 # float64, and text as object (or pandas' string dtype, depending on the pandas version).
 PANDAS_KINDS = {I: "iuf", F: "f", T: "OSU", B: "bO"}
@@ -84,6 +89,21 @@ def check(path: Path) -> str:
     assert "config_hash" in keys, f"no 'config_hash' in the key-value metadata (keys: {', '.join(keys) or 'none'})"
     duck_types = {name: typ for name, typ, *_ in described}
     schema = SCHEMAS.get(kind)
+    if kind == "sweep":
+        axes = [(name, typ) for name, typ, *_ in described][len(SWEEP_HEAD) : len(described) - len(SWEEP_TAIL)]
+        assert axes, "no axis column between `point` and the summary columns"
+        for name, typ in axes:
+            assert name == "dataset" or "." in name, f"axis column '{name}' is not a dotted setting"
+            assert typ in (I, F, T, B), f"axis column '{name}' is {typ}"
+        # What the guide promises: grouping by an axis works as it is.
+        con = duckdb.connect()
+        try:
+            axis = axes[0][0].replace('"', '""')
+            groups = con.execute(f'SELECT "{axis}", count(*) FROM {quote(path)} GROUP BY "{axis}"').fetchall()
+        finally:
+            con.close()
+        assert groups, f'GROUP BY "{axis}" gives no group'
+        schema = SWEEP_HEAD + axes + SWEEP_TAIL
     if schema is None:
         return f"{rows} rows (kind '{kind}' has no documented schema: columns not checked)"
     want = [name for name, _ in schema]

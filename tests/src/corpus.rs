@@ -559,6 +559,21 @@ fn pipeline_cases() -> Vec<Case> {
     cases.push(unknown("pipeline-toml/unknown-train.toml", "lr = 0.05", "learning_rate"));
     cases.push(unknown("pipeline-toml/unknown-reset.toml", "draws = 1", "drawz"));
     cases.push(unknown("pipeline-toml/unknown-aggregate.toml", "tolerance = 0.05", "tol"));
+    let sweep = |path: &str, axes: &str, words: &[&str]| {
+        let text = format!("{PIPELINE_BASE}\n[[sweep]]\nname = \"s\"\nbase = \"tiny\"\naxes = {{ {axes} }}\n");
+        case(path, text.into_bytes(), Reader::Pipeline, words)
+    };
+    cases.push(sweep(
+        "pipeline-toml/sweep-unknown-axis.toml",
+        "\"model.layers\" = [1, 2]",
+        &["sweep 's'", "axis 'model.layers'", "unknown field `layers`"],
+    ));
+    cases.push(sweep("pipeline-toml/sweep-seeds-axis.toml", "\"seeds\" = [[0], [1]]", &["sweep 's'", "axis 'seeds'"]));
+    cases.push(sweep(
+        "pipeline-toml/sweep-bad-point.toml",
+        "\"train.epochs\" = [2, 0]",
+        &["sweep 's'", "s.epochs-0", "train.epochs"],
+    ));
     cases.push(case("pipeline-toml/empty.toml", Vec::new(), Reader::Pipeline, &["no [[experiment]] defined"]));
     cases.push(case(
         "pipeline-toml/comments-only.toml",

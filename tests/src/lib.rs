@@ -171,3 +171,58 @@ pub fn tree_diff(
     }
     out
 }
+
+/// The outputs that must be reproduced exactly: everything under `data/` except stamps (they
+/// hold times), run-all's logs and lock, and the Slurm executor's job records. `history.parquet` is compared without its `seconds`
+/// and `train_seconds` columns (measured wall times), `report.md` without the test folder's path
+/// (it names its inputs); every other file byte for byte.
+pub fn outputs(data: &Path) -> std::collections::BTreeMap<String, String> {
+    let mut out = std::collections::BTreeMap::new();
+    for (path, hash) in tree(data) {
+        let name = Path::new(&path).file_name().unwrap().to_string_lossy().into_owned();
+        if hash == "dir"
+            || name == "stamp.json"
+            || path.starts_with("logs")
+            || path.starts_with("slurm")
+            || name == ".layerlab.lock"
+        {
+            continue;
+        }
+        let hash = match name.as_str() {
+            "history.parquet" => history_digest(&data.join(&path)),
+            // The report names the pipeline file and the tables by path: compare it with the
+            // test's folder taken out.
+            "report.md" => {
+                let text = std::fs::read_to_string(data.join(&path)).unwrap();
+                let dir = data.parent().unwrap().display().to_string();
+                format!("report without paths {}", sha256_bytes(text.replace(&dir, "<DIR>").as_bytes()))
+            }
+            _ => hash,
+        };
+        out.insert(path, hash);
+    }
+    out
+}
+
+/// Every column of a history table but `seconds`, bit for bit.
+pub fn history_digest(path: &Path) -> String {
+    let t = layerlab::table::ReadTable::read(path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+    let mut parts = Vec::new();
+    for field in t.batch.schema().fields() {
+        if field.name().ends_with("seconds") {
+            continue;
+        }
+        let name = field.name();
+        let values = match field.data_type() {
+            arrow::datatypes::DataType::Int64 => format!("{:?}", t.ints(name).unwrap()),
+            arrow::datatypes::DataType::Float64 => {
+                format!("{:?}", t.floats(name).unwrap().iter().map(|v| v.map(f64::to_bits)).collect::<Vec<_>>())
+            }
+            arrow::datatypes::DataType::Utf8 => format!("{:?}", t.texts(name).unwrap()),
+            arrow::datatypes::DataType::Boolean => format!("{:?}", t.bools(name).unwrap()),
+            other => panic!("{}: column {name} of type {other}", path.display()),
+        };
+        parts.push(format!("{name}={values}"));
+    }
+    format!("history without seconds {}", sha256_bytes(parts.join(";").as_bytes()))
+}

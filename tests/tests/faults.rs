@@ -11,10 +11,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use arrow::datatypes::DataType;
 use layerlab::data;
-use layerlab::table::ReadTable;
-use layerlab_tests::{bins, mnist_datasets, run_bin, sha256_file, text, tree, tree_diff};
+use layerlab_tests::{bins, mnist_datasets, outputs, run_bin, sha256_file, text, tree, tree_diff};
 
 /// The tiny experiment: small enough that a whole pipeline takes seconds, large enough that
 /// training writes several checkpoints and resume points.
@@ -75,56 +73,6 @@ fn run_all(config: &Path) -> Output {
     let out = run_all_cmd(config).output().unwrap();
     assert!(out.status.success(), "run-all failed:\n{}", text(&out));
     out
-}
-
-/// The outputs that must be reproduced exactly: everything under `data/` except stamps (they
-/// hold times), run-all's logs and lock. `history.parquet` is compared without its `seconds`
-/// and `train_seconds` columns (measured wall times), `report.md` without the test folder's path
-/// (it names its inputs); every other file byte for byte.
-fn outputs(data: &Path) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
-    for (path, hash) in tree(data) {
-        let name = Path::new(&path).file_name().unwrap().to_string_lossy().into_owned();
-        if hash == "dir" || name == "stamp.json" || path.starts_with("logs") || name == ".layerlab.lock" {
-            continue;
-        }
-        let hash = match name.as_str() {
-            "history.parquet" => history_digest(&data.join(&path)),
-            // The report names the pipeline file and the tables by path: compare it with the
-            // test's folder taken out.
-            "report.md" => {
-                let text = fs::read_to_string(data.join(&path)).unwrap();
-                let dir = data.parent().unwrap().display().to_string();
-                format!("report without paths {}", layerlab_tests::sha256_bytes(text.replace(&dir, "<DIR>").as_bytes()))
-            }
-            _ => hash,
-        };
-        out.insert(path, hash);
-    }
-    out
-}
-
-/// Every column of a history table but `seconds`, bit for bit.
-fn history_digest(path: &Path) -> String {
-    let t = ReadTable::read(path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
-    let mut parts = Vec::new();
-    for field in t.batch.schema().fields() {
-        if field.name().ends_with("seconds") {
-            continue;
-        }
-        let name = field.name();
-        let values = match field.data_type() {
-            DataType::Int64 => format!("{:?}", t.ints(name).unwrap()),
-            DataType::Float64 => {
-                format!("{:?}", t.floats(name).unwrap().iter().map(|v| v.map(f64::to_bits)).collect::<Vec<_>>())
-            }
-            DataType::Utf8 => format!("{:?}", t.texts(name).unwrap()),
-            DataType::Boolean => format!("{:?}", t.bools(name).unwrap()),
-            other => panic!("{}: column {name} of type {other}", path.display()),
-        };
-        parts.push(format!("{name}={values}"));
-    }
-    format!("history without seconds {}", layerlab_tests::sha256_bytes(parts.join(";").as_bytes()))
 }
 
 /// The uninterrupted run's outputs and how long its run-all took.

@@ -21,6 +21,8 @@ pub enum Command {
     Status(Status),
     /// Remove outputs (never the datasets unless --datasets).
     Clean(Clean),
+    /// Cancel the Slurm jobs that `run-all --executor slurm` submitted and that have not ended.
+    Cancel(Cancel),
     /// Run the test suite (the README's test command).
     Test(Test),
     /// Time layerlab against a PyTorch baseline on the same machine; write data/bench/bench.parquet.
@@ -56,6 +58,13 @@ pub struct RunAll {
     /// Seed chains (train → snapshot → reset-eval) run at once; the cores are split among them.
     #[arg(long, short = 'j', default_value_t = default_jobs())]
     pub jobs: usize,
+    /// Where the stages run: `local` or `slurm` (one sbatch job per stage); default: the
+    /// pipeline file's `[executor] kind`, else local.
+    #[arg(long)]
+    pub executor: Option<layerlab_pipeline::ExecutorKind>,
+    /// With `--executor slurm`: wait until every submitted job has ended, showing their states.
+    #[arg(long)]
+    pub wait: bool,
 }
 
 /// One chain per core.
@@ -65,7 +74,7 @@ fn default_jobs() -> usize {
 
 #[derive(Debug, Args)]
 pub struct Run {
-    /// fetch-data, train, snapshot, reset-eval or aggregate.
+    /// fetch-data, train, snapshot, reset-eval or aggregate (of an experiment, or of a sweep).
     pub stage: String,
     #[command(flatten)]
     pub pipeline: PipelineArgs,
@@ -83,9 +92,20 @@ pub struct Run {
 pub struct Status {
     #[command(flatten)]
     pub pipeline: PipelineArgs,
-    /// Show every experiment in the file, not only the default ones.
+    /// Show every experiment and sweep in the file, not only the default ones.
     #[arg(long)]
     pub all: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct Cancel {
+    /// The pipeline file.
+    #[arg(long, default_value = "pipeline.toml")]
+    pub config: PathBuf,
+    /// Cancel only the jobs of these experiments or sweeps (repeatable); default: every job
+    /// layerlab submitted that is still queued or running.
+    #[arg(long = "experiment", short = 'e')]
+    pub experiments: Vec<String>,
 }
 
 #[derive(Debug, Args)]

@@ -6,6 +6,7 @@ mod flags;
 mod fuzz;
 mod plan;
 mod run_all;
+mod slurm;
 mod status;
 
 use std::path::{Path, PathBuf};
@@ -33,6 +34,7 @@ fn run(flags: flags::Xtask) -> anyhow::Result<()> {
         flags::Command::Run(cmd) => cmd.run(&sh),
         flags::Command::Status(cmd) => cmd.run(&sh),
         flags::Command::Clean(cmd) => cmd.run(&sh),
+        flags::Command::Cancel(cmd) => cmd.run(&sh),
         flags::Command::Test(cmd) => cmd.run(&sh),
         flags::Command::Bench(cmd) => cmd.run(&sh),
         flags::Command::Fuzz(cmd) => cmd.run(&sh),

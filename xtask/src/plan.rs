@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 use layerlab_pipeline::cache::{self, Freshness, Stage};
+use layerlab_pipeline::config::Sweep;
 use layerlab_pipeline::{Experiment, Layout, Pipeline};
 use xshell::{cmd, Shell};
 
@@ -13,104 +14,180 @@ use crate::flags::PipelineArgs;
 #[derive(Debug, Clone)]
 pub struct Job {
     pub stage: Stage,
-    pub experiment: Experiment,
-    /// The seed, for per-seed stages.
-    pub seed: Option<u64>,
+    pub subject: Subject,
+}
+
+/// What a job works on.
+#[derive(Debug, Clone)]
+pub enum Subject {
+    /// fetch-data: one dataset.
+    Dataset(String),
+    /// train, snapshot, reset-eval: one seed of an experiment.
+    Seed(Experiment, u64),
+    /// aggregate: one experiment over its seeds.
+    Experiment(Experiment),
+    /// aggregate --sweep: a sweep over its points.
+    Sweep(Sweep, Vec<Experiment>),
 }
 
 impl Job {
     pub fn label(&self) -> String {
-        match (self.stage, self.seed) {
-            (Stage::FetchData, _) => format!("fetch-data {}", self.experiment.dataset),
-            (s, Some(seed)) => format!("{} {} seed {seed}", s.name(), self.experiment.name),
-            (s, None) => format!("{} {}", s.name(), self.experiment.name),
+        let stage = self.stage.name();
+        match &self.subject {
+            Subject::Dataset(dataset) => format!("{stage} {dataset}"),
+            Subject::Seed(exp, seed) => format!("{stage} {} seed {seed}", exp.name),
+            Subject::Experiment(exp) => format!("{stage} {}", exp.name),
+            Subject::Sweep(sweep, _) => format!("{stage} sweep {}", sweep.name),
+        }
+    }
+
+    /// The (experiment, seed) of a per-seed stage.
+    pub fn chain(&self) -> Option<(&str, u64)> {
+        match &self.subject {
+            Subject::Seed(exp, seed) => Some((&exp.name, *seed)),
+            _ => None,
         }
     }
 
     pub fn freshness(&self, layout: &Layout) -> Freshness {
-        cache::check(layout, self.stage, &self.experiment, self.seed.unwrap_or(0))
+        match &self.subject {
+            Subject::Dataset(dataset) => cache::freshness(&layout.dataset_dir(dataset), &cache::dataset_key(dataset)),
+            Subject::Seed(exp, seed) => cache::check(layout, self.stage, exp, *seed),
+            Subject::Experiment(exp) => cache::check(layout, self.stage, exp, 0),
+            Subject::Sweep(sweep, points) => cache::check_sweep(layout, sweep, &points.iter().collect::<Vec<_>>()),
+        }
+    }
+
+    /// The key the job's stamp will carry.
+    pub fn key(&self) -> String {
+        match &self.subject {
+            Subject::Dataset(dataset) => cache::dataset_key(dataset).key,
+            Subject::Seed(exp, seed) => cache::key_for(self.stage, exp, *seed).key,
+            Subject::Experiment(exp) => cache::key_for(self.stage, exp, 0).key,
+            Subject::Sweep(sweep, points) => cache::sweep_key(sweep, &points.iter().collect::<Vec<_>>()).key,
+        }
     }
 
     pub fn output_dir(&self, layout: &Layout) -> PathBuf {
-        cache::output_dir(layout, self.stage, &self.experiment, self.seed.unwrap_or(0))
+        match &self.subject {
+            Subject::Dataset(dataset) => layout.dataset_dir(dataset),
+            Subject::Seed(exp, seed) => cache::output_dir(layout, self.stage, exp, *seed),
+            Subject::Experiment(exp) => cache::output_dir(layout, self.stage, exp, 0),
+            Subject::Sweep(sweep, _) => layout.results_dir(&sweep.name),
+        }
     }
 
-    /// The command line of this job's stage binary.
-    pub fn command<'a>(&self, sh: &'a Shell, bins: &Path, config: &Path, layout: &Layout) -> xshell::Cmd<'a> {
-        let bin = bins.join(self.stage.name());
-        let name = &self.experiment.name;
-        match (self.stage, self.seed) {
-            (Stage::FetchData, _) => {
-                let dataset = &self.experiment.dataset;
-                let datasets = &layout.datasets_dir;
-                cmd!(sh, "{bin} {dataset} --datasets-dir {datasets}")
+    /// The program and arguments of this job's stage binary.
+    pub fn argv(&self, bins: &Path, config: &Path, layout: &Layout) -> Vec<String> {
+        let bin = bins.join(self.stage.name()).display().to_string();
+        let config = config.display().to_string();
+        let mut argv = vec![bin];
+        match &self.subject {
+            Subject::Dataset(dataset) => {
+                argv.extend([dataset.clone(), "--datasets-dir".into(), layout.datasets_dir.display().to_string()])
             }
-            (_, Some(seed)) => {
-                let seed = seed.to_string();
-                cmd!(sh, "{bin} --config {config} --experiment {name} --seed {seed}")
+            Subject::Seed(exp, seed) => {
+                argv.extend(["--config".into(), config, "--experiment".into(), exp.name.clone()]);
+                argv.extend(["--seed".into(), seed.to_string()]);
             }
-            (_, None) => cmd!(sh, "{bin} --config {config} --experiment {name}"),
+            Subject::Experiment(exp) => {
+                argv.extend(["--config".into(), config, "--experiment".into(), exp.name.clone()])
+            }
+            Subject::Sweep(sweep, _) => argv.extend(["--config".into(), config, "--sweep".into(), sweep.name.clone()]),
         }
+        argv
     }
 
     /// Whether `self` reads the output of `other` directly.
     pub fn depends_on(&self, other: &Job) -> bool {
-        if other.stage == Stage::FetchData {
-            return self.stage != Stage::FetchData && self.experiment.dataset == other.experiment.dataset;
-        }
-        if self.experiment.name != other.experiment.name {
-            return false;
-        }
-        match (self.stage, other.stage) {
-            (Stage::Snapshot | Stage::ResetEval, Stage::Train) => self.seed == other.seed,
-            (Stage::Aggregate, Stage::Snapshot | Stage::ResetEval) => true,
+        match (&self.subject, &other.subject) {
+            (Subject::Seed(exp, _) | Subject::Experiment(exp), Subject::Dataset(dataset)) => &exp.dataset == dataset,
+            (Subject::Seed(a, s), Subject::Seed(b, t)) => {
+                a.name == b.name
+                    && s == t
+                    && matches!((self.stage, other.stage), (Stage::Snapshot | Stage::ResetEval, Stage::Train))
+            }
+            (Subject::Experiment(a), Subject::Seed(b, _)) => {
+                a.name == b.name && matches!(other.stage, Stage::Snapshot | Stage::ResetEval)
+            }
+            (Subject::Sweep(_, points), Subject::Experiment(b)) => points.iter().any(|p| p.name == b.name),
             _ => false,
         }
     }
 }
 
-/// The pipeline file and the experiments chosen on the command line.
-pub fn load(args: &PipelineArgs, sh: &Shell) -> Result<(Pipeline, Vec<Experiment>, PathBuf)> {
-    let config = sh.current_dir().join(&args.config);
-    let pipeline = Pipeline::load(&config)?;
-    let names =
-        if args.experiments.is_empty() { pipeline.default_experiments.clone() } else { args.experiments.clone() };
-    let experiments = names.iter().map(|n| pipeline.experiment(n).cloned()).collect::<Result<Vec<_>>>()?;
-    Ok((pipeline, experiments, config))
+/// What the command line chose: experiments (a sweep's points among them) and sweeps.
+pub struct Selection {
+    pub pipeline: Pipeline,
+    pub experiments: Vec<Experiment>,
+    pub sweeps: Vec<Sweep>,
+    /// The pipeline file, absolute.
+    pub config: PathBuf,
 }
 
-/// Every job of the chosen experiments, in dependency order; `only` keeps one stage.
-pub fn jobs(experiments: &[Experiment], only: Option<Stage>, seed: Option<u64>) -> Result<Vec<Job>> {
+/// The pipeline file and the experiments and sweeps chosen on the command line (`-e` names
+/// either; none: the file's `default_experiments`; `all`: everything in the file).
+pub fn load(args: &PipelineArgs, sh: &Shell, all: bool) -> Result<Selection> {
+    let config = sh.current_dir().join(&args.config);
+    let pipeline = Pipeline::load(&config)?;
+    let names: Vec<String> = if !args.experiments.is_empty() {
+        args.experiments.clone()
+    } else if all {
+        let mut names: Vec<String> =
+            pipeline.experiments.iter().filter(|e| e.sweep.is_none()).map(|e| e.name.clone()).collect();
+        names.extend(pipeline.sweeps.iter().map(|s| s.name.clone()));
+        names
+    } else {
+        pipeline.default_experiments.clone()
+    };
+    let mut experiments: Vec<Experiment> = Vec::new();
+    let mut sweeps = Vec::new();
+    for name in &names {
+        for exp in pipeline.select(name)? {
+            if !experiments.iter().any(|e| e.name == exp.name) {
+                experiments.push(exp.clone());
+            }
+        }
+        if let Ok(sweep) = pipeline.sweep(name) {
+            sweeps.push(sweep.clone());
+        }
+    }
+    Ok(Selection { pipeline, experiments, sweeps, config })
+}
+
+/// Every job of the selection, in dependency order; `only` keeps one stage.
+pub fn jobs(selection: &Selection, only: Option<Stage>, seed: Option<u64>) -> Result<Vec<Job>> {
     let mut jobs: Vec<Job> = Vec::new();
-    for exp in experiments {
+    let mut push = |stage: Stage, subject: Subject| {
+        if only.is_none_or(|o| o == stage) {
+            jobs.push(Job { stage, subject });
+        }
+    };
+    let mut datasets: Vec<&str> = Vec::new();
+    for exp in &selection.experiments {
+        if !datasets.contains(&exp.dataset.as_str()) {
+            datasets.push(&exp.dataset);
+            push(Stage::FetchData, Subject::Dataset(exp.dataset.clone()));
+        }
+    }
+    for exp in &selection.experiments {
         if let Some(s) = seed {
             if !exp.seeds.contains(&s) {
                 bail!("experiment '{}' has no seed {s} (seeds: {:?})", exp.name, exp.seeds);
             }
         }
-        let seeds: Vec<u64> = exp.seeds.iter().copied().filter(|s| seed.is_none_or(|x| x == *s)).collect();
-        let mut push = |stage: Stage, seed: Option<u64>| {
-            if only.is_none_or(|o| o == stage) {
-                jobs.push(Job { stage, experiment: exp.clone(), seed });
-            }
-        };
-        push(Stage::FetchData, None);
-        for &s in &seeds {
-            push(Stage::Train, Some(s));
-            push(Stage::Snapshot, Some(s));
-            push(Stage::ResetEval, Some(s));
+        for &s in exp.seeds.iter().filter(|s| seed.is_none_or(|x| x == **s)) {
+            push(Stage::Train, Subject::Seed(exp.clone(), s));
+            push(Stage::Snapshot, Subject::Seed(exp.clone(), s));
+            push(Stage::ResetEval, Subject::Seed(exp.clone(), s));
         }
-        push(Stage::Aggregate, None);
+        push(Stage::Aggregate, Subject::Experiment(exp.clone()));
     }
-    // One fetch per dataset.
-    let mut seen = Vec::new();
-    jobs.retain(|j| {
-        j.stage != Stage::FetchData || {
-            let new = !seen.contains(&j.experiment.dataset);
-            seen.push(j.experiment.dataset.clone());
-            new
-        }
-    });
+    for sweep in &selection.sweeps {
+        let points =
+            sweep.points.iter().map(|p| selection.pipeline.experiment(p).cloned()).collect::<Result<Vec<_>>>()?;
+        push(Stage::Aggregate, Subject::Sweep(sweep.clone(), points));
+    }
     Ok(jobs)
 }
 

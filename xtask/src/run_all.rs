@@ -7,24 +7,47 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use layerlab_pipeline::cache::{Freshness, Stage};
 use layerlab_pipeline::lock::RunLock;
-use layerlab_pipeline::Layout;
+use layerlab_pipeline::{ExecutorKind, Layout};
 use xshell::Shell;
 
 use crate::flags;
-use crate::plan::{self, Job};
+use crate::plan::{self, Job, Subject};
+use crate::slurm;
 
 impl flags::RunAll {
     pub fn run(&self, sh: &Shell) -> Result<()> {
-        let (pipeline, experiments, config) = plan::load(&self.pipeline, sh)?;
-        let jobs = plan::jobs(&experiments, None, None)?;
-        let layout = Layout::from_pipeline(&pipeline);
-        execute(sh, &jobs, &layout, &config, self.force, self.dry_run, self.pipeline.dev_build, self.jobs)?;
-        for exp in &experiments {
-            let report = layout.results_dir(&exp.name).join("report.md");
-            if report.exists() && !self.dry_run {
+        let selection = plan::load(&self.pipeline, sh, false)?;
+        let jobs = plan::jobs(&selection, None, None)?;
+        let layout = Layout::from_pipeline(&selection.pipeline);
+        let executor = self.executor.unwrap_or(selection.pipeline.executor.kind);
+        if self.dry_run {
+            return dry_run_report(&selection, &jobs, &layout, self.force);
+        }
+        let dev = self.pipeline.dev_build;
+        match executor {
+            ExecutorKind::Local => {
+                if self.wait {
+                    bail!("--wait belongs to --executor slurm: the local executor always waits");
+                }
+                execute(sh, &jobs, &layout, &selection.config, self.force, dev, self.jobs)?
+            }
+            ExecutorKind::Slurm => {
+                let settings = &selection.pipeline.executor;
+                let done = slurm::submit(sh, &jobs, &layout, &selection.config, settings, self.force, dev)?;
+                if !self.wait || !done {
+                    return Ok(());
+                }
+                slurm::wait(&jobs, &layout)?;
+            }
+        }
+        // Sweep reports last: they are what a sweep is run for.
+        let names = selection.experiments.iter().map(|e| &e.name).chain(selection.sweeps.iter().map(|s| &s.name));
+        for name in names {
+            let report = layout.results_dir(name).join("report.md");
+            if report.exists() {
                 println!("report: {}", report.display());
             }
         }
@@ -38,15 +61,15 @@ impl flags::Run {
             let names: Vec<_> = Stage::ALL.iter().map(|s| s.name()).collect();
             format!("unknown stage '{}' (stages: {})", self.stage, names.join(", "))
         })?;
-        let (pipeline, experiments, config) = plan::load(&self.pipeline, sh)?;
-        let jobs = plan::jobs(&experiments, Some(stage), self.seed)?;
-        let layout = Layout::from_pipeline(&pipeline);
-        execute(sh, &jobs, &layout, &config, self.force, false, self.pipeline.dev_build, self.jobs)
+        let selection = plan::load(&self.pipeline, sh, false)?;
+        let jobs = plan::jobs(&selection, Some(stage), self.seed)?;
+        let layout = Layout::from_pipeline(&selection.pipeline);
+        execute(sh, &jobs, &layout, &selection.config, self.force, self.pipeline.dev_build, self.jobs)
     }
 }
 
 /// Why a job must run, or `None` when it is fresh.
-fn reason(job: &Job, layout: &Layout, force: bool) -> Option<String> {
+pub fn reason(job: &Job, layout: &Layout, force: bool) -> Option<String> {
     match job.freshness(layout) {
         Freshness::Fresh if force && job.stage != Stage::FetchData => Some("forced".into()),
         Freshness::Fresh => None,
@@ -109,23 +132,20 @@ impl Runner<'_> {
 }
 
 /// Runs every job that is not fresh: datasets first, then each (experiment, seed) chain of train →
-/// snapshot → reset-eval, up to `parallel` chains at once, then the aggregates.
-#[allow(clippy::too_many_arguments)]
+/// snapshot → reset-eval, up to `parallel` chains at once, then the aggregates (a sweep's after
+/// its points').
 fn execute(
     sh: &Shell,
     jobs: &[Job],
     layout: &Layout,
     config: &Path,
     force: bool,
-    dry_run: bool,
     dev: bool,
     parallel: usize,
 ) -> Result<()> {
-    if dry_run {
-        return dry_run_report(jobs, layout, force);
-    }
     let started = Instant::now();
     let _lock = RunLock::acquire(&layout.data_dir)?;
+    slurm::refuse_if_active(layout)?;
     if jobs.iter().all(|j| reason(j, layout, force).is_none()) {
         println!(
             "up to date: nothing to do ({} stages checked in {:.2} s)",
@@ -141,12 +161,14 @@ fn execute(
     let mut chains: BTreeMap<(String, u64), Vec<(usize, &Job, Command)>> = BTreeMap::new();
     let mut aggregates = Vec::new();
     for (i, job) in jobs.iter().enumerate() {
-        let item = (i + 1, job, Command::from(job.command(sh, &bins, config, layout)));
-        match (job.stage, job.seed) {
-            (Stage::FetchData, _) => fetches.push(item),
-            (Stage::Aggregate, _) => aggregates.push(item),
-            (_, Some(seed)) => chains.entry((job.experiment.name.clone(), seed)).or_default().push(item),
-            (_, None) => unreachable!("per-seed stages carry a seed"),
+        let argv = job.argv(&bins, config, layout);
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..]).current_dir(sh.current_dir());
+        let item = (i + 1, job, cmd);
+        match (&job.subject, job.chain()) {
+            (Subject::Dataset(_), _) => fetches.push(item),
+            (_, Some((name, seed))) => chains.entry((name.to_string(), seed)).or_default().push(item),
+            (_, None) => aggregates.push(item),
         }
     }
     for (n, job, cmd) in fetches {
@@ -197,8 +219,15 @@ fn execute(
     Ok(())
 }
 
-/// What would run and why, following reruns downstream by hand (nothing changes on disk).
-fn dry_run_report(jobs: &[Job], layout: &Layout, force: bool) -> Result<()> {
+/// What would run and why, following reruns downstream by hand (nothing changes on disk); sweeps
+/// are shown expanded first.
+fn dry_run_report(selection: &plan::Selection, jobs: &[Job], layout: &Layout, force: bool) -> Result<()> {
+    for sweep in &selection.sweeps {
+        println!("sweep {}: {} points", sweep.name, sweep.points.len());
+        for point in &sweep.points {
+            println!("  {point}");
+        }
+    }
     let mut would_run: Vec<&Job> = Vec::new();
     for (i, job) in jobs.iter().enumerate() {
         let mut why = reason(job, layout, force);

@@ -1,5 +1,7 @@
 //! `status`, `clean` and `test`: small commands around the pipeline.
 
+use std::fmt::Write as _;
+
 use anyhow::{Context, Result};
 use layerlab_pipeline::cache::{Freshness, Stamp};
 use layerlab_pipeline::lock::RunLock;
@@ -8,20 +10,35 @@ use xshell::{cmd, Shell};
 
 use crate::flags;
 use crate::plan;
+use crate::slurm;
 
 impl flags::Status {
     pub fn run(&self, sh: &Shell) -> Result<()> {
-        let mut args = self.pipeline.clone();
-        let (pipeline, _, _) = plan::load(&args, sh)?;
-        if self.all && args.experiments.is_empty() {
-            args.experiments = pipeline.experiments.iter().map(|e| e.name.clone()).collect();
+        let selection = plan::load(&self.pipeline, sh, self.all)?;
+        let layout = Layout::from_pipeline(&selection.pipeline);
+        for sweep in &selection.sweeps {
+            let axes: Vec<String> = sweep
+                .axes
+                .iter()
+                .map(|(k, v)| format!("{k} = [{}]", v.iter().map(|x| x.label()).collect::<Vec<_>>().join(", ")))
+                .collect();
+            println!("sweep {}: {} points over {}", sweep.name, sweep.points.len(), axes.join(" × "));
         }
-        let (pipeline, experiments, _) = plan::load(&args, sh)?;
-        let layout = Layout::from_pipeline(&pipeline);
-        let jobs = plan::jobs(&experiments, None, None)?;
+        let jobs = plan::jobs(&selection, None, None)?;
+        // Jobs submitted to Slurm, with what Slurm says of them now (only when there are any).
+        let records = slurm::Records::load(&layout)?;
+        let ids: Vec<u64> = jobs.iter().filter_map(|j| records.current(j)).map(|r| r.job_id).collect();
+        let states = if ids.is_empty() {
+            Default::default()
+        } else {
+            slurm::states(&ids).unwrap_or_else(|e| {
+                println!("(cannot ask Slurm about our jobs: {e:#})");
+                Default::default()
+            })
+        };
         let width = jobs.iter().map(|j| j.label().len()).max().unwrap_or(0);
         for job in &jobs {
-            let state = match job.freshness(&layout) {
+            let mut state = match job.freshness(&layout) {
                 Freshness::Fresh => {
                     let when = Stamp::read(&job.output_dir(&layout))
                         .map(|s| format!(" ({:.1} s)", s.seconds))
@@ -31,7 +48,16 @@ impl flags::Status {
                 Freshness::Missing => "missing".to_string(),
                 Freshness::Stale(why) => format!("stale: {why}"),
             };
-            println!("{:width$}  {state}", job.label());
+            let mut tail = String::new();
+            if let Some(record) = records.current(job) {
+                if let Some(slurm_state) = states.get(&record.job_id) {
+                    let _ = write!(state, "  [slurm job {}: {}]", record.job_id, slurm_state.describe());
+                    if matches!(slurm_state, slurm::JobState::Failed(_)) {
+                        tail = slurm::log_tail(&record.log, 5);
+                    }
+                }
+            }
+            println!("{:width$}  {state}{tail}", job.label());
         }
         Ok(())
     }
@@ -39,19 +65,24 @@ impl flags::Status {
 
 impl flags::Clean {
     pub fn run(&self, sh: &Shell) -> Result<()> {
-        let (pipeline, experiments, _) = plan::load(&self.pipeline, sh)?;
-        let layout = Layout::from_pipeline(&pipeline);
+        let selection = plan::load(&self.pipeline, sh, false)?;
+        let layout = Layout::from_pipeline(&selection.pipeline);
         let _lock = RunLock::acquire(&layout.data_dir)?;
+        slurm::refuse_if_active(&layout)?;
         let mut dirs = Vec::new();
-        for exp in &experiments {
+        for exp in &selection.experiments {
             dirs.push(layout.experiment_runs_dir(&exp.name));
             dirs.push(layout.results_dir(&exp.name));
         }
+        for sweep in &selection.sweeps {
+            dirs.push(layout.results_dir(&sweep.name));
+        }
         if self.datasets {
-            for exp in &experiments {
+            for exp in &selection.experiments {
                 dirs.push(layout.dataset_dir(&exp.dataset));
             }
         }
+        dirs.dedup();
         for dir in dirs {
             if dir.exists() {
                 std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))?;

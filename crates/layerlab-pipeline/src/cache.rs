@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
+use crate::config::Sweep;
 use crate::{fsutil, Experiment, Layout};
 
 /// The five stages, in dependency order.
@@ -122,6 +123,13 @@ pub fn aggregate_key(exp: &Experiment) -> StageKey {
         inputs.insert(format!("reset/seed-{seed}"), reset_key(exp, seed).key);
         inputs.insert(format!("snapshot/seed-{seed}"), snapshot_key(exp, seed).key);
     }
+    StageKey::new(Stage::Aggregate, config, inputs)
+}
+
+/// The key of a sweep's aggregate: the sweep's axes and points, and every point's aggregate key.
+pub fn sweep_key(sweep: &Sweep, points: &[&Experiment]) -> StageKey {
+    let config = json!({ "sweep": sweep.name, "axes": to_value(&sweep.axes), "points": sweep.points });
+    let inputs = points.iter().map(|p| (format!("aggregate/{}", p.name), aggregate_key(p).key)).collect();
     StageKey::new(Stage::Aggregate, config, inputs)
 }
 
@@ -325,12 +333,22 @@ pub fn input_dirs(layout: &Layout, stage: Stage, exp: &Experiment, seed: u64) ->
 /// stamps (an input redone after this stage finished makes it stale, even with the same key).
 pub fn check(layout: &Layout, stage: Stage, exp: &Experiment, seed: u64) -> Freshness {
     let dir = output_dir(layout, stage, exp, seed);
-    let own = freshness(&dir, &key_for(stage, exp, seed));
+    check_dir(&dir, &key_for(stage, exp, seed), input_dirs(layout, stage, exp, seed))
+}
+
+/// The freshness of a sweep's aggregate, in `results/<sweep>/`.
+pub fn check_sweep(layout: &Layout, sweep: &Sweep, points: &[&Experiment]) -> Freshness {
+    let inputs = points.iter().map(|p| (format!("aggregate/{}", p.name), layout.results_dir(&p.name))).collect();
+    check_dir(&layout.results_dir(&sweep.name), &sweep_key(sweep, points), inputs)
+}
+
+fn check_dir(dir: &Path, key: &StageKey, inputs: Vec<(String, PathBuf)>) -> Freshness {
+    let own = freshness(dir, key);
     if own != Freshness::Fresh {
         return own;
     }
-    let finished = Stamp::read(&dir).map(|s| s.finished_at).unwrap_or(0.0);
-    for (name, input) in input_dirs(layout, stage, exp, seed) {
+    let finished = Stamp::read(dir).map(|s| s.finished_at).unwrap_or(0.0);
+    for (name, input) in inputs {
         match Stamp::read(&input) {
             None => return Freshness::Stale(format!("input {name} is missing")),
             Some(s) if s.finished_at > finished => return Freshness::Stale(format!("input {name} was redone")),

@@ -3,6 +3,10 @@
 //! The file has a `[defaults]` table and one `[[experiment]]` table per experiment. Every section of
 //! an experiment (`model`, `train`, `reset`, `aggregate`) may leave keys out: they come from
 //! `[defaults]`, then from the built-in values below. Unknown keys are refused with their line.
+//!
+//! A `[[sweep]]` declares a grid of experiments: a base experiment (by name, or inline) and axes
+//! over its settings. It expands here into ordinary experiments (see [`Sweep`]), so that every
+//! stage, key and stamp treats a sweep point like any other experiment.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -167,6 +171,86 @@ struct PartialPipeline {
     defaults: PartialDefaults,
     #[serde(default)]
     experiment: Vec<PartialExperiment>,
+    #[serde(default)]
+    sweep: Vec<PartialSweep>,
+    #[serde(default)]
+    executor: ExecutorConfig,
+}
+
+/// Where `run-all` runs the stages. Not part of any key: both executors give the same bytes.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecutorConfig {
+    /// `local` (this machine, the default) or `slurm` (one `sbatch` job per stage).
+    #[serde(default)]
+    pub kind: ExecutorKind,
+    /// Slurm partition (`--partition`); absent: the cluster's default.
+    pub partition: Option<String>,
+    /// Slurm account (`--account`).
+    pub account: Option<String>,
+    /// Wall-time limit of each job, in any form `sbatch --time` takes (`30`, `2:00:00`, `1-0`).
+    pub time: Option<String>,
+    /// CPUs of each job (`--cpus-per-task`); also the stage's compute threads.
+    #[serde(default = "one")]
+    pub cpus_per_task: u32,
+    /// GPUs of each job (`--gpus-per-task`); 0 asks for none.
+    #[serde(default)]
+    pub gpus_per_task: u32,
+    /// Memory of each job (`--mem`, e.g. `8G`).
+    pub mem: Option<String>,
+    /// Further `sbatch` arguments, passed as they are (e.g. `["--qos=short"]`).
+    #[serde(default)]
+    pub sbatch_flags: Vec<String>,
+}
+
+impl Default for ExecutorConfig {
+    fn default() -> ExecutorConfig {
+        ExecutorConfig {
+            kind: ExecutorKind::Local,
+            partition: None,
+            account: None,
+            time: None,
+            cpus_per_task: 1,
+            gpus_per_task: 0,
+            mem: None,
+            sbatch_flags: Vec::new(),
+        }
+    }
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ExecutorKind {
+    #[default]
+    Local,
+    Slurm,
+}
+
+impl std::str::FromStr for ExecutorKind {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<ExecutorKind, String> {
+        match s {
+            "local" => Ok(ExecutorKind::Local),
+            "slurm" => Ok(ExecutorKind::Slurm),
+            other => Err(format!("unknown executor '{other}' (executors: local, slurm)")),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PartialSweep {
+    name: toml::Spanned<String>,
+    /// An experiment's name, or an inline experiment table (without `name`).
+    base: toml::Value,
+    /// Short text for the sweep's report.
+    description: Option<String>,
+    /// Dotted setting name → the values it takes, in the file's order.
+    axes: toml::Spanned<toml::Table>,
 }
 
 /// One experiment with every setting resolved.
@@ -180,6 +264,70 @@ pub struct Experiment {
     pub train: TrainConfig,
     pub reset: ResetConfig,
     pub aggregate: AggregateConfig,
+    /// The sweep this experiment is a point of, with the point's axis values; `None` for an
+    /// experiment declared by hand.
+    pub sweep: Option<SweepPoint>,
+}
+
+/// Where an expanded experiment sits in its sweep.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SweepPoint {
+    pub sweep: String,
+    /// (axis, value) in the sweep's axis order.
+    pub values: Vec<(String, AxisValue)>,
+}
+
+/// One value an axis takes: a TOML scalar, or a list of scalars (for list settings).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum AxisValue {
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+    Text(String),
+    List(Vec<AxisValue>),
+}
+
+impl AxisValue {
+    fn from_toml(value: &toml::Value) -> Result<AxisValue> {
+        Ok(match value {
+            toml::Value::Integer(i) => AxisValue::Int(*i),
+            toml::Value::Float(f) => AxisValue::Float(*f),
+            toml::Value::Boolean(b) => AxisValue::Bool(*b),
+            toml::Value::String(s) => AxisValue::Text(s.clone()),
+            toml::Value::Array(items) => {
+                AxisValue::List(items.iter().map(AxisValue::from_toml).collect::<Result<_>>()?)
+            }
+            other => bail!("{other} is not a value an axis can take (numbers, strings, booleans, or lists of them)"),
+        })
+    }
+
+    /// How the value appears in point names: `3`, `0.05`, `cosine`, `true`, `keep+recalibrate`.
+    pub fn label(&self) -> String {
+        match self {
+            AxisValue::Int(i) => i.to_string(),
+            AxisValue::Float(f) => f.to_string(),
+            AxisValue::Bool(b) => b.to_string(),
+            AxisValue::Text(s) => s.clone(),
+            AxisValue::List(items) => items.iter().map(AxisValue::label).collect::<Vec<_>>().join("+"),
+        }
+    }
+}
+
+/// A grid of experiments: every combination of the axes' values applied to the base experiment.
+///
+/// Point names are `<sweep>.<axis>-<value>` for each axis in the file's order, where `<axis>` is the
+/// setting's last part (`model.depth` → `depth`, or the whole dotted name with `_` for `.` when
+/// two axes end alike): `fcn-depth.depth-3.width-256`. Names depend only on a point's own values,
+/// so adding a value to an axis adds points and leaves the others' names (and caches) alone.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Sweep {
+    pub name: String,
+    pub description: String,
+    /// (dotted setting, values) in the file's order.
+    pub axes: Vec<(String, Vec<AxisValue>)>,
+    /// The expanded experiments' names, first axis varying slowest.
+    pub points: Vec<String>,
 }
 
 /// The whole pipeline file, resolved.
@@ -189,8 +337,12 @@ pub struct Pipeline {
     pub path: PathBuf,
     pub data_dir: PathBuf,
     pub datasets_dir: PathBuf,
+    /// Experiment or sweep names.
     pub default_experiments: Vec<String>,
+    /// Every experiment: those declared by hand, then every sweep's points.
     pub experiments: Vec<Experiment>,
+    pub sweeps: Vec<Sweep>,
+    pub executor: ExecutorConfig,
 }
 
 pub const DATASETS: &[&str] = &["mnist", "fashion-mnist", "cifar10"];
@@ -215,20 +367,10 @@ impl Pipeline {
         let raw: PartialPipeline =
             toml::from_str(text).map_err(|e| anyhow::anyhow!("{file}: {}", describe_toml_error(text, &e)))?;
         let defaults = raw.defaults;
-        let mut experiments = Vec::new();
+        let mut experiments: Vec<Experiment> = Vec::new();
         for exp in raw.experiment {
             let line = line_of(text, exp.name.span().start);
-            let name = exp.name.into_inner();
-            let resolved = Experiment {
-                dataset: exp.dataset,
-                description: exp.description.unwrap_or_default(),
-                seeds: exp.seeds.or(defaults.seeds.clone()).unwrap_or_else(|| vec![0]),
-                model: exp.model.over(defaults.model.clone()).resolve(),
-                train: exp.train.over(defaults.train.clone()).resolve(),
-                reset: exp.reset.over(defaults.reset.clone()).resolve(),
-                aggregate: exp.aggregate.over(defaults.aggregate.clone()).resolve(),
-                name,
-            };
+            let resolved = exp.resolve(&defaults);
             resolved
                 .validate()
                 .map_err(|e| anyhow::anyhow!("{file}, experiment '{}' (line {line}): {e}", resolved.name))?;
@@ -237,13 +379,31 @@ impl Pipeline {
             }
             experiments.push(resolved);
         }
+        let mut sweeps: Vec<Sweep> = Vec::new();
+        if !raw.sweep.is_empty() {
+            // Sweeps copy their base experiment's table as written, so the file is read once more
+            // as plain TOML (it parsed above, so this cannot fail).
+            let doc: toml::Table = toml::from_str(text)?;
+            for sweep in raw.sweep {
+                let line = line_of(text, sweep.name.span().start);
+                let name = sweep.name.get_ref().clone();
+                let taken = experiments.iter().any(|e| e.name == name) || sweeps.iter().any(|s| s.name == name);
+                if taken {
+                    bail!("{file}, line {line}: sweep '{name}' has the name of another experiment or sweep");
+                }
+                let (sweep, points) = expand_sweep(sweep, &doc, &defaults)
+                    .map_err(|e| anyhow::anyhow!("{file}, sweep '{name}' (line {line}): {e:#}"))?;
+                experiments.extend(points);
+                sweeps.push(sweep);
+            }
+        }
         if experiments.is_empty() {
             bail!("{file}: no [[experiment]] defined");
         }
         let default_experiments = raw.default_experiments.unwrap_or_else(|| vec![experiments[0].name.clone()]);
         for name in &default_experiments {
-            if !experiments.iter().any(|e| &e.name == name) {
-                bail!("{file}: default_experiments names '{name}', which is not an experiment");
+            if !experiments.iter().any(|e| &e.name == name) && !sweeps.iter().any(|s| &s.name == name) {
+                bail!("{file}: default_experiments names '{name}', which is not an experiment or a sweep");
             }
         }
         let data_dir = base.join(raw.data_dir.as_deref().unwrap_or("data"));
@@ -251,7 +411,18 @@ impl Pipeline {
             Some(d) => base.join(d),
             None => data_dir.join("datasets"),
         };
-        Ok(Pipeline { path: path.to_path_buf(), data_dir, datasets_dir, default_experiments, experiments })
+        if raw.executor.cpus_per_task == 0 {
+            bail!("{file}: executor.cpus_per_task must be at least 1");
+        }
+        Ok(Pipeline {
+            path: path.to_path_buf(),
+            data_dir,
+            datasets_dir,
+            default_experiments,
+            experiments,
+            sweeps,
+            executor: raw.executor,
+        })
     }
 
     pub fn experiment(&self, name: &str) -> Result<&Experiment> {
@@ -260,6 +431,206 @@ impl Pipeline {
             format!("{}: no experiment named '{name}' (known: {})", self.path.display(), known.join(", "))
         })
     }
+
+    pub fn sweep(&self, name: &str) -> Result<&Sweep> {
+        self.sweeps.iter().find(|s| s.name == name).with_context(|| {
+            let known: Vec<_> = self.sweeps.iter().map(|s| s.name.as_str()).collect();
+            let known = if known.is_empty() { "none".to_string() } else { known.join(", ") };
+            format!("{}: no sweep named '{name}' (sweeps: {known})", self.path.display())
+        })
+    }
+
+    /// The experiments a name stands for: the experiment itself, or every point of a sweep.
+    pub fn select(&self, name: &str) -> Result<Vec<&Experiment>> {
+        if let Some(sweep) = self.sweeps.iter().find(|s| s.name == name) {
+            return sweep.points.iter().map(|p| self.experiment(p)).collect();
+        }
+        self.experiments.iter().find(|e| e.name == name).map(|e| vec![e]).with_context(|| {
+            let mut known: Vec<_> =
+                self.experiments.iter().filter(|e| e.sweep.is_none()).map(|e| e.name.as_str()).collect();
+            known.extend(self.sweeps.iter().map(|s| s.name.as_str()));
+            format!("{}: no experiment or sweep named '{name}' (known: {})", self.path.display(), known.join(", "))
+        })
+    }
+}
+
+impl PartialExperiment {
+    /// Fills what the experiment leaves out from `[defaults]`, then from the built-in values.
+    fn resolve(self, defaults: &PartialDefaults) -> Experiment {
+        Experiment {
+            dataset: self.dataset,
+            description: self.description.unwrap_or_default(),
+            seeds: self.seeds.or(defaults.seeds.clone()).unwrap_or_else(|| vec![0]),
+            model: self.model.over(defaults.model.clone()).resolve(),
+            train: self.train.over(defaults.train.clone()).resolve(),
+            reset: self.reset.over(defaults.reset.clone()).resolve(),
+            aggregate: self.aggregate.over(defaults.aggregate.clone()).resolve(),
+            name: self.name.into_inner(),
+            sweep: None,
+        }
+    }
+}
+
+/// The sections a sweep axis may reach into, besides `dataset`.
+const AXIS_SECTIONS: &[&str] = &["model", "train", "reset", "aggregate"];
+
+/// A sweep's axes checked and its points built: each point is the base table with the point's
+/// values set, read and validated as an experiment.
+fn expand_sweep(raw: PartialSweep, doc: &toml::Table, defaults: &PartialDefaults) -> Result<(Sweep, Vec<Experiment>)> {
+    let sweep_name = raw.name.into_inner();
+    if !valid_name(&sweep_name) {
+        bail!("the name must be non-empty and use only letters, digits, '-' and '_'");
+    }
+    let mut base = match &raw.base {
+        toml::Value::String(name) => {
+            let found = doc
+                .get("experiment")
+                .and_then(toml::Value::as_array)
+                .and_then(|list| list.iter().find(|e| e.get("name").and_then(toml::Value::as_str) == Some(name)));
+            let Some(toml::Value::Table(table)) = found else {
+                bail!("base = \"{name}\" is not an experiment of this file");
+            };
+            table.clone()
+        }
+        toml::Value::Table(table) => table.clone(),
+        _ => bail!("base must be an experiment's name or an inline experiment table"),
+    };
+    base.remove("name");
+    let base_description = match base.remove("description") {
+        Some(toml::Value::String(s)) => s,
+        _ => String::new(),
+    };
+
+    let mut axes: Vec<(String, Vec<AxisValue>, Vec<toml::Value>)> = Vec::new();
+    if raw.axes.get_ref().is_empty() {
+        bail!("axes is empty: give at least one setting and its values");
+    }
+    for (key, values) in raw.axes.get_ref() {
+        let parts: Vec<&str> = key.split('.').collect();
+        let reachable = match parts.as_slice() {
+            ["dataset"] => true,
+            [section, _, ..] => AXIS_SECTIONS.contains(section),
+            _ => false,
+        };
+        if !reachable {
+            let why = match key.as_str() {
+                "seeds" => " (seeds stay a list on the base experiment)".to_string(),
+                _ => format!(
+                    " (axes are `dataset` or `<section>.<key>` with section one of {})",
+                    AXIS_SECTIONS.join(", ")
+                ),
+            };
+            bail!("axis '{key}' is not a setting a sweep can vary{why}");
+        }
+        let Some(list) = values.as_array().filter(|l| !l.is_empty()) else {
+            bail!("axis '{key}' must be a non-empty list of values");
+        };
+        let parsed = list
+            .iter()
+            .map(AxisValue::from_toml)
+            .collect::<Result<Vec<_>>>()
+            .with_context(|| format!("axis '{key}'"))?;
+        for (i, v) in parsed.iter().enumerate() {
+            let label = v.label();
+            if label.is_empty() || !label.chars().all(|c| c.is_ascii_alphanumeric() || "-_.+".contains(c)) {
+                bail!("axis '{key}': value {} cannot be part of a name (letters, digits, '-', '_', '.', '+')", list[i]);
+            }
+            if parsed[..i].iter().any(|w| w.label() == label) {
+                bail!("axis '{key}' lists {} twice", list[i]);
+            }
+        }
+        axes.push((key.clone(), parsed, list.clone()));
+    }
+    let labels: Vec<String> = axes
+        .iter()
+        .map(|(key, _, _)| {
+            let last = key.rsplit('.').next().unwrap_or(key);
+            let clash = axes.iter().filter(|(k, _, _)| k.rsplit('.').next() == Some(last)).count() > 1;
+            if clash {
+                key.replace('.', "_")
+            } else {
+                last.to_string()
+            }
+        })
+        .collect();
+
+    // Each axis alone first, so that a setting that does not exist or a value of the wrong type is
+    // blamed on its axis.
+    for (key, _, raw_values) in &axes {
+        let mut table = base.clone();
+        set_dotted(&mut table, key, raw_values[0].clone())?;
+        point_experiment(table, "check", defaults).with_context(|| format!("axis '{key}'"))?;
+    }
+
+    let mut experiments = Vec::new();
+    let mut indices = vec![0usize; axes.len()];
+    'points: loop {
+        let mut table = base.clone();
+        let mut name = sweep_name.clone();
+        let mut values = Vec::new();
+        for (a, (key, parsed, raw_values)) in axes.iter().enumerate() {
+            set_dotted(&mut table, key, raw_values[indices[a]].clone())?;
+            let value = &parsed[indices[a]];
+            let _ = write!(name, ".{}-{}", labels[a], value.label());
+            values.push((key.clone(), value.clone()));
+        }
+        let shown: Vec<String> = values.iter().map(|(k, v)| format!("{k} = {}", v.label())).collect();
+        let shown = shown.join(", ");
+        let mut exp = point_experiment(table, &name, defaults).with_context(|| format!("point {shown}"))?;
+        exp.sweep = Some(SweepPoint { sweep: sweep_name.clone(), values });
+        exp.validate().with_context(|| format!("point '{name}' ({shown})"))?;
+        let about = raw.description.clone().unwrap_or_else(|| base_description.clone());
+        exp.description = if about.is_empty() { shown } else { format!("{about} ({shown})") };
+        experiments.push(exp);
+        // The next combination, last axis fastest.
+        for a in (0..axes.len()).rev() {
+            indices[a] += 1;
+            if indices[a] < axes[a].1.len() {
+                continue 'points;
+            }
+            indices[a] = 0;
+        }
+        break;
+    }
+    let sweep = Sweep {
+        name: sweep_name,
+        description: raw.description.unwrap_or(base_description),
+        axes: axes.into_iter().map(|(k, v, _)| (k, v)).collect(),
+        points: experiments.iter().map(|e| e.name.clone()).collect(),
+    };
+    Ok((sweep, experiments))
+}
+
+/// Sets `a.b.c` in a table, making the tables on the way.
+fn set_dotted(table: &mut toml::Table, key: &str, value: toml::Value) -> Result<()> {
+    let (path, last) = match key.rsplit_once('.') {
+        Some((path, last)) => (path.split('.').collect::<Vec<_>>(), last),
+        None => (Vec::new(), key),
+    };
+    let mut at = table;
+    for part in path {
+        let entry = at.entry(part.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        at = match entry {
+            toml::Value::Table(t) => t,
+            _ => bail!("axis '{key}': '{part}' is not a table in the base experiment"),
+        };
+    }
+    at.insert(last.to_string(), value);
+    Ok(())
+}
+
+/// Reads a point's table as an `[[experiment]]` would be read, with the same checks of unknown
+/// keys and types.
+fn point_experiment(mut table: toml::Table, name: &str, defaults: &PartialDefaults) -> Result<Experiment> {
+    table.insert("name".into(), toml::Value::String(name.into()));
+    // Through TOML text, so that the reader is the very one `[[experiment]]` tables go through.
+    let text = toml::to_string(&table).context("cannot write the point's settings as TOML")?;
+    let partial: PartialExperiment = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}", e.message()))?;
+    Ok(partial.resolve(defaults))
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
 fn one_of(key: &str, value: &str, allowed: &[&str]) -> Result<()> {
@@ -272,7 +643,8 @@ fn one_of(key: &str, value: &str, allowed: &[&str]) -> Result<()> {
 
 impl Experiment {
     fn validate(&self) -> Result<()> {
-        if self.name.is_empty() || !self.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+        // Sweep points' names are made here, with '.' between the sweep and each axis value.
+        if self.sweep.is_none() && !valid_name(&self.name) {
             bail!("name must be non-empty and use only letters, digits, '-' and '_'");
         }
         one_of("dataset", &self.dataset, DATASETS)?;
@@ -444,6 +816,107 @@ checkpoints = [0, 1]
         assert!(format!("{:#}", parse(&text).unwrap_err()).contains("names no unit"));
         let text = MINIMAL.replace("epochs = 3", "epochs = -3");
         assert!(parse(&text).is_err());
+    }
+
+    const SWEEP: &str = r#"
+[[experiment]]
+name = "fcn"
+dataset = "mnist"
+seeds = [0, 1]
+[experiment.model]
+depth = 3
+[experiment.train]
+epochs = 3
+checkpoints = [0, 1]
+
+[[sweep]]
+name = "grid"
+base = "fcn"
+axes = { "model.depth" = [1, 2], "train.lr" = [0.1, 0.05, 0.01] }
+"#;
+
+    #[test]
+    fn sweep_expands_into_named_points_in_axis_order() {
+        let p = parse(SWEEP).unwrap();
+        let sweep = p.sweep("grid").unwrap();
+        assert_eq!(
+            sweep.points,
+            [
+                "grid.depth-1.lr-0.1",
+                "grid.depth-1.lr-0.05",
+                "grid.depth-1.lr-0.01",
+                "grid.depth-2.lr-0.1",
+                "grid.depth-2.lr-0.05",
+                "grid.depth-2.lr-0.01"
+            ]
+        );
+        let point = p.experiment("grid.depth-2.lr-0.05").unwrap();
+        assert_eq!(point.model.depth, 2);
+        assert_eq!(point.train.lr, 0.05);
+        // Everything else comes from the base experiment, then the defaults.
+        assert_eq!(point.train.epochs, 3);
+        assert_eq!(point.seeds, vec![0, 1]);
+        assert_eq!(point.train.batch_size, 128);
+        let values = &point.sweep.as_ref().unwrap().values;
+        assert_eq!(values[0], ("model.depth".to_string(), AxisValue::Int(2)));
+        assert_eq!(p.select("grid").unwrap().len(), 6);
+        assert_eq!(p.select("fcn").unwrap()[0].name, "fcn");
+        // Points are experiments like any other, with the base's unchanged settings.
+        assert_eq!(p.experiment("fcn").unwrap().model.depth, 3);
+    }
+
+    #[test]
+    fn adding_a_value_keeps_the_other_points() {
+        let a = parse(SWEEP).unwrap();
+        let b = parse(&SWEEP.replace("[1, 2]", "[1, 2, 5]")).unwrap();
+        for point in &a.sweep("grid").unwrap().points {
+            assert_eq!(a.experiment(point).unwrap(), b.experiment(point).unwrap());
+        }
+        assert_eq!(b.sweep("grid").unwrap().points.len(), 9);
+    }
+
+    #[test]
+    fn inline_base_and_clashing_axis_names() {
+        let text = r#"
+[[sweep]]
+name = "s"
+axes = { "model.width" = [8, 16], "model.width_mult" = [0.5], "reset.bn_stats" = [["keep", "recalibrate"]] }
+[sweep.base]
+dataset = "fashion-mnist"
+[sweep.base.train]
+epochs = 2
+checkpoints = [0]
+"#;
+        let p = parse(text).unwrap();
+        assert_eq!(p.sweep("s").unwrap().points[1], "s.width-16.width_mult-0.5.bn_stats-keep+recalibrate");
+        let e = p.experiment("s.width-16.width_mult-0.5.bn_stats-keep+recalibrate").unwrap();
+        assert_eq!((e.model.width, e.model.width_mult), (16, 0.5));
+        assert_eq!(e.reset.bn_stats, ["keep", "recalibrate"]);
+        assert_eq!(p.default_experiments, ["s.width-8.width_mult-0.5.bn_stats-keep+recalibrate"]);
+    }
+
+    #[test]
+    fn sweep_errors_name_the_sweep_the_axis_and_the_line() {
+        let err = |text: &str| format!("{:#}", parse(text).unwrap_err());
+        let e = err(&SWEEP.replace("\"model.depth\"", "\"model.dept\""));
+        assert!(e.contains("sweep 'grid' (line 13)") && e.contains("axis 'model.dept'") && e.contains("dept"), "{e}");
+        let e = err(&SWEEP.replace("[1, 2]", "[1, \"two\"]"));
+        assert!(e.contains("axis 'model.depth'") || e.contains("model.depth = two"), "{e}");
+        let e = err(&SWEEP.replace("\"model.depth\"", "\"seeds\""));
+        assert!(e.contains("axis 'seeds'") && e.contains("list on the base"), "{e}");
+        let e = err(&SWEEP.replace("base = \"fcn\"", "base = \"nope\""));
+        assert!(e.contains("sweep 'grid'") && e.contains("nope"), "{e}");
+        let e = err(&SWEEP.replace("[1, 2]", "[1, 1]"));
+        assert!(e.contains("lists 1 twice"), "{e}");
+        let e = err(&SWEEP.replace("[1, 2]", "[]"));
+        assert!(e.contains("non-empty list"), "{e}");
+        // A point that fails validation is named with its values.
+        let e = err(&SWEEP.replace("\"train.lr\" = [0.1, 0.05, 0.01]", "\"train.epochs\" = [3, 0]"));
+        assert!(e.contains("grid.depth-1.epochs-0") && e.contains("train.epochs = 0"), "{e}");
+        let e = err(&SWEEP.replace("name = \"grid\"", "name = \"fcn\""));
+        assert!(e.contains("sweep 'fcn' has the name of another"), "{e}");
+        let e = err(&format!("{SWEEP}unknown = 1\n"));
+        assert!(e.contains("unknown"), "{e}");
     }
 
     #[test]

@@ -6,20 +6,41 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-/// A temporary path beside `path`, unique to this process.
+/// A temporary path beside `path`, unique to this process on this host: `.<name>.tmp-<pid>@<host>`.
+/// The host is part of the name because a data folder may be shared by the nodes of a cluster,
+/// where process ids repeat.
 pub fn temp_path_for(path: &Path) -> PathBuf {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+    path.with_file_name(format!(".{name}.tmp-{}@{}", std::process::id(), hostname()))
+}
+
+/// This machine's name (the kernel's), or `localhost` where it cannot be read.
+pub fn hostname() -> String {
+    fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".into())
 }
 
 /// Removes temporary files in `dir` left by processes that no longer run (a killed stage), so
-/// that they do not pile up beside the results. Best effort: a file that cannot be removed stays.
+/// that they do not pile up beside the results. Only this host's processes are judged: another
+/// node's temporary file is left alone. Best effort: a file that cannot be removed stays.
 pub fn remove_stale_temps(dir: &Path) {
     let Ok(entries) = fs::read_dir(if dir.as_os_str().is_empty() { Path::new(".") } else { dir }) else { return };
+    let host = hostname();
     for entry in entries.flatten() {
         let file = entry.file_name().to_string_lossy().into_owned();
-        let Some((_, pid)) = file.strip_prefix('.').and_then(|f| f.rsplit_once(".tmp-")) else { continue };
+        let Some((_, owner)) = file.strip_prefix('.').and_then(|f| f.rsplit_once(".tmp-")) else { continue };
+        let (pid, owner_host) = match owner.split_once('@') {
+            Some((pid, h)) => (pid, Some(h)),
+            None => (owner, None),
+        };
         let Ok(pid) = pid.parse::<u32>() else { continue };
+        if owner_host.is_some_and(|h| h != host) {
+            continue;
+        }
         if pid != std::process::id() && !crate::lock::process_alive(pid) {
             let _ = fs::remove_file(entry.path());
         }
@@ -71,12 +92,15 @@ mod tests {
         let dead = dir.join(".a.parquet.tmp-4294967294");
         let ours = temp_path_for(&dir.join("b.parquet"));
         let other = dir.join(".notes.txt");
-        for p in [&dead, &ours, &other] {
+        let dead_here = dir.join(format!(".d.parquet.tmp-4294967294@{}", hostname()));
+        let elsewhere = dir.join(".e.parquet.tmp-4294967294@another-node");
+        for p in [&dead, &ours, &other, &dead_here, &elsewhere] {
             fs::write(p, b"x").unwrap();
         }
         write_atomic(&dir.join("c.json"), b"{}").unwrap();
-        assert!(!dead.exists(), "a dead process's temporary file stayed");
+        assert!(!dead.exists() && !dead_here.exists(), "a dead process's temporary file stayed");
         assert!(ours.exists() && other.exists());
+        assert!(elsewhere.exists(), "another node's temporary file was judged by this node's processes");
         assert_eq!(fs::read(dir.join("c.json")).unwrap(), b"{}");
         fs::remove_dir_all(&dir).unwrap();
     }

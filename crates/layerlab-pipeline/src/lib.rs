@@ -8,7 +8,10 @@ pub mod lock;
 pub mod paths;
 
 pub use cache::{Stage, StageKey, Stamp};
-pub use config::{AggregateConfig, Experiment, ModelConfig, Pipeline, ResetConfig, TrainConfig};
+pub use config::{
+    AggregateConfig, AxisValue, ExecutorConfig, ExecutorKind, Experiment, ModelConfig, Pipeline, ResetConfig, Sweep,
+    SweepPoint, TrainConfig,
+};
 pub use paths::Layout;
 
 /// The layerlab version written into every table and stamp.

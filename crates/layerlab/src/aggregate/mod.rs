@@ -6,6 +6,7 @@ pub mod plot;
 pub mod report;
 pub mod stats;
 pub mod summary;
+pub mod sweep;
 pub mod tables;
 
 use summary::{Curve, SummaryRow};
@@ -66,6 +67,7 @@ pub fn heatmap(
         cols: cols.iter().map(|&(_, e)| e.map_or("rand.".to_string(), |e| e.to_string())).collect(),
         gap_after: (has_rerandomize && !epochs.is_empty()).then_some(1),
         values,
+        critical: Vec::new(),
         vmax: chance,
         x_label: x_label.into(),
         // The longer label only fits beside a grid of several rows.

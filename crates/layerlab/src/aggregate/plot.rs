@@ -143,6 +143,8 @@ pub struct Heatmap {
     pub gap_after: Option<usize>,
     /// `values[row][col]`; `None` where the reset was not run.
     pub values: Vec<Vec<Option<f64>>>,
+    /// `critical[row][col]`: cells outlined as critical; empty when nothing is marked.
+    pub critical: Vec<Vec<bool>>,
     /// The top of the colour scale (the chance-level error); the bottom is 0.
     pub vmax: f64,
     pub x_label: String,
@@ -231,6 +233,11 @@ impl Figure for Heatmap {
                 root.draw(&Rectangle::new([(x0 + 1, y0 + 1), (x0 + CELL_W - 1, y0 + CELL_H - 1)], bg.filled()))
                     .map_err(drawing)?;
                 let ink = ink_on(bg);
+                if self.critical.get(r).and_then(|row| row.get(c)).copied().unwrap_or(false) {
+                    let outline = RGBColor(0, 150, 220).stroke_width(3);
+                    root.draw(&Rectangle::new([(x0 + 3, y0 + 3), (x0 + CELL_W - 3, y0 + CELL_H - 3)], outline))
+                        .map_err(drawing)?;
+                }
                 root.draw(&Text::new(
                     text,
                     (x0 + CELL_W / 2, y0 + CELL_H / 2),
@@ -412,6 +419,7 @@ mod tests {
             cols,
             gap_after: Some(1),
             values,
+            critical: vec![vec![true; 9], vec![false; 9]],
             vmax: 0.9,
             x_label: "re-randomized | re-initialized to checkpoint τ (epoch)".into(),
             y_label: "unit".into(),

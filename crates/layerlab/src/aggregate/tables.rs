@@ -98,7 +98,7 @@ pub fn write_robustness(path: &Path, id: &Identity, rows: &[RobustnessRow], meta
 }
 
 /// Every column of a table read back, as the writer's own column values.
-fn columns_of(t: &ReadTable) -> Result<Vec<(String, Column, bool)>> {
+pub(crate) fn columns_of(t: &ReadTable) -> Result<Vec<(String, Column, bool)>> {
     let schema = t.batch.schema();
     schema
         .fields()
@@ -117,7 +117,7 @@ fn columns_of(t: &ReadTable) -> Result<Vec<(String, Column, bool)>> {
         .collect()
 }
 
-fn append(into: &mut Column, from: Column) {
+pub(crate) fn append(into: &mut Column, from: Column) {
     match (into, from) {
         (Column::Int(a), Column::Int(b)) => a.extend(b),
         (Column::Float(a), Column::Float(b)) => a.extend(b),
@@ -190,7 +190,7 @@ pub fn combine_robustness(results_root: &Path, reference: &Path) -> Result<(Path
     Ok((out, experiments))
 }
 
-fn empty_like(c: &Column) -> Column {
+pub(crate) fn empty_like(c: &Column) -> Column {
     match c {
         Column::Int(_) => Column::Int(Vec::new()),
         Column::Float(_) => Column::Float(Vec::new()),

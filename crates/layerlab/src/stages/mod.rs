@@ -1,6 +1,7 @@
 //! One module per stage binary: each combines the library's parts and honours the stage cache.
 
 pub mod aggregate;
+pub mod aggregate_sweep;
 pub mod cli;
 pub mod reset_eval;
 pub mod snapshot;
@@ -29,15 +30,8 @@ impl StageContext {
         data_dir: Option<PathBuf>,
         force: bool,
     ) -> Result<StageContext> {
-        let pipeline = Pipeline::load(config)?;
+        let (pipeline, layout) = load_pipeline(config, data_dir)?;
         let experiment = pipeline.experiment(experiment)?.clone();
-        let mut layout = Layout::from_pipeline(&pipeline);
-        if let Some(d) = data_dir {
-            if layout.datasets_dir == layout.data_dir.join("datasets") {
-                layout.datasets_dir = d.join("datasets");
-            }
-            layout.data_dir = d;
-        }
         Ok(StageContext { pipeline, layout, experiment, force })
     }
 
@@ -61,6 +55,20 @@ impl StageContext {
         }
         Ok(())
     }
+}
+
+/// Loads the pipeline file and its layout; `data_dir` overrides the file's (and the datasets'
+/// folder with it, unless the file names that one itself).
+pub fn load_pipeline(config: &std::path::Path, data_dir: Option<PathBuf>) -> Result<(Pipeline, Layout)> {
+    let pipeline = Pipeline::load(config)?;
+    let mut layout = Layout::from_pipeline(&pipeline);
+    if let Some(d) = data_dir {
+        if layout.datasets_dir == layout.data_dir.join("datasets") {
+            layout.datasets_dir = d.join("datasets");
+        }
+        layout.data_dir = d;
+    }
+    Ok((pipeline, layout))
 }
 
 /// The compute device: the CPU (candle's CUDA path is not wired in yet).
