@@ -344,6 +344,14 @@ fn checkpoint_cases() -> Vec<Case> {
         Reader::Checkpoint,
         &["says epoch 2 seed 0, expected epoch 1 seed 0"],
     ));
+    let mut other_settings = meta.clone();
+    other_settings.insert("config_hash".into(), "feedfacefeedface".into());
+    cases.push(case(
+        "checkpoint/other-settings.safetensors",
+        bytes(&good, &other_settings),
+        Reader::Checkpoint,
+        &["was trained with other settings", "config hash feedfacefeedface"],
+    ));
     cases.push(case(
         "checkpoint/header-not-json.safetensors",
         raw_safetensors("{\"fc1.bias\": [", &[]),
@@ -698,7 +706,8 @@ pub fn readme(cases: &[Case]) -> String {
          `LAYERLAB_BLESS_CORPUS=1 cargo test -p layerlab-tests --test corpus`. The test feeds every file\n\
          to the binary that reads it and expects an exit code other than 0, a message that names the file\n\
          and the fault (the words below), no panic, and no change on disk.\n\n\
-         `fuzz-regressions/` holds crashing inputs found by `cargo xtask fuzz`, kept as they were found.\n\n\
+         `fuzz-regressions/<target>/` holds what the fuzz replay test feeds each reader: an empty file, and \
+         crashing inputs found by `cargo xtask fuzz`, kept as they were found.\n\n\
          | file | reader | the message must say |\n| --- | --- | --- |\n",
     );
     for c in cases {

@@ -224,7 +224,9 @@ fn crashing_inputs_found_by_fuzzing_are_refused_without_a_panic() {
     let dir = corpus_dir().join("fuzz-regressions");
     let mut n = 0;
     for target in ["idx", "cifar", "pipeline_toml"] {
-        for entry in fs::read_dir(dir.join(target)).into_iter().flatten().flatten() {
+        let folder = dir.join(target);
+        let entries = fs::read_dir(&folder).unwrap_or_else(|e| panic!("{}: {e} (it is committed)", folder.display()));
+        for entry in entries.flatten() {
             let bytes = fs::read(entry.path()).unwrap();
             n += 1;
             match target {
@@ -251,5 +253,6 @@ fn crashing_inputs_found_by_fuzzing_are_refused_without_a_panic() {
             }
         }
     }
+    assert!(n >= 3, "only {n} fuzz regression inputs under {}: every target keeps at least one", dir.display());
     eprintln!("{n} fuzz regression inputs replayed");
 }

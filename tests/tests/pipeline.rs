@@ -116,7 +116,8 @@ fn run_all_caches_and_reruns_exactly_what_changed() {
         assembled.insert(t.name.clone(), early[&t.name].clone());
     }
     let indices: Vec<usize> = (0..1000).collect();
-    let m = layerlab::eval::evaluate(&arch, &assembled, &test, &indices, 1000, &Device::Cpu).unwrap();
+    let m =
+        layerlab::eval::evaluate(&arch, &assembled, &test, &indices, 1000, &Device::Cpu, exp.train.compute).unwrap();
     assert_eq!(m.error, row("fc2", 1));
 
     // Every table opens in pandas and DuckDB with the documented columns, when they are installed

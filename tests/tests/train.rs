@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use layerlab_tests::{bins, mnist_datasets, run_bin, sha256_file, text};
+use layerlab_tests::{bins, history_digest, mnist_datasets, run_bin, sha256_file, text};
 
 fn config(dir: &Path, arch_extra: &str) -> std::path::PathBuf {
     let cfg = format!(
@@ -87,6 +87,9 @@ fn same_settings_give_identical_checkpoints_and_a_killed_run_resumes_exactly() {
     assert!(out.status.success(), "{t}");
     assert!(t.contains("resumed after epoch"), "{t}");
     assert_eq!(checkpoint_hashes(c.path()), reference, "the resumed run differs from an unbroken one");
+    // The history too, every column but the wall times, bit for bit.
+    let history = |d: &tempfile::TempDir| history_digest(&d.path().join("data/runs/det/seed-4/train/history.parquet"));
+    assert_eq!(history(&c), history(&a), "the resumed run's history differs from an unbroken one's");
 }
 
 #[test]
@@ -115,4 +118,20 @@ fn bad_input_is_refused_with_a_clear_message() {
     assert!(t.contains("resume.safetensors"), "{t}");
     assert!(!t.contains("panicked"), "{t}");
     assert_eq!(checkpoint_hashes(d.path()), before);
+}
+
+#[test]
+fn stages_refuse_checkpoints_of_other_training_settings() {
+    let d = tempfile::tempdir().unwrap();
+    let out = train(&config(d.path(), ""));
+    assert!(out.status.success(), "{}", text(&out));
+    // A training setting changed, and the stages are run by hand without training again.
+    let changed = config(d.path(), "init = \"kaiming-normal\"");
+    for (stage, folder) in [("snapshot", "snapshot"), ("reset-eval", "reset")] {
+        let out = run_bin(stage, &["--config", changed.to_str().unwrap(), "-e", "det", "-s", "4"]);
+        let t = text(&out);
+        assert!(!out.status.success(), "{stage} evaluated stale checkpoints:\n{t}");
+        assert!(t.contains("holds a training run of other settings") && t.contains("model.init"), "{stage}: {t}");
+        assert!(!d.path().join(format!("data/runs/det/seed-4/{folder}/stamp.json")).exists());
+    }
 }

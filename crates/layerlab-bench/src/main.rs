@@ -221,7 +221,7 @@ fn cnn(arch_name: &str, width_mult: f64, batch: usize, eval_batch: usize, steps:
     let mut rng = init::rng(1);
     let pixels: Vec<u8> = (0..batch * 3 * 32 * 32).map(|_| rng.next_u32() as u8).collect();
     let labels: Vec<u32> = (0..batch).map(|_| rng.next_u32() % 10).collect();
-    let mut engine = Engine::new(&arch, &state, None, &dev)?;
+    let mut engine = Engine::new(&arch, &state, None, &dev, layerlab::pipeline::ComputePath::Fast)?;
     let t = timed(repeats, || {
         for _ in 0..steps {
             let (loss, _) = engine.step(&arch, &pixels, [batch, 3, 32, 32], labels.clone(), 0.01, &train_cfg, &dev)?;

@@ -117,7 +117,11 @@ pub fn reset_key(exp: &Experiment, seed: u64) -> StageKey {
 }
 
 pub fn aggregate_key(exp: &Experiment) -> StageKey {
-    let config = json!({ "experiment": exp.name, "seeds": exp.seeds, "aggregate": to_value(&exp.aggregate) });
+    // The description is printed in the report, so it is part of what the stage reads.
+    let config = json!({
+        "experiment": exp.name, "description": exp.description, "seeds": exp.seeds,
+        "aggregate": to_value(&exp.aggregate),
+    });
     let mut inputs = BTreeMap::new();
     for &seed in &exp.seeds {
         inputs.insert(format!("reset/seed-{seed}"), reset_key(exp, seed).key);
@@ -275,6 +279,21 @@ mod tests {
         assert_ne!(reset_key(a1, 0).key, reset_key(a2, 0).key);
         assert_ne!(aggregate_key(a1).key, aggregate_key(a2).key);
         assert_eq!(aggregate_key(&p1.experiments[1]), aggregate_key(&p2.experiments[1]));
+    }
+
+    #[test]
+    fn description_changes_only_the_aggregate_key() {
+        let p1 = pipeline("");
+        let p2 = pipeline("")
+            .experiments
+            .iter()
+            .map(|e| Experiment { description: "new words".into(), ..e.clone() })
+            .collect::<Vec<_>>();
+        let (a1, a2) = (&p1.experiments[0], &p2[0]);
+        for stage in [Stage::Train, Stage::Snapshot, Stage::ResetEval] {
+            assert_eq!(key_for(stage, a1, 0), key_for(stage, a2, 0), "{stage:?}");
+        }
+        assert_ne!(aggregate_key(a1).key, aggregate_key(a2).key);
     }
 
     #[test]

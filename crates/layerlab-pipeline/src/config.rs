@@ -91,6 +91,28 @@ section! {
         /// Evaluate on the first N test examples only; absent: the whole test set.
         test_examples: Option<u32> = None,
         eval_batch_size: u32 = 1000,
+        /// How fully connected networks are computed on the CPU: `fast` (layerlab's own path) or
+        /// `autograd` (candle's, to cross-check a result). Other networks always use autograd.
+        /// Left out of the key's JSON at its default, so that keys made before it existed hold.
+        #[serde(skip_serializing_if = "ComputePath::is_fast")]
+        compute: ComputePath = ComputePath::Fast,
+    }
+}
+
+/// The compute path of fully connected networks (`train.compute`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ComputePath {
+    /// Forward, backward and SGD on f32 buffers with `gemm` (`crates/layerlab/src/mlp.rs`).
+    #[default]
+    Fast,
+    /// candle's autograd, like every other network.
+    Autograd,
+}
+
+impl ComputePath {
+    pub fn is_fast(&self) -> bool {
+        *self == ComputePath::Fast
     }
 }
 

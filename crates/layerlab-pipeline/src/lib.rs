@@ -9,8 +9,8 @@ pub mod paths;
 
 pub use cache::{Stage, StageKey, Stamp};
 pub use config::{
-    AggregateConfig, AxisValue, ExecutorConfig, ExecutorKind, Experiment, ModelConfig, Pipeline, ResetConfig, Sweep,
-    SweepPoint, TrainConfig,
+    AggregateConfig, AxisValue, ComputePath, ExecutorConfig, ExecutorKind, Experiment, ModelConfig, Pipeline,
+    ResetConfig, Sweep, SweepPoint, TrainConfig,
 };
 pub use paths::Layout;
 

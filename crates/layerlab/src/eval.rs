@@ -6,6 +6,7 @@ use candle_core::{Device, Tensor};
 use crate::data::Split;
 use crate::mlp::{MlpForward, MlpPlan};
 use crate::model::{images_to_tensor, loss_and_errors, push_scaled_pixels, Architecture, BnMode, State};
+use layerlab_pipeline::ComputePath;
 
 /// Mean loss and error rate over a set of examples.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -29,9 +30,10 @@ pub fn batch_tensors(split: &Split, indices: &[usize], device: &Device) -> Resul
     Ok((x, y))
 }
 
-/// The fully connected fast path's plan, when it applies (see [`crate::mlp`]).
-pub fn fast_plan(arch: &Architecture, device: &Device) -> Option<MlpPlan> {
-    if device.is_cpu() && std::env::var_os("LAYERLAB_AUTOGRAD").is_none() {
+/// The fully connected fast path's plan, when it applies (see [`crate::mlp`]): the one place where
+/// training, evaluation and the reset grid choose their compute path.
+pub fn fast_plan(arch: &Architecture, device: &Device, path: ComputePath) -> Option<MlpPlan> {
+    if device.is_cpu() && path == ComputePath::Fast {
         MlpPlan::of(arch)
     } else {
         None
@@ -76,9 +78,10 @@ pub fn evaluate(
     indices: &[usize],
     batch: usize,
     device: &Device,
+    path: ComputePath,
 ) -> Result<Metrics> {
     let mut acc = Accumulator::default();
-    if let Some(plan) = fast_plan(arch, device) {
+    if let Some(plan) = fast_plan(arch, device, path) {
         let mut net = MlpForward::new(&plan, state)?;
         let mut x = Vec::new();
         for chunk in indices.chunks(batch.max(1)) {

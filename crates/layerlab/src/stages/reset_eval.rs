@@ -122,6 +122,7 @@ pub fn run(ctx: &StageContext, seed: u64) -> Result<Outcome> {
         &[&test_set, &train_set],
         None,
         &dev,
+        exp.train.compute,
         || {},
     )?;
     rows.push(ResultRow {
@@ -187,6 +188,7 @@ pub fn run(ctx: &StageContext, seed: u64) -> Result<Outcome> {
                 &[&test_set, &train_set],
                 cal,
                 &dev,
+                exp.train.compute,
                 || {},
             )
             .with_context(|| format!("evaluating resets of {name}"))?;
@@ -218,7 +220,8 @@ pub fn run(ctx: &StageContext, seed: u64) -> Result<Outcome> {
     Ok(Outcome::Written { rows: rows.len(), seconds })
 }
 
-fn write_results(
+/// Writes `results.parquet`.
+pub fn write_results(
     path: &std::path::Path,
     rows: &[ResultRow],
     exp: &Experiment,

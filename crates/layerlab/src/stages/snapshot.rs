@@ -11,7 +11,7 @@ use crate::model::{Architecture, State};
 use crate::stages::{device, StageContext};
 use crate::table::{provenance, Column, Table};
 use crate::{checkpoint, data};
-use layerlab_pipeline::cache::{Stage, Stamp};
+use layerlab_pipeline::cache::{self, Freshness, Stage, Stamp};
 
 pub enum Outcome {
     UpToDate,
@@ -31,9 +31,22 @@ pub fn architecture(ctx: &StageContext) -> Result<Architecture> {
 pub fn load_checkpoints(ctx: &StageContext, seed: u64, arch: &Architecture) -> Result<Vec<(u32, State)>> {
     let exp = &ctx.experiment;
     let train_dir = ctx.layout.train_dir(&exp.name, seed);
-    if Stamp::read(&train_dir).is_none() {
-        anyhow::bail!("{} has no finished training run (no stamp.json): run train first", train_dir.display());
+    // The checkpoints must be of this experiment's current training settings: after a training
+    // setting changed, a stage run by hand would otherwise evaluate the old run under the new key.
+    let expected = cache::train_key(exp, seed);
+    match cache::freshness(&train_dir, &expected) {
+        Freshness::Fresh => {}
+        Freshness::Missing => {
+            anyhow::bail!("{} has no finished training run (no stamp.json): run train first", train_dir.display())
+        }
+        Freshness::Stale(why) => anyhow::bail!(
+            "{} holds a training run of other settings ({why}): run train again first \
+             (cargo xtask run train -e {} --seed {seed})",
+            train_dir.display(),
+            exp.name
+        ),
     }
+    let config_hash = expected.config_hash();
     exp.checkpoint_epochs()
         .into_iter()
         .map(|epoch| {
@@ -45,6 +58,13 @@ pub fn load_checkpoints(ctx: &StageContext, seed: u64, arch: &Architecture) -> R
                     path.display(),
                     meta.epoch,
                     meta.seed
+                );
+            }
+            if meta.config_hash != config_hash {
+                anyhow::bail!(
+                    "{} was trained with other settings (config hash {}, expected {config_hash}): run train again first",
+                    path.display(),
+                    meta.config_hash
                 );
             }
             Ok((epoch, state))
@@ -63,6 +83,46 @@ fn values(state: &State, names: &[&str]) -> Result<Vec<f64>> {
 
 fn l2(a: &[f64], b: &[f64]) -> f64 {
     a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum::<f64>().sqrt()
+}
+
+/// One row of `movement.parquet`: how far a unit's trainable tensors (or the whole network's, with
+/// no `unit_index`) are from their initial values at one kept epoch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MovementRow {
+    pub unit_index: Option<i64>,
+    pub unit: String,
+    pub epoch: i64,
+    pub l2_to_init: f64,
+    /// `None` when the initial norm is 0.
+    pub l2_to_init_rel: Option<f64>,
+    pub linf_to_init: f64,
+    pub l2_to_final: f64,
+    pub l2_norm: f64,
+}
+
+/// Writes `movement.parquet`.
+pub fn write_movement(
+    path: &std::path::Path,
+    experiment: &str,
+    seed: u64,
+    rows: &[MovementRow],
+    meta: &[(String, String)],
+) -> Result<()> {
+    let n = rows.len();
+    let float = |f: fn(&MovementRow) -> f64| Column::Float(rows.iter().map(|r| Some(f(r))).collect());
+    Table::new()
+        .col("experiment", Column::Text(vec![Some(experiment.to_string()); n]))
+        .col("seed", Column::Int(vec![Some(seed as i64); n]))
+        .nullable("unit_index", Column::Int(rows.iter().map(|r| r.unit_index).collect()))
+        .col("unit", Column::Text(rows.iter().map(|r| Some(r.unit.clone())).collect()))
+        .col("epoch", Column::Int(rows.iter().map(|r| Some(r.epoch)).collect()))
+        .col("l2_to_init", float(|r| r.l2_to_init))
+        .nullable("l2_to_init_rel", Column::Float(rows.iter().map(|r| r.l2_to_init_rel).collect()))
+        .col("linf_to_init", float(|r| r.linf_to_init))
+        .col("l2_to_final", float(|r| r.l2_to_final))
+        .col("l2_norm", float(|r| r.l2_norm))
+        .write(path, meta)
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 pub fn run(ctx: &StageContext, seed: u64) -> Result<Outcome> {
@@ -109,7 +169,7 @@ pub fn run(ctx: &StageContext, seed: u64) -> Result<Outcome> {
     let all: Vec<&str> = groups.iter().flat_map(|g| g.2.iter().copied()).collect();
     groups.push((None, "all".to_string(), all));
     let (init_state, final_state) = (&checkpoints[0].1, &checkpoints[checkpoints.len() - 1].1);
-    let mut cols: (Vec<_>, Vec<_>, Vec<_>, Vec<_>, Vec<_>, Vec<_>, Vec<_>, Vec<_>) = Default::default();
+    let mut rows = Vec::new();
     for (index, name, tensors) in &groups {
         let init = values(init_state, tensors)?;
         let fin = values(final_state, tensors)?;
@@ -117,29 +177,19 @@ pub fn run(ctx: &StageContext, seed: u64) -> Result<Outcome> {
         for (epoch, state) in &checkpoints {
             let now = values(state, tensors)?;
             let d = l2(&now, &init);
-            cols.0.push(*index);
-            cols.1.push(Some(name.clone()));
-            cols.2.push(Some(*epoch as i64));
-            cols.3.push(Some(d));
-            cols.4.push(if init_norm > 0.0 { Some(d / init_norm) } else { None });
-            cols.5.push(Some(now.iter().zip(&init).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max)));
-            cols.6.push(Some(l2(&now, &fin)));
-            cols.7.push(Some(now.iter().map(|v| v * v).sum::<f64>().sqrt()));
+            rows.push(MovementRow {
+                unit_index: *index,
+                unit: name.clone(),
+                epoch: *epoch as i64,
+                l2_to_init: d,
+                l2_to_init_rel: (init_norm > 0.0).then(|| d / init_norm),
+                linf_to_init: now.iter().zip(&init).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max),
+                l2_to_final: l2(&now, &fin),
+                l2_norm: now.iter().map(|v| v * v).sum::<f64>().sqrt(),
+            });
         }
     }
-    let rows = cols.0.len();
-    Table::new()
-        .col("experiment", Column::Text(vec![Some(exp.name.clone()); rows]))
-        .col("seed", Column::Int(vec![Some(seed as i64); rows]))
-        .nullable("unit_index", Column::Int(cols.0))
-        .col("unit", Column::Text(cols.1))
-        .col("epoch", Column::Int(cols.2))
-        .col("l2_to_init", Column::Float(cols.3))
-        .nullable("l2_to_init_rel", Column::Float(cols.4))
-        .col("linf_to_init", Column::Float(cols.5))
-        .col("l2_to_final", Column::Float(cols.6))
-        .col("l2_norm", Column::Float(cols.7))
-        .write(&out_dir.join("movement.parquet"), &meta)?;
+    write_movement(&out_dir.join("movement.parquet"), &exp.name, seed, &rows, &meta)?;
     Stamp::write(&out_dir, &key, t0.elapsed().as_secs_f64())?;
     Ok(Outcome::Written { units: arch.units.len(), epochs: checkpoints.len() })
 }
