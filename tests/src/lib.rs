@@ -226,3 +226,18 @@ pub fn history_digest(path: &Path) -> String {
     }
     format!("history without seconds {}", sha256_bytes(parts.join(";").as_bytes()))
 }
+
+/// Checks that every table under `data` opens in pandas and DuckDB with the documented columns
+/// (`tests/python/check_tables.py`), when they are installed; CI installs them, and there the
+/// check is required.
+pub fn check_tables(data: &Path) {
+    let script = root().join("tests/python/check_tables.py");
+    let py = Command::new("python3").arg("-c").arg("import pandas, duckdb").status();
+    if py.map(|s| s.success()).unwrap_or(false) {
+        let out = Command::new("python3").arg(&script).arg(data).output().expect("python3 runs");
+        assert!(out.status.success(), "table check failed:\n{}", text(&out));
+    } else {
+        assert!(std::env::var_os("CI").is_none(), "CI must have pandas and duckdb installed");
+        eprintln!("pandas/duckdb not installed: table check skipped");
+    }
+}

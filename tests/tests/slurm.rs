@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use layerlab_tests::{mnist_datasets, outputs, text, tree_diff, xtask};
+use layerlab_tests::{check_tables, mnist_datasets, outputs, text, tree_diff, xtask};
 
 /// Whether a Slurm controller answers and has a usable node.
 fn cluster_up() -> bool {
@@ -133,20 +133,6 @@ fn wait_for_end(ids: &[u64]) {
         }
         assert!(t0.elapsed() < Duration::from_secs(600), "jobs {list} still queued after 10 minutes");
         std::thread::sleep(Duration::from_millis(300));
-    }
-}
-
-/// Every table opens in pandas and DuckDB with the documented columns (`sweep.parquet` too), when
-/// they are installed (CI installs them; the check is then required).
-fn check_tables(data: &Path) {
-    let script = layerlab_tests::root().join("tests/python/check_tables.py");
-    let py = Command::new("python3").arg("-c").arg("import pandas, duckdb").status();
-    if py.map(|s| s.success()).unwrap_or(false) {
-        let out = Command::new("python3").arg(&script).arg(data).output().unwrap();
-        assert!(out.status.success(), "table check failed:\n{}", text(&out));
-    } else {
-        assert!(std::env::var_os("CI").is_none(), "CI must have pandas and duckdb installed");
-        eprintln!("pandas/duckdb not installed: table check skipped");
     }
 }
 

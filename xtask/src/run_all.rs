@@ -183,7 +183,7 @@ fn execute(
         }
     } else {
         // Split the cores among the chains: one small network per core runs faster than one
-        // network on every core (measured: FCN training 16.8k examples/s on 1 thread, 14.2k on 2).
+        // network on every core (the measurement is in docs/performance.md, step 1).
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         let threads = (cores / workers).max(1);
         println!("running {} seed chains, {workers} at a time, {threads} thread(s) each", chains.len());

@@ -375,18 +375,13 @@ pub fn run(job: &TrainJob<'_>, initial: State) -> Result<TrainSummary> {
         config_hash: job.config_hash.into(),
     };
 
+    let test_metrics = |state: &State| {
+        eval::evaluate(job.arch, state, job.test, &test_idx, cfg.eval_batch_size as usize, job.device, cfg.compute)
+    };
     if start_epoch == 0 {
         let t0 = Instant::now();
         let state = engine.state(job.device)?;
-        let m = eval::evaluate(
-            job.arch,
-            &state,
-            job.test,
-            &test_idx,
-            cfg.eval_batch_size as usize,
-            job.device,
-            cfg.compute,
-        )?;
+        let m = test_metrics(&state)?;
         checkpoint::save(&paths::checkpoint_in(&ckpt_dir, 0), &state, &meta(0, 0))?;
         history.push(EpochRecord {
             epoch: 0,
@@ -440,15 +435,7 @@ pub fn run(job: &TrainJob<'_>, initial: State) -> Result<TrainSummary> {
         train_seconds += train_time;
         trained_examples += n_train;
         let state = engine.state(job.device)?;
-        let m = eval::evaluate(
-            job.arch,
-            &state,
-            job.test,
-            &test_idx,
-            cfg.eval_batch_size as usize,
-            job.device,
-            cfg.compute,
-        )?;
+        let m = test_metrics(&state)?;
         let tm = acc.metrics();
         history.push(EpochRecord {
             epoch,
