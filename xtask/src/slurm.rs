@@ -139,7 +139,10 @@ pub fn states(ids: &[u64]) -> Result<HashMap<u64, JobState>> {
     if ids.is_empty() {
         return Ok(found);
     }
-    let queue = slurm_command("squeue", &["-h".into(), "-t".into(), "all".into(), "-o".into(), "%i|%T|%r".into()])?;
+    // This user's jobs in every state the controller still remembers (`-j` would fail on an id it
+    // has forgotten).
+    let args = ["-h", "--me", "-t", "all", "-o", "%i|%T|%r"].map(String::from);
+    let queue = slurm_command("squeue", &args)?;
     for line in queue.lines() {
         let mut parts = line.trim().splitn(3, '|');
         let (Some(id), Some(state)) = (parts.next(), parts.next()) else { continue };
