@@ -256,6 +256,58 @@ fn changed_keys(old: &Value, new: &Value, prefix: &str) -> Vec<String> {
     }
 }
 
+/// The output folders a stage reads, by input name.
+pub fn input_dirs(layout: &Layout, stage: Stage, exp: &Experiment, seed: u64) -> Vec<(String, PathBuf)> {
+    let out = |s: Stage, seed: u64| output_dir(layout, s, exp, seed);
+    match stage {
+        Stage::FetchData => Vec::new(),
+        Stage::Train => vec![("dataset".into(), out(Stage::FetchData, seed))],
+        Stage::Snapshot => vec![("train".into(), out(Stage::Train, seed))],
+        Stage::ResetEval => {
+            vec![("dataset".into(), out(Stage::FetchData, seed)), ("train".into(), out(Stage::Train, seed))]
+        }
+        Stage::Aggregate => exp
+            .seeds
+            .iter()
+            .flat_map(|&s| {
+                [
+                    (format!("reset/seed-{s}"), out(Stage::ResetEval, s)),
+                    (format!("snapshot/seed-{s}"), out(Stage::Snapshot, s)),
+                ]
+            })
+            .collect(),
+    }
+}
+
+/// The one freshness check of a stage: its stamp against its key, and against its inputs'
+/// stamps (an input redone after this stage finished makes it stale, even with the same key).
+pub fn check(layout: &Layout, stage: Stage, exp: &Experiment, seed: u64) -> Freshness {
+    let dir = output_dir(layout, stage, exp, seed);
+    check_dir(&dir, &key_for(stage, exp, seed), input_dirs(layout, stage, exp, seed))
+}
+
+/// The freshness of a sweep's aggregate, in `results/<sweep>/`.
+pub fn check_sweep(layout: &Layout, sweep: &Sweep, points: &[&Experiment]) -> Freshness {
+    let inputs = points.iter().map(|p| (format!("aggregate/{}", p.name), layout.results_dir(&p.name))).collect();
+    check_dir(&layout.results_dir(&sweep.name), &sweep_key(sweep, points), inputs)
+}
+
+fn check_dir(dir: &Path, key: &StageKey, inputs: Vec<(String, PathBuf)>) -> Freshness {
+    let own = freshness(dir, key);
+    if own != Freshness::Fresh {
+        return own;
+    }
+    let finished = Stamp::read(dir).map(|s| s.finished_at).unwrap_or(0.0);
+    for (name, input) in inputs {
+        match Stamp::read(&input) {
+            None => return Freshness::Stale(format!("input {name} is missing")),
+            Some(s) if s.finished_at > finished => return Freshness::Stale(format!("input {name} was redone")),
+            Some(_) => {}
+        }
+    }
+    Freshness::Fresh
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -323,56 +375,4 @@ mod tests {
         }
         std::fs::remove_dir_all(&dir).unwrap();
     }
-}
-
-/// The output folders a stage reads, by input name.
-pub fn input_dirs(layout: &Layout, stage: Stage, exp: &Experiment, seed: u64) -> Vec<(String, PathBuf)> {
-    let out = |s: Stage, seed: u64| output_dir(layout, s, exp, seed);
-    match stage {
-        Stage::FetchData => Vec::new(),
-        Stage::Train => vec![("dataset".into(), out(Stage::FetchData, seed))],
-        Stage::Snapshot => vec![("train".into(), out(Stage::Train, seed))],
-        Stage::ResetEval => {
-            vec![("dataset".into(), out(Stage::FetchData, seed)), ("train".into(), out(Stage::Train, seed))]
-        }
-        Stage::Aggregate => exp
-            .seeds
-            .iter()
-            .flat_map(|&s| {
-                [
-                    (format!("reset/seed-{s}"), out(Stage::ResetEval, s)),
-                    (format!("snapshot/seed-{s}"), out(Stage::Snapshot, s)),
-                ]
-            })
-            .collect(),
-    }
-}
-
-/// The one freshness check of a stage: its stamp against its key, and against its inputs'
-/// stamps (an input redone after this stage finished makes it stale, even with the same key).
-pub fn check(layout: &Layout, stage: Stage, exp: &Experiment, seed: u64) -> Freshness {
-    let dir = output_dir(layout, stage, exp, seed);
-    check_dir(&dir, &key_for(stage, exp, seed), input_dirs(layout, stage, exp, seed))
-}
-
-/// The freshness of a sweep's aggregate, in `results/<sweep>/`.
-pub fn check_sweep(layout: &Layout, sweep: &Sweep, points: &[&Experiment]) -> Freshness {
-    let inputs = points.iter().map(|p| (format!("aggregate/{}", p.name), layout.results_dir(&p.name))).collect();
-    check_dir(&layout.results_dir(&sweep.name), &sweep_key(sweep, points), inputs)
-}
-
-fn check_dir(dir: &Path, key: &StageKey, inputs: Vec<(String, PathBuf)>) -> Freshness {
-    let own = freshness(dir, key);
-    if own != Freshness::Fresh {
-        return own;
-    }
-    let finished = Stamp::read(dir).map(|s| s.finished_at).unwrap_or(0.0);
-    for (name, input) in inputs {
-        match Stamp::read(&input) {
-            None => return Freshness::Stale(format!("input {name} is missing")),
-            Some(s) if s.finished_at > finished => return Freshness::Stale(format!("input {name} was redone")),
-            Some(_) => {}
-        }
-    }
-    Freshness::Fresh
 }
