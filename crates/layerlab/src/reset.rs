@@ -14,7 +14,7 @@ use crate::data::Split;
 use crate::eval::{batch_f32, batch_tensors, fast_plan, Accumulator, Metrics};
 use crate::mlp::MlpForward;
 use crate::model::{loss_and_errors, Architecture, BnMode, State, Unit};
-use layerlab_pipeline::ComputePath;
+use layerlab_pipeline::{ComputePath, Experiment, ResetConfig};
 
 /// How BatchNorm running statistics are treated when a unit is reset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,6 +104,100 @@ fn recalibrate(arch: &Architecture, state: &mut State, prefixes: &[Tensor], from
         state.insert(name, (sum / n)?);
     }
     Ok(())
+}
+
+/// The joint sets of an experiment: `all-but-first`, the configured ones, and the suffixes.
+pub fn joint_sets(exp: &Experiment, arch: &Architecture) -> Result<Vec<(String, Vec<String>)>> {
+    let names: Vec<String> = arch.units.iter().map(|u| u.name.clone()).collect();
+    let mut sets = Vec::new();
+    if names.len() > 1 {
+        sets.push(("all-but-first".to_string(), names[1..].to_vec()));
+    }
+    for (set, units) in &exp.reset.joint_sets {
+        for u in units {
+            if !names.contains(u) {
+                bail!(
+                    "experiment '{}': joint set '{set}' names unit '{u}', which {} does not have (units: {})",
+                    exp.name,
+                    arch.name,
+                    names.join(", ")
+                );
+            }
+        }
+        sets.push((set.clone(), units.clone()));
+    }
+    if exp.reset.joint_suffixes {
+        for d in 0..names.len() {
+            sets.push((format!("from-{}", names[d]), names[d..].to_vec()));
+        }
+    }
+    Ok(sets)
+}
+
+/// A group of variants that share one prefix: a single unit (re-initialized to every kept
+/// checkpoint, and re-randomized), or a joint set (every unit in it re-initialized together).
+pub struct Group<'a> {
+    /// The unit, when the group resets one unit alone.
+    pub single: Option<&'a Unit>,
+    /// The unit's name, or the joint set's.
+    pub name: String,
+    pub units: Vec<&'a Unit>,
+}
+
+/// The study's groups: every unit alone (when `reinit` or `rerandomize` is on), then every joint set
+/// (when `joint` is on).
+pub fn groups<'a>(arch: &'a Architecture, sets: &[(String, Vec<String>)], modes: &[String]) -> Result<Vec<Group<'a>>> {
+    let on = |m: &str| modes.iter().any(|x| x == m);
+    let mut out = Vec::new();
+    if on("reinit") || on("rerandomize") {
+        out.extend(arch.units.iter().map(|u| Group { single: Some(u), name: u.name.clone(), units: vec![u] }));
+    }
+    if on("joint") {
+        for (name, units) in sets {
+            let units = units.iter().map(|n| arch.unit(n)).collect::<Result<_>>()?;
+            out.push(Group { single: None, name: name.clone(), units });
+        }
+    }
+    Ok(out)
+}
+
+/// What a variant is, for its result row.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct VariantLabel {
+    pub mode: &'static str,
+    pub source_epoch: Option<i64>,
+    pub draw: Option<i64>,
+}
+
+/// The variants of one group under one BatchNorm setting, in the order of their rows: the group
+/// reset to every kept checkpoint (`reinit`, or `joint` for a set), then, for a single unit, each
+/// re-randomization draw, its values from `draw(unit, draw)`.
+pub fn variants(
+    group: &Group<'_>,
+    bn: BnStats,
+    trained: &State,
+    checkpoints: &BTreeMap<u32, State>,
+    settings: &ResetConfig,
+    mut draw: impl FnMut(&Unit, u32) -> Result<State>,
+) -> Result<(Vec<Variant>, Vec<VariantLabel>)> {
+    let on = |m: &str| settings.modes.iter().any(|x| x == m);
+    let mut variants = Vec::new();
+    let mut labels = Vec::new();
+    if group.single.is_none() || on("reinit") {
+        let mode = if group.single.is_some() { "reinit" } else { "joint" };
+        for (&epoch, source) in checkpoints {
+            variants.push(Variant { state: reset_units(trained, &group.units, source, bn)? });
+            labels.push(VariantLabel { mode, source_epoch: Some(epoch as i64), draw: None });
+        }
+    }
+    if let (Some(unit), true) = (group.single, on("rerandomize")) {
+        for d in 0..settings.draws {
+            let source = draw(unit, d)?;
+            variants.push(Variant { state: reset_units(trained, &group.units, &source, bn)? });
+            labels.push(VariantLabel { mode: "rerandomize", source_epoch: None, draw: Some(d as i64) });
+        }
+    }
+    Ok((variants, labels))
 }
 
 /// One variant of the network to evaluate: a name for the caller and its full state.
@@ -267,5 +361,52 @@ mod tests {
         )
         .unwrap();
         assert_eq!(got[0][0], trained_full);
+    }
+
+    #[test]
+    fn the_variant_grid_follows_the_modes() {
+        let a = arch("fcn");
+        let trained = initial_state(&a, 1, &Device::Cpu).unwrap();
+        let checkpoints: BTreeMap<u32, State> =
+            [0, 1, 3].into_iter().map(|e| (e, initial_state(&a, 10 + e as u64, &Device::Cpu).unwrap())).collect();
+        let sets = vec![("pair".to_string(), vec!["fc2".to_string(), "fc3".to_string()])];
+        let modes = |m: &[&str]| m.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let settings = |m: &[&str]| ResetConfig { modes: modes(m), draws: 2, ..ResetConfig::default() };
+        let draw = |u: &Unit, d: u32| {
+            initial_state(&a, 100 + d as u64, &Device::Cpu)
+                .map(|s| s.into_iter().filter(|(n, _)| u.tensors.iter().any(|t| &t.name == n)).collect::<State>())
+        };
+        let label = |mode, epoch: Option<i64>, draw: Option<i64>| VariantLabel { mode, source_epoch: epoch, draw };
+
+        let all = settings(&["reinit", "rerandomize", "joint"]);
+        let grid = groups(&a, &sets, &all.modes).unwrap();
+        let names: Vec<&str> = grid.iter().map(|g| g.name.as_str()).collect();
+        assert_eq!(names, ["fc1", "fc2", "fc3", "pair"]);
+        let (built, labels) = variants(&grid[1], BnStats::None, &trained, &checkpoints, &all, draw).unwrap();
+        assert_eq!(
+            labels,
+            [
+                label("reinit", Some(0), None),
+                label("reinit", Some(1), None),
+                label("reinit", Some(3), None),
+                label("rerandomize", None, Some(0)),
+                label("rerandomize", None, Some(1)),
+            ]
+        );
+        // Re-initialization to epoch 1 changes fc2's tensors and nothing else.
+        for (name, t) in &built[1].state {
+            let want = if name.starts_with("fc2.") { &checkpoints[&1][name] } else { &trained[name] };
+            assert_eq!(bits(t), bits(want), "{name}");
+        }
+        let (_, labels) = variants(&grid[3], BnStats::None, &trained, &checkpoints, &all, draw).unwrap();
+        assert_eq!(labels.iter().map(|l| l.mode).collect::<Vec<_>>(), ["joint"; 3]);
+
+        // Without reinit, single units are only re-randomized; without joint, no set is evaluated.
+        let rerandomize = settings(&["rerandomize"]);
+        let grid = groups(&a, &sets, &rerandomize.modes).unwrap();
+        assert_eq!(grid.len(), 3);
+        let (_, labels) = variants(&grid[0], BnStats::None, &trained, &checkpoints, &rerandomize, draw).unwrap();
+        assert_eq!(labels, [label("rerandomize", None, Some(0)), label("rerandomize", None, Some(1))]);
+        assert!(groups(&a, &sets, &modes(&["joint"])).unwrap().iter().all(|g| g.single.is_none()));
     }
 }

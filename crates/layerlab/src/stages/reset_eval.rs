@@ -5,14 +5,14 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 
 use crate::data;
 use crate::eval::Metrics;
 use crate::init::{derive_seed, draw_unit, rerandomize_seed};
-use crate::model::{Architecture, State, Unit};
+use crate::model::{Architecture, State};
 use crate::progress;
-use crate::reset::{self, BnStats, Calibration, EvalSet, Variant};
+use crate::reset::{self, BnStats, Calibration, EvalSet, Variant, VariantLabel};
 use crate::stages::snapshot::load_checkpoints;
 use crate::stages::{device, StageContext};
 use crate::table::{provenance, Column, Table};
@@ -39,34 +39,6 @@ pub struct ResultRow {
     pub train: Metrics,
 }
 
-/// The joint sets of an experiment: `all-but-first`, the configured ones, and the suffixes.
-pub fn joint_sets(exp: &Experiment, arch: &Architecture) -> Result<Vec<(String, Vec<String>)>> {
-    let names: Vec<String> = arch.units.iter().map(|u| u.name.clone()).collect();
-    let mut sets = Vec::new();
-    if names.len() > 1 {
-        sets.push(("all-but-first".to_string(), names[1..].to_vec()));
-    }
-    for (set, units) in &exp.reset.joint_sets {
-        for u in units {
-            if !names.contains(u) {
-                bail!(
-                    "experiment '{}': joint set '{set}' names unit '{u}', which {} does not have (units: {})",
-                    exp.name,
-                    arch.name,
-                    names.join(", ")
-                );
-            }
-        }
-        sets.push((set.clone(), units.clone()));
-    }
-    if exp.reset.joint_suffixes {
-        for d in 0..names.len() {
-            sets.push((format!("from-{}", names[d]), names[d..].to_vec()));
-        }
-    }
-    Ok(sets)
-}
-
 pub fn run(ctx: &StageContext, seed: u64) -> Result<Outcome> {
     ctx.check_seed(seed)?;
     let exp = &ctx.experiment;
@@ -82,7 +54,7 @@ pub fn run(ctx: &StageContext, seed: u64) -> Result<Outcome> {
         [test_split.channels, test_split.height, test_split.width],
         data::classes(&exp.dataset),
     )?;
-    let sets = joint_sets(exp, &arch)?;
+    let sets = reset::joint_sets(exp, &arch)?;
     let bn_settings: Vec<BnStats> = if arch.has_batch_norm() {
         exp.reset.bn_stats.iter().map(|s| BnStats::parse(s)).collect::<Result<_>>()?
     } else {
@@ -109,8 +81,6 @@ pub fn run(ctx: &StageContext, seed: u64) -> Result<Outcome> {
             .map(<[usize]>::to_vec)
             .collect(),
     };
-    let modes = &exp.reset.modes;
-    let mode_on = |m: &str| modes.iter().any(|x| x == m);
 
     // Baseline: the trained network itself.
     let mut rows = Vec::new();
@@ -138,43 +108,15 @@ pub fn run(ctx: &StageContext, seed: u64) -> Result<Outcome> {
     });
     tracing::info!("baseline test error {:.4}", base[0][0].error);
 
-    // Every group of variants shares one prefix: a single unit, or a joint set.
-    let groups: Vec<(Option<&Unit>, String, Vec<&Unit>)> = arch
-        .units
-        .iter()
-        .map(|u| (Some(u), u.name.clone(), vec![u]))
-        .chain(sets.iter().map(|(name, units)| {
-            (None, name.clone(), units.iter().map(|n| arch.unit(n).expect("validated above")).collect())
-        }))
-        .filter(
-            |(single, _, _)| {
-                if single.is_some() {
-                    mode_on("reinit") || mode_on("rerandomize")
-                } else {
-                    mode_on("joint")
-                }
-            },
-        )
-        .collect();
+    let groups = reset::groups(&arch, &sets, &exp.reset.modes)?;
     let bar = progress::bar((groups.len() * bn_settings.len()) as u64, "reset-eval");
     for &bn in &bn_settings {
-        for (single, name, units) in &groups {
-            let mut variants = Vec::new();
-            let mut labels: Vec<(&'static str, Option<i64>, Option<i64>)> = Vec::new();
-            let reinit_mode = if single.is_some() { "reinit" } else { "joint" };
-            if single.is_none() || mode_on("reinit") {
-                for (&epoch, source) in &checkpoints {
-                    variants.push(Variant { state: reset::reset_units(trained, units, source, bn)? });
-                    labels.push((reinit_mode, Some(epoch as i64), None));
-                }
-            }
-            if let (Some(unit), true) = (single, mode_on("rerandomize")) {
-                for draw in 0..exp.reset.draws {
-                    let source = draw_unit(unit, rerandomize_seed(&exp.name, seed, &unit.name, draw), &dev)?;
-                    variants.push(Variant { state: reset::reset_units(trained, units, &source, bn)? });
-                    labels.push(("rerandomize", None, Some(draw as i64)));
-                }
-            }
+        for group in &groups {
+            let (name, units) = (&group.name, &group.units);
+            let (mut variants, labels) =
+                reset::variants(group, bn, trained, &checkpoints, &exp.reset, |unit, draw| {
+                    draw_unit(unit, rerandomize_seed(&exp.name, seed, &unit.name, draw), &dev)
+                })?;
             // Recalibration starts at the first reset unit whatever the setting, so that turning
             // reuse off never changes which statistics are recomputed.
             let reuse = exp.reset.prefix_reuse || bn == BnStats::Recalibrate;
@@ -193,11 +135,11 @@ pub fn run(ctx: &StageContext, seed: u64) -> Result<Outcome> {
             )
             .with_context(|| format!("evaluating resets of {name}"))?;
             let unit_names = units.iter().map(|u| u.name.as_str()).collect::<Vec<_>>().join(",");
-            for (i, (mode, source_epoch, draw)) in labels.into_iter().enumerate() {
+            for (i, VariantLabel { mode, source_epoch, draw }) in labels.into_iter().enumerate() {
                 rows.push(ResultRow {
                     mode,
                     unit: Some(name.clone()),
-                    unit_index: single.map(|u| u.index as i64),
+                    unit_index: group.single.map(|u| u.index as i64),
                     units: unit_names.clone(),
                     source_epoch,
                     draw,
