@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
-use layerlab::conv::{conv2d, conv2d_bias, conv2d_candle, layers};
+use layerlab::kernels::{conv2d, conv2d_bias, conv2d_candle, layers};
 use layerlab::model::{loss_and_errors, Architecture, BnMode};
 use layerlab::pipeline::ModelConfig;
 
@@ -147,7 +147,7 @@ fn batch_norm(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
 }
 
 fn batch_norm_fused(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    Ok(layerlab::conv::norm::train(x, weight, bias, 1e-5)?)
+    Ok(layerlab::kernels::norm::train(x, weight, bias, 1e-5)?)
 }
 
 /// Images per wall-clock second of `f` over `iters` timed runs after one warm-up.

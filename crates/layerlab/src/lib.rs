@@ -5,10 +5,10 @@
 
 pub mod aggregate;
 pub mod checkpoint;
-pub mod conv;
 pub mod data;
 pub mod eval;
 pub mod init;
+pub mod kernels;
 pub mod mlp;
 pub mod model;
 pub mod progress;

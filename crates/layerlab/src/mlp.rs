@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
-use crate::conv::matmul;
+use crate::kernels::gemm::matmul;
 use crate::model::{Architecture, Layer, State};
 use layerlab_pipeline::TrainConfig;
 

@@ -10,8 +10,8 @@ use std::collections::BTreeMap;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 
-use crate::conv::{layers, norm};
 use crate::init::Init;
+use crate::kernels::{layers, norm};
 use layerlab_pipeline::ModelConfig;
 
 /// Weights and buffers by state_dict name.
@@ -198,9 +198,9 @@ fn apply(layer: &Layer, state: &State, x: &Tensor, bn: &mut BnMode<'_>) -> Resul
             let w = get(state, &format!("{name}.weight"))?;
             if *bias {
                 let b = get(state, &format!("{name}.bias"))?;
-                crate::conv::conv2d_bias(x, w, b, *padding, *stride)?
+                crate::kernels::conv2d_bias(x, w, b, *padding, *stride)?
             } else {
-                crate::conv::conv2d(x, w, *padding, *stride)?
+                crate::kernels::conv2d(x, w, *padding, *stride)?
             }
         }
         Layer::BatchNorm { name } => batch_norm(name, state, x, bn)?,
@@ -224,7 +224,7 @@ fn apply(layer: &Layer, state: &State, x: &Tensor, bn: &mut BnMode<'_>) -> Resul
 fn batch_norm(name: &str, state: &State, x: &Tensor, bn: &mut BnMode<'_>) -> Result<Tensor> {
     let (weight_c, bias_c) = (get(state, &format!("{name}.weight"))?, get(state, &format!("{name}.bias"))?);
     let (weight, bias) = (weight_c.reshape((1, (), 1, 1))?, bias_c.reshape((1, (), 1, 1))?);
-    // f32 on the CPU: fused ops (crate::conv::norm) instead of a dozen candle passes.
+    // f32 on the CPU: fused ops (crate::kernels::norm) instead of a dozen candle passes.
     let fused = norm::applies(x);
     let running_mean = get(state, &format!("{name}.running_mean"))?;
     let running_var = get(state, &format!("{name}.running_var"))?;

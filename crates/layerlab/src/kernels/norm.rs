@@ -287,7 +287,7 @@ mod tests {
     use candle_core::{Device, Var};
 
     use super::*;
-    use crate::conv::tests::{max_rel_diff, random};
+    use crate::kernels::conv2d::tests::{max_rel_diff, random};
 
     /// The candle-op BatchNorm that `model.rs` used before these ops.
     fn reference(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Tensor {

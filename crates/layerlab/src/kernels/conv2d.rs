@@ -1,4 +1,4 @@
-//! The 2-D convolution used by the models: im2col + gemm on the CPU, with its own backward.
+//! The 2-D convolution used by the models (a kernel of [`crate::kernels`]): im2col + gemm on the CPU, with its own backward.
 //!
 //! candle's CPU `conv2d` backward goes through a direct-loop `conv_transpose2d`, which made
 //! training CNNs an order of magnitude slower than it needs to be. [`conv2d`] runs f32 tensors
@@ -12,16 +12,14 @@
 //! in parallel on rayon's current pool. The weight gradient sums over images in a fixed number of
 //! groups, then adds the group sums in order, so every result is the same for any thread count.
 
-use std::borrow::Cow;
 use std::ops::Range;
 
 use anyhow::Result;
-use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-pub mod layers;
-pub mod norm;
+use super::gemm::matmul;
+use super::{f32_data, layers};
 
 /// Square-kernel convolution with equal padding on every side (dilation 1, one group).
 ///
@@ -282,37 +280,6 @@ impl CustomOp2 for Conv2dGradWeight {
     }
 }
 
-/// The f32 values of a tensor in row-major order, copied only when the layout is strided.
-fn f32_data<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<Cow<'a, [f32]>> {
-    let CpuStorage::F32(data) = s else { bail!("layerlab conv2d works on f32 only, got {:?}", s.dtype()) };
-    if let Some((start, end)) = l.contiguous_offsets() {
-        return Ok(Cow::Borrowed(&data[start..end]));
-    }
-    let (dims, strides) = (l.dims(), l.stride());
-    let mut out = Vec::with_capacity(l.shape().elem_count());
-    let mut index = vec![0usize; dims.len()];
-    if dims.contains(&0) {
-        return Ok(Cow::Owned(out));
-    }
-    loop {
-        let offset: usize = l.start_offset() + index.iter().zip(strides).map(|(i, s)| i * s).sum::<usize>();
-        out.push(data[offset]);
-        // Advance the multi-index like an odometer, last axis fastest.
-        let mut axis = dims.len();
-        loop {
-            if axis == 0 {
-                return Ok(Cow::Owned(out));
-            }
-            axis -= 1;
-            index[axis] += 1;
-            if index[axis] < dims[axis] {
-                break;
-            }
-            index[axis] = 0;
-        }
-    }
-}
-
 /// Reusable buffers of one worker.
 #[derive(Default)]
 struct Scratch {
@@ -505,63 +472,8 @@ fn col2im(g: &Geom, cols: &[f32], images: usize, dx: &mut [f32]) {
     }
 }
 
-/// `dst` [m, n] (row stride `dst_rs`) = `lhs` [m, k] · `rhs` [k, n], plus `dst` when
-/// `accumulate`; `lhs` and `rhs` are given with (row, column) strides. Single-threaded: the
-/// callers parallelise over chunks, which keeps results independent of the thread count.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn matmul(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [f32],
-    dst_rs: usize,
-    accumulate: bool,
-    lhs: &[f32],
-    (lhs_rs, lhs_cs): (usize, usize),
-    rhs: &[f32],
-    (rhs_rs, rhs_cs): (usize, usize),
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    assert!(dst_rs >= n && dst.len() >= (m - 1) * dst_rs + n, "matmul: dst too small");
-    if k == 0 {
-        if !accumulate {
-            dst.chunks_mut(dst_rs).for_each(|r| r[..n].fill(0.0));
-        }
-        return;
-    }
-    assert!(lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs, "matmul: lhs too small");
-    assert!(rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs, "matmul: rhs too small");
-    // SAFETY: the asserts above keep every index gemm touches inside the three slices, and
-    // `dst` is borrowed mutably so it cannot alias `lhs` or `rhs`.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_rs as isize,
-            accumulate,
-            lhs.as_ptr(),
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs.as_ptr(),
-            rhs_cs as isize,
-            rhs_rs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
-}
-
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use candle_core::{Device, Var};
 
     use super::*;

@@ -206,7 +206,7 @@ mod tests {
     use candle_core::{Device, Var};
 
     use super::*;
-    use crate::conv::tests::{max_rel_diff, random};
+    use crate::kernels::conv2d::tests::{max_rel_diff, random};
 
     fn grad_of(f: impl Fn(&Tensor) -> Tensor, x: &Tensor, r: &Tensor) -> (Tensor, Tensor) {
         let v = Var::from_tensor(x).unwrap();
