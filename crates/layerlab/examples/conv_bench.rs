@@ -4,7 +4,7 @@
 //!
 //! Each stack is conv (+bias), BatchNorm in training mode, ReLU, with 2×2 max-pools between
 //! stages, as `model.rs` runs them: once with candle's ops everywhere (the state before
-//! `layerlab::conv`), once with only our convolution, once with all of our ops. Also times
+//! `layerlab::kernels`), once with only our convolution, once with all of our ops. Also times
 //! the full model's training step (`Architecture::forward` + cross-entropy) and each layer kind
 //! of the stack on its own, to show where the time goes.
 
