@@ -130,6 +130,13 @@ pub fn units(summary: &[SummaryRow]) -> Vec<(i64, String)> {
     out.into_iter().collect()
 }
 
+/// The robust/critical cut: a reset that raised the test error by `delta` is robust when `delta`
+/// is at most `tolerance`. A tiny slack keeps a delta that equals the tolerance up to rounding on
+/// the robust side.
+pub fn is_robust(delta: f64, tolerance: f64) -> bool {
+    delta <= tolerance + 1e-12
+}
+
 /// How one kind of reset treated a unit.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Verdict {
@@ -144,8 +151,12 @@ impl Verdict {
     fn new(error: f64, baseline: f64, chance: f64, tolerance: f64) -> Verdict {
         let delta = error - baseline;
         let headroom = chance - baseline;
-        // A tiny slack keeps a delta that equals the tolerance up to rounding on the robust side.
-        Verdict { error, delta, damage: (headroom > 0.0).then(|| delta / headroom), robust: delta <= tolerance + 1e-12 }
+        Verdict {
+            error,
+            delta,
+            damage: (headroom > 0.0).then(|| delta / headroom),
+            robust: is_robust(delta, tolerance),
+        }
     }
     pub fn class(&self) -> &'static str {
         if self.robust {

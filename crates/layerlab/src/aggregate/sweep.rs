@@ -14,6 +14,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 
 use super::plot;
+use super::summary::is_robust;
 use super::tables::{append, columns_of, empty_like};
 use crate::table::{Column, ReadTable, Table};
 use layerlab_pipeline::{AxisValue, Experiment, Sweep};
@@ -116,7 +117,7 @@ pub fn write_table(path: &Path, sweep: &Sweep, points: &[PointResults], meta: &[
             .zip(&deltas)
             .map(|(mode, delta)| match (mode.as_deref(), delta) {
                 (Some("baseline"), _) | (_, None) => None,
-                (_, Some(d)) => Some(if *d <= point.tolerance + 1e-12 { "robust" } else { "critical" }.to_string()),
+                (_, Some(d)) => Some(if is_robust(*d, point.tolerance) { "robust" } else { "critical" }.to_string()),
             })
             .collect();
         cols.push(("tolerance".into(), Column::Float(vec![Some(point.tolerance); rows]), false));
@@ -195,13 +196,12 @@ pub fn figure(sweep: &Sweep, points: &[PointResults]) -> plot::Heatmap {
         }
     }
     let vmax = points.iter().map(|p| p.chance).fold(0.0, f64::max);
-    let tolerance = points.first().map_or(0.0, |p| p.tolerance);
     let axes: Vec<&str> = sweep.axes.iter().map(|(k, _)| k.as_str()).collect();
     plot::Heatmap {
         title: format!("{}: test error (%) after re-initializing one unit to τ = 0", sweep.name),
         subtitle: format!(
-            "mean over seeds  ·  outlined: critical (more than {:.1} pp above the trained network)",
-            100.0 * tolerance
+            "mean over seeds  ·  outlined: critical (more than {} above the trained network)",
+            tolerance_text(points)
         ),
         rows,
         cols: points.iter().map(|p| point_label(&p.experiment)).collect(),
@@ -212,6 +212,16 @@ pub fn figure(sweep: &Sweep, points: &[PointResults]) -> plot::Heatmap {
         x_label: format!("sweep point ({})", axes.join(" · ")),
         y_label: "unit (input at the top, last unit at the bottom)".into(),
         bar_label: "test error".into(),
+    }
+}
+
+/// The tolerance in words: one number when every point shares it (an axis may vary it).
+fn tolerance_text(points: &[PointResults]) -> String {
+    match points.split_first() {
+        Some((first, rest)) if rest.iter().all(|p| p.tolerance == first.tolerance) => {
+            format!("{:.1} pp", 100.0 * first.tolerance)
+        }
+        _ => "each point's tolerance".into(),
     }
 }
 
@@ -241,14 +251,13 @@ pub fn report(sweep: &Sweep, points: &[PointResults], figure_file: &str, pipelin
         .iter()
         .map(|(k, v)| format!("`{k}` ∈ {{{}}}", v.iter().map(AxisValue::label).collect::<Vec<_>>().join(", ")))
         .collect();
-    let tolerance = points.first().map_or(0.0, |p| p.tolerance);
     let _ = writeln!(w, "Axes: {}. Pipeline file: `{}`.\n", axes.join(" × "), pipeline.display());
     let _ = writeln!(
         w,
-        "A unit is **critical** when resetting it alone raises the mean test error more than {:.1} \
-         percentage points above the trained network's (`aggregate.tolerance`), **robust** otherwise. \
+        "A unit is **critical** when resetting it alone raises the mean test error more than {} \
+         above the trained network's (`aggregate.tolerance`), **robust** otherwise. \
          Re-initialization is to the unit's initial value (τ = 0).\n",
-        100.0 * tolerance
+        tolerance_text(points)
     );
     let _ = writeln!(w, "![robustness across the sweep]({figure_file})\n");
     let _ = writeln!(w, "## Per point\n");
