@@ -13,10 +13,10 @@ use std::sync::Arc;
 
 use arrow::array::{ArrayRef, Float64Array, Int32Array, Int64Array, RecordBatch, StringArray};
 use arrow::datatypes::{Field, Schema};
-use layerlab::checkpoint::safetensors_bytes;
 use layerlab::data::{cifar, idx};
 use layerlab::model::Architecture;
 use layerlab::pipeline::ModelConfig;
+use layerlab::safetensors_io::safetensors_bytes;
 
 /// Which reader a case is for, and where the test puts the file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,13 +114,13 @@ pub fn tar_gz(entries: &[(String, Vec<u8>)]) -> Vec<u8> {
 /// The model of the corpus test's run: an FCN with one hidden layer of 8 on MNIST.
 pub fn fixture_model(width: u32) -> Architecture {
     let cfg = ModelConfig {
-        arch: "fcn".into(),
+        arch: layerlab::pipeline::Arch::Fcn,
         depth: 1,
         width,
         width_mult: 1.0,
         batch_norm: true,
         pad_to: 0,
-        init: "pytorch".into(),
+        init: layerlab::pipeline::WeightInit::Pytorch,
     };
     Architecture::build(&cfg, [1, 28, 28], 10).expect("a valid model")
 }

@@ -8,7 +8,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use layerlab::data::fetch::IDX_FILES;
+use layerlab::pipeline::settings::IDX_FILES;
 use layerlab_tests::corpus::{self, Case, Reader};
 use layerlab_tests::{copy_tree, mnist_datasets, root, run_bin, text, tree, tree_diff};
 

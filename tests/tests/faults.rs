@@ -201,7 +201,7 @@ fn raw_mnist() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let dir = layerlab_tests::target_dir().join("test-cache").join("mnist-raw");
-        let names = layerlab::data::fetch::IDX_FILES;
+        let names = layerlab::pipeline::settings::IDX_FILES;
         if !names.iter().all(|n| dir.join(n).exists()) {
             let (train, test) = data::load(&mnist_datasets().join("mnist")).unwrap();
             fs::create_dir_all(&dir).unwrap();

@@ -5,9 +5,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use clap::builder::TypedValueParser as _;
 use clap::Parser;
-use layerlab::data::fetch::{self, Dataset, FetchOptions};
-use layerlab::stages::cli;
+use layerlab::pipeline::Dataset;
+use layerlab::stages::{cli, fetch_data};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -21,6 +22,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[command(version)]
 struct Flags {
     /// Which dataset.
+    #[arg(value_parser = clap::builder::PossibleValuesParser::new(Dataset::ALL.iter().map(|d| d.name()))
+        .map(|name| name.parse::<Dataset>().expect("a possible value")))]
     dataset: Dataset,
     /// A local folder with the raw files (IDX, raw or .gz; CIFAR-10 batches), or the CIFAR-10 archive.
     #[arg(long, value_name = "DIR")]
@@ -57,42 +60,16 @@ fn main() -> ExitCode {
 }
 
 fn run(flags: &Flags) -> anyhow::Result<()> {
-    let datasets_dir = flags.datasets_dir.clone().unwrap_or_else(|| flags.data_dir.join("datasets"));
-    let urls = match (flags.offline, flags.urls.is_empty()) {
-        (true, _) => Vec::new(),
-        (false, true) => flags.dataset.default_urls(),
-        (false, false) => flags.urls.clone(),
-    };
-    let opts = FetchOptions {
+    let request = fetch_data::Request {
+        dataset: flags.dataset,
         from: flags.from.clone(),
-        urls,
+        datasets_dir: flags.datasets_dir.clone().unwrap_or_else(|| flags.data_dir.join("datasets")),
+        urls: flags.urls.clone(),
+        offline: flags.offline,
         registry: !flags.no_registry,
-        timeout: Duration::from_secs(flags.timeout_secs.max(1)),
+        timeout: Duration::from_secs(flags.timeout_secs),
         force: flags.force,
-        ..FetchOptions::new(flags.dataset, datasets_dir.join(flags.dataset.name()))
     };
-    let report = fetch::fetch(&opts)?;
-    if report.already_present {
-        println!(
-            "fetch-data {}: already present in {} ({} + {} examples, from {}), {:.1} s",
-            report.dataset,
-            report.dir.display(),
-            report.train,
-            report.test,
-            report.source,
-            report.seconds
-        );
-    } else {
-        println!(
-            "fetch-data {}: wrote {}/{{train,test}}.safetensors ({} + {} examples, {}) from {} in {:.1} s",
-            report.dataset,
-            report.dir.display(),
-            report.train,
-            report.test,
-            report.check.name(),
-            report.source,
-            report.seconds
-        );
-    }
+    println!("{}", fetch_data::run(&request)?);
     Ok(())
 }

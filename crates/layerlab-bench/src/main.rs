@@ -13,7 +13,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::{Parser, Subcommand};
 use layerlab::config::{ModelConfig, TrainConfig};
-use layerlab::init;
+
 use layerlab::model::{images_to_tensor, Architecture, BnMode, Layer};
 use layerlab::table::{Column, ReadTable, Table};
 use layerlab::train::Engine;
@@ -117,7 +117,7 @@ fn emit(workload: &str, figure: &str, value: f64, unit: &str, flops: Option<u64>
 }
 
 fn fcn() -> Result<Architecture> {
-    let cfg = ModelConfig { arch: "fcn".into(), depth: 3, width: 256, ..ModelConfig::default() };
+    let cfg = ModelConfig { arch: layerlab::pipeline::Arch::Fcn, depth: 3, width: 256, ..ModelConfig::default() };
     Architecture::build(&cfg, [1, 28, 28], 10)
 }
 
@@ -205,20 +205,25 @@ fn timed(repeats: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
 fn cnn(arch_name: &str, width_mult: f64, batch: usize, eval_batch: usize, steps: usize, repeats: usize) -> Result<()> {
     let (cfg, label) = match arch_name {
         "vgg11" => (
-            ModelConfig { arch: "vgg11".into(), width_mult, batch_norm: true, ..ModelConfig::default() },
+            ModelConfig {
+                arch: layerlab::pipeline::Arch::Vgg11,
+                width_mult,
+                batch_norm: true,
+                ..ModelConfig::default()
+            },
             format!("vgg11-bn-w{width_mult}"),
         ),
         "resnet18" => (
-            ModelConfig { arch: "resnet18".into(), width_mult, ..ModelConfig::default() },
+            ModelConfig { arch: layerlab::pipeline::Arch::Resnet18, width_mult, ..ModelConfig::default() },
             format!("resnet18-w{width_mult}"),
         ),
         other => bail!("unknown bench architecture '{other}' (vgg11 or resnet18)"),
     };
     let arch = Architecture::build(&cfg, [3, 32, 32], 10)?;
     let dev = Device::Cpu;
-    let state = init::initial_state(&arch, 0, &dev)?;
+    let state = arch.initial_state(0, &dev)?;
     let train_cfg = TrainConfig { momentum: 0.9, weight_decay: 5e-4, ..TrainConfig::default() };
-    let mut rng = init::rng(1);
+    let mut rng = layerlab::random::rng(1);
     let pixels: Vec<u8> = (0..batch * 3 * 32 * 32).map(|_| rng.next_u32() as u8).collect();
     let labels: Vec<u32> = (0..batch).map(|_| rng.next_u32() % 10).collect();
     let mut engine = Engine::new(&arch, &state, None, &dev, layerlab::pipeline::ComputePath::Fast)?;
@@ -309,7 +314,12 @@ mod tests {
 
     #[test]
     fn vgg_flops_count_every_conv() {
-        let cfg = ModelConfig { arch: "vgg11".into(), width_mult: 0.25, batch_norm: true, ..ModelConfig::default() };
+        let cfg = ModelConfig {
+            arch: layerlab::pipeline::Arch::Vgg11,
+            width_mult: 0.25,
+            batch_norm: true,
+            ..ModelConfig::default()
+        };
         let a = Architecture::build(&cfg, [3, 32, 32], 10).unwrap();
         // conv1 3→16 at 32², conv2 16→32 at 16², conv3 32→64 and conv4 64→64 at 8², conv5 64→128 and
         // conv6 128→128 at 4², conv7 and conv8 128→128 at 2², fc 128→10.

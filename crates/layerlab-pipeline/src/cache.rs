@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use crate::config::Sweep;
-use crate::{fsutil, Experiment, Layout};
+use crate::{fsutil, Dataset, Experiment, Layout};
 
 /// The five stages, in dependency order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -92,7 +92,7 @@ fn to_value<T: Serialize>(t: &T) -> Value {
     serde_json::to_value(t).expect("settings serialize to JSON")
 }
 
-pub fn dataset_key(dataset: &str) -> StageKey {
+pub fn dataset_key(dataset: Dataset) -> StageKey {
     StageKey::new(Stage::FetchData, json!({ "dataset": dataset }), BTreeMap::new())
 }
 
@@ -101,7 +101,7 @@ pub fn train_key(exp: &Experiment, seed: u64) -> StageKey {
         "experiment": exp.name, "dataset": exp.dataset, "seed": seed,
         "model": to_value(&exp.model), "train": to_value(&exp.train),
     });
-    StageKey::new(Stage::Train, config, BTreeMap::from([("dataset".into(), dataset_key(&exp.dataset).key)]))
+    StageKey::new(Stage::Train, config, BTreeMap::from([("dataset".into(), dataset_key(exp.dataset).key)]))
 }
 
 pub fn snapshot_key(exp: &Experiment, seed: u64) -> StageKey {
@@ -112,7 +112,7 @@ pub fn snapshot_key(exp: &Experiment, seed: u64) -> StageKey {
 pub fn reset_key(exp: &Experiment, seed: u64) -> StageKey {
     let config = json!({ "experiment": exp.name, "seed": seed, "reset": to_value(&exp.reset) });
     let inputs =
-        BTreeMap::from([("dataset".into(), dataset_key(&exp.dataset).key), ("train".into(), train_key(exp, seed).key)]);
+        BTreeMap::from([("dataset".into(), dataset_key(exp.dataset).key), ("train".into(), train_key(exp, seed).key)]);
     StageKey::new(Stage::ResetEval, config, inputs)
 }
 
@@ -140,7 +140,7 @@ pub fn sweep_key(sweep: &Sweep, points: &[&Experiment]) -> StageKey {
 /// The key of `stage` for an experiment (and seed, for per-seed stages).
 pub fn key_for(stage: Stage, exp: &Experiment, seed: u64) -> StageKey {
     match stage {
-        Stage::FetchData => dataset_key(&exp.dataset),
+        Stage::FetchData => dataset_key(exp.dataset),
         Stage::Train => train_key(exp, seed),
         Stage::Snapshot => snapshot_key(exp, seed),
         Stage::ResetEval => reset_key(exp, seed),
@@ -151,7 +151,7 @@ pub fn key_for(stage: Stage, exp: &Experiment, seed: u64) -> StageKey {
 /// The output folder that holds a stage's stamp.
 pub fn output_dir(layout: &Layout, stage: Stage, exp: &Experiment, seed: u64) -> PathBuf {
     match stage {
-        Stage::FetchData => layout.dataset_dir(&exp.dataset),
+        Stage::FetchData => layout.dataset_dir(exp.dataset),
         Stage::Train => layout.train_dir(&exp.name, seed),
         Stage::Snapshot => layout.snapshot_dir(&exp.name, seed),
         Stage::ResetEval => layout.reset_dir(&exp.name, seed),
@@ -353,7 +353,7 @@ mod tests {
         let p1 = pipeline("");
         let p2 = pipeline("lr = 0.02");
         let (a1, a2) = (&p1.experiments[0], &p2.experiments[0]);
-        assert_eq!(dataset_key("mnist"), dataset_key(&a2.dataset));
+        assert_eq!(dataset_key(Dataset::Mnist), dataset_key(a2.dataset));
         for stage in [Stage::Train, Stage::Snapshot, Stage::ResetEval, Stage::Aggregate] {
             assert_ne!(key_for(stage, a1, 0).key, key_for(stage, a2, 0).key, "{stage:?}");
         }

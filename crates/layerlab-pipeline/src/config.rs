@@ -15,6 +15,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::settings::{Arch, BnStats, ComputePath, Dataset, ResetMode, Schedule, WeightInit};
+
 /// Declares a settings section twice: a `Partial*` form where every key may be missing (what the
 /// file holds) and a resolved form with every value filled in.
 macro_rules! section {
@@ -50,7 +52,7 @@ section! {
     /// The network: architecture and size.
     ModelConfig / PartialModel {
         /// `fcn`, `vgg11`, `vgg13`, `vgg16`, `vgg19`, `resnet18` or `resnet34`.
-        arch: String = "fcn".to_string(),
+        arch: Arch = Arch::Fcn,
         /// FCN: number of hidden layers.
         depth: u32 = 3,
         /// FCN: units per hidden layer.
@@ -62,7 +64,7 @@ section! {
         /// Zero-pad inputs to this size (28×28 datasets to 32 for the CNNs); 0 keeps them as they are.
         pad_to: u32 = 0,
         /// `pytorch` (U(−1/√fan_in, 1/√fan_in) for Linear and Conv) or `kaiming-normal`.
-        init: String = "pytorch".to_string(),
+        init: WeightInit = WeightInit::Pytorch,
     }
 }
 
@@ -73,7 +75,7 @@ section! {
         batch_size: u32 = 128,
         lr: f64 = 0.01,
         /// `constant`, `step`, `cosine`.
-        schedule: String = "constant".to_string(),
+        schedule: Schedule = Schedule::Constant,
         /// Step schedule: multiply the rate by `lr_gamma` at each of these epochs.
         lr_milestones: Vec<u32> = Vec::new(),
         lr_gamma: f64 = 0.1,
@@ -99,32 +101,15 @@ section! {
     }
 }
 
-/// The compute path of fully connected networks (`train.compute`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum ComputePath {
-    /// Forward, backward and SGD on f32 buffers with `gemm` (`crates/layerlab/src/mlp.rs`).
-    #[default]
-    Fast,
-    /// candle's autograd, like every other network.
-    Autograd,
-}
-
-impl ComputePath {
-    pub fn is_fast(&self) -> bool {
-        *self == ComputePath::Fast
-    }
-}
-
 section! {
     /// The study: which resets, how many draws, how BatchNorm statistics are treated.
     ResetConfig / PartialReset {
         /// Any of `reinit`, `rerandomize`, `joint`.
-        modes: Vec<String> = vec!["reinit".into(), "rerandomize".into(), "joint".into()],
+        modes: Vec<ResetMode> = ResetMode::ALL.to_vec(),
         /// Re-randomization draws per unit.
         draws: u32 = 5,
         /// Any of `with-layer`, `keep`, `recalibrate`.
-        bn_stats: Vec<String> = vec!["with-layer".into()],
+        bn_stats: Vec<BnStats> = vec![BnStats::WithLayer],
         /// Training batches (of `batch_size`) used to recompute BatchNorm statistics.
         recalibrate_batches: u32 = 50,
         /// Size of the fixed, seeded training subset on which train_error is measured.
@@ -166,7 +151,7 @@ struct PartialDefaults {
 #[serde(deny_unknown_fields)]
 struct PartialExperiment {
     name: toml::Spanned<String>,
-    dataset: String,
+    dataset: Dataset,
     /// Short text for the report.
     description: Option<String>,
     seeds: Option<Vec<u64>>,
@@ -279,7 +264,7 @@ struct PartialSweep {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Experiment {
     pub name: String,
-    pub dataset: String,
+    pub dataset: Dataset,
     pub description: String,
     pub seeds: Vec<u64>,
     pub model: ModelConfig,
@@ -366,13 +351,6 @@ pub struct Pipeline {
     pub sweeps: Vec<Sweep>,
     pub executor: ExecutorConfig,
 }
-
-pub const DATASETS: &[&str] = &["mnist", "fashion-mnist", "cifar10"];
-pub const ARCHS: &[&str] = &["fcn", "vgg11", "vgg13", "vgg16", "vgg19", "resnet18", "resnet34"];
-pub const MODES: &[&str] = &["reinit", "rerandomize", "joint"];
-pub const BN_STATS: &[&str] = &["with-layer", "keep", "recalibrate"];
-pub const SCHEDULES: &[&str] = &["constant", "step", "cosine"];
-pub const INITS: &[&str] = &["pytorch", "kaiming-normal"];
 
 impl Pipeline {
     /// Reads and validates a pipeline file. Paths in it are relative to its folder.
@@ -655,32 +633,14 @@ fn valid_name(name: &str) -> bool {
     !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
-fn one_of(key: &str, value: &str, allowed: &[&str]) -> Result<()> {
-    if allowed.contains(&value) {
-        Ok(())
-    } else {
-        bail!("{key} = \"{value}\" is not one of: {}", allowed.join(", "))
-    }
-}
-
 impl Experiment {
     fn validate(&self) -> Result<()> {
         // Sweep points' names are made here, with '.' between the sweep and each axis value.
         if self.sweep.is_none() && !valid_name(&self.name) {
             bail!("name must be non-empty and use only letters, digits, '-' and '_'");
         }
-        one_of("dataset", &self.dataset, DATASETS)?;
-        one_of("model.arch", &self.model.arch, ARCHS)?;
-        one_of("model.init", &self.model.init, INITS)?;
-        one_of("train.schedule", &self.train.schedule, SCHEDULES)?;
-        for m in &self.reset.modes {
-            one_of("reset.modes", m, MODES)?;
-        }
-        for b in &self.reset.bn_stats {
-            one_of("reset.bn_stats", b, BN_STATS)?;
-        }
         if self.reset.bn_stats.is_empty() {
-            bail!("reset.bn_stats is empty: name at least one of {}", BN_STATS.join(", "));
+            bail!("reset.bn_stats is empty: name at least one of {}", BnStats::names());
         }
         if self.seeds.is_empty() {
             bail!("seeds is empty");
@@ -714,7 +674,7 @@ impl Experiment {
             bail!("train.train_examples and train.test_examples must be positive when set");
         }
         let m = &self.model;
-        if m.arch == "fcn" && (m.width == 0 || m.width > 1 << 16 || m.depth > 1000) {
+        if m.arch == Arch::Fcn && (m.width == 0 || m.width > 1 << 16 || m.depth > 1000) {
             bail!("model.width must be in 1 ..= 65536 and model.depth at most 1000");
         }
         if !(m.width_mult.is_finite() && m.width_mult > 0.0 && m.width_mult <= 16.0) {
@@ -913,7 +873,7 @@ checkpoints = [0]
         assert_eq!(p.sweep("s").unwrap().points[1], "s.width-16.width_mult-0.5.bn_stats-keep+recalibrate");
         let e = p.experiment("s.width-16.width_mult-0.5.bn_stats-keep+recalibrate").unwrap();
         assert_eq!((e.model.width, e.model.width_mult), (16, 0.5));
-        assert_eq!(e.reset.bn_stats, ["keep", "recalibrate"]);
+        assert_eq!(e.reset.bn_stats, [BnStats::Keep, BnStats::Recalibrate]);
         assert_eq!(p.default_experiments, ["s.width-8.width_mult-0.5.bn_stats-keep+recalibrate"]);
     }
 

@@ -6,13 +6,15 @@ pub mod config;
 pub mod fsutil;
 pub mod lock;
 pub mod paths;
+pub mod settings;
 
 pub use cache::{Stage, StageKey, Stamp};
 pub use config::{
-    AggregateConfig, AxisValue, ComputePath, ExecutorConfig, ExecutorKind, Experiment, ModelConfig, Pipeline,
-    ResetConfig, Sweep, SweepPoint, TrainConfig,
+    AggregateConfig, AxisValue, ExecutorConfig, ExecutorKind, Experiment, ModelConfig, Pipeline, ResetConfig, Sweep,
+    SweepPoint, TrainConfig,
 };
 pub use paths::Layout;
+pub use settings::{Arch, BnStats, ComputePath, Dataset, ResetMode, Schedule, WeightInit};
 
 /// The layerlab version written into every table and stamp.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -18,8 +18,8 @@ impl Layout {
         Layout::new(&p.data_dir, &p.datasets_dir)
     }
 
-    pub fn dataset_dir(&self, dataset: &str) -> PathBuf {
-        self.datasets_dir.join(dataset)
+    pub fn dataset_dir(&self, dataset: crate::Dataset) -> PathBuf {
+        self.datasets_dir.join(dataset.name())
     }
     pub fn run_dir(&self, experiment: &str, seed: u64) -> PathBuf {
         self.data_dir.join("runs").join(experiment).join(format!("seed-{seed}"))

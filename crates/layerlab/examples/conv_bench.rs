@@ -187,16 +187,16 @@ fn report(name: &str, (f, t): (f64, f64)) {
 /// The model's own training step: forward, cross-entropy, backward.
 fn time_model(x: &Tensor, fl: &Flags) -> Result<f64> {
     let cfg = ModelConfig {
-        arch: "vgg11".into(),
+        arch: layerlab::pipeline::Arch::Vgg11,
         depth: 3,
         width: 256,
         width_mult: 0.25,
         batch_norm: true,
         pad_to: 32,
-        init: "pytorch".into(),
+        init: layerlab::pipeline::WeightInit::Pytorch,
     };
     let arch = Architecture::build(&cfg, [3, 32, 32], 10)?;
-    let state = layerlab::init::initial_state(&arch, 1, &Device::Cpu)?;
+    let state = arch.initial_state(1, &Device::Cpu)?;
     let vars: Vec<(String, Var)> =
         state.iter().map(|(k, t)| Ok((k.clone(), Var::from_tensor(t)?))).collect::<Result<_>>()?;
     let state = vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();

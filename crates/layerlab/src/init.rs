@@ -1,18 +1,15 @@
-//! Initial values and re-randomization draws, from seeded generators of our own.
+//! Initial distributions: how each tensor's first values are drawn.
 //!
-//! candle's CPU generator cannot be seeded, so every random value is drawn here from ChaCha8
-//! streams. Each unit gets its own stream, derived from a seed and the unit's name, so a unit's
-//! values do not depend on the order in which units are drawn.
 //! Formulas follow PyTorch's defaults (`torch.nn.Linear.reset_parameters`, `torch.nn.Conv2d`):
-//! weight and bias ~ U(−1/√fan_in, 1/√fan_in), fan_in = in_features or in_channels × kh × kw.
+//! weight and bias ~ U(−1/√fan_in, 1/√fan_in), fan_in = in_features or in_channels × kh × kw; or
+//! Kaiming's normal for weights with zero biases. BatchNorm starts at weight 1, bias 0, running
+//! mean 0 and variance 1. The streams the values come from are in [`crate::random`]; which tensor
+//! gets which distribution is in [`crate::model`].
 
-use anyhow::Result;
-use candle_core::{Device, Tensor};
-use rand_chacha::ChaCha8Rng;
-use rand_core::{RngCore, SeedableRng};
-use sha2::{Digest, Sha256};
+use rand_core::RngCore;
 
-use crate::model::{Architecture, State, Unit};
+use crate::random::unit_f64;
+use layerlab_pipeline::WeightInit;
 
 /// How a tensor's initial values are drawn.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -22,23 +19,15 @@ pub enum Init {
     Const(f64),
 }
 
-/// A 64-bit seed derived from labelled parts, e.g. `["init", "seed=0", "fc1"]`.
-pub fn derive_seed(parts: &[&str]) -> u64 {
-    let mut h = Sha256::new();
-    for p in parts {
-        h.update((p.len() as u64).to_le_bytes());
-        h.update(p.as_bytes());
+/// The distributions of a Linear or Conv layer's (weight, bias) under a scheme.
+pub fn weight_and_bias(scheme: WeightInit, fan_in: usize) -> (Init, Init) {
+    match scheme {
+        WeightInit::KaimingNormal => (Init::Normal { std: (2.0 / fan_in as f64).sqrt() }, Init::Const(0.0)),
+        WeightInit::Pytorch => {
+            let bound = 1.0 / (fan_in as f64).sqrt();
+            (Init::Uniform { bound }, Init::Uniform { bound })
+        }
     }
-    u64::from_le_bytes(h.finalize()[..8].try_into().expect("8 bytes"))
-}
-
-pub fn rng(seed: u64) -> ChaCha8Rng {
-    ChaCha8Rng::seed_from_u64(seed)
-}
-
-/// A uniform f64 in [0, 1) with 53 random bits.
-pub fn unit_f64(rng: &mut impl RngCore) -> f64 {
-    (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// Fills `n` values from `init`.
@@ -57,40 +46,10 @@ pub fn draw(init: Init, n: usize, rng: &mut impl RngCore) -> Vec<f32> {
     }
 }
 
-/// Fresh values for every tensor of one unit, from a stream seeded with `seed`.
-pub fn draw_unit(unit: &Unit, seed: u64, device: &Device) -> Result<State> {
-    let mut r = rng(seed);
-    let mut out = State::new();
-    for spec in &unit.tensors {
-        let n = spec.shape.iter().product();
-        let values = draw(spec.init, n, &mut r);
-        out.insert(spec.name.clone(), Tensor::from_vec(values, spec.shape.clone(), device)?);
-    }
-    Ok(out)
-}
-
-/// The seed of a unit's initial values for a training seed.
-pub fn init_seed(training_seed: u64, unit: &str) -> u64 {
-    derive_seed(&["init", &training_seed.to_string(), unit])
-}
-
-/// The seed of a re-randomization draw, independent of evaluation order.
-pub fn rerandomize_seed(experiment: &str, training_seed: u64, unit: &str, draw: u32) -> u64 {
-    derive_seed(&["rerandomize", experiment, &training_seed.to_string(), unit, &draw.to_string()])
-}
-
-/// The initial weights of a whole network for a training seed.
-pub fn initial_state(arch: &Architecture, training_seed: u64, device: &Device) -> Result<State> {
-    let mut state = State::new();
-    for unit in &arch.units {
-        state.extend(draw_unit(unit, init_seed(training_seed, &unit.name), device)?);
-    }
-    Ok(state)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::random::rng;
 
     #[test]
     fn uniform_draws_stay_in_bounds_and_fill_them() {
@@ -109,16 +68,5 @@ mod tests {
         let mean = v.iter().map(|&x| x as f64).sum::<f64>() / v.len() as f64;
         let var = v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / v.len() as f64;
         assert!(mean.abs() < 0.06 && (var.sqrt() - 2.0).abs() < 0.05, "{mean} {var}");
-    }
-
-    #[test]
-    fn seeds_differ_by_every_part() {
-        let a = rerandomize_seed("e", 0, "fc1", 0);
-        assert_ne!(a, rerandomize_seed("e", 0, "fc1", 1));
-        assert_ne!(a, rerandomize_seed("e", 1, "fc1", 0));
-        assert_ne!(a, rerandomize_seed("e", 0, "fc2", 0));
-        assert_eq!(a, rerandomize_seed("e", 0, "fc1", 0));
-        // Parts are length-prefixed, so moving a boundary changes the seed.
-        assert_ne!(derive_seed(&["ab", "c"]), derive_seed(&["a", "bc"]));
     }
 }

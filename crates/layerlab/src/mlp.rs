@@ -377,13 +377,12 @@ impl MlpTrainer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::init;
     use crate::model::{images_to_tensor, loss_and_errors, BnMode};
     use candle_core::Var;
     use layerlab_pipeline::ModelConfig;
 
     fn fcn(depth: u32, width: u32) -> Architecture {
-        let cfg = ModelConfig { arch: "fcn".into(), depth, width, ..ModelConfig::default() };
+        let cfg = ModelConfig { arch: layerlab_pipeline::Arch::Fcn, depth, width, ..ModelConfig::default() };
         Architecture::build(&cfg, [1, 4, 4], 3).unwrap()
     }
 
@@ -396,7 +395,7 @@ mod tests {
         let p = MlpPlan::of(&fcn(2, 5)).expect("an FCN has a plan");
         let shapes: Vec<_> = p.layers.iter().map(|d| (d.inputs, d.outputs, d.relu)).collect();
         assert_eq!(shapes, [(16, 5, true), (5, 5, true), (5, 3, false)]);
-        let vgg = ModelConfig { arch: "vgg11".into(), width_mult: 0.125, ..ModelConfig::default() };
+        let vgg = ModelConfig { arch: layerlab_pipeline::Arch::Vgg11, width_mult: 0.125, ..ModelConfig::default() };
         assert!(MlpPlan::of(&Architecture::build(&vgg, [3, 32, 32], 10).unwrap()).is_none());
     }
 
@@ -408,7 +407,7 @@ mod tests {
         let plan = MlpPlan::of(&arch).unwrap();
         for (nesterov, wd) in [(false, 0.0), (true, 5e-3)] {
             let cfg = train_cfg(nesterov, wd);
-            let state = init::initial_state(&arch, 3, &dev).unwrap();
+            let state = arch.initial_state(3, &dev).unwrap();
             let mut fast = MlpTrainer::new(&plan, &state, None).unwrap();
             let vars: BTreeMap<String, Var> =
                 state.iter().map(|(k, v)| (k.clone(), Var::from_tensor(v).unwrap())).collect();
@@ -455,7 +454,7 @@ mod tests {
     fn forward_matches_candle() {
         let dev = Device::Cpu;
         let arch = fcn(3, 9);
-        let state = init::initial_state(&arch, 1, &dev).unwrap();
+        let state = arch.initial_state(1, &dev).unwrap();
         let pixels: Vec<u8> = (0..5 * 16).map(|i| (i * 53 % 256) as u8).collect();
         let x = images_to_tensor(&pixels, [5, 1, 4, 4], &dev).unwrap();
         let want = arch.forward(&state, &x, BnMode::Eval).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();

@@ -10,9 +10,10 @@ use std::collections::BTreeMap;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 
-use crate::init::Init;
+use crate::init::{self, Init};
 use crate::kernels::{layers, norm};
-use layerlab_pipeline::ModelConfig;
+use crate::random;
+use layerlab_pipeline::{Arch, ModelConfig, WeightInit};
 
 /// Weights and buffers by state_dict name.
 pub type State = BTreeMap<String, Tensor>;
@@ -80,6 +81,18 @@ impl Unit {
     pub fn has_batch_norm(&self) -> bool {
         self.tensors.iter().any(|t| t.name.ends_with(".running_mean"))
     }
+    /// Fresh values for every tensor of the unit, from its initial distributions and one stream
+    /// seeded with `seed` (see [`random::init_seed`] and [`random::rerandomize_seed`]).
+    pub fn draw(&self, seed: u64, device: &Device) -> Result<State> {
+        let mut r = random::rng(seed);
+        let mut out = State::new();
+        for spec in &self.tensors {
+            let n = spec.shape.iter().product();
+            let values = init::draw(spec.init, n, &mut r);
+            out.insert(spec.name.clone(), Tensor::from_vec(values, spec.shape.clone(), device)?);
+        }
+        Ok(out)
+    }
 }
 
 /// A complete network description.
@@ -98,17 +111,25 @@ impl Architecture {
     /// Builds the network a model config asks for, for inputs of the given shape.
     pub fn build(cfg: &ModelConfig, input: [usize; 3], classes: usize) -> Result<Architecture> {
         let mut b = Builder::new(cfg, input, classes);
-        match cfg.arch.as_str() {
-            "fcn" => b.fcn(cfg.depth as usize, cfg.width as usize),
-            "vgg11" => b.vgg(&[1, 0, 2, 0, 4, 4, 0, 8, 8, 0, 8, 8, 0], cfg.batch_norm)?,
-            "vgg13" => b.vgg(&[1, 1, 0, 2, 2, 0, 4, 4, 0, 8, 8, 0, 8, 8, 0], cfg.batch_norm)?,
-            "vgg16" => b.vgg(&[1, 1, 0, 2, 2, 0, 4, 4, 4, 0, 8, 8, 8, 0, 8, 8, 8, 0], cfg.batch_norm)?,
-            "vgg19" => b.vgg(&[1, 1, 0, 2, 2, 0, 4, 4, 4, 4, 0, 8, 8, 8, 8, 0, 8, 8, 8, 8, 0], cfg.batch_norm)?,
-            "resnet18" => b.resnet(&[2, 2, 2, 2])?,
-            "resnet34" => b.resnet(&[3, 4, 6, 3])?,
-            other => bail!("unknown architecture '{other}'"),
+        match cfg.arch {
+            Arch::Fcn => b.fcn(cfg.depth as usize, cfg.width as usize),
+            Arch::Vgg11 => b.vgg(&[1, 0, 2, 0, 4, 4, 0, 8, 8, 0, 8, 8, 0], cfg.batch_norm)?,
+            Arch::Vgg13 => b.vgg(&[1, 1, 0, 2, 2, 0, 4, 4, 0, 8, 8, 0, 8, 8, 0], cfg.batch_norm)?,
+            Arch::Vgg16 => b.vgg(&[1, 1, 0, 2, 2, 0, 4, 4, 4, 0, 8, 8, 8, 0, 8, 8, 8, 0], cfg.batch_norm)?,
+            Arch::Vgg19 => b.vgg(&[1, 1, 0, 2, 2, 0, 4, 4, 4, 4, 0, 8, 8, 8, 8, 0, 8, 8, 8, 8, 0], cfg.batch_norm)?,
+            Arch::Resnet18 => b.resnet(&[2, 2, 2, 2])?,
+            Arch::Resnet34 => b.resnet(&[3, 4, 6, 3])?,
         }
         Ok(b.finish())
+    }
+
+    /// The initial weights of the whole network for a training seed.
+    pub fn initial_state(&self, training_seed: u64, device: &Device) -> Result<State> {
+        let mut state = State::new();
+        for unit in &self.units {
+            state.extend(unit.draw(random::init_seed(training_seed, &unit.name), device)?);
+        }
+        Ok(state)
     }
 
     pub fn unit(&self, name: &str) -> Result<&Unit> {
@@ -283,7 +304,7 @@ pub fn loss_and_errors(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, usiz
 
 /// Collects layers and units while a network is described.
 struct Builder {
-    init: String,
+    init: WeightInit,
     input: [usize; 3],
     classes: usize,
     pad: usize,
@@ -297,7 +318,7 @@ impl Builder {
     fn new(cfg: &ModelConfig, input: [usize; 3], classes: usize) -> Builder {
         let pad = (cfg.pad_to as usize).saturating_sub(input[1].max(input[2])) / 2;
         Builder {
-            init: cfg.init.clone(),
+            init: cfg.init,
             input,
             classes,
             pad,
@@ -312,15 +333,6 @@ impl Builder {
         ((base as f64 * self.width_mult).round() as usize).max(1)
     }
 
-    fn weight_init(&self, fan_in: usize) -> (Init, Init) {
-        if self.init == "kaiming-normal" {
-            (Init::Normal { std: (2.0 / fan_in as f64).sqrt() }, Init::Const(0.0))
-        } else {
-            let bound = 1.0 / (fan_in as f64).sqrt();
-            (Init::Uniform { bound }, Init::Uniform { bound })
-        }
-    }
-
     fn new_unit(&mut self, name: &str, kind: &'static str, entry_layer: usize) -> &mut Unit {
         let index = self.units.len();
         self.units.push(Unit { index, name: name.into(), kind, entry_layer, tensors: Vec::new() });
@@ -328,7 +340,7 @@ impl Builder {
     }
 
     fn linear_layer(&mut self, unit: &str, tensor_prefix: &str, fan_in: usize, out: usize) -> Layer {
-        let (w, b) = self.weight_init(fan_in);
+        let (w, b) = init::weight_and_bias(self.init, fan_in);
         let entry = self.layers.len();
         let u = self.new_unit(unit, "linear", entry);
         u.tensors.push(spec(format!("{tensor_prefix}.weight"), vec![out, fan_in], w, true));
@@ -348,7 +360,7 @@ impl Builder {
         bias: bool,
     ) -> Layer {
         let fan_in = cin * k * k;
-        let (w, b) = self.weight_init(fan_in);
+        let (w, b) = init::weight_and_bias(self.init, fan_in);
         let entry = self.layers.len();
         let u = self.new_unit(unit, "conv", entry);
         u.tensors.push(spec(format!("{prefix}.weight"), vec![cout, cin, k, k], w, true));
@@ -518,13 +530,13 @@ mod tests {
 
     fn cfg(arch: &str) -> ModelConfig {
         ModelConfig {
-            arch: arch.into(),
+            arch: arch.parse().unwrap(),
             depth: 3,
             width: 256,
             width_mult: 0.25,
             batch_norm: true,
             pad_to: 32,
-            init: "pytorch".into(),
+            init: WeightInit::Pytorch,
         }
     }
 

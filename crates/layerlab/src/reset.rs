@@ -14,40 +14,12 @@ use crate::data::Split;
 use crate::eval::{batch_f32, batch_tensors, fast_plan, Accumulator, Metrics};
 use crate::mlp::MlpForward;
 use crate::model::{loss_and_errors, Architecture, BnMode, State, Unit};
-use layerlab_pipeline::{ComputePath, Experiment, ResetConfig};
+use layerlab_pipeline::{BnStats, ComputePath, Experiment, ResetConfig, ResetMode};
 
-/// How BatchNorm running statistics are treated when a unit is reset.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BnStats {
-    /// Running statistics are reset with the unit's other tensors.
-    WithLayer,
-    /// The trained running statistics are kept.
-    Keep,
-    /// Reset with the unit, then recomputed on training batches for every BatchNorm from the
-    /// first reset unit on (those before it see unchanged inputs).
-    Recalibrate,
-    /// The network has no BatchNorm.
-    None,
-}
-
-impl BnStats {
-    pub fn parse(s: &str) -> Result<BnStats> {
-        Ok(match s {
-            "with-layer" => BnStats::WithLayer,
-            "keep" => BnStats::Keep,
-            "recalibrate" => BnStats::Recalibrate,
-            "none" => BnStats::None,
-            other => bail!("unknown BatchNorm setting '{other}'"),
-        })
-    }
-    pub fn name(self) -> &'static str {
-        match self {
-            BnStats::WithLayer => "with-layer",
-            BnStats::Keep => "keep",
-            BnStats::Recalibrate => "recalibrate",
-            BnStats::None => "none",
-        }
-    }
+/// The name a BatchNorm setting has in the tables: `reset.bn_stats`'s, or `none` for a network
+/// without BatchNorm (which is evaluated under no setting, `None`).
+pub fn bn_label(bn: Option<BnStats>) -> &'static str {
+    bn.map_or("none", BnStats::name)
 }
 
 fn is_running_stat(name: &str) -> bool {
@@ -55,11 +27,12 @@ fn is_running_stat(name: &str) -> bool {
 }
 
 /// `base` with every tensor of `units` taken from `source` (running statistics too, unless `keep`).
-pub fn reset_units(base: &State, units: &[&Unit], source: &State, bn: BnStats) -> Result<State> {
+/// `bn` is `None` for a network without BatchNorm.
+pub fn reset_units(base: &State, units: &[&Unit], source: &State, bn: Option<BnStats>) -> Result<State> {
     let mut out = base.clone();
     for unit in units {
         for spec in &unit.tensors {
-            if bn == BnStats::Keep && is_running_stat(&spec.name) {
+            if bn == Some(BnStats::Keep) && is_running_stat(&spec.name) {
                 continue;
             }
             let t = source
@@ -146,13 +119,17 @@ pub struct Group<'a> {
 
 /// The study's groups: every unit alone (when `reinit` or `rerandomize` is on), then every joint set
 /// (when `joint` is on).
-pub fn groups<'a>(arch: &'a Architecture, sets: &[(String, Vec<String>)], modes: &[String]) -> Result<Vec<Group<'a>>> {
-    let on = |m: &str| modes.iter().any(|x| x == m);
+pub fn groups<'a>(
+    arch: &'a Architecture,
+    sets: &[(String, Vec<String>)],
+    modes: &[ResetMode],
+) -> Result<Vec<Group<'a>>> {
+    let on = |m: ResetMode| modes.contains(&m);
     let mut out = Vec::new();
-    if on("reinit") || on("rerandomize") {
+    if on(ResetMode::Reinit) || on(ResetMode::Rerandomize) {
         out.extend(arch.units.iter().map(|u| Group { single: Some(u), name: u.name.clone(), units: vec![u] }));
     }
-    if on("joint") {
+    if on(ResetMode::Joint) {
         for (name, units) in sets {
             let units = units.iter().map(|n| arch.unit(n)).collect::<Result<_>>()?;
             out.push(Group { single: None, name: name.clone(), units });
@@ -164,7 +141,7 @@ pub fn groups<'a>(arch: &'a Architecture, sets: &[(String, Vec<String>)], modes:
 /// What a variant is, for its result row.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct VariantLabel {
-    pub mode: &'static str,
+    pub mode: ResetMode,
     pub source_epoch: Option<i64>,
     pub draw: Option<i64>,
 }
@@ -174,27 +151,27 @@ pub struct VariantLabel {
 /// re-randomization draw, its values from `draw(unit, draw)`.
 pub fn variants(
     group: &Group<'_>,
-    bn: BnStats,
+    bn: Option<BnStats>,
     trained: &State,
     checkpoints: &BTreeMap<u32, State>,
     settings: &ResetConfig,
     mut draw: impl FnMut(&Unit, u32) -> Result<State>,
 ) -> Result<(Vec<Variant>, Vec<VariantLabel>)> {
-    let on = |m: &str| settings.modes.iter().any(|x| x == m);
+    let on = |m: ResetMode| settings.modes.contains(&m);
     let mut variants = Vec::new();
     let mut labels = Vec::new();
-    if group.single.is_none() || on("reinit") {
-        let mode = if group.single.is_some() { "reinit" } else { "joint" };
+    if group.single.is_none() || on(ResetMode::Reinit) {
+        let mode = if group.single.is_some() { ResetMode::Reinit } else { ResetMode::Joint };
         for (&epoch, source) in checkpoints {
             variants.push(Variant { state: reset_units(trained, &group.units, source, bn)? });
             labels.push(VariantLabel { mode, source_epoch: Some(epoch as i64), draw: None });
         }
     }
-    if let (Some(unit), true) = (group.single, on("rerandomize")) {
+    if let (Some(unit), true) = (group.single, on(ResetMode::Rerandomize)) {
         for d in 0..settings.draws {
             let source = draw(unit, d)?;
             variants.push(Variant { state: reset_units(trained, &group.units, &source, bn)? });
-            labels.push(VariantLabel { mode: "rerandomize", source_epoch: None, draw: Some(d as i64) });
+            labels.push(VariantLabel { mode: ResetMode::Rerandomize, source_epoch: None, draw: Some(d as i64) });
         }
     }
     Ok((variants, labels))
@@ -275,18 +252,17 @@ pub fn entry_layer(units: &[&Unit]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::init::initial_state;
     use layerlab_pipeline::ModelConfig;
 
     fn arch(name: &str) -> Architecture {
         let cfg = ModelConfig {
-            arch: name.into(),
+            arch: name.parse().unwrap(),
             depth: 2,
             width: 16,
             width_mult: 0.125,
             batch_norm: true,
             pad_to: 32,
-            init: "pytorch".into(),
+            init: layerlab_pipeline::WeightInit::Pytorch,
         };
         Architecture::build(&cfg, [1, 28, 28], 10).unwrap()
     }
@@ -298,11 +274,11 @@ mod tests {
     #[test]
     fn reset_changes_exactly_the_units_tensors() {
         let a = arch("vgg11");
-        let trained = initial_state(&a, 1, &Device::Cpu).unwrap();
-        let source = initial_state(&a, 2, &Device::Cpu).unwrap();
+        let trained = a.initial_state(1, &Device::Cpu).unwrap();
+        let source = a.initial_state(2, &Device::Cpu).unwrap();
         for bn in [BnStats::WithLayer, BnStats::Keep] {
             let unit = a.unit("conv3").unwrap();
-            let out = reset_units(&trained, &[unit], &source, bn).unwrap();
+            let out = reset_units(&trained, &[unit], &source, Some(bn)).unwrap();
             for (name, t) in &out {
                 let owned = unit.tensors.iter().any(|s| &s.name == name);
                 let from_source = owned && !(bn == BnStats::Keep && is_running_stat(name));
@@ -316,7 +292,7 @@ mod tests {
     #[test]
     fn prefix_reuse_gives_the_full_forward_result_bit_for_bit() {
         let a = arch("fcn");
-        let trained = initial_state(&a, 1, &Device::Cpu).unwrap();
+        let trained = a.initial_state(1, &Device::Cpu).unwrap();
         let split = Split {
             images: (0..20 * 784).map(|i| (i * 7 % 251) as u8).collect(),
             labels: (0..20).map(|i| (i % 10) as u8).collect(),
@@ -326,8 +302,8 @@ mod tests {
         };
         let set = EvalSet { split: &split, indices: (0..20).collect(), batch: 8 };
         let unit = a.unit("fc2").unwrap();
-        let source = initial_state(&a, 5, &Device::Cpu).unwrap();
-        let variant = reset_units(&trained, &[unit], &source, BnStats::None).unwrap();
+        let source = a.initial_state(5, &Device::Cpu).unwrap();
+        let variant = reset_units(&trained, &[unit], &source, None).unwrap();
         let full =
             crate::eval::evaluate(&a, &variant, &split, &set.indices, 8, &Device::Cpu, ComputePath::Fast).unwrap();
         let mut variants = vec![Variant { state: variant }];
@@ -366,14 +342,14 @@ mod tests {
     #[test]
     fn the_variant_grid_follows_the_modes() {
         let a = arch("fcn");
-        let trained = initial_state(&a, 1, &Device::Cpu).unwrap();
+        let trained = a.initial_state(1, &Device::Cpu).unwrap();
         let checkpoints: BTreeMap<u32, State> =
-            [0, 1, 3].into_iter().map(|e| (e, initial_state(&a, 10 + e as u64, &Device::Cpu).unwrap())).collect();
+            [0, 1, 3].into_iter().map(|e| (e, a.initial_state(10 + e as u64, &Device::Cpu).unwrap())).collect();
         let sets = vec![("pair".to_string(), vec!["fc2".to_string(), "fc3".to_string()])];
-        let modes = |m: &[&str]| m.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let modes = |m: &[&str]| m.iter().map(|s| s.parse::<ResetMode>().unwrap()).collect::<Vec<_>>();
         let settings = |m: &[&str]| ResetConfig { modes: modes(m), draws: 2, ..ResetConfig::default() };
         let draw = |u: &Unit, d: u32| {
-            initial_state(&a, 100 + d as u64, &Device::Cpu)
+            a.initial_state(100 + d as u64, &Device::Cpu)
                 .map(|s| s.into_iter().filter(|(n, _)| u.tensors.iter().any(|t| &t.name == n)).collect::<State>())
         };
         let label = |mode, epoch: Option<i64>, draw: Option<i64>| VariantLabel { mode, source_epoch: epoch, draw };
@@ -382,15 +358,15 @@ mod tests {
         let grid = groups(&a, &sets, &all.modes).unwrap();
         let names: Vec<&str> = grid.iter().map(|g| g.name.as_str()).collect();
         assert_eq!(names, ["fc1", "fc2", "fc3", "pair"]);
-        let (built, labels) = variants(&grid[1], BnStats::None, &trained, &checkpoints, &all, draw).unwrap();
+        let (built, labels) = variants(&grid[1], None, &trained, &checkpoints, &all, draw).unwrap();
         assert_eq!(
             labels,
             [
-                label("reinit", Some(0), None),
-                label("reinit", Some(1), None),
-                label("reinit", Some(3), None),
-                label("rerandomize", None, Some(0)),
-                label("rerandomize", None, Some(1)),
+                label(ResetMode::Reinit, Some(0), None),
+                label(ResetMode::Reinit, Some(1), None),
+                label(ResetMode::Reinit, Some(3), None),
+                label(ResetMode::Rerandomize, None, Some(0)),
+                label(ResetMode::Rerandomize, None, Some(1)),
             ]
         );
         // Re-initialization to epoch 1 changes fc2's tensors and nothing else.
@@ -398,15 +374,18 @@ mod tests {
             let want = if name.starts_with("fc2.") { &checkpoints[&1][name] } else { &trained[name] };
             assert_eq!(bits(t), bits(want), "{name}");
         }
-        let (_, labels) = variants(&grid[3], BnStats::None, &trained, &checkpoints, &all, draw).unwrap();
-        assert_eq!(labels.iter().map(|l| l.mode).collect::<Vec<_>>(), ["joint"; 3]);
+        let (_, labels) = variants(&grid[3], None, &trained, &checkpoints, &all, draw).unwrap();
+        assert_eq!(labels.iter().map(|l| l.mode).collect::<Vec<_>>(), [ResetMode::Joint; 3]);
 
         // Without reinit, single units are only re-randomized; without joint, no set is evaluated.
         let rerandomize = settings(&["rerandomize"]);
         let grid = groups(&a, &sets, &rerandomize.modes).unwrap();
         assert_eq!(grid.len(), 3);
-        let (_, labels) = variants(&grid[0], BnStats::None, &trained, &checkpoints, &rerandomize, draw).unwrap();
-        assert_eq!(labels, [label("rerandomize", None, Some(0)), label("rerandomize", None, Some(1))]);
+        let (_, labels) = variants(&grid[0], None, &trained, &checkpoints, &rerandomize, draw).unwrap();
+        assert_eq!(
+            labels,
+            [label(ResetMode::Rerandomize, None, Some(0)), label(ResetMode::Rerandomize, None, Some(1))]
+        );
         assert!(groups(&a, &sets, &modes(&["joint"])).unwrap().iter().all(|g| g.single.is_none()));
     }
 }

@@ -17,39 +17,28 @@ use serde::{Deserialize, Serialize};
 use crate::checkpoint::{self, CheckpointMeta};
 use crate::data::Split;
 use crate::eval::{self, Accumulator};
-use crate::init::{derive_seed, rng};
 use crate::mlp::MlpTrainer;
 use crate::model::{images_to_tensor, loss_and_errors, push_scaled_pixels, Architecture, BnMode, State};
 use crate::progress;
+use crate::random;
 use crate::table::{Column, Table};
-use layerlab_pipeline::{paths, ComputePath, TrainConfig};
+use layerlab_pipeline::{paths, ComputePath, Schedule, TrainConfig};
 
 /// The learning rate at a step (0-based), following the configured schedule and warm-up.
 pub fn learning_rate(cfg: &TrainConfig, step: u64, steps_per_epoch: u64) -> f64 {
     let total = (cfg.epochs as u64 * steps_per_epoch).max(1);
     let warmup = cfg.warmup_epochs as u64 * steps_per_epoch;
     let epoch = (step / steps_per_epoch.max(1)) as u32;
-    let base = match cfg.schedule.as_str() {
-        "cosine" => cfg.lr * 0.5 * (1.0 + (std::f64::consts::PI * step as f64 / total as f64).cos()),
-        "step" => cfg.lr * cfg.lr_gamma.powi(cfg.lr_milestones.iter().filter(|&&m| epoch >= m).count() as i32),
-        _ => cfg.lr,
+    let base = match cfg.schedule {
+        Schedule::Cosine => cfg.lr * 0.5 * (1.0 + (std::f64::consts::PI * step as f64 / total as f64).cos()),
+        Schedule::Step => cfg.lr * cfg.lr_gamma.powi(cfg.lr_milestones.iter().filter(|&&m| epoch >= m).count() as i32),
+        Schedule::Constant => cfg.lr,
     };
     if step < warmup {
         base * (step + 1) as f64 / warmup as f64
     } else {
         base
     }
-}
-
-/// A seeded permutation of `0..n` for one epoch.
-pub fn epoch_order(n: usize, seed: u64, epoch: u32) -> Vec<usize> {
-    let mut r = rng(derive_seed(&["shuffle", &seed.to_string(), &epoch.to_string()]));
-    let mut order: Vec<usize> = (0..n).collect();
-    for i in (1..n).rev() {
-        let j = (r.next_u64() % (i as u64 + 1)) as usize;
-        order.swap(i, j);
-    }
-    order
 }
 
 /// Random crop (zero padding 4) and horizontal flip of u8 images [n, c, h, w], in place.
@@ -403,8 +392,8 @@ pub fn run(job: &TrainJob<'_>, initial: State) -> Result<TrainSummary> {
     let mut trained_examples = 0usize;
     for epoch in start_epoch.max(1)..=cfg.epochs {
         let t0 = Instant::now();
-        let order = epoch_order(n_train, job.seed, epoch);
-        let mut aug_rng = rng(derive_seed(&["augment", &job.seed.to_string(), &epoch.to_string()]));
+        let order = random::epoch_order(n_train, job.seed, epoch);
+        let mut aug_rng = random::augment_rng(job.seed, epoch);
         let bar = progress::bar(steps_per_epoch, &format!("epoch {epoch}/{}", cfg.epochs));
         let mut acc = Accumulator::default();
         let mut lr = 0.0;
@@ -502,7 +491,7 @@ mod tests {
             epochs: 10,
             batch_size: 128,
             lr: 0.1,
-            schedule: "constant".into(),
+            schedule: Schedule::Constant,
             lr_milestones: vec![],
             lr_gamma: 0.1,
             warmup_epochs: 0,
@@ -520,11 +509,11 @@ mod tests {
 
     #[test]
     fn schedules_match_their_formulas() {
-        let c = TrainConfig { schedule: "cosine".into(), ..cfg() };
+        let c = TrainConfig { schedule: Schedule::Cosine, ..cfg() };
         assert_eq!(learning_rate(&c, 0, 10), 0.1);
         assert!((learning_rate(&c, 50, 10) - 0.05).abs() < 1e-12);
         assert!(learning_rate(&c, 99, 10) < 1e-3);
-        let s = TrainConfig { schedule: "step".into(), lr_milestones: vec![3, 6], ..cfg() };
+        let s = TrainConfig { schedule: Schedule::Step, lr_milestones: vec![3, 6], ..cfg() };
         assert_eq!(learning_rate(&s, 29, 10), 0.1);
         assert!((learning_rate(&s, 30, 10) - 0.01).abs() < 1e-12);
         assert!((learning_rate(&s, 60, 10) - 0.001).abs() < 1e-12);
@@ -534,21 +523,10 @@ mod tests {
     }
 
     #[test]
-    fn epoch_order_is_a_seeded_permutation() {
-        let a = epoch_order(1000, 0, 1);
-        let mut sorted = a.clone();
-        sorted.sort_unstable();
-        assert_eq!(sorted, (0..1000).collect::<Vec<_>>());
-        assert_eq!(a, epoch_order(1000, 0, 1));
-        assert_ne!(a, epoch_order(1000, 0, 2));
-        assert_ne!(a, epoch_order(1000, 1, 1));
-    }
-
-    #[test]
     fn augmentation_keeps_pixels_and_shifts_them() {
         let shape = [1, 1, 8, 8];
         let original: Vec<u8> = (0..64).map(|v| v as u8 + 1).collect();
-        let mut r = rng(3);
+        let mut r = random::rng(3);
         let mut moved = false;
         for _ in 0..20 {
             let mut img = original.clone();

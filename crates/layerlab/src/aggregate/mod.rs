@@ -9,6 +9,7 @@ pub mod summary;
 pub mod sweep;
 pub mod tables;
 
+use layerlab_pipeline::ResetMode;
 use summary::{Curve, SummaryRow};
 
 /// The test error of guessing uniformly: 1 − 1/classes (0.9 for ten classes).
@@ -30,16 +31,20 @@ pub fn heatmap(
         return None;
     }
     let single = |r: &&SummaryRow| r.is_single() && r.bn_stats == bn;
-    let mut epochs: Vec<i64> =
-        summary.iter().filter(single).filter(|r| r.mode == "reinit").filter_map(|r| r.source_epoch).collect();
+    let mut epochs: Vec<i64> = summary
+        .iter()
+        .filter(single)
+        .filter(|r| r.mode == ResetMode::Reinit.name())
+        .filter_map(|r| r.source_epoch)
+        .collect();
     epochs.sort_unstable();
     epochs.dedup();
-    let has_rerandomize = summary.iter().filter(single).any(|r| r.mode == "rerandomize");
+    let has_rerandomize = summary.iter().filter(single).any(|r| r.mode == ResetMode::Rerandomize.name());
     let mut cols: Vec<(&str, Option<i64>)> = Vec::new();
     if has_rerandomize {
-        cols.push(("rerandomize", None));
+        cols.push((ResetMode::Rerandomize.name(), None));
     }
-    cols.extend(epochs.iter().map(|&e| ("reinit", Some(e))));
+    cols.extend(epochs.iter().map(|&e| (ResetMode::Reinit.name(), Some(e))));
     let values = units
         .iter()
         .map(|(_, unit)| {

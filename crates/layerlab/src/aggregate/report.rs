@@ -1,5 +1,6 @@
 //! `report.md`: one experiment's results in words, tables and figures, readable on its own.
 
+use layerlab_pipeline::ResetMode;
 use std::fmt::Write as _;
 use std::path::Path;
 
@@ -71,7 +72,7 @@ pub fn render(r: &ReportInput) -> String {
     let mut md = String::new();
     let w = &mut md;
     let first = r.inputs.results.first();
-    let arch = first.map_or(exp.model.arch.as_str(), |f| f.arch.as_str());
+    let arch = first.map_or(exp.model.arch.name(), |f| f.arch.as_str());
     let _ = writeln!(w, "# {}: which layers matter\n", exp.name);
     if !exp.description.is_empty() {
         let _ = writeln!(w, "{}\n", exp.description);
@@ -195,7 +196,7 @@ pub fn render(r: &ReportInput) -> String {
         }
     }
 
-    let joint: Vec<&SummaryRow> = r.summary.iter().filter(|x| x.mode == "joint").collect();
+    let joint: Vec<&SummaryRow> = r.summary.iter().filter(|x| x.mode == ResetMode::Joint.name()).collect();
     let _ = writeln!(w, "## Joint resets\n");
     if joint.is_empty() {
         let _ = writeln!(w, "No joint resets were run (`reset.modes` leaves out `joint`).\n");

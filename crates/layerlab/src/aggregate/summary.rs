@@ -4,6 +4,7 @@
 //! Re-randomization draws are averaged within a seed first, so that every seed weighs the same and
 //! the interval reflects the spread between trained networks, not between draws.
 
+use layerlab_pipeline::ResetMode;
 use std::collections::{BTreeMap, HashMap};
 
 use anyhow::{bail, Result};
@@ -38,7 +39,8 @@ impl SummaryRow {
     }
     /// A single unit reset on its own (not the baseline, not a joint set).
     pub fn is_single(&self) -> bool {
-        self.unit_index.is_some() && (self.mode == "reinit" || self.mode == "rerandomize")
+        self.unit_index.is_some()
+            && (self.mode == ResetMode::Reinit.name() || self.mode == ResetMode::Rerandomize.name())
     }
 }
 
@@ -203,8 +205,8 @@ pub fn classify(
                         && r.source_epoch == epoch
                 })
             };
-            let reinit = find("reinit", Some(0));
-            let rerand = find("rerandomize", None);
+            let reinit = find(ResetMode::Reinit.name(), Some(0));
+            let rerand = find(ResetMode::Rerandomize.name(), None);
             let n_seeds = reinit.or(rerand).map_or(0, |r| r.n_seeds);
             out.push(RobustnessRow {
                 unit: unit.clone(),

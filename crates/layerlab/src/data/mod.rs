@@ -88,14 +88,14 @@ pub fn write_split(path: &Path, split: &Split, dataset: &str, source: &str) -> R
         ("source".to_string(), source.to_string()),
         ("format".to_string(), "layerlab-dataset-1".to_string()),
     ]);
-    fsutil::write_atomic(path, &crate::checkpoint::safetensors_bytes(&tensors, &metadata))
+    fsutil::write_atomic(path, &crate::safetensors_io::safetensors_bytes(&tensors, &metadata))
 }
 
 /// Reads a split written by [`write_split`], checking names, dtypes and shapes.
 pub fn read_split(path: &Path) -> Result<Split> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read dataset file {}", path.display()))?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| {
-        let why = crate::checkpoint::safetensors_fault(&bytes, e);
+        let why = crate::safetensors_io::safetensors_fault(&bytes, e);
         anyhow::anyhow!("{} is not a valid safetensors file: {why}", path.display())
     })?;
     let images = st.tensor("images").with_context(|| format!("{}: no tensor 'images'", path.display()))?;
@@ -122,14 +122,6 @@ pub fn read_split(path: &Path) -> Result<Split> {
     let split = Split { images: images.data().to_vec(), labels: labels_u8, channels: s[1], height: s[2], width: s[3] };
     split.check(256).with_context(|| format!("{}", path.display()))?;
     Ok(split)
-}
-
-/// Number of classes of a known dataset.
-pub fn classes(dataset: &str) -> usize {
-    match dataset {
-        "mnist" | "fashion-mnist" | "cifar10" => 10,
-        _ => 10,
-    }
 }
 
 /// Loads `train` and `test` of a fetched dataset, refusing a folder without a manifest.

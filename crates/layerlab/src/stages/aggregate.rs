@@ -12,7 +12,7 @@ use crate::aggregate::report::{self, ReportInput};
 use crate::aggregate::summary::{self, RobustnessRow, SummaryRow};
 use crate::aggregate::tables::{self, Identity};
 use crate::aggregate::{chance_error, heatmap, movement_lines, plot};
-use crate::data;
+
 use crate::stages::StageContext;
 use crate::table::provenance;
 use layerlab_pipeline::cache::{Stage, Stamp};
@@ -123,7 +123,7 @@ pub fn run(ctx: &StageContext) -> Result<Outcome> {
     }
     let t0 = Instant::now();
     let inputs = inputs::load(&ctx.layout, exp)?;
-    let classes = data::classes(&exp.dataset);
+    let classes = exp.dataset.classes();
     let chance = chance_error(classes);
     let summary = summary::summarise(inputs.records()).with_context(|| format!("experiment '{}'", exp.name))?;
     let curves = summary::movement_curves(&inputs.movement);

@@ -3,6 +3,7 @@
 pub mod aggregate;
 pub mod aggregate_sweep;
 pub mod cli;
+pub mod fetch_data;
 pub mod reset_eval;
 pub mod snapshot;
 pub mod train;

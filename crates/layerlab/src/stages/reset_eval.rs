@@ -9,16 +9,15 @@ use anyhow::{Context, Result};
 
 use crate::data;
 use crate::eval::Metrics;
-use crate::init::{derive_seed, draw_unit, rerandomize_seed};
 use crate::model::{Architecture, State};
 use crate::progress;
-use crate::reset::{self, BnStats, Calibration, EvalSet, Variant, VariantLabel};
+use crate::random;
+use crate::reset::{self, Calibration, EvalSet, Variant, VariantLabel};
 use crate::stages::snapshot::load_checkpoints;
 use crate::stages::{device, StageContext};
 use crate::table::{provenance, Column, Table};
-use crate::train::epoch_order;
 use layerlab_pipeline::cache::{Stage, Stamp};
-use layerlab_pipeline::Experiment;
+use layerlab_pipeline::{BnStats, Experiment};
 
 pub enum Outcome {
     UpToDate,
@@ -48,18 +47,15 @@ pub fn run(ctx: &StageContext, seed: u64) -> Result<Outcome> {
     }
     let t0 = Instant::now();
     let dev = device();
-    let (train_split, test_split) = data::load(&ctx.layout.dataset_dir(&exp.dataset))?;
+    let (train_split, test_split) = data::load(&ctx.layout.dataset_dir(exp.dataset))?;
     let arch = Architecture::build(
         &exp.model,
         [test_split.channels, test_split.height, test_split.width],
-        data::classes(&exp.dataset),
+        exp.dataset.classes(),
     )?;
     let sets = reset::joint_sets(exp, &arch)?;
-    let bn_settings: Vec<BnStats> = if arch.has_batch_norm() {
-        exp.reset.bn_stats.iter().map(|s| BnStats::parse(s)).collect::<Result<_>>()?
-    } else {
-        vec![BnStats::None]
-    };
+    let bn_settings: Vec<Option<BnStats>> =
+        if arch.has_batch_norm() { exp.reset.bn_stats.iter().copied().map(Some).collect() } else { vec![None] };
     let checkpoints: BTreeMap<u32, State> = load_checkpoints(ctx, seed, &arch)?.into_iter().collect();
     let (&final_epoch, trained) = checkpoints.iter().next_back().context("no checkpoints")?;
     tracing::info!("reset-eval {} seed {seed}: final epoch {final_epoch}, {} units", exp.name, arch.units.len());
@@ -67,12 +63,9 @@ pub fn run(ctx: &StageContext, seed: u64) -> Result<Outcome> {
     let n_test = exp.train.test_examples.map_or(test_split.len(), |n| (n as usize).min(test_split.len()));
     let eval_batch = exp.train.eval_batch_size as usize;
     let test_set = EvalSet { split: &test_split, indices: (0..n_test).collect(), batch: eval_batch };
-    let subset_seed = derive_seed(&["train-subset", &seed.to_string()]);
-    let mut subset: Vec<usize> = epoch_order(train_split.len(), subset_seed, 0);
-    subset.truncate(exp.reset.train_subset as usize);
-    subset.sort_unstable();
+    let subset = random::train_subset(train_split.len(), seed, exp.reset.train_subset as usize);
     let train_set = EvalSet { split: &train_split, indices: subset, batch: eval_batch };
-    let cal_order = epoch_order(train_split.len(), derive_seed(&["calibrate", &seed.to_string()]), 0);
+    let cal_order = random::calibration_order(train_split.len(), seed);
     let calibration = Calibration {
         split: &train_split,
         batches: cal_order
@@ -115,13 +108,14 @@ pub fn run(ctx: &StageContext, seed: u64) -> Result<Outcome> {
             let (name, units) = (&group.name, &group.units);
             let (mut variants, labels) =
                 reset::variants(group, bn, trained, &checkpoints, &exp.reset, |unit, draw| {
-                    draw_unit(unit, rerandomize_seed(&exp.name, seed, &unit.name, draw), &dev)
+                    unit.draw(random::rerandomize_seed(&exp.name, seed, &unit.name, draw), &dev)
                 })?;
             // Recalibration starts at the first reset unit whatever the setting, so that turning
             // reuse off never changes which statistics are recomputed.
-            let reuse = exp.reset.prefix_reuse || bn == BnStats::Recalibrate;
+            let recalibrate = bn == Some(BnStats::Recalibrate);
+            let reuse = exp.reset.prefix_reuse || recalibrate;
             let entry = if reuse { reset::entry_layer(units) } else { 0 };
-            let cal = (bn == BnStats::Recalibrate).then_some(&calibration);
+            let cal = recalibrate.then_some(&calibration);
             let metrics = reset::evaluate_variants(
                 &arch,
                 trained,
@@ -137,20 +131,20 @@ pub fn run(ctx: &StageContext, seed: u64) -> Result<Outcome> {
             let unit_names = units.iter().map(|u| u.name.as_str()).collect::<Vec<_>>().join(",");
             for (i, VariantLabel { mode, source_epoch, draw }) in labels.into_iter().enumerate() {
                 rows.push(ResultRow {
-                    mode,
+                    mode: mode.name(),
                     unit: Some(name.clone()),
                     unit_index: group.single.map(|u| u.index as i64),
                     units: unit_names.clone(),
                     source_epoch,
                     draw,
-                    bn_stats: bn.name(),
+                    bn_stats: reset::bn_label(bn),
                     test: metrics[0][i],
                     train: metrics[1][i],
                 });
             }
             bar.inc(1);
             if !progress::interactive() {
-                tracing::info!("{name} ({}): {} evaluations", bn.name(), metrics[0].len());
+                tracing::info!("{name} ({}): {} evaluations", reset::bn_label(bn), metrics[0].len());
             }
         }
     }
@@ -179,7 +173,7 @@ pub fn write_results(
     meta.push(("architecture".into(), arch.name.clone()));
     Table::new()
         .col("experiment", Column::Text(vec![Some(exp.name.clone()); n]))
-        .col("dataset", Column::Text(vec![Some(exp.dataset.clone()); n]))
+        .col("dataset", Column::Text(vec![Some(exp.dataset.name().to_string()); n]))
         .col("arch", Column::Text(vec![Some(arch.name.clone()); n]))
         .col("seed", Column::Int(vec![Some(seed as i64); n]))
         .col("mode", text(&|r| Some(r.mode.to_string())))

@@ -21,10 +21,10 @@ pub enum Outcome {
 /// The network a run trained, built from the dataset's shape.
 pub fn architecture(ctx: &StageContext) -> Result<Architecture> {
     let exp = &ctx.experiment;
-    let dir = ctx.layout.dataset_dir(&exp.dataset);
+    let dir = ctx.layout.dataset_dir(exp.dataset);
     let test =
         data::read_split(&data::split_path(&dir, "test")).with_context(|| format!("dataset '{}'", exp.dataset))?;
-    Architecture::build(&exp.model, [test.channels, test.height, test.width], data::classes(&exp.dataset))
+    Architecture::build(&exp.model, [test.channels, test.height, test.width], exp.dataset.classes())
 }
 
 /// Loads every kept checkpoint of a run, in epoch order.

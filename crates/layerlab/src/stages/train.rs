@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use crate::model::Architecture;
 use crate::stages::{device, StageContext};
 use crate::table::provenance;
-use crate::{data, init, train};
+use crate::{data, train};
 use layerlab_pipeline::cache::{Stage, Stamp};
 
 /// The most parameters a network may have: weights, gradients and momentum of more would not fit
@@ -28,10 +28,10 @@ pub fn run(ctx: &StageContext, seed: u64) -> Result<Outcome> {
         return Ok(Outcome::UpToDate);
     }
     let t0 = Instant::now();
-    let dataset_dir = ctx.layout.dataset_dir(&exp.dataset);
+    let dataset_dir = ctx.layout.dataset_dir(exp.dataset);
     let (train_split, test_split) = data::load(&dataset_dir).with_context(|| format!("dataset '{}'", exp.dataset))?;
     let input = [train_split.channels, train_split.height, train_split.width];
-    let arch = Architecture::build(&exp.model, input, data::classes(&exp.dataset)).with_context(|| {
+    let arch = Architecture::build(&exp.model, input, exp.dataset.classes()).with_context(|| {
         format!("experiment '{}': cannot build the model for {} inputs {input:?}", exp.name, exp.dataset)
     })?;
     let params: usize = arch.units.iter().map(|u| u.params()).sum();
@@ -46,7 +46,7 @@ pub fn run(ctx: &StageContext, seed: u64) -> Result<Outcome> {
         );
     }
     let dev = device();
-    let initial = init::initial_state(&arch, seed, &dev)?;
+    let initial = arch.initial_state(seed, &dev)?;
     // From here on the old results are being replaced: they must not look done.
     Stamp::remove(&out_dir)?;
     let config_json = key.config.to_string();

@@ -1,0 +1,219 @@
+//! The settings that take one of a fixed set of names, as enums.
+//!
+//! Each is read from `pipeline.toml` by serde (an unknown name is refused there, with its line and
+//! the names allowed) and written back into keys under the same name, so keys made when these
+//! were strings still hold. Code matches them exhaustively: a new variant fails to compile
+//! wherever it is not handled yet.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// Declares a settings enum with its names in the pipeline file, `ALL`, `name()`, `Display` and
+/// `FromStr` (for command-line flags).
+macro_rules! named_enum {
+    ($(#[$meta:meta])* $ty:ident { $($(#[$vmeta:meta])* $variant:ident = $name:literal,)* }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize, Serialize)]
+        pub enum $ty { $($(#[$vmeta])* #[serde(rename = $name)] $variant,)* }
+
+        impl $ty {
+            pub const ALL: &'static [$ty] = &[$($ty::$variant,)*];
+
+            /// The name used in the pipeline file, on the command line and in tables.
+            pub fn name(self) -> &'static str {
+                match self { $($ty::$variant => $name,)* }
+            }
+
+            /// Every name, for messages.
+            pub fn names() -> String {
+                $ty::ALL.iter().map(|v| v.name()).collect::<Vec<_>>().join(", ")
+            }
+        }
+
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.name())
+            }
+        }
+
+        impl FromStr for $ty {
+            type Err = String;
+            fn from_str(s: &str) -> Result<$ty, String> {
+                $ty::ALL.iter().copied().find(|v| v.name() == s).ok_or_else(|| {
+                    format!("unknown {} '{s}' (known: {})", stringify!($ty).to_lowercase(), $ty::names())
+                })
+            }
+        }
+    };
+}
+
+named_enum! {
+    /// `model.arch`.
+    Arch {
+        Fcn = "fcn",
+        Vgg11 = "vgg11",
+        Vgg13 = "vgg13",
+        Vgg16 = "vgg16",
+        Vgg19 = "vgg19",
+        Resnet18 = "resnet18",
+        Resnet34 = "resnet34",
+    }
+}
+
+named_enum! {
+    /// `model.init`: how Linear and Conv weights are drawn.
+    WeightInit {
+        /// PyTorch's default: weight and bias ~ U(−1/√fan_in, 1/√fan_in).
+        Pytorch = "pytorch",
+        /// Weight ~ N(0, 2/fan_in), bias 0.
+        KaimingNormal = "kaiming-normal",
+    }
+}
+
+named_enum! {
+    /// `train.schedule`: the learning rate over training.
+    Schedule {
+        Constant = "constant",
+        /// Multiplied by `lr_gamma` at each of `lr_milestones`.
+        Step = "step",
+        /// Half a cosine from `lr` to 0 over all steps.
+        Cosine = "cosine",
+    }
+}
+
+named_enum! {
+    /// One of `reset.modes`.
+    ResetMode {
+        /// One unit back to an earlier checkpoint (epoch 0 is its initial value).
+        Reinit = "reinit",
+        /// One unit to a fresh draw from its initial distribution.
+        Rerandomize = "rerandomize",
+        /// A set of units back to a checkpoint together.
+        Joint = "joint",
+    }
+}
+
+named_enum! {
+    /// One of `reset.bn_stats`: what happens to a reset unit's BatchNorm running statistics.
+    BnStats {
+        /// Reset with the unit, from the same source.
+        WithLayer = "with-layer",
+        /// Kept at their trained values.
+        Keep = "keep",
+        /// Recomputed on training batches after the reset.
+        Recalibrate = "recalibrate",
+    }
+}
+
+/// The compute path of fully connected networks (`train.compute`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ComputePath {
+    /// Forward, backward and SGD on f32 buffers with `gemm` (`crates/layerlab/src/mlp.rs`).
+    #[default]
+    Fast,
+    /// candle's autograd, like every other network.
+    Autograd,
+}
+
+impl ComputePath {
+    pub fn is_fast(&self) -> bool {
+        *self == ComputePath::Fast
+    }
+}
+
+named_enum! {
+    /// A dataset layerlab knows: the catalogue of names, classes, shapes and raw files.
+    Dataset {
+        Mnist = "mnist",
+        FashionMnist = "fashion-mnist",
+        Cifar10 = "cifar10",
+    }
+}
+
+/// The four IDX files of MNIST and Fashion-MNIST: train images, train labels, test images, test labels.
+pub const IDX_FILES: [&str; 4] =
+    ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"];
+
+/// sha256 of the raw (uncompressed) MNIST files, in the order of [`IDX_FILES`] (`docs/datasets.md`).
+const MNIST_SHA256: [&str; 4] = [
+    "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+];
+/// sha256 of the raw Fashion-MNIST files, in the order of [`IDX_FILES`] (`docs/datasets.md`).
+const FASHION_SHA256: [&str; 4] = [
+    "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+    "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+    "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+    "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+];
+/// Published md5 of `cifar-10-binary.tar.gz` (its raw files have no pinned checksums).
+pub const CIFAR_ARCHIVE_MD5: &str = "c32a1d4ab5d03f1284b67883e8d87530";
+
+impl Dataset {
+    pub fn classes(self) -> usize {
+        match self {
+            Dataset::Mnist | Dataset::FashionMnist | Dataset::Cifar10 => 10,
+        }
+    }
+
+    /// One image: [channels, height, width].
+    pub fn image_shape(self) -> [usize; 3] {
+        match self {
+            Dataset::Mnist | Dataset::FashionMnist => [1, 28, 28],
+            Dataset::Cifar10 => [3, 32, 32],
+        }
+    }
+
+    /// Examples in the (train, test) splits.
+    pub fn split_sizes(self) -> (usize, usize) {
+        match self {
+            Dataset::Mnist | Dataset::FashionMnist => (60_000, 10_000),
+            Dataset::Cifar10 => (50_000, 10_000),
+        }
+    }
+
+    /// The canonical download location, then mirrors (`docs/datasets.md`).
+    pub fn default_urls(self) -> &'static [&'static str] {
+        match self {
+            Dataset::Mnist => &["http://yann.lecun.com/exdb/mnist/", "https://ossci-datasets.s3.amazonaws.com/mnist/"],
+            Dataset::FashionMnist => &["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"],
+            Dataset::Cifar10 => &["https://www.cs.toronto.edu/~kriz/"],
+        }
+    }
+
+    /// The pinned sha256 of the raw IDX files, or `None` for CIFAR-10, which has none.
+    pub fn pinned_sha256(self) -> Option<&'static [&'static str; 4]> {
+        match self {
+            Dataset::Mnist => Some(&MNIST_SHA256),
+            Dataset::FashionMnist => Some(&FASHION_SHA256),
+            Dataset::Cifar10 => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_through_serde_and_from_str() {
+        for &arch in Arch::ALL {
+            let json = serde_json::to_string(&arch).unwrap();
+            assert_eq!(json, format!("\"{}\"", arch.name()));
+            assert_eq!(serde_json::from_str::<Arch>(&json).unwrap(), arch);
+            assert_eq!(arch.name().parse::<Arch>().unwrap(), arch);
+        }
+        for &d in Dataset::ALL {
+            assert_eq!(d.name().parse::<Dataset>().unwrap(), d);
+        }
+        assert_eq!(serde_json::to_string(&BnStats::WithLayer).unwrap(), "\"with-layer\"");
+        assert_eq!(serde_json::to_string(&WeightInit::KaimingNormal).unwrap(), "\"kaiming-normal\"");
+        let err = "alexnet".parse::<Arch>().unwrap_err();
+        assert!(err.contains("alexnet") && err.contains("resnet34"), "{err}");
+    }
+}
