@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+from safetensors import safe_open
 from safetensors.numpy import load_file
 
 # Constants of model.rs (BN_EPS); BatchNorm momentum only matters in training, not here.
@@ -346,8 +347,6 @@ def load_checkpoint(path, net):
     if not path.exists():
         raise Fail(f"checkpoint {path} is missing")
     state = load_file(str(path))
-    from safetensors import safe_open
-
     with safe_open(str(path), "np") as f:
         meta = f.metadata() or {}
     problems = []
@@ -397,7 +396,10 @@ def main():
         config = json.loads(parquet_meta(history_path)["config"])
         model, train = config["model"], config["train"]
 
-        test = load_file(str(datasets_dir / config["dataset"] / "test.safetensors"))
+        test_path = datasets_dir / config["dataset"] / "test.safetensors"
+        if not test_path.exists():
+            raise Fail(f"{test_path} is missing (give --datasets-dir)")
+        test = load_file(str(test_path))
         images, labels = test["images"], test["labels"]
         if images.dtype != np.uint8 or images.ndim != 4:
             raise Fail(f"test images are {images.dtype} {images.shape}, expected u8 [N, C, H, W]")
@@ -442,7 +444,7 @@ def main():
             ok_loss = math.isclose(loss, recorded_loss, rel_tol=LOSS_RTOL, abs_tol=LOSS_ATOL)
             status = "ok" if ok_err and ok_loss else "MISMATCH"
             print(
-                f"  {what:<44} errors {errors:>4}/{n} vs {recorded_errors:>4}/{n}   "
+                f"  {what:<50} errors {errors:>4}/{n} vs {recorded_errors:>4}/{n}   "
                 f"loss {loss:.6f} vs {recorded_loss:.6f}   near-ties {ties}   {status}"
             )
             if not ok_err:
@@ -499,7 +501,9 @@ def main():
                 )
                 continue
             if rows[0]["unit_index"] != unit["index"]:
-                mismatches.append(f"seed {seed}: {unit['name']} has unit_index {rows[0]['unit_index']}, expected {unit['index']}")
+                mismatches.append(
+                    f"seed {seed}: {unit['name']} has unit_index {rows[0]['unit_index']}, expected {unit['index']}"
+                )
             ref = evaluate(net, state, images, labels)
             check(f"reinit {unit['name']} to epoch 0 ({bn_stats})", ref, rows[0]["test_error"], rows[0]["test_loss"])
 

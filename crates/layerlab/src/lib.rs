@@ -15,6 +15,7 @@ pub mod progress;
 pub mod random;
 pub mod reset;
 pub mod safetensors_io;
+pub mod sgd;
 pub mod stages;
 pub mod table;
 pub mod train;

@@ -16,6 +16,7 @@ use rayon::prelude::*;
 
 use crate::kernels::gemm::matmul;
 use crate::model::{Architecture, Layer, State};
+use crate::sgd::Sgd;
 use layerlab_pipeline::TrainConfig;
 
 /// One Linear layer of the plan.
@@ -355,20 +356,13 @@ impl MlpTrainer {
         Ok((loss, errors))
     }
 
-    /// torch.optim.SGD, in place: g ← ∇ + λθ; b ← μb + g; θ ← θ − η(g + μb if Nesterov else b).
+    /// The SGD update ([`crate::sgd`]) over every buffer, in fixed pieces run in parallel.
     fn update(&mut self, lr: f64, cfg: &TrainConfig) {
-        let (lr, mu, wd, nesterov) = (lr as f32, cfg.momentum as f32, cfg.weight_decay as f32, cfg.nesterov);
+        let sgd = Sgd::of(cfg);
         for ((p, m), g) in self.params.iter_mut().zip(&mut self.momentum).zip(&self.grads) {
             for (p, (m, g)) in [(&mut p.weight, (&mut m.weight, &g.weight)), (&mut p.bias, (&mut m.bias, &g.bias))] {
                 let tasks = p.par_chunks_mut(VALUES_PER_TASK).zip(m.par_chunks_mut(VALUES_PER_TASK));
-                tasks.zip(g.par_chunks(VALUES_PER_TASK)).for_each(|((p, m), g)| {
-                    for ((p, m), &g) in p.iter_mut().zip(m.iter_mut()).zip(g) {
-                        let g = if wd > 0.0 { g + *p * wd } else { g };
-                        *m = *m * mu + g;
-                        let step = if nesterov { g + *m * mu } else { *m };
-                        *p -= step * lr;
-                    }
-                });
+                tasks.zip(g.par_chunks(VALUES_PER_TASK)).for_each(|((p, m), g)| sgd.update_slices(lr, p, m, g));
             }
         }
     }
@@ -428,13 +422,11 @@ mod tests {
                 let grads = loss.backward().unwrap();
                 assert!((loss.to_scalar::<f32>().unwrap() as f64 - fast_loss).abs() < 1e-5);
                 assert_eq!(errors, fast_errors);
+                // The autograd path's SGD on candle's gradients.
                 for (name, var) in &vars {
-                    let p = var.as_tensor().detach();
                     let g = grads.get(var.as_tensor()).unwrap();
-                    let g = (g + (&p * wd).unwrap()).unwrap();
-                    let b = ((&momentum[name] * 0.9).unwrap() + &g).unwrap();
-                    let d = if nesterov { (&g + (&b * 0.9).unwrap()).unwrap() } else { b.clone() };
-                    var.set(&(p - (d * 0.1).unwrap()).unwrap()).unwrap();
+                    let (p, b) = Sgd::of(&cfg).update_tensors(0.1, var.as_tensor(), &momentum[name], g).unwrap();
+                    var.set(&p).unwrap();
                     momentum.insert(name.clone(), b);
                 }
             }

@@ -289,54 +289,61 @@ mod tests {
         }
     }
 
+    /// Prefix reuse against a plain evaluation of each variant, on every compute path: the fully
+    /// connected fast path, candle's path for the same network, and the convolutional networks
+    /// (with BatchNorm, under each setting that changes what a variant holds).
     #[test]
     fn prefix_reuse_gives_the_full_forward_result_bit_for_bit() {
-        let a = arch("fcn");
-        let trained = a.initial_state(1, &Device::Cpu).unwrap();
         let split = Split {
-            images: (0..20 * 784).map(|i| (i * 7 % 251) as u8).collect(),
-            labels: (0..20).map(|i| (i % 10) as u8).collect(),
+            images: (0..12 * 784).map(|i| (i * 7 % 251) as u8).collect(),
+            labels: (0..12).map(|i| (i % 10) as u8).collect(),
             channels: 1,
             height: 28,
             width: 28,
         };
-        let set = EvalSet { split: &split, indices: (0..20).collect(), batch: 8 };
-        let unit = a.unit("fc2").unwrap();
-        let source = a.initial_state(5, &Device::Cpu).unwrap();
-        let variant = reset_units(&trained, &[unit], &source, None).unwrap();
-        let full =
-            crate::eval::evaluate(&a, &variant, &split, &set.indices, 8, &Device::Cpu, ComputePath::Fast).unwrap();
-        let mut variants = vec![Variant { state: variant }];
-        let got = evaluate_variants(
-            &a,
-            &trained,
-            unit.entry_layer,
-            &mut variants,
-            &[&set],
-            None,
-            &Device::Cpu,
-            ComputePath::Fast,
-            || {},
-        )
-        .unwrap();
-        assert_eq!(got[0][0], full);
-        // With nothing after the entry (reset-eval's baseline), the shared prefix is the output.
-        let trained_full =
-            crate::eval::evaluate(&a, &trained, &split, &set.indices, 8, &Device::Cpu, ComputePath::Fast).unwrap();
-        let mut same = vec![Variant { state: trained.clone() }];
-        let got = evaluate_variants(
-            &a,
-            &trained,
-            a.layers.len(),
-            &mut same,
-            &[&set],
-            None,
-            &Device::Cpu,
-            ComputePath::Fast,
-            || {},
-        )
-        .unwrap();
-        assert_eq!(got[0][0], trained_full);
+        let cases = [
+            ("fcn", "fc2", ComputePath::Fast),
+            ("fcn", "fc2", ComputePath::Autograd),
+            ("vgg11", "conv3", ComputePath::Fast),
+            ("resnet18", "layer2.0.shortcut", ComputePath::Fast),
+        ];
+        for (name, unit_name, path) in cases {
+            let a = arch(name);
+            let trained = a.initial_state(1, &Device::Cpu).unwrap();
+            let source = a.initial_state(5, &Device::Cpu).unwrap();
+            let set = EvalSet { split: &split, indices: (0..12).collect(), batch: 5 };
+            let unit = a.unit(unit_name).unwrap();
+            let settings =
+                if a.has_batch_norm() { vec![Some(BnStats::WithLayer), Some(BnStats::Keep)] } else { vec![None] };
+            for bn in settings {
+                let variant = reset_units(&trained, &[unit], &source, bn).unwrap();
+                let full = crate::eval::evaluate(&a, &variant, &split, &set.indices, 5, &Device::Cpu, path).unwrap();
+                let mut variants = vec![Variant { state: variant }];
+                let got = evaluate_variants(
+                    &a,
+                    &trained,
+                    unit.entry_layer,
+                    &mut variants,
+                    &[&set],
+                    None,
+                    &Device::Cpu,
+                    path,
+                    || {},
+                )
+                .unwrap();
+                assert!(unit.entry_layer > 0, "{name}: {unit_name} should have a prefix to reuse");
+                assert_eq!(got[0][0].loss.to_bits(), full.loss.to_bits(), "{name} {path:?} {bn:?}");
+                assert_eq!(got[0][0], full, "{name} {path:?} {bn:?}");
+            }
+            // With nothing after the entry (reset-eval's baseline), the shared prefix is the output.
+            let trained_full =
+                crate::eval::evaluate(&a, &trained, &split, &set.indices, 5, &Device::Cpu, path).unwrap();
+            let mut same = vec![Variant { state: trained.clone() }];
+            let got =
+                evaluate_variants(&a, &trained, a.layers.len(), &mut same, &[&set], None, &Device::Cpu, path, || {})
+                    .unwrap();
+            assert_eq!(got[0][0], trained_full, "{name} {path:?}");
+        }
     }
 
     #[test]
