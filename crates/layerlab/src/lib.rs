@@ -2,6 +2,7 @@
 //!
 //! The library behind the stage binaries: datasets, models and their units, training, checkpoints,
 //! resets, evaluation and tables. The stage binaries only parse flags and call [`stages`].
+//! `docs/modules.md` maps each concept to the module that owns it.
 
 pub mod aggregate;
 pub mod checkpoint;
