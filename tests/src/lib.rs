@@ -214,12 +214,12 @@ pub fn history_digest(path: &Path) -> String {
         }
         let name = field.name();
         let values = match field.data_type() {
-            arrow::datatypes::DataType::Int64 => format!("{:?}", t.ints(name).unwrap()),
-            arrow::datatypes::DataType::Float64 => {
+            arrow_schema::DataType::Int64 => format!("{:?}", t.ints(name).unwrap()),
+            arrow_schema::DataType::Float64 => {
                 format!("{:?}", t.floats(name).unwrap().iter().map(|v| v.map(f64::to_bits)).collect::<Vec<_>>())
             }
-            arrow::datatypes::DataType::Utf8 => format!("{:?}", t.texts(name).unwrap()),
-            arrow::datatypes::DataType::Boolean => format!("{:?}", t.bools(name).unwrap()),
+            arrow_schema::DataType::Utf8 => format!("{:?}", t.texts(name).unwrap()),
+            arrow_schema::DataType::Boolean => format!("{:?}", t.bools(name).unwrap()),
             other => panic!("{}: column {name} of type {other}", path.display()),
         };
         parts.push(format!("{name}={values}"));

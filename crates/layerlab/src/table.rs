@@ -6,8 +6,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use arrow::array::{Array, ArrayRef, BooleanArray, Float64Array, Int64Array, RecordBatch, StringArray};
-use arrow::datatypes::{DataType, Field, Schema};
+use arrow_array::{Array, ArrayRef, BooleanArray, Float64Array, Int64Array, RecordBatch, StringArray};
+use arrow_schema::{DataType, Field, Schema};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
@@ -139,7 +139,7 @@ impl ReadTable {
         let batches = reader
             .collect::<std::result::Result<Vec<_>, _>>()
             .with_context(|| format!("cannot read {}", path.display()))?;
-        let batch = arrow::compute::concat_batches(&schema, &batches)?;
+        let batch = arrow_select::concat::concat_batches(&schema, &batches)?;
         Ok(ReadTable { path: path.display().to_string(), batch, metadata })
     }
 

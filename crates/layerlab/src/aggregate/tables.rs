@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use arrow::datatypes::DataType;
+use arrow_schema::DataType;
 use sha2::{Digest, Sha256};
 
 use super::summary::{RobustnessRow, SummaryRow, Verdict};

@@ -522,8 +522,8 @@ mod tests {
         let mut table = Table::new();
         for name in cols {
             let c = match t.batch.column_by_name(&name).unwrap().data_type() {
-                arrow::datatypes::DataType::Int64 => Column::Int(t.ints(&name).unwrap()),
-                arrow::datatypes::DataType::Float64 => Column::Float(t.floats(&name).unwrap()),
+                arrow_schema::DataType::Int64 => Column::Int(t.ints(&name).unwrap()),
+                arrow_schema::DataType::Float64 => Column::Float(t.floats(&name).unwrap()),
                 _ => Column::Text(t.texts(&name).unwrap()),
             };
             table = table.nullable(&name, c);
