@@ -29,6 +29,19 @@ pub enum Command {
     Bench(Bench),
     /// Fuzz the readers of outside input (IDX, CIFAR-10, pipeline.toml) with cargo-fuzz.
     Fuzz(Fuzz),
+    /// Get the CUDA 13.0 toolkit pieces a `--features cuda` build needs, from PyPI wheels, with no
+    /// GPU and no system CUDA; writes target/cuda-env/env.sh to source before building.
+    CudaEnv(CudaEnv),
+}
+
+#[derive(Debug, Args)]
+pub struct CudaEnv {
+    /// Where to put the toolkit, the link stub and env.sh.
+    #[arg(long, default_value = "target/cuda-env")]
+    pub dir: PathBuf,
+    /// GPU compute capability to compile kernels for (90: H100/H200).
+    #[arg(long, default_value = "90")]
+    pub compute_cap: String,
 }
 
 /// Options shared by the commands that read the pipeline.
@@ -43,6 +56,16 @@ pub struct PipelineArgs {
     /// Use the dev-profile stage binaries instead of release ones (for tests).
     #[arg(long, hide = true)]
     pub dev_build: bool,
+    /// Build the stage binaries with the `cuda` feature, for `--device cuda` (needs the CUDA
+    /// toolkit: `cargo xtask cuda-env` gets one, then `source target/cuda-env/env.sh`).
+    #[arg(long)]
+    pub cuda: bool,
+}
+
+impl PipelineArgs {
+    pub fn build(&self) -> crate::plan::Build {
+        crate::plan::Build { dev: self.dev_build, cuda: self.cuda }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -62,6 +85,10 @@ pub struct RunAll {
     /// pipeline file's `[executor] kind`, else local.
     #[arg(long)]
     pub executor: Option<layerlab_pipeline::ExecutorKind>,
+    /// Where train, snapshot and reset-eval compute: `auto`, `cpu`, `cuda` or `cuda:N` (passed on
+    /// as their `--device`); default: each stage's own default, `auto`.
+    #[arg(long, value_name = "DEVICE")]
+    pub device: Option<String>,
     /// With `--executor slurm`: wait until every submitted job has ended, showing their states.
     #[arg(long)]
     pub wait: bool,
@@ -83,6 +110,9 @@ pub struct Run {
     pub seed: Option<u64>,
     #[arg(long)]
     pub force: bool,
+    /// Where the stage computes (train, snapshot, reset-eval): `auto`, `cpu`, `cuda`, `cuda:N`.
+    #[arg(long, value_name = "DEVICE")]
+    pub device: Option<String>,
     /// Seed chains run at once.
     #[arg(long, short = 'j', default_value_t = default_jobs())]
     pub jobs: usize,

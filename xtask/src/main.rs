@@ -2,6 +2,7 @@
 //! outputs, runs the tests and the benchmarks. It only orders and invokes the stage binaries.
 
 mod bench;
+mod cuda_env;
 mod flags;
 mod fuzz;
 mod plan;
@@ -38,6 +39,7 @@ fn run(flags: flags::Xtask) -> anyhow::Result<()> {
         flags::Command::Test(cmd) => cmd.run(&sh),
         flags::Command::Bench(cmd) => cmd.run(&sh),
         flags::Command::Fuzz(cmd) => cmd.run(&sh),
+        flags::Command::CudaEnv(cmd) => cmd.run(&sh),
     }
 }
 

@@ -78,7 +78,8 @@ impl Job {
     }
 
     /// The program and arguments of this job's stage binary.
-    pub fn argv(&self, bins: &Path, config: &Path, layout: &Layout) -> Vec<String> {
+    /// `device` is passed on as `--device` to the stages that compute.
+    pub fn argv(&self, bins: &Path, config: &Path, layout: &Layout, device: Option<&str>) -> Vec<String> {
         let bin = bins.join(self.stage.name()).display().to_string();
         let config = config.display().to_string();
         let mut argv = vec![bin];
@@ -91,6 +92,9 @@ impl Job {
             Subject::Seed(exp, seed) => {
                 argv.extend(["--config".into(), config, "--experiment".into(), exp.name.clone()]);
                 argv.extend(["--seed".into(), seed.to_string()]);
+                if let Some(device) = device {
+                    argv.extend(["--device".into(), device.to_string()]);
+                }
             }
             Subject::Experiment(exp) => {
                 argv.extend(["--config".into(), config, "--experiment".into(), exp.name.clone()])
@@ -194,9 +198,22 @@ pub fn jobs(selection: &Selection, only: Option<Stage>, seed: Option<u64>) -> Re
 }
 
 /// Builds the stage binaries once and returns the folder that holds them.
-pub fn build_binaries(sh: &Shell, dev: bool) -> Result<PathBuf> {
+/// Which stage binaries to build: dev or release profile, with or without CUDA.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Build {
+    pub dev: bool,
+    pub cuda: bool,
+}
+
+pub fn build_binaries(sh: &Shell, build: Build) -> Result<PathBuf> {
+    let dev = build.dev;
     let profile: &[&str] = if dev { &[] } else { &["--release"] };
-    cmd!(sh, "cargo build --quiet {profile...} -p fetch-data -p train -p snapshot -p reset-eval -p aggregate").run()?;
+    let features: &[&str] = if build.cuda { &["--features", "train/cuda,snapshot/cuda,reset-eval/cuda"] } else { &[] };
+    cmd!(
+        sh,
+        "cargo build --quiet {profile...} {features...} -p fetch-data -p train -p snapshot -p reset-eval -p aggregate"
+    )
+    .run()?;
     let target =
         std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| sh.current_dir().join("target"));
     Ok(target.join(if dev { "debug" } else { "release" }))

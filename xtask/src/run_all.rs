@@ -26,17 +26,26 @@ impl flags::RunAll {
         if self.dry_run {
             return dry_run_report(&selection, &jobs, &layout, self.force);
         }
-        let dev = self.pipeline.dev_build;
+        let build = self.pipeline.build();
         match executor {
             ExecutorKind::Local => {
                 if self.wait {
                     bail!("--wait belongs to --executor slurm: the local executor always waits");
                 }
-                execute(sh, &jobs, &layout, &selection.config, self.force, dev, self.jobs)?
+                execute(sh, &jobs, &layout, &selection.config, self.force, build, self.jobs, self.device.as_deref())?
             }
             ExecutorKind::Slurm => {
                 let settings = &selection.pipeline.executor;
-                let done = slurm::submit(sh, &jobs, &layout, &selection.config, settings, self.force, dev)?;
+                let done = slurm::submit(
+                    sh,
+                    &jobs,
+                    &layout,
+                    &selection.config,
+                    settings,
+                    self.force,
+                    build,
+                    self.device.as_deref(),
+                )?;
                 if !self.wait || !done {
                     return Ok(());
                 }
@@ -64,7 +73,8 @@ impl flags::Run {
         let selection = plan::load(&self.pipeline, sh, false)?;
         let jobs = plan::jobs(&selection, Some(stage), self.seed)?;
         let layout = Layout::from_pipeline(&selection.pipeline);
-        execute(sh, &jobs, &layout, &selection.config, self.force, self.pipeline.dev_build, self.jobs)
+        let device = self.device.as_deref();
+        execute(sh, &jobs, &layout, &selection.config, self.force, self.pipeline.build(), self.jobs, device)
     }
 }
 
@@ -134,14 +144,16 @@ impl Runner<'_> {
 /// Runs every job that is not fresh: datasets first, then each (experiment, seed) chain of train →
 /// snapshot → reset-eval, up to `parallel` chains at once, then the aggregates (a sweep's after
 /// its points').
+#[allow(clippy::too_many_arguments)]
 fn execute(
     sh: &Shell,
     jobs: &[Job],
     layout: &Layout,
     config: &Path,
     force: bool,
-    dev: bool,
+    build: plan::Build,
     parallel: usize,
+    device: Option<&str>,
 ) -> Result<()> {
     let started = Instant::now();
     let _lock = RunLock::acquire(&layout.data_dir)?;
@@ -154,14 +166,14 @@ fn execute(
         );
         return Ok(());
     }
-    let bins = plan::build_binaries(sh, dev)?;
+    let bins = plan::build_binaries(sh, build)?;
     let runner = Runner { layout, force, total: jobs.len(), ran: AtomicUsize::new(0) };
     // Command lines are made here, as the shell cannot be shared with the workers.
     let mut fetches = Vec::new();
     let mut chains: BTreeMap<(String, u64), Vec<(usize, &Job, Command)>> = BTreeMap::new();
     let mut aggregates = Vec::new();
     for (i, job) in jobs.iter().enumerate() {
-        let argv = job.argv(&bins, config, layout);
+        let argv = job.argv(&bins, config, layout, device);
         let mut cmd = Command::new(&argv[0]);
         cmd.args(&argv[1..]).current_dir(sh.current_dir());
         let item = (i + 1, job, cmd);

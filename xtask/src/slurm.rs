@@ -238,6 +238,7 @@ fn now() -> f64 {
 
 /// Submits every stage that is neither fresh nor already queued, each after the jobs of its
 /// inputs. Returns whether any job of the selection is queued or running now.
+#[allow(clippy::too_many_arguments)]
 pub fn submit(
     sh: &Shell,
     jobs: &[Job],
@@ -245,7 +246,8 @@ pub fn submit(
     config: &Path,
     settings: &ExecutorConfig,
     force: bool,
-    dev: bool,
+    build: crate::plan::Build,
+    device: Option<&str>,
 ) -> Result<bool> {
     let _lock = RunLock::acquire(&layout.data_dir)?;
     let root = sh.current_dir();
@@ -256,7 +258,7 @@ pub fn submit(
     probe.extend(["--test-only".to_string(), "--job-name=layerlab-check".into(), "--wrap=true".into()]);
     slurm_command("sbatch", &probe).context("the pipeline's [executor] settings; nothing was submitted")?;
 
-    let bins = plan::build_binaries(sh, dev)?;
+    let bins = plan::build_binaries(sh, build)?;
     let bins = if bins.is_absolute() { bins } else { root.join(bins) };
     let mut records = Records::load(layout)?;
     let earlier: Vec<u64> = jobs.iter().filter_map(|j| records.current(j)).map(|r| r.job_id).collect();
@@ -272,7 +274,7 @@ pub fn submit(
     for (i, job) in jobs.iter().enumerate() {
         let label = job.label();
         let prefix = format!("[{}/{total}] {label}", i + 1);
-        let argv = job.argv(&bins, config, layout);
+        let argv = job.argv(&bins, config, layout, device);
         if let Subject::Dataset(_) = job.subject {
             match reason(job, layout, false) {
                 None => println!("{prefix}: cached"),
@@ -412,6 +414,7 @@ impl crate::flags::Cancel {
             config: self.config.clone(),
             experiments: self.experiments.clone(),
             dev_build: false,
+            cuda: false,
         };
         let selection = plan::load(&args, sh, false)?;
         let layout = Layout::from_pipeline(&selection.pipeline);

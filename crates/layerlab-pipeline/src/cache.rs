@@ -169,6 +169,10 @@ pub struct Stamp {
     /// rerun within the same second still orders after its inputs).
     pub finished_at: f64,
     pub seconds: f64,
+    /// What the stage computed on (`cpu: <model>, N threads`, `cuda:0`), for stages that compute.
+    /// Not part of the key: the same settings on another device are the same experiment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
 }
 
 pub const STAMP_FILE: &str = "stamp.json";
@@ -180,8 +184,14 @@ impl Stamp {
 
     /// Writes the stamp (atomically) into `dir`: call only once every output is in place.
     pub fn write(dir: &Path, key: &StageKey, seconds: f64) -> Result<()> {
+        Stamp::write_on(dir, key, seconds, None)
+    }
+
+    /// [`Stamp::write`] for a stage that computed on `device`.
+    pub fn write_on(dir: &Path, key: &StageKey, seconds: f64, device: Option<&str>) -> Result<()> {
         let finished_at = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
-        let stamp = Stamp { key: key.clone(), layerlab_version: crate::VERSION.into(), finished_at, seconds };
+        let device = device.map(str::to_string);
+        let stamp = Stamp { key: key.clone(), layerlab_version: crate::VERSION.into(), finished_at, seconds, device };
         let text = serde_json::to_string_pretty(&stamp)?;
         fsutil::write_atomic(&Stamp::path(dir), text.as_bytes())
     }

@@ -7,6 +7,7 @@
 pub mod aggregate;
 pub mod checkpoint;
 pub mod data;
+pub mod device;
 pub mod eval;
 pub mod init;
 pub mod kernels;

@@ -187,6 +187,12 @@ pub fn provenance(experiment: &str, config_json: &str, config_hash: &str) -> Vec
     ]
 }
 
+/// Provenance with the device the table was computed on (see [`crate::device`]).
+pub fn with_device(mut meta: Vec<(String, String)>, device: &str) -> Vec<(String, String)> {
+    meta.push(("device".into(), device.into()));
+    meta
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

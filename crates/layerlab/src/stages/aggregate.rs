@@ -223,12 +223,24 @@ mod tests {
         );
         let pipeline = Pipeline::parse(&text, &dir.join("pipeline.toml"), dir).unwrap();
         let experiment = pipeline.experiments[0].clone();
-        StageContext { layout: Layout::from_pipeline(&pipeline), pipeline, experiment, force: false }
+        StageContext {
+            layout: Layout::from_pipeline(&pipeline),
+            pipeline,
+            experiment,
+            force: false,
+            device: Default::default(),
+        }
     }
 
     fn other(ctx: &StageContext) -> StageContext {
         let experiment = ctx.pipeline.experiments[1].clone();
-        StageContext { pipeline: ctx.pipeline.clone(), layout: ctx.layout.clone(), experiment, force: false }
+        StageContext {
+            pipeline: ctx.pipeline.clone(),
+            layout: ctx.layout.clone(),
+            experiment,
+            force: false,
+            device: Default::default(),
+        }
     }
 
     /// Test error of each fake evaluation: fc1 is critical to re-initialization at epoch 0, every
@@ -314,7 +326,7 @@ mod tests {
         let key = reset_key(exp, seed);
         let dir = ctx.layout.reset_dir(&exp.name, seed);
         let results = dir.join("results.parquet");
-        write_results(&results, &rows, exp, &arch, seed, &key).unwrap();
+        write_results(&results, &rows, exp, &arch, seed, &key, "cpu: test").unwrap();
         if let Some(drop) = drop_column {
             let table = ReadTable::read(&results).unwrap();
             let mut columns = columns_of(&table).unwrap();

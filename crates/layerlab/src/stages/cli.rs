@@ -59,6 +59,10 @@ pub struct SeedFlags {
     /// Training seed (one of the experiment's seeds).
     #[arg(long, short)]
     pub seed: u64,
+    /// Where to compute: `auto` (the GPU when this binary has CUDA and one is visible, else the
+    /// CPU), `cpu`, `cuda` or `cuda:N`. Not part of any key: results record it instead.
+    #[arg(long, default_value = "auto", value_name = "DEVICE")]
+    pub device: crate::device::DeviceChoice,
 }
 
 /// The whole `main` of a per-seed stage binary: parse flags, run the stage, print its one-line
@@ -73,7 +77,11 @@ pub fn seed_stage_main(
     let matches = SeedFlags::command().name(name).about(about).version(layerlab_pipeline::VERSION).get_matches();
     let result = SeedFlags::from_arg_matches(&matches)
         .map_err(anyhow::Error::from)
-        .and_then(|flags| stage(&flags.common.context()?, flags.seed))
+        .and_then(|flags| {
+            let mut ctx = flags.common.context()?;
+            ctx.device = flags.device;
+            stage(&ctx, flags.seed)
+        })
         .map(|line| println!("{line}"));
     finish(result)
 }

@@ -12,6 +12,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 
+use crate::device::DeviceChoice;
 use layerlab_pipeline::cache::{self, Freshness, Stage, StageKey};
 use layerlab_pipeline::{Experiment, Layout, Pipeline};
 
@@ -21,6 +22,8 @@ pub struct StageContext {
     pub layout: Layout,
     pub experiment: Experiment,
     pub force: bool,
+    /// `--device` of the stages that compute (train, snapshot, reset-eval).
+    pub device: DeviceChoice,
 }
 
 impl StageContext {
@@ -33,7 +36,7 @@ impl StageContext {
     ) -> Result<StageContext> {
         let (pipeline, layout) = load_pipeline(config, data_dir)?;
         let experiment = pipeline.experiment(experiment)?.clone();
-        Ok(StageContext { pipeline, layout, experiment, force })
+        Ok(StageContext { pipeline, layout, experiment, force, device: DeviceChoice::Auto })
     }
 
     /// The stage's key and output folder, and whether the work is already done.
@@ -72,7 +75,11 @@ pub fn load_pipeline(config: &std::path::Path, data_dir: Option<PathBuf>) -> Res
     Ok((pipeline, layout))
 }
 
-/// The compute device: the CPU (candle's CUDA path is not wired in yet).
-pub fn device() -> candle_core::Device {
-    candle_core::Device::Cpu
+impl StageContext {
+    /// The device `--device` resolves to, and its description for stamps and tables.
+    pub fn compute_device(&self) -> Result<(candle_core::Device, String)> {
+        let (device, description) = crate::device::select(self.device)?;
+        tracing::info!("computing on {description} (--device {})", self.device);
+        Ok((device, description))
+    }
 }

@@ -14,8 +14,8 @@ use crate::progress;
 use crate::random;
 use crate::reset::{self, Calibration, EvalSet, Variant, VariantLabel};
 use crate::stages::snapshot::load_checkpoints;
-use crate::stages::{device, StageContext};
-use crate::table::{provenance, Column, Table};
+use crate::stages::StageContext;
+use crate::table::{provenance, with_device, Column, Table};
 use layerlab_pipeline::cache::{Stage, Stamp};
 use layerlab_pipeline::{BnStats, Experiment};
 
@@ -46,7 +46,7 @@ pub fn run(ctx: &StageContext, seed: u64) -> Result<Outcome> {
         return Ok(Outcome::UpToDate);
     }
     let t0 = Instant::now();
-    let dev = device();
+    let (dev, device_name) = ctx.compute_device()?;
     let (train_split, test_split) = data::load(&ctx.layout.dataset_dir(exp.dataset))?;
     let arch = Architecture::build(
         &exp.model,
@@ -56,7 +56,7 @@ pub fn run(ctx: &StageContext, seed: u64) -> Result<Outcome> {
     let sets = reset::joint_sets(exp, &arch)?;
     let bn_settings: Vec<Option<BnStats>> =
         if arch.has_batch_norm() { exp.reset.bn_stats.iter().copied().map(Some).collect() } else { vec![None] };
-    let checkpoints: BTreeMap<u32, State> = load_checkpoints(ctx, seed, &arch)?.into_iter().collect();
+    let checkpoints: BTreeMap<u32, State> = load_checkpoints(ctx, seed, &arch, &dev)?.into_iter().collect();
     let (&final_epoch, trained) = checkpoints.iter().next_back().context("no checkpoints")?;
     tracing::info!("reset-eval {} seed {seed}: final epoch {final_epoch}, {} units", exp.name, arch.units.len());
 
@@ -150,9 +150,9 @@ pub fn run(ctx: &StageContext, seed: u64) -> Result<Outcome> {
     }
     bar.finish_and_clear();
     Stamp::remove(&out_dir)?;
-    write_results(&out_dir.join("results.parquet"), &rows, exp, &arch, seed, &key)?;
+    write_results(&out_dir.join("results.parquet"), &rows, exp, &arch, seed, &key, &device_name)?;
     let seconds = t0.elapsed().as_secs_f64();
-    Stamp::write(&out_dir, &key, seconds)?;
+    Stamp::write_on(&out_dir, &key, seconds, Some(&device_name))?;
     Ok(Outcome::Written { rows: rows.len(), seconds })
 }
 
@@ -164,12 +164,13 @@ pub fn write_results(
     arch: &Architecture,
     seed: u64,
     key: &layerlab_pipeline::StageKey,
+    device: &str,
 ) -> Result<()> {
     let n = rows.len();
     let text = |f: &dyn Fn(&ResultRow) -> Option<String>| Column::Text(rows.iter().map(f).collect());
     let int = |f: &dyn Fn(&ResultRow) -> Option<i64>| Column::Int(rows.iter().map(f).collect());
     let float = |f: &dyn Fn(&ResultRow) -> f64| Column::Float(rows.iter().map(|r| Some(f(r))).collect());
-    let mut meta = provenance(&exp.name, &key.config.to_string(), &key.config_hash());
+    let mut meta = with_device(provenance(&exp.name, &key.config.to_string(), &key.config_hash()), device);
     meta.push(("architecture".into(), arch.name.clone()));
     Table::new()
         .col("experiment", Column::Text(vec![Some(exp.name.clone()); n]))

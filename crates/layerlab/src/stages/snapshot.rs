@@ -8,8 +8,8 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 
 use crate::model::{Architecture, State};
-use crate::stages::{device, StageContext};
-use crate::table::{provenance, Column, Table};
+use crate::stages::StageContext;
+use crate::table::{provenance, with_device, Column, Table};
 use crate::{checkpoint, data};
 use layerlab_pipeline::cache::{self, Freshness, Stage, Stamp};
 
@@ -28,7 +28,12 @@ pub fn architecture(ctx: &StageContext) -> Result<Architecture> {
 }
 
 /// Loads every kept checkpoint of a run, in epoch order.
-pub fn load_checkpoints(ctx: &StageContext, seed: u64, arch: &Architecture) -> Result<Vec<(u32, State)>> {
+pub fn load_checkpoints(
+    ctx: &StageContext,
+    seed: u64,
+    arch: &Architecture,
+    device: &candle_core::Device,
+) -> Result<Vec<(u32, State)>> {
     let exp = &ctx.experiment;
     let train_dir = ctx.layout.train_dir(&exp.name, seed);
     // The checkpoints must be of this experiment's current training settings: after a training
@@ -51,7 +56,7 @@ pub fn load_checkpoints(ctx: &StageContext, seed: u64, arch: &Architecture) -> R
         .into_iter()
         .map(|epoch| {
             let path = ctx.layout.checkpoint(&exp.name, seed, epoch);
-            let (state, meta) = checkpoint::load(&path, arch, &device())?;
+            let (state, meta) = checkpoint::load(&path, arch, device)?;
             if meta.epoch != epoch || meta.seed != seed {
                 anyhow::bail!(
                     "{} says epoch {} seed {}, expected epoch {epoch} seed {seed}",
@@ -134,9 +139,10 @@ pub fn run(ctx: &StageContext, seed: u64) -> Result<Outcome> {
     }
     let t0 = Instant::now();
     let arch = architecture(ctx)?;
-    let checkpoints = load_checkpoints(ctx, seed, &arch)?;
+    let (dev, device_name) = ctx.compute_device()?;
+    let checkpoints = load_checkpoints(ctx, seed, &arch, &dev)?;
     Stamp::remove(&out_dir)?;
-    let meta = provenance(&exp.name, &key.config.to_string(), &key.config_hash());
+    let meta = with_device(provenance(&exp.name, &key.config.to_string(), &key.config_hash()), &device_name);
 
     let mut u = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for unit in &arch.units {
@@ -190,7 +196,7 @@ pub fn run(ctx: &StageContext, seed: u64) -> Result<Outcome> {
         }
     }
     write_movement(&out_dir.join("movement.parquet"), &exp.name, seed, &rows, &meta)?;
-    Stamp::write(&out_dir, &key, t0.elapsed().as_secs_f64())?;
+    Stamp::write_on(&out_dir, &key, t0.elapsed().as_secs_f64(), Some(&device_name))?;
     Ok(Outcome::Written { units: arch.units.len(), epochs: checkpoints.len() })
 }
 

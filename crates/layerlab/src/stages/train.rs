@@ -5,8 +5,8 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 
 use crate::model::Architecture;
-use crate::stages::{device, StageContext};
-use crate::table::provenance;
+use crate::stages::StageContext;
+use crate::table::{provenance, with_device};
 use crate::{data, train};
 use layerlab_pipeline::cache::{Stage, Stamp};
 
@@ -45,7 +45,7 @@ pub fn run(ctx: &StageContext, seed: u64) -> Result<Outcome> {
             params as f64 * 4e-9
         );
     }
-    let dev = device();
+    let (dev, device_name) = ctx.compute_device()?;
     let initial = arch.initial_state(seed, &dev)?;
     // From here on the old results are being replaced: they must not look done.
     Stamp::remove(&out_dir)?;
@@ -62,11 +62,11 @@ pub fn run(ctx: &StageContext, seed: u64) -> Result<Outcome> {
         key: &key.key,
         config_hash: &config_hash,
         checkpoint_epochs: &exp.checkpoint_epochs(),
-        table_metadata: provenance(&exp.name, &config_json, &config_hash),
+        table_metadata: with_device(provenance(&exp.name, &config_json, &config_hash), &device_name),
         device: &dev,
     };
     let summary = train::run(&job, initial)?;
-    Stamp::write(&out_dir, &key, t0.elapsed().as_secs_f64())?;
+    Stamp::write_on(&out_dir, &key, t0.elapsed().as_secs_f64(), Some(&device_name))?;
     Ok(Outcome::Trained(summary))
 }
 
