@@ -666,7 +666,7 @@ fn pipeline_cases() -> Vec<Case> {
         "pipeline-toml/unknown-arch.toml",
         "arch = \"fcn\"",
         "arch = \"alexnet\"",
-        &["model.arch = \"alexnet\""],
+        &["unknown variant `alexnet`", "resnet34"],
     ));
     cases.push(sub(
         "pipeline-toml/duplicate-key.toml",

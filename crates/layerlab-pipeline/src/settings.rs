@@ -15,8 +15,26 @@ use serde::{Deserialize, Serialize};
 macro_rules! named_enum {
     ($(#[$meta:meta])* $ty:ident { $($(#[$vmeta:meta])* $variant:ident = $name:literal,)* }) => {
         $(#[$meta])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize, Serialize)]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
         pub enum $ty { $($(#[$vmeta])* #[serde(rename = $name)] $variant,)* }
+
+        /// Only a string naming a variant: anything else is refused naming the allowed names
+        /// (serde's derived form would answer `wanted string or table` to a number).
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<$ty, D::Error> {
+                struct Names;
+                impl serde::de::Visitor<'_> for Names {
+                    type Value = $ty;
+                    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                        write!(f, "one of {}", $ty::names())
+                    }
+                    fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<$ty, E> {
+                        $ty::ALL.iter().copied().find(|v| v.name() == s).ok_or_else(|| E::unknown_variant(s, &[$($name,)*]))
+                    }
+                }
+                deserializer.deserialize_str(Names)
+            }
+        }
 
         impl $ty {
             pub const ALL: &'static [$ty] = &[$($ty::$variant,)*];
@@ -215,5 +233,7 @@ mod tests {
         assert_eq!(serde_json::to_string(&WeightInit::KaimingNormal).unwrap(), "\"kaiming-normal\"");
         let err = "alexnet".parse::<Arch>().unwrap_err();
         assert!(err.contains("alexnet") && err.contains("resnet34"), "{err}");
+        let err = serde_json::from_str::<Arch>("7").unwrap_err().to_string();
+        assert!(err.contains("invalid type") && err.contains("one of fcn, vgg11"), "{err}");
     }
 }
