@@ -95,12 +95,14 @@ fn same_settings_give_identical_checkpoints_and_a_killed_run_resumes_exactly() {
 #[test]
 fn bad_input_is_refused_with_a_clear_message() {
     let d = tempfile::tempdir().unwrap();
-    // An unknown architecture: the file, the line and the key.
+    // An unknown initialization.
     let cfg = config(d.path(), "init = \"xavier\"");
     let out = train(&cfg);
     let t = text(&out);
     assert!(!out.status.success());
-    assert!(t.contains("pipeline.toml") && t.contains("model.init") && t.contains("xavier"), "{t}");
+    // The file, the line with its key and value, and the names allowed.
+    let named = t.contains("pipeline.toml") && t.contains("line ") && t.contains("init = \"xavier\"");
+    assert!(named && t.contains("kaiming-normal"), "{t}");
     // A seed the experiment does not list.
     let cfg = config(d.path(), "");
     let out = run_bin("train", &["--config", cfg.to_str().unwrap(), "-e", "det", "-s", "9"]);
