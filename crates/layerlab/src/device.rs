@@ -82,7 +82,7 @@ fn cuda_device(n: usize) -> Result<(Device, String)> {
     )
 }
 
-/// `cpu: <model name>, <threads> threads`, from /proc/cpuinfo where there is one.
+/// `cpu: <model name>, N threads`, from /proc/cpuinfo where there is one.
 pub fn describe_cpu() -> String {
     let model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -93,7 +93,8 @@ pub fn describe_cpu() -> String {
                 .map(|(_, v)| v.trim().to_string())
         })
         .unwrap_or_else(|| std::env::consts::ARCH.to_string());
-    format!("cpu: {model}, {} threads", rayon::current_num_threads())
+    let threads = rayon::current_num_threads();
+    format!("cpu: {model}, {threads} thread{}", if threads == 1 { "" } else { "s" })
 }
 
 #[cfg(test)]
