@@ -187,14 +187,6 @@ impl Dataset {
         }
     }
 
-    /// Examples in the (train, test) splits.
-    pub fn split_sizes(self) -> (usize, usize) {
-        match self {
-            Dataset::Mnist | Dataset::FashionMnist => (60_000, 10_000),
-            Dataset::Cifar10 => (50_000, 10_000),
-        }
-    }
-
     /// The canonical download location, then mirrors (`docs/datasets.md`).
     pub fn default_urls(self) -> &'static [&'static str] {
         match self {

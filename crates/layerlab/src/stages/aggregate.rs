@@ -273,7 +273,7 @@ mod tests {
     /// Like [`write_seed`], for a network with BatchNorm evaluated under each of `bns`.
     fn write_seed_bn(ctx: &StageContext, seed: u64, drop_column: Option<&str>, bns: &[&'static str]) {
         let exp = &ctx.experiment;
-        let arch = Architecture::build(&exp.model, [1, 28, 28], 10).unwrap();
+        let arch = Architecture::build(&exp.model, exp.dataset.image_shape(), exp.dataset.classes()).unwrap();
         let names: Vec<&str> = arch.units.iter().map(|u| u.name.as_str()).collect();
         assert_eq!(names, UNITS, "the fake errors are made for these units");
         let row = |mode: &'static str, unit: Option<String>, index: Option<usize>, units: String| {
