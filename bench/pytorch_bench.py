@@ -280,9 +280,67 @@ def cnn(args):
     emit(name, "inference throughput", args.eval_batch * args.steps / t, "images/s", flops=fwd_flops)
 
 
+def conv_layers(model, size=32, batch=128):
+    """(name, module, input shape) of every convolution, in forward order, found with hooks."""
+    found = []
+    names = {m: n for n, m in model.named_modules()}
+
+    def hook(module, inputs, output):
+        found.append((names[module], module, tuple(inputs[0].shape)))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    with torch.no_grad():
+        model.eval()
+        model(torch.zeros(batch, 3, size, size))
+    for h in handles:
+        h.remove()
+    return found
+
+
+def profile(args):
+    """Milliseconds of each convolution's forward pass, input gradient and weight gradient at
+    batch 128, each timed alone (median of repeats), then of a whole training step: the per-layer
+    table of docs/performance.md, PyTorch's side (`layerlab-bench profile` prints layerlab's)."""
+    torch.manual_seed(0)
+    if args.arch == "vgg11":
+        model = VGG([64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"], 0.25)
+    else:
+        model = ResNet([2, 2, 2, 2], 0.25)
+    gen = torch.Generator().manual_seed(1)
+    for name, conv, shape in conv_layers(model):
+        x = torch.rand(shape, generator=gen)
+        w = conv.weight.detach()
+        y = nn.functional.conv2d(x, w, None, conv.stride, conv.padding)
+        g = torch.rand(y.shape, generator=gen)
+        args_ = (g, x, w, None, conv.stride, conv.padding, conv.dilation, False, [0, 0], 1)
+        passes = {
+            "forward": lambda: nn.functional.conv2d(x, w, None, conv.stride, conv.padding),
+            "input grad": lambda: torch.ops.aten.convolution_backward(*args_, [True, False, False]),
+            "weight grad": lambda: torch.ops.aten.convolution_backward(*args_, [False, True, False]),
+        }
+        for pass_name, fn in passes.items():
+            ms = 1e3 * timed_repeats(fn, 2, args.repeats * 4)
+            print(json.dumps({"layer": name, "shape": list(shape), "out_channels": conv.out_channels,
+                              "pass": pass_name, "ms": ms}), flush=True)
+    bs = 128
+    x = torch.rand(bs, 3, 32, 32, generator=gen)
+    y = torch.randint(0, 10, (bs,), generator=gen)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+
+    def step():
+        model.train()
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    ms = 1e3 * timed_repeats(step, 2, args.repeats * 4)
+    print(json.dumps({"layer": "whole step", "pass": "train", "ms": ms}), flush=True)
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("workload", choices=["fcn-train", "fcn-reset-grid", "vgg", "resnet"])
+    p.add_argument("workload", choices=["fcn-train", "fcn-reset-grid", "vgg", "resnet", "profile"])
+    p.add_argument("--arch", default="vgg11", choices=["vgg11", "resnet18"], help="profile's network")
     p.add_argument("--datasets", default="data/datasets")
     p.add_argument("--checkpoints", help="layerlab checkpoints folder (fcn-reset-grid)")
     p.add_argument("--out", default="/tmp")
@@ -294,7 +352,9 @@ def main():
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", file=sys.stderr)
-    {"fcn-train": fcn_train, "fcn-reset-grid": fcn_reset_grid, "vgg": cnn, "resnet": cnn}[args.workload](args)
+    workloads = {"fcn-train": fcn_train, "fcn-reset-grid": fcn_reset_grid, "vgg": cnn, "resnet": cnn,
+                 "profile": profile}
+    workloads[args.workload](args)
 
 
 if __name__ == "__main__":

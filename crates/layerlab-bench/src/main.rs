@@ -10,9 +10,10 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 use clap::{Parser, Subcommand};
 use layerlab::config::{ModelConfig, TrainConfig};
+use layerlab::kernels::{conv2d, conv2d_grad_input, conv2d_grad_weight};
 
 use layerlab::model::{images_to_tensor, Architecture, BnMode, Layer};
 use layerlab::table::{Column, ReadTable, Table};
@@ -46,6 +47,18 @@ enum Command {
         /// Steps per timed repeat.
         #[arg(long, default_value_t = 5)]
         steps: usize,
+        #[arg(long, default_value_t = 5)]
+        repeats: usize,
+    },
+    /// Milliseconds of each convolution's forward pass, input gradient and weight gradient, then
+    /// of a whole training step (`bench/pytorch_bench.py profile` prints PyTorch's).
+    Profile {
+        #[arg(long, default_value = "vgg11")]
+        arch: String,
+        #[arg(long, default_value_t = 0.25)]
+        width_mult: f64,
+        #[arg(long, default_value_t = 128)]
+        batch: usize,
         #[arg(long, default_value_t = 5)]
         repeats: usize,
     },
@@ -88,6 +101,7 @@ fn run(flags: Flags) -> Result<()> {
         Command::Cnn { arch, width_mult, batch, eval_batch, steps, repeats } => {
             cnn(&arch, width_mult, batch, eval_batch, steps, repeats)
         }
+        Command::Profile { arch, width_mult, batch, repeats } => profile(&arch, width_mult, batch, repeats),
         Command::History { path, examples, workload } => history(&path, examples, &workload),
         Command::FcnFlops => {
             let a = fcn()?;
@@ -121,9 +135,22 @@ fn fcn() -> Result<Architecture> {
     Architecture::build(&cfg, [1, 28, 28], 10)
 }
 
-/// Multiply-adds × 2 of every convolution and Linear layer for one example.
-fn forward_flops(arch: &Architecture) -> Result<u64> {
-    fn walk(arch: &Architecture, layers: &[Layer], shape: &mut [usize; 3], flops: &mut u64) -> Result<()> {
+/// One convolution or Linear layer met on the forward pass, with the shape entering it.
+struct ProductLayer {
+    name: String,
+    /// [channels, height, width] of one example entering the layer.
+    input: [usize; 3],
+    /// The weight's shape: [out, in, k, k] or [out, in].
+    weight: Vec<usize>,
+    stride: usize,
+    padding: usize,
+    /// 2 × multiply-adds for one example.
+    flops: u64,
+}
+
+/// Every convolution and Linear layer in forward order (a residual block's shortcut first).
+fn product_layers(arch: &Architecture) -> Result<Vec<ProductLayer>> {
+    fn walk(arch: &Architecture, layers: &[Layer], shape: &mut [usize; 3], out: &mut Vec<ProductLayer>) -> Result<()> {
         let dims = |name: &str| -> Result<Vec<usize>> {
             Ok(arch.spec(&format!("{name}.weight")).context("weight spec")?.shape.clone())
         };
@@ -136,46 +163,61 @@ fn forward_flops(arch: &Architecture) -> Result<u64> {
                 Layer::Flatten => *shape = [shape.iter().product(), 1, 1],
                 Layer::Linear { name } => {
                     let w = dims(name)?;
-                    *flops += 2 * (w[0] * w[1]) as u64;
+                    let flops = 2 * (w[0] * w[1]) as u64;
+                    out.push(ProductLayer {
+                        name: name.clone(),
+                        input: *shape,
+                        weight: w.clone(),
+                        stride: 1,
+                        padding: 0,
+                        flops,
+                    });
                     *shape = [w[0], 1, 1];
                 }
                 Layer::Conv { name, stride, padding, .. } => {
                     let w = dims(name)?;
-                    let out = |s: usize| (s + 2 * padding - w[2]) / stride + 1;
-                    *shape = [w[0], out(shape[1]), out(shape[2])];
-                    *flops += 2 * (shape.iter().product::<usize>() * w[1] * w[2] * w[3]) as u64;
+                    let input = *shape;
+                    let size = |s: usize| (s + 2 * padding - w[2]) / stride + 1;
+                    *shape = [w[0], size(shape[1]), size(shape[2])];
+                    let flops = 2 * (shape.iter().product::<usize>() * w[1] * w[2] * w[3]) as u64;
+                    out.push(ProductLayer {
+                        name: name.clone(),
+                        input,
+                        weight: w,
+                        stride: *stride,
+                        padding: *padding,
+                        flops,
+                    });
                 }
                 Layer::MaxPool2 => *shape = [shape[0], shape[1] / 2, shape[2] / 2],
                 Layer::GlobalAvgPool => *shape = [shape[0], 1, 1],
                 Layer::BatchNorm { .. } | Layer::Relu => {}
                 Layer::Residual { main, shortcut } => {
                     let mut s = *shape;
-                    walk(arch, shortcut, &mut s, flops)?;
-                    walk(arch, main, shape, flops)?;
+                    walk(arch, shortcut, &mut s, out)?;
+                    walk(arch, main, shape, out)?;
                 }
             }
         }
         Ok(())
     }
     let mut shape = arch.input;
-    let mut flops = 0;
-    walk(arch, &arch.layers, &mut shape, &mut flops)?;
-    Ok(flops)
+    let mut out = Vec::new();
+    walk(arch, &arch.layers, &mut shape, &mut out)?;
+    Ok(out)
+}
+
+/// Multiply-adds × 2 of every convolution and Linear layer for one example.
+fn forward_flops(arch: &Architecture) -> Result<u64> {
+    Ok(product_layers(arch)?.iter().map(|l| l.flops).sum())
 }
 
 /// Forward, weight gradients, and input gradients of every layer but the first (whose input
 /// gradient nobody needs).
 fn train_flops(arch: &Architecture) -> Result<u64> {
-    let first = arch.layers.iter().position(|l| matches!(l, Layer::Linear { .. } | Layer::Conv { .. }));
-    let fwd = forward_flops(arch)?;
-    let first_fwd = match first {
-        Some(i) => {
-            let sub = Architecture { layers: arch.layers[..=i].to_vec(), ..arch.clone() };
-            forward_flops(&sub)?
-        }
-        None => 0,
-    };
-    Ok(3 * fwd - first_fwd)
+    let layers = product_layers(arch)?;
+    let fwd: u64 = layers.iter().map(|l| l.flops).sum();
+    Ok(3 * fwd - layers.first().map_or(0, |l| l.flops))
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -202,7 +244,8 @@ fn timed(repeats: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     Ok(median(times))
 }
 
-fn cnn(arch_name: &str, width_mult: f64, batch: usize, eval_batch: usize, steps: usize, repeats: usize) -> Result<()> {
+/// A benchmarked network on 32×32×3 images and its label in the bench table.
+fn bench_arch(arch_name: &str, width_mult: f64) -> Result<(Architecture, String)> {
     let (cfg, label) = match arch_name {
         "vgg11" => (
             ModelConfig {
@@ -219,26 +262,81 @@ fn cnn(arch_name: &str, width_mult: f64, batch: usize, eval_batch: usize, steps:
         ),
         other => bail!("unknown bench architecture '{other}' (vgg11 or resnet18)"),
     };
-    let arch = Architecture::build(&cfg, [3, 32, 32], 10)?;
+    Ok((Architecture::build(&cfg, [3, 32, 32], 10)?, label))
+}
+
+/// Seconds of `steps` training steps at `batch` on random images (median of `repeats`), and the
+/// engine that ran them.
+fn train_step_seconds(arch: &Architecture, batch: usize, steps: usize, repeats: usize) -> Result<(f64, Engine)> {
     let dev = Device::Cpu;
     let state = arch.initial_state(0, &dev)?;
     let train_cfg = TrainConfig { momentum: 0.9, weight_decay: 5e-4, ..TrainConfig::default() };
     let mut rng = layerlab::random::rng(1);
     let pixels: Vec<u8> = (0..batch * 3 * 32 * 32).map(|_| rng.next_u32() as u8).collect();
     let labels: Vec<u32> = (0..batch).map(|_| rng.next_u32() % 10).collect();
-    let mut engine = Engine::new(&arch, &state, None, &dev, layerlab::pipeline::ComputePath::Fast)?;
+    let mut engine = Engine::new(arch, &state, None, &dev, layerlab::pipeline::ComputePath::Fast)?;
     let t = timed(repeats, || {
         for _ in 0..steps {
-            let (loss, _) = engine.step(&arch, &pixels, [batch, 3, 32, 32], labels.clone(), 0.01, &train_cfg, &dev)?;
+            let (loss, _) = engine.step(arch, &pixels, [batch, 3, 32, 32], labels.clone(), 0.01, &train_cfg, &dev)?;
             if !loss.is_finite() {
                 bail!("loss became {loss}");
             }
         }
         Ok(())
     })?;
+    Ok((t, engine))
+}
+
+/// Milliseconds of each convolution's three passes at `batch`, each timed alone, then of a whole
+/// training step: layerlab's side of the per-layer table in docs/performance.md.
+fn profile(arch_name: &str, width_mult: f64, batch: usize, repeats: usize) -> Result<()> {
+    let (arch, _) = bench_arch(arch_name, width_mult)?;
+    let dev = Device::Cpu;
+    let state = arch.initial_state(0, &dev)?;
+    let mut seed = 0;
+    let mut random = |shape: &[usize]| -> Result<Tensor> {
+        seed += 1;
+        let mut rng = layerlab::random::rng(seed);
+        let n = shape.iter().product::<usize>();
+        let v: Vec<f32> = (0..n).map(|_| layerlab::random::unit_f64(&mut rng) as f32).collect();
+        Ok(Tensor::from_vec(v, shape, &dev)?)
+    };
+    for l in product_layers(&arch)? {
+        if l.weight.len() != 4 {
+            continue;
+        }
+        let [c, h, w] = l.input;
+        let x = random(&[batch, c, h, w])?;
+        let weight = state.get(&format!("{}.weight", l.name)).context("weight")?.clone();
+        let y = conv2d(&x, &weight, l.padding, l.stride)?;
+        let grad = random(y.dims())?;
+        let k = l.weight[2];
+        let passes: [(&str, Box<dyn Fn() -> Result<Tensor>>); 3] = [
+            ("forward", Box::new(|| conv2d(&x, &weight, l.padding, l.stride))),
+            ("input grad", Box::new(|| conv2d_grad_input(&grad, &weight, l.padding, l.stride, (h, w)))),
+            ("weight grad", Box::new(|| conv2d_grad_weight(&x, &grad, l.padding, l.stride, k))),
+        ];
+        for (pass, f) in passes {
+            let ms = 1e3 * timed(repeats * 4, || f().map(drop))?;
+            println!(
+                "{}",
+                json!({"layer": l.name, "shape": [batch, c, h, w], "out_channels": l.weight[0], "pass": pass, "ms": ms})
+            );
+        }
+    }
+    let (t, _) = train_step_seconds(&arch, batch, 1, repeats * 4)?;
+    println!("{}", json!({"layer": "whole step", "pass": "train", "ms": 1e3 * t}));
+    Ok(())
+}
+
+fn cnn(arch_name: &str, width_mult: f64, batch: usize, eval_batch: usize, steps: usize, repeats: usize) -> Result<()> {
+    let (arch, label) = bench_arch(arch_name, width_mult)?;
+    let dev = Device::Cpu;
+    let (t, engine) = train_step_seconds(&arch, batch, steps, repeats)?;
     emit(&label, "train throughput", (batch * steps) as f64 / t, "images/s", Some(train_flops(&arch)?));
 
     let trained = engine.state(&dev)?;
+    let mut rng = layerlab::random::rng(2);
     let eval_pixels: Vec<u8> = (0..eval_batch * 3 * 32 * 32).map(|_| rng.next_u32() as u8).collect();
     let x = images_to_tensor(&eval_pixels, [eval_batch, 3, 32, 32], &dev)?;
     let t = timed(repeats, || {

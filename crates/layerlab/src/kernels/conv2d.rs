@@ -41,6 +41,24 @@ pub fn conv2d_bias(x: &Tensor, weight: &Tensor, bias: &Tensor, padding: usize, s
     Ok(conv2d(x, weight, padding, stride)?.broadcast_add(&bias.reshape((1, (), 1, 1))?)?)
 }
 
+/// The input gradient of [`conv2d`] alone: `grad` [n, cout, ho, wo] and `weight` [cout, cin, k, k]
+/// to [n, cin, h, w], for an input of `h` × `w`. Timed by `layerlab-bench profile`.
+pub fn conv2d_grad_input(
+    grad: &Tensor,
+    weight: &Tensor,
+    padding: usize,
+    stride: usize,
+    (h, w): (usize, usize),
+) -> Result<Tensor> {
+    Ok(grad.contiguous()?.apply_op2_no_bwd(&weight.contiguous()?, &Conv2dGradInput { padding, stride, h, w })?)
+}
+
+/// The weight gradient of [`conv2d`] alone: `x` [n, cin, h, w] and `grad` [n, cout, ho, wo] to
+/// [cout, cin, k, k]. Timed by `layerlab-bench profile`.
+pub fn conv2d_grad_weight(x: &Tensor, grad: &Tensor, padding: usize, stride: usize, k: usize) -> Result<Tensor> {
+    Ok(x.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &Conv2dGradWeight { padding, stride, k })?)
+}
+
 /// The reference: candle's own convolution, whatever the device and dtype.
 pub fn conv2d_candle(x: &Tensor, weight: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
     Ok(x.conv2d(weight, padding, stride, 1, 1)?)
@@ -280,13 +298,27 @@ impl CustomOp2 for Conv2dGradWeight {
     }
 }
 
-/// Reusable buffers of one worker.
+/// Buffers of one worker thread, kept between calls: the column matrices of a large layer are
+/// megabytes, and a fresh allocation each time costs page faults and zero-filling as much as
+/// the copies into it.
 #[derive(Default)]
 struct Scratch {
     cols: Vec<f32>,
     mat: Vec<f32>,
 }
 
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+}
+
+/// Runs `f` with this thread's [`Scratch`]. `f` must not run rayon work itself (every matrix
+/// product here is single-threaded), so the buffers are never borrowed twice.
+fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
+    SCRATCH.with(|s| f(&mut s.borrow_mut()))
+}
+
+/// The first `len` values of `v`, growing it when needed. Old contents are left in place: every
+/// caller overwrites the whole slice.
 fn resized(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
     if v.len() < len {
         v.resize(len, 0.0);
@@ -300,33 +332,35 @@ fn forward(g: &Geom, x: &[f32], weight: &[f32], bias: Option<&[f32]>) -> Vec<f32
         return y;
     }
     let (ckk, hwo, b) = (g.ckk(), g.hw_out(), g.chunk_images());
-    y.par_chunks_mut(b * g.image_out()).enumerate().for_each_init(Scratch::default, |s, (i, y)| {
-        let images = y.len() / g.image_out();
-        let nc = images * hwo;
-        let x = &x[i * b * g.image_in()..][..images * g.image_in()];
-        let cols = resized(&mut s.cols, ckk * nc);
-        im2col(g, x, images, cols);
-        if images == 1 {
-            matmul(g.o, nc, ckk, y, nc, false, weight, (ckk, 1), cols, (nc, 1));
-            if let Some(bias) = bias {
-                for (y, b) in y.chunks_exact_mut(hwo).zip(bias) {
-                    y.iter_mut().for_each(|y| *y += b);
+    y.par_chunks_mut(b * g.image_out()).enumerate().for_each(|(i, y)| {
+        with_scratch(|s| {
+            let images = y.len() / g.image_out();
+            let nc = images * hwo;
+            let x = &x[i * b * g.image_in()..][..images * g.image_in()];
+            let cols = resized(&mut s.cols, ckk * nc);
+            im2col(g, x, images, cols);
+            if images == 1 {
+                matmul(g.o, nc, ckk, y, nc, false, weight, (ckk, 1), cols, (nc, 1));
+                if let Some(bias) = bias {
+                    for (y, b) in y.chunks_exact_mut(hwo).zip(bias) {
+                        y.iter_mut().for_each(|y| *y += b);
+                    }
                 }
-            }
-        } else {
-            let tmp = resized(&mut s.mat, g.o * nc);
-            matmul(g.o, nc, ckk, tmp, nc, false, weight, (ckk, 1), cols, (nc, 1));
-            // tmp is [o, image, position]; y is [image, o, position].
-            for (im, y) in y.chunks_exact_mut(g.image_out()).enumerate() {
-                for (oc, y) in y.chunks_exact_mut(hwo).enumerate() {
-                    let src = &tmp[oc * nc + im * hwo..][..hwo];
-                    match bias {
-                        Some(bias) => y.iter_mut().zip(src).for_each(|(y, v)| *y = v + bias[oc]),
-                        None => y.copy_from_slice(src),
+            } else {
+                let tmp = resized(&mut s.mat, g.o * nc);
+                matmul(g.o, nc, ckk, tmp, nc, false, weight, (ckk, 1), cols, (nc, 1));
+                // tmp is [o, image, position]; y is [image, o, position].
+                for (im, y) in y.chunks_exact_mut(g.image_out()).enumerate() {
+                    for (oc, y) in y.chunks_exact_mut(hwo).enumerate() {
+                        let src = &tmp[oc * nc + im * hwo..][..hwo];
+                        match bias {
+                            Some(bias) => y.iter_mut().zip(src).for_each(|(y, v)| *y = v + bias[oc]),
+                            None => y.copy_from_slice(src),
+                        }
                     }
                 }
             }
-        }
+        })
     });
     y
 }
@@ -352,15 +386,17 @@ fn grad_input(g: &Geom, grad: &[f32], weight: &[f32]) -> Vec<f32> {
         return dx;
     }
     let (ckk, b) = (g.ckk(), g.chunk_images());
-    dx.par_chunks_mut(b * g.image_in()).enumerate().for_each_init(Scratch::default, |s, (i, dx)| {
-        let images = dx.len() / g.image_in();
-        let nc = images * g.hw_out();
-        let grad = &grad[i * b * g.image_out()..][..images * g.image_out()];
-        let gm = gather_grad(g, grad, images, &mut s.mat);
-        let cols = resized(&mut s.cols, ckk * nc);
-        // cols = Wᵀ · grad: the weight read as [ckk, o].
-        matmul(ckk, nc, g.o, cols, nc, false, weight, (1, ckk), gm, (nc, 1));
-        col2im(g, cols, images, dx);
+    dx.par_chunks_mut(b * g.image_in()).enumerate().for_each(|(i, dx)| {
+        with_scratch(|s| {
+            let images = dx.len() / g.image_in();
+            let nc = images * g.hw_out();
+            let grad = &grad[i * b * g.image_out()..][..images * g.image_out()];
+            let gm = gather_grad(g, grad, images, &mut s.mat);
+            let cols = resized(&mut s.cols, ckk * nc);
+            // cols = Wᵀ · grad: the weight read as [ckk, o].
+            matmul(ckk, nc, g.o, cols, nc, false, weight, (1, ckk), gm, (nc, 1));
+            col2im(g, cols, images, dx);
+        })
     });
     dx
 }
@@ -372,20 +408,21 @@ fn grad_weight(g: &Geom, x: &[f32], grad: &[f32]) -> Vec<f32> {
     let partials: Vec<Vec<f32>> = chunks
         .par_chunks(per_group)
         .map(|group| {
-            let mut s = Scratch::default();
-            let mut dw = vec![0f32; g.o * ckk];
-            for (j, r) in group.iter().enumerate() {
-                let images = r.len();
-                let nc = images * g.hw_out();
-                let x = &x[r.start * g.image_in()..r.end * g.image_in()];
-                let cols = resized(&mut s.cols, ckk * nc);
-                im2col(g, x, images, cols);
-                let grad = &grad[r.start * g.image_out()..r.end * g.image_out()];
-                let gm = gather_grad(g, grad, images, &mut s.mat);
-                // dw += grad · colsᵀ: the columns read as [nc, ckk].
-                matmul(g.o, ckk, nc, &mut dw, ckk, j > 0, gm, (nc, 1), &s.cols[..ckk * nc], (1, nc));
-            }
-            dw
+            with_scratch(|s| {
+                let mut dw = vec![0f32; g.o * ckk];
+                for (j, r) in group.iter().enumerate() {
+                    let images = r.len();
+                    let nc = images * g.hw_out();
+                    let x = &x[r.start * g.image_in()..r.end * g.image_in()];
+                    let cols = resized(&mut s.cols, ckk * nc);
+                    im2col(g, x, images, cols);
+                    let grad = &grad[r.start * g.image_out()..r.end * g.image_out()];
+                    let gm = gather_grad(g, grad, images, &mut s.mat);
+                    // dw += grad · colsᵀ: the columns read as [nc, ckk].
+                    matmul(g.o, ckk, nc, &mut dw, ckk, j > 0, gm, (nc, 1), &s.cols[..ckk * nc], (1, nc));
+                }
+                dw
+            })
         })
         .collect();
     let mut parts = partials.into_iter();
@@ -394,6 +431,44 @@ fn grad_weight(g: &Geom, x: &[f32], grad: &[f32]) -> Vec<f32> {
         dw.iter_mut().zip(&p).for_each(|(d, p)| *d += p);
     }
     dw
+}
+
+/// For a stride-1 convolution that keeps the image size (`k = 2·pad + 1`), the output positions
+/// `lo..hi` (flattened over rows) that read the input at flattened offset `shift` from their own
+/// position, for kernel tap (`ki`, `kj`); positions in `lo..hi` whose column falls off the
+/// image are listed by `(ox_lo, ox_hi)`, the valid columns. `None` for other convolutions.
+///
+/// Such a convolution reads whole runs of rows at one fixed offset, so im2col and col2im move
+/// one block per tap and image instead of one short piece per row: on the 8×8 to 2×2 layers a
+/// row is 2 to 8 values and the per-piece cost dominated.
+fn same_size_span(g: &Geom, ki: usize, kj: usize) -> Option<(Range<usize>, isize, (usize, usize))> {
+    if g.stride != 1 || g.ho != g.h || g.wo != g.w {
+        return None;
+    }
+    let (oy_lo, oy_hi) = g.valid(ki, g.h, g.ho);
+    let (ox_lo, ox_hi) = g.valid(kj, g.w, g.wo);
+    if oy_lo == oy_hi || ox_lo == ox_hi {
+        return Some((0..0, 0, (ox_lo, ox_hi)));
+    }
+    let shift = (ki as isize - g.pad as isize) * g.w as isize + kj as isize - g.pad as isize;
+    Some((oy_lo * g.w + ox_lo..(oy_hi - 1) * g.w + ox_hi, shift, (ox_lo, ox_hi)))
+}
+
+/// Zeroes the positions of `out` (one image's row of the column matrix) outside `span` and, in
+/// it, those whose column lies outside `ox_lo..ox_hi`.
+fn zero_outside(g: &Geom, out: &mut [f32], span: &Range<usize>, (ox_lo, ox_hi): (usize, usize)) {
+    out[..span.start].fill(0.0);
+    out[span.end..].fill(0.0);
+    if ox_lo == 0 && ox_hi == g.wo {
+        return;
+    }
+    // Column by column: a row's invalid stretch is one or two values, too short for a fill call.
+    let rows = span.start / g.wo..span.end.div_ceil(g.wo);
+    for col in (0..ox_lo).chain(ox_hi..g.wo) {
+        for oy in rows.clone() {
+            out[oy * g.wo + col] = 0.0;
+        }
+    }
 }
 
 /// Unfolds `images` images [images, c, h, w] into `cols` [c·k·k, images·ho·wo].
@@ -407,6 +482,16 @@ fn im2col(g: &Geom, x: &[f32], images: usize, cols: &mut [f32]) {
                 let (ox_lo, ox_hi) = g.valid(kj, g.w, g.wo);
                 let r = (ci * g.k + ki) * g.k + kj;
                 let row = &mut cols[r * nc..(r + 1) * nc];
+                if let Some((span, shift, cols_ok)) = same_size_span(g, ki, kj) {
+                    let from = (span.start as isize + shift) as usize..(span.end as isize + shift) as usize;
+                    for im in 0..images {
+                        let plane = &x[(im * g.c + ci) * hw..][..hw];
+                        let out = &mut row[im * hwo..(im + 1) * hwo];
+                        out[span.clone()].copy_from_slice(&plane[from.clone()]);
+                        zero_outside(g, out, &span, cols_ok);
+                    }
+                    continue;
+                }
                 for im in 0..images {
                     let plane = &x[(im * g.c + ci) * hw..][..hw];
                     let out = &mut row[im * hwo..(im + 1) * hwo];
@@ -437,7 +522,8 @@ fn im2col(g: &Geom, x: &[f32], images: usize, cols: &mut [f32]) {
 }
 
 /// The adjoint of [`im2col`]: folds `cols` back onto `dx` [images, c, h, w] (overwritten).
-fn col2im(g: &Geom, cols: &[f32], images: usize, dx: &mut [f32]) {
+/// `cols` is scratch: the entries of positions that read outside the image are zeroed on the way.
+fn col2im(g: &Geom, cols: &mut [f32], images: usize, dx: &mut [f32]) {
     dx.fill(0.0);
     let (hw, hwo, nc) = (g.h * g.w, g.hw_out(), images * g.hw_out());
     let (s, p) = (g.stride, g.pad);
@@ -450,7 +536,17 @@ fn col2im(g: &Geom, cols: &[f32], images: usize, dx: &mut [f32]) {
                     continue;
                 }
                 let r = (ci * g.k + ki) * g.k + kj;
-                let row = &cols[r * nc..(r + 1) * nc];
+                let row = &mut cols[r * nc..(r + 1) * nc];
+                if let Some((span, shift, cols_ok)) = same_size_span(g, ki, kj) {
+                    let to = (span.start as isize + shift) as usize..(span.end as isize + shift) as usize;
+                    for im in 0..images {
+                        let plane = &mut dx[(im * g.c + ci) * hw..][..hw];
+                        let src = &mut row[im * hwo..(im + 1) * hwo];
+                        zero_outside(g, src, &span, cols_ok);
+                        plane[to.clone()].iter_mut().zip(&src[span.clone()]).for_each(|(d, v)| *d += v);
+                    }
+                    continue;
+                }
                 for im in 0..images {
                     let plane = &mut dx[(im * g.c + ci) * hw..][..hw];
                     let src = &row[im * hwo..(im + 1) * hwo];

@@ -19,7 +19,7 @@ pub mod gemm;
 pub mod layers;
 pub mod norm;
 
-pub use conv2d::{conv2d, conv2d_bias, conv2d_candle};
+pub use conv2d::{conv2d, conv2d_bias, conv2d_candle, conv2d_grad_input, conv2d_grad_weight};
 
 /// The f32 values of a tensor in row-major order, copied only when the layout is strided.
 pub(crate) fn f32_data<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<Cow<'a, [f32]>> {
