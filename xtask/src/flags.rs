@@ -178,9 +178,10 @@ pub struct Bench {
     /// A Python with torch, numpy and safetensors; default: bench/.venv, made and filled on first use.
     #[arg(long)]
     pub python: Option<std::path::PathBuf>,
-    /// Threads for each side.
-    #[arg(long, default_value_t = 2)]
-    pub threads: usize,
+    /// Threads for each side; a list (`--threads 1,2,4`) measures every workload at each count and
+    /// adds each side's scaling (throughput at N threads / at 1 thread) to the table.
+    #[arg(long, value_delimiter = ',', default_values_t = [2])]
+    pub threads: Vec<usize>,
     /// A short run to check the benchmark itself: 3 epochs, 1 step per repeat, 2 repeats.
     #[arg(long)]
     pub quick: bool,

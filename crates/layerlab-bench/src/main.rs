@@ -390,6 +390,7 @@ fn table(out: &std::path::Path, revision: &str, machine: &str, date: &str) -> Re
         .col("side", text("side"))
         .col("value", float("value"))
         .col("unit", text("unit"))
+        .nullable("threads", Column::Int(rows.iter().map(|r| r["threads"].as_i64()).collect()))
         .nullable("ratio", float("ratio"))
         .nullable("target", text("target"))
         .nullable("gflops", float("gflops"))

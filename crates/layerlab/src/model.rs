@@ -180,11 +180,7 @@ impl Architecture {
         to: usize,
         mut bn: BnMode<'_>,
     ) -> Result<Tensor> {
-        let mut x = x.clone();
-        for layer in &self.layers[from..to] {
-            x = apply(layer, state, &x, &mut bn)?;
-        }
-        Ok(x)
+        apply_all(&self.layers[from..to], state, x, &mut bn)
     }
 }
 
@@ -206,6 +202,23 @@ fn get<'s>(state: &'s State, name: &str) -> Result<&'s Tensor> {
     state.get(name).with_context(|| format!("tensor '{name}' is missing from the weights"))
 }
 
+/// Runs `layers` in order. A BatchNorm followed by a ReLU runs as one op (see
+/// [`norm::train`]); the result is the same as running them one by one.
+fn apply_all(layers: &[Layer], state: &State, x: &Tensor, bn: &mut BnMode<'_>) -> Result<Tensor> {
+    let mut x = x.clone();
+    let mut i = 0;
+    while i < layers.len() {
+        if let (Layer::BatchNorm { name }, Some(Layer::Relu)) = (&layers[i], layers.get(i + 1)) {
+            x = batch_norm(name, state, &x, bn, true)?;
+            i += 2;
+            continue;
+        }
+        x = apply(&layers[i], state, &x, bn)?;
+        i += 1;
+    }
+    Ok(x)
+}
+
 fn apply(layer: &Layer, state: &State, x: &Tensor, bn: &mut BnMode<'_>) -> Result<Tensor> {
     Ok(match layer {
         Layer::Pad(p) => x.pad_with_zeros(2, *p, *p)?.pad_with_zeros(3, *p, *p)?,
@@ -224,25 +237,20 @@ fn apply(layer: &Layer, state: &State, x: &Tensor, bn: &mut BnMode<'_>) -> Resul
                 crate::kernels::conv2d(x, w, *padding, *stride)?
             }
         }
-        Layer::BatchNorm { name } => batch_norm(name, state, x, bn)?,
+        Layer::BatchNorm { name } => batch_norm(name, state, x, bn, false)?,
         Layer::Relu => layers::relu(x)?,
         Layer::MaxPool2 => layers::max_pool2(x)?,
         Layer::GlobalAvgPool => x.mean(D::Minus1)?.mean(D::Minus1)?,
         Layer::Residual { main, shortcut } => {
-            let mut m = x.clone();
-            for l in main {
-                m = apply(l, state, &m, bn)?;
-            }
-            let mut s = x.clone();
-            for l in shortcut {
-                s = apply(l, state, &s, bn)?;
-            }
+            let m = apply_all(main, state, x, bn)?;
+            let s = apply_all(shortcut, state, x, bn)?;
             layers::relu(&(m + s)?)?
         }
     })
 }
 
-fn batch_norm(name: &str, state: &State, x: &Tensor, bn: &mut BnMode<'_>) -> Result<Tensor> {
+/// BatchNorm `name` over `x`, followed by a ReLU when `relu`.
+fn batch_norm(name: &str, state: &State, x: &Tensor, bn: &mut BnMode<'_>, relu: bool) -> Result<Tensor> {
     let (weight_c, bias_c) = (get(state, &format!("{name}.weight"))?, get(state, &format!("{name}.bias"))?);
     let (weight, bias) = (weight_c.reshape((1, (), 1, 1))?, bias_c.reshape((1, (), 1, 1))?);
     // f32 on the CPU: fused ops (crate::kernels::norm) instead of a dozen candle passes.
@@ -254,8 +262,12 @@ fn batch_norm(name: &str, state: &State, x: &Tensor, bn: &mut BnMode<'_>) -> Res
         BnMode::Train(_) | BnMode::Calibrate(_) => {
             let (n, _, h, w) = x.dims4()?;
             let count = (n * h * w) as f64;
+            // The fused op computes the statistics once, for its output, its gradient and the
+            // running statistics alike.
+            let mut fused_out = None;
             let (mean, var) = if fused {
-                let stats = norm::batch_stats(x)?;
+                let (y, stats) = norm::train(x, weight_c, bias_c, BN_EPS, relu)?;
+                fused_out = Some(y);
                 (stats.get(0)?.reshape((1, (), 1, 1))?, stats.get(1)?.reshape((1, (), 1, 1))?)
             } else {
                 let mean = x.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?;
@@ -279,8 +291,8 @@ fn batch_norm(name: &str, state: &State, x: &Tensor, bn: &mut BnMode<'_>) -> Res
                 }
                 BnMode::Eval => unreachable!("handled above"),
             }
-            if fused {
-                return Ok(norm::train(x, weight_c, bias_c, BN_EPS)?);
+            if let Some(y) = fused_out {
+                return Ok(y);
             }
             (mean, var)
         }
@@ -289,9 +301,10 @@ fn batch_norm(name: &str, state: &State, x: &Tensor, bn: &mut BnMode<'_>) -> Res
     if fused && !x.track_op() && !weight.track_op() && !bias.track_op() {
         let scale = inv_std.broadcast_mul(&weight)?.flatten_all()?;
         let shift = (bias.flatten_all()? - (mean.flatten_all()? * &scale)?)?;
-        return Ok(norm::affine_no_grad(x, &scale, &shift)?);
+        return Ok(norm::affine_no_grad(x, &scale, &shift, relu)?);
     }
-    Ok(x.broadcast_sub(&mean)?.broadcast_mul(&(inv_std.broadcast_mul(&weight))?)?.broadcast_add(&bias)?)
+    let y = x.broadcast_sub(&mean)?.broadcast_mul(&(inv_std.broadcast_mul(&weight))?)?.broadcast_add(&bias)?;
+    Ok(if relu { layers::relu(&y)? } else { y })
 }
 
 /// Mean cross-entropy and the number of wrong argmax predictions.

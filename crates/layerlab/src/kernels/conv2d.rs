@@ -136,6 +136,15 @@ impl Geom {
         (0..self.n.div_ceil(b)).map(|i| i * b..((i + 1) * b).min(self.n)).collect()
     }
 
+    /// Whether im2col and col2im go through [`tap_table`]: planes of up to 4×4, and those up to
+    /// [`SMALL_PLANE`] values that the block copies of [`same_size_span`] do not cover (measured:
+    /// on 8×8 planes the block copies are faster).
+    fn small(&self) -> bool {
+        let hw = self.h * self.w;
+        let same_size = self.stride == 1 && self.ho == self.h && self.wo == self.w;
+        hw <= 16 || (hw <= SMALL_PLANE && !same_size)
+    }
+
     /// Output positions `lo..hi` along one axis whose input index `o * stride + kk - pad` lies
     /// inside `0..size`.
     fn valid(&self, kk: usize, size: usize, out: usize) -> (usize, usize) {
@@ -471,9 +480,77 @@ fn zero_outside(g: &Geom, out: &mut [f32], span: &Range<usize>, (ox_lo, ox_hi): 
     }
 }
 
+/// Input planes up to this many values are unfolded through a lookup table (see [`tap_table`]).
+const SMALL_PLANE: usize = 64;
+
+/// For each kernel tap (row-major over ki, kj) and output position, the input position it reads,
+/// or `h·w` (a zero slot past the plane) where it falls on the padding. On the 8×8 to 1×1 layers
+/// a row of the column matrix is a handful of values, and a gather through this table costs less
+/// than the per-row bookkeeping of the copy loops.
+fn tap_table(g: &Geom) -> Vec<u16> {
+    let hw = g.h * g.w;
+    let mut table = Vec::with_capacity(g.k * g.k * g.hw_out());
+    for ki in 0..g.k {
+        for kj in 0..g.k {
+            for oy in 0..g.ho {
+                for ox in 0..g.wo {
+                    let (iy, ix) = (
+                        (oy * g.stride + ki) as isize - g.pad as isize,
+                        (ox * g.stride + kj) as isize - g.pad as isize,
+                    );
+                    let inside = (0..g.h as isize).contains(&iy) && (0..g.w as isize).contains(&ix);
+                    table.push(if inside { (iy as usize * g.w + ix as usize) as u16 } else { hw as u16 });
+                }
+            }
+        }
+    }
+    table
+}
+
+/// [`im2col`] for planes of at most [`SMALL_PLANE`] values.
+fn im2col_small(g: &Geom, x: &[f32], images: usize, cols: &mut [f32]) {
+    let (hw, hwo, nc, kk) = (g.h * g.w, g.hw_out(), images * g.hw_out(), g.k * g.k);
+    let table = tap_table(g);
+    let mut plane = [0f32; SMALL_PLANE + 1];
+    for ci in 0..g.c {
+        for im in 0..images {
+            plane[..hw].copy_from_slice(&x[(im * g.c + ci) * hw..][..hw]);
+            plane[hw] = 0.0;
+            for tap in 0..kk {
+                let out = &mut cols[(ci * kk + tap) * nc + im * hwo..][..hwo];
+                for (o, &i) in out.iter_mut().zip(&table[tap * hwo..(tap + 1) * hwo]) {
+                    *o = plane[i as usize];
+                }
+            }
+        }
+    }
+}
+
+/// [`col2im`] for planes of at most [`SMALL_PLANE`] values: the same sums in the same order.
+fn col2im_small(g: &Geom, cols: &[f32], images: usize, dx: &mut [f32]) {
+    let (hw, hwo, nc, kk) = (g.h * g.w, g.hw_out(), images * g.hw_out(), g.k * g.k);
+    let table = tap_table(g);
+    let mut plane = [0f32; SMALL_PLANE + 1];
+    for ci in 0..g.c {
+        for im in 0..images {
+            plane.fill(0.0);
+            for tap in 0..kk {
+                let src = &cols[(ci * kk + tap) * nc + im * hwo..][..hwo];
+                for (v, &i) in src.iter().zip(&table[tap * hwo..(tap + 1) * hwo]) {
+                    plane[i as usize] += v;
+                }
+            }
+            dx[(im * g.c + ci) * hw..][..hw].copy_from_slice(&plane[..hw]);
+        }
+    }
+}
+
 /// Unfolds `images` images [images, c, h, w] into `cols` [c·k·k, images·ho·wo].
 fn im2col(g: &Geom, x: &[f32], images: usize, cols: &mut [f32]) {
     let (hw, hwo, nc) = (g.h * g.w, g.hw_out(), images * g.hw_out());
+    if g.small() {
+        return im2col_small(g, x, images, cols);
+    }
     let (s, p) = (g.stride, g.pad);
     for ci in 0..g.c {
         for ki in 0..g.k {
@@ -524,8 +601,11 @@ fn im2col(g: &Geom, x: &[f32], images: usize, cols: &mut [f32]) {
 /// The adjoint of [`im2col`]: folds `cols` back onto `dx` [images, c, h, w] (overwritten).
 /// `cols` is scratch: the entries of positions that read outside the image are zeroed on the way.
 fn col2im(g: &Geom, cols: &mut [f32], images: usize, dx: &mut [f32]) {
-    dx.fill(0.0);
     let (hw, hwo, nc) = (g.h * g.w, g.hw_out(), images * g.hw_out());
+    if g.small() {
+        return col2im_small(g, cols, images, dx);
+    }
+    dx.fill(0.0);
     let (s, p) = (g.stride, g.pad);
     for ci in 0..g.c {
         for ki in 0..g.k {

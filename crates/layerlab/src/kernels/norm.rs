@@ -5,6 +5,9 @@
 //! gradients). Here the statistics are per-channel reductions run by one thread per channel in a
 //! fixed order, so results do not depend on the thread count.
 
+use std::borrow::Cow;
+use std::sync::{Arc, Mutex};
+
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -21,16 +24,33 @@ pub fn batch_stats(x: &Tensor) -> candle_core::Result<Tensor> {
     x.apply_op1_no_bwd(&Stats)
 }
 
-/// Training-mode BatchNorm: `(x - mean) / sqrt(var + eps) * weight + bias` with the batch's
-/// per-channel mean and biased variance; gradients flow to `x`, `weight` and `bias` ([c] each).
-pub fn train(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
-    x.apply_op3(weight, bias, Train { eps })
+/// Training-mode BatchNorm of `x` [n, c, h, w] with per-channel `weight` and `bias` [c], followed
+/// by a ReLU when `relu`, as one op: gradients flow to all three. Also returns the batch
+/// statistics it normalised with, as [`batch_stats`] gives them (a [2, c] tensor, no gradient),
+/// computed once: the forward pass keeps them for the backward pass, so neither pass recomputes
+/// them. The ReLU inside the op saves a separate node, whose gradient candle would accumulate
+/// into a fresh zero tensor.
+pub fn train(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    relu: bool,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let kept = Arc::new(Mutex::new(None));
+    let y = x.apply_op3(weight, bias, Train { eps, relu, kept: kept.clone() })?;
+    let Some(k) = kept.lock().expect("BatchNorm statistics lock").clone() else {
+        bail!("BatchNorm forward pass kept no statistics")
+    };
+    let stats = k.stats.iter().map(|s| s.0 as f32).chain(k.stats.iter().map(|s| s.1 as f32)).collect::<Vec<_>>();
+    let c = k.stats.len();
+    Ok((y, Tensor::from_vec(stats, (2, c), x.device())?))
 }
 
-/// Per-channel `x * scale + shift` with no gradient (evaluation-mode BatchNorm, once the running
-/// statistics are folded into `scale` and `shift`, [c] each).
-pub fn affine_no_grad(x: &Tensor, scale: &Tensor, shift: &Tensor) -> candle_core::Result<Tensor> {
-    x.apply_op3_no_bwd(scale, shift, &Affine)
+/// `x · scale + shift` per channel, then a ReLU when `relu`, without gradient (evaluation-mode
+/// BatchNorm with the running statistics folded into `scale` and `shift`).
+pub fn affine_no_grad(x: &Tensor, scale: &Tensor, shift: &Tensor, relu: bool) -> candle_core::Result<Tensor> {
+    x.apply_op3_no_bwd(scale, shift, &Affine { relu })
 }
 
 fn dims(l: &Layout) -> candle_core::Result<(usize, usize, usize)> {
@@ -109,8 +129,20 @@ impl CustomOp1 for Stats {
     }
 }
 
+/// What a training-mode forward pass keeps for its backward pass.
+#[derive(Clone)]
+struct Kept {
+    /// (mean, biased variance) per channel.
+    stats: Vec<(f64, f64)>,
+    /// The per-channel factors the output was computed with: y = x · scale + shift.
+    scale: Vec<f32>,
+    shift: Vec<f32>,
+}
+
 struct Train {
     eps: f64,
+    relu: bool,
+    kept: Arc<Mutex<Option<Kept>>>,
 }
 
 impl CustomOp3 for Train {
@@ -130,8 +162,8 @@ impl CustomOp3 for Train {
         let (n, c, hw) = dims(l1)?;
         let x = f32_data(s1, l1)?;
         let (weight, bias) = (per_channel(s2, l2, c, "weight")?, per_channel(s3, l3, c, "bias")?);
-        // y = x * scale + shift per channel.
-        let (scale, shift): (Vec<f32>, Vec<f32>) = stats(&x, n, c, hw)
+        let stats = stats(&x, n, c, hw);
+        let (scale, shift): (Vec<f32>, Vec<f32>) = stats
             .iter()
             .enumerate()
             .map(|(ch, &(mean, var))| {
@@ -139,12 +171,8 @@ impl CustomOp3 for Train {
                 (scale as f32, (bias[ch] as f64 - mean * scale) as f32)
             })
             .unzip();
-        let mut y = vec![0f32; x.len()];
-        for_planes(&mut y, c, hw, |i, ch, y| {
-            let x = &x[(i * c + ch) * hw..][..hw];
-            let (a, b) = (scale[ch], shift[ch]);
-            y.iter_mut().zip(x).for_each(|(y, x)| *y = x * a + b);
-        });
+        let y = affine(&x, c, hw, &scale, &shift, self.relu);
+        *self.kept.lock().expect("BatchNorm statistics lock") = Some(Kept { stats, scale, shift });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -158,7 +186,11 @@ impl CustomOp3 for Train {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (n, c, h, w) = x.dims4()?;
         let size = n * c * h * w;
-        let packed = x.apply_op3_no_bwd(grad, weight, &TrainGrad { eps: self.eps })?;
+        let Some(kept) = self.kept.lock().expect("BatchNorm statistics lock").clone() else {
+            bail!("BatchNorm backward pass before its forward pass")
+        };
+        let op = TrainGrad { eps: self.eps, relu: self.relu, kept };
+        let packed = x.apply_op3_no_bwd(grad, weight, &op)?;
         let dx = packed.narrow(0, 0, size)?.reshape((n, c, h, w))?;
         let dweight = packed.narrow(0, size, c)?.reshape(weight.shape())?;
         let dbias = packed.narrow(0, size + c, c)?.reshape(weight.shape())?;
@@ -166,9 +198,25 @@ impl CustomOp3 for Train {
     }
 }
 
-/// The gradients of [`Train`], packed as [dx (n·c·h·w), dweight (c), dbias (c)].
+/// `x · scale + shift` per channel of [n, c, hw] values, then a ReLU when `relu`.
+fn affine(x: &[f32], c: usize, hw: usize, scale: &[f32], shift: &[f32], relu: bool) -> Vec<f32> {
+    let mut y = vec![0f32; x.len()];
+    for_planes(&mut y, c, hw, |i, ch, y| {
+        let x = &x[(i * c + ch) * hw..][..hw];
+        let (a, b) = (scale[ch], shift[ch]);
+        if relu {
+            y.iter_mut().zip(x).for_each(|(y, x)| *y = (x * a + b).max(0.0));
+        } else {
+            y.iter_mut().zip(x).for_each(|(y, x)| *y = x * a + b);
+        }
+    });
+    y
+}
+
 struct TrainGrad {
     eps: f64,
+    relu: bool,
+    kept: Kept,
 }
 
 impl CustomOp3 for TrainGrad {
@@ -192,7 +240,24 @@ impl CustomOp3 for TrainGrad {
         let (x, dy) = (f32_data(s1, l1)?, f32_data(s2, l2)?);
         let weight = per_channel(s3, l3, c, "weight")?;
         let count = (n * hw).max(1) as f64;
-        let st = stats(&x, n, c, hw);
+        let st = &self.kept.stats;
+        // Through the ReLU first: the gradient passes where the output was positive, which the
+        // forward pass's own factors tell again from x.
+        let dy: Cow<[f32]> = if self.relu {
+            let (scale, shift) = (&self.kept.scale, &self.kept.shift);
+            let mut masked = vec![0f32; dy.len()];
+            for_planes(&mut masked, c, hw, |i, ch, m| {
+                let off = (i * c + ch) * hw;
+                let (x, dy) = (&x[off..off + hw], &dy[off..off + hw]);
+                let (a, b) = (scale[ch], shift[ch]);
+                for ((m, x), dy) in m.iter_mut().zip(x).zip(dy) {
+                    *m = if x * a + b > 0.0 { *dy } else { 0.0 };
+                }
+            });
+            Cow::Owned(masked)
+        } else {
+            dy
+        };
         // Per channel: Σdy and Σdy·(x - mean), each plane in f32 lanes, planes summed in f64.
         let sums: Vec<(f64, f64)> = (0..c)
             .into_par_iter()
@@ -253,7 +318,9 @@ fn dot_centered(x: &[f32], dy: &[f32], m: f32) -> f32 {
     s
 }
 
-struct Affine;
+struct Affine {
+    relu: bool,
+}
 
 impl CustomOp3 for Affine {
     fn name(&self) -> &'static str {
@@ -272,12 +339,7 @@ impl CustomOp3 for Affine {
         let (_, c, hw) = dims(l1)?;
         let x = f32_data(s1, l1)?;
         let (scale, shift) = (per_channel(s2, l2, c, "scale")?, per_channel(s3, l3, c, "shift")?);
-        let mut y = vec![0f32; x.len()];
-        for_planes(&mut y, c, hw, |i, ch, y| {
-            let x = &x[(i * c + ch) * hw..][..hw];
-            let (a, b) = (scale[ch], shift[ch]);
-            y.iter_mut().zip(x).for_each(|(y, x)| *y = x * a + b);
-        });
+        let y = affine(&x, c, hw, &scale, &shift, self.relu);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 }
@@ -316,7 +378,7 @@ mod tests {
             let weight = (random(&[shape[1]], 80 + i as u64) + 1.5).unwrap();
             let bias = random(&[shape[1]], 90 + i as u64);
             let r = random(&shape, 100 + i as u64);
-            let ours = run(|x, w, b| train(x, w, b, 1e-5).unwrap(), &x, &weight, &bias, &r);
+            let ours = run(|x, w, b| train(x, w, b, 1e-5, false).unwrap().0, &x, &weight, &bias, &r);
             let theirs = run(reference, &x, &weight, &bias, &r);
             for (k, what) in ["output", "input grad", "weight grad", "bias grad"].iter().enumerate() {
                 let d = max_rel_diff(&ours[k], &theirs[k]);
@@ -329,11 +391,43 @@ mod tests {
     }
 
     #[test]
+    fn fused_relu_equals_a_separate_relu_and_the_kept_statistics_are_batch_stats() {
+        let shape = [6, 5, 4, 3];
+        let x = random(&shape, 7).affine(2.0, 0.3).unwrap();
+        let weight = random(&[5], 8);
+        let bias = random(&[5], 9);
+        let r = random(&shape, 10);
+        let fused = run(|x, w, b| train(x, w, b, 1e-5, true).unwrap().0, &x, &weight, &bias, &r);
+        let separate = run(
+            |x, w, b| crate::kernels::layers::relu(&train(x, w, b, 1e-5, false).unwrap().0).unwrap(),
+            &x,
+            &weight,
+            &bias,
+            &r,
+        );
+        for (k, what) in ["output", "input grad", "weight grad", "bias grad"].iter().enumerate() {
+            let (a, b) = (
+                fused[k].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                separate[k].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            );
+            assert!(a == b, "{what} differs between the fused and the separate ReLU");
+        }
+        // Some outputs are clipped, or the test proves nothing about the mask.
+        assert!(fused[0].flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().filter(|v| **v == 0.0).count() > 10);
+        let (_, kept) = train(&x, &weight, &bias, 1e-5, true).unwrap();
+        let direct = batch_stats(&x).unwrap();
+        assert!(
+            kept.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+                == direct.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
+    }
+
+    #[test]
     fn affine_scales_each_channel() {
         let x = random(&[2, 3, 2, 2], 5);
         let scale = Tensor::new(&[1f32, 2., 3.], &Device::Cpu).unwrap();
         let shift = Tensor::new(&[0f32, 1., -1.], &Device::Cpu).unwrap();
-        let ours = affine_no_grad(&x, &scale, &shift).unwrap();
+        let ours = affine_no_grad(&x, &scale, &shift, false).unwrap();
         let theirs = x
             .broadcast_mul(&scale.reshape((1, 3, 1, 1)).unwrap())
             .unwrap()
