@@ -40,6 +40,13 @@ pub fn fast_plan(arch: &Architecture, device: &Device, path: ComputePath) -> Opt
     }
 }
 
+/// Whether training runs on the CNN fast path (see [`crate::cnn`]): networks with convolutions on
+/// the CPU under `train.compute = "fast"`. Evaluation keeps candle's forward pass with layerlab's
+/// kernels.
+pub fn cnn_fast(arch: &Architecture, device: &Device, path: ComputePath) -> bool {
+    path == ComputePath::Fast && crate::cnn::applies(arch, device)
+}
+
 /// One batch as f32 inputs (pixels / 255, into `x`) and its labels.
 pub fn batch_f32(split: &Split, indices: &[usize], x: &mut Vec<f32>) -> Vec<u32> {
     let size = split.image_size();

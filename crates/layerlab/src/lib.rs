@@ -6,6 +6,7 @@
 
 pub mod aggregate;
 pub mod checkpoint;
+pub mod cnn;
 pub mod data;
 pub mod device;
 pub mod eval;

@@ -159,7 +159,12 @@ fn dense_forward(d: &Dense, p: &Params, x: &[f32], batch: usize, out: &mut [f32]
 
 /// Softmax cross-entropy over a batch of logits: the mean loss, the number of wrong argmax
 /// predictions, and (when `grad` is given) d(mean loss)/d(logits).
-fn cross_entropy(logits: &[f32], labels: &[u32], classes: usize, mut grad: Option<&mut [f32]>) -> (f64, usize) {
+pub(crate) fn cross_entropy(
+    logits: &[f32],
+    labels: &[u32],
+    classes: usize,
+    mut grad: Option<&mut [f32]>,
+) -> (f64, usize) {
     let batch = labels.len();
     let mut loss = 0.0f64;
     let mut errors = 0;

@@ -195,8 +195,8 @@ pub enum BnMode<'a> {
     Calibrate(&'a mut Vec<(String, Tensor)>),
 }
 
-const BN_MOMENTUM: f64 = 0.1;
-const BN_EPS: f64 = 1e-5;
+pub(crate) const BN_MOMENTUM: f64 = 0.1;
+pub(crate) const BN_EPS: f64 = 1e-5;
 
 fn get<'s>(state: &'s State, name: &str) -> Result<&'s Tensor> {
     state.get(name).with_context(|| format!("tensor '{name}' is missing from the weights"))

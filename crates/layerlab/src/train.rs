@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::checkpoint::{self, CheckpointMeta};
 use crate::data::Split;
 use crate::eval::{self, Accumulator};
+use crate::cnn::CnnTrainer;
 use crate::mlp::MlpTrainer;
 use crate::model::{images_to_tensor, loss_and_errors, push_scaled_pixels, Architecture, BnMode, State};
 use crate::progress;
@@ -173,6 +174,7 @@ impl Optimizer {
 pub enum Engine {
     Autograd(Optimizer),
     Mlp { trainer: MlpTrainer, inputs: Vec<f32> },
+    Cnn(CnnTrainer),
 }
 
 impl Engine {
@@ -187,7 +189,10 @@ impl Engine {
             Some(plan) => {
                 Ok(Engine::Mlp { trainer: MlpTrainer::new(&plan, state, momentum.as_ref())?, inputs: Vec::new() })
             }
-            _ => Ok(Engine::Autograd(Optimizer::new(arch, state, momentum)?)),
+            None if crate::eval::cnn_fast(arch, device, path) => {
+                Ok(Engine::Cnn(CnnTrainer::new(arch, state, momentum.as_ref())?))
+            }
+            None => Ok(Engine::Autograd(Optimizer::new(arch, state, momentum)?)),
         }
     }
 
@@ -196,6 +201,7 @@ impl Engine {
         match self {
             Engine::Autograd(opt) => Ok(opt.detached_state()),
             Engine::Mlp { trainer, .. } => trainer.state(device),
+            Engine::Cnn(trainer) => trainer.state(device),
         }
     }
 
@@ -203,6 +209,7 @@ impl Engine {
         match self {
             Engine::Autograd(opt) => Ok(opt.momentum.clone()),
             Engine::Mlp { trainer, .. } => trainer.momentum(device),
+            Engine::Cnn(trainer) => trainer.momentum(device),
         }
     }
 
@@ -223,6 +230,11 @@ impl Engine {
                 inputs.clear();
                 push_scaled_pixels(pixels, inputs);
                 trainer.step(inputs, &labels, lr, cfg)
+            }
+            Engine::Cnn(trainer) => {
+                let mut inputs = Vec::with_capacity(pixels.len());
+                push_scaled_pixels(pixels, &mut inputs);
+                trainer.step(inputs, shape, &labels, lr, cfg)
             }
             Engine::Autograd(opt) => {
                 let x = images_to_tensor(pixels, shape, device)?;

@@ -82,21 +82,21 @@ const WEIGHT_GRAD_GROUPS: usize = 8;
 
 /// Shapes of one convolution.
 #[derive(Debug, Clone, Copy, PartialEq)]
-struct Geom {
-    n: usize,
-    c: usize,
-    h: usize,
-    w: usize,
-    o: usize,
-    k: usize,
+pub(crate) struct Geom {
+    pub(crate) n: usize,
+    pub(crate) c: usize,
+    pub(crate) h: usize,
+    pub(crate) w: usize,
+    pub(crate) o: usize,
+    pub(crate) k: usize,
     stride: usize,
     pad: usize,
-    ho: usize,
-    wo: usize,
+    pub(crate) ho: usize,
+    pub(crate) wo: usize,
 }
 
 impl Geom {
-    fn new(x: &[usize], weight: &[usize], pad: usize, stride: usize) -> candle_core::Result<Geom> {
+    pub(crate) fn new(x: &[usize], weight: &[usize], pad: usize, stride: usize) -> candle_core::Result<Geom> {
         let (&[n, c, h, w], &[o, wc, kh, kw]) = (x, weight) else {
             bail!("conv2d wants a 4-D input and a 4-D weight, got {x:?} and {weight:?}")
         };
@@ -335,7 +335,8 @@ fn resized(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
     &mut v[..len]
 }
 
-fn forward(g: &Geom, x: &[f32], weight: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+/// The convolution of `x` [n, c, h, w] with `weight` [o, c, k, k] (plus `bias` [o]): [n, o, ho, wo].
+pub(crate) fn forward(g: &Geom, x: &[f32], weight: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
     let mut y = vec![0f32; g.n * g.image_out()];
     if y.is_empty() {
         return y;
@@ -389,7 +390,8 @@ fn gather_grad<'a>(g: &Geom, grad: &'a [f32], images: usize, buf: &'a mut Vec<f3
     m
 }
 
-fn grad_input(g: &Geom, grad: &[f32], weight: &[f32]) -> Vec<f32> {
+/// The input gradient [n, c, h, w] from the output gradient [n, o, ho, wo].
+pub(crate) fn grad_input(g: &Geom, grad: &[f32], weight: &[f32]) -> Vec<f32> {
     let mut dx = vec![0f32; g.n * g.image_in()];
     if dx.is_empty() {
         return dx;
@@ -410,7 +412,8 @@ fn grad_input(g: &Geom, grad: &[f32], weight: &[f32]) -> Vec<f32> {
     dx
 }
 
-fn grad_weight(g: &Geom, x: &[f32], grad: &[f32]) -> Vec<f32> {
+/// The weight gradient [o, c, k, k] from the input and the output gradient.
+pub(crate) fn grad_weight(g: &Geom, x: &[f32], grad: &[f32]) -> Vec<f32> {
     let ckk = g.ckk();
     let chunks = g.chunks();
     let per_group = chunks.len().div_ceil(WEIGHT_GRAD_GROUPS).max(1);

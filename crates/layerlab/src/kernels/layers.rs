@@ -48,13 +48,27 @@ impl CustomOp1 for ChannelSum {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let &[n, c, h, w] = l.dims() else { bail!("channel sum wants [n, c, h, w], got {:?}", l.dims()) };
-        let (x, hw) = (f32_data(s, l)?, h * w);
-        let sums: Vec<f32> = (0..c)
-            .into_par_iter()
-            .map(|ch| (0..n).map(|i| lane_sum(&x[(i * c + ch) * hw..][..hw], |v| v) as f64).sum::<f64>() as f32)
-            .collect();
-        Ok((CpuStorage::F32(sums), Shape::from(c)))
+        let x = f32_data(s, l)?;
+        Ok((CpuStorage::F32(channel_sum(&x, n, c, h * w)), Shape::from(c)))
     }
+}
+
+/// Sum over n and the `hw` positions of [n, c, hw] values, per channel, in a fixed order.
+pub(crate) fn channel_sum(x: &[f32], n: usize, c: usize, hw: usize) -> Vec<f32> {
+    (0..c)
+        .into_par_iter()
+        .map(|ch| (0..n).map(|i| lane_sum(&x[(i * c + ch) * hw..][..hw], |v| v) as f64).sum::<f64>() as f32)
+        .collect()
+}
+
+/// `max(x, 0)` on values, in parallel pieces.
+pub(crate) fn relu_values(x: &[f32]) -> Vec<f32> {
+    zip_map(x, x, |v, _| if v < 0.0 { 0.0 } else { v })
+}
+
+/// The ReLU's input gradient from its output `y` and output gradient.
+pub(crate) fn relu_grad_values(y: &[f32], grad: &[f32]) -> Vec<f32> {
+    zip_map(y, grad, |y, g| if y > 0.0 { g } else { 0.0 })
 }
 
 /// `dst[i] = f(a[i], b[i])` in parallel pieces.
@@ -77,8 +91,7 @@ impl CustomOp1 for Relu {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = f32_data(s, l)?;
-        let y = zip_map(&x, &x, |v, _| if v < 0.0 { 0.0 } else { v });
-        Ok((CpuStorage::F32(y), l.shape().clone()))
+        Ok((CpuStorage::F32(relu_values(&x)), l.shape().clone()))
     }
 
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -105,8 +118,7 @@ impl CustomOp2 for ReluGrad {
             bail!("relu gradient {:?} does not match its output {:?}", l2.dims(), l1.dims())
         }
         let (y, grad) = (f32_data(s1, l1)?, f32_data(s2, l2)?);
-        let dx = zip_map(&y, &grad, |y, g| if y > 0.0 { g } else { 0.0 });
-        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+        Ok((CpuStorage::F32(relu_grad_values(&y, &grad)), l1.shape().clone()))
     }
 }
 
@@ -133,16 +145,10 @@ fn for_pooled_planes(out: &mut [f32], out_plane: usize, f: impl Fn(usize, &mut [
     out.par_chunks_mut(out_plane).with_min_len(min_planes).enumerate().for_each(|(p, o)| f(p, o));
 }
 
-impl CustomOp1 for MaxPool2 {
-    fn name(&self) -> &'static str {
-        "layerlab-max-pool2"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let &[n, c, h, w] = l.dims() else { bail!("max-pool wants [n, c, h, w], got {:?}", l.dims()) };
-        let (ho, wo) = (h / 2, w / 2);
-        let x = f32_data(s, l)?;
-        let mut y = vec![0f32; n * c * ho * wo];
+/// 2×2 max-pooling of `planes` planes of h × w values.
+pub(crate) fn max_pool2_values(x: &[f32], planes: usize, h: usize, w: usize) -> Vec<f32> {
+    let (ho, wo) = (h / 2, w / 2);
+        let mut y = vec![0f32; planes * ho * wo];
         for_pooled_planes(&mut y, ho * wo, |p, y| {
             let x = &x[p * h * w..][..h * w];
             for oy in 0..ho {
@@ -153,12 +159,47 @@ impl CustomOp1 for MaxPool2 {
                 }
             }
         });
+    y
+}
+
+impl CustomOp1 for MaxPool2 {
+    fn name(&self) -> &'static str {
+        "layerlab-max-pool2"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let &[n, c, h, w] = l.dims() else { bail!("max-pool wants [n, c, h, w], got {:?}", l.dims()) };
+        let (ho, wo) = (h / 2, w / 2);
+        let x = f32_data(s, l)?;
+        let y = max_pool2_values(&x, n * c, h, w);
         Ok((CpuStorage::F32(y), Shape::from((n, c, ho, wo))))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(arg.apply_op2_no_bwd(grad, &MaxPool2Grad)?))
     }
+}
+
+/// The input gradient of [`max_pool2_values`]: each pooled gradient goes to the first maximum of
+/// its window, read again from the input `x`.
+pub(crate) fn max_pool2_grad_values(x: &[f32], grad: &[f32], h: usize, w: usize) -> Vec<f32> {
+    let (ho, wo) = (h / 2, w / 2);
+        let mut dx = vec![0f32; x.len()];
+        if ho * wo > 0 {
+            let min_planes = MIN_PIECE.div_ceil(h * w);
+            dx.par_chunks_mut(h * w).with_min_len(min_planes).enumerate().for_each(|(p, dx)| {
+                let (x, grad) = (&x[p * h * w..][..h * w], &grad[p * ho * wo..][..ho * wo]);
+                for oy in 0..ho {
+                    let (i0, i1) = (2 * oy * w, (2 * oy + 1) * w);
+                    for ox in 0..wo {
+                        let at = [i0 + 2 * ox, i0 + 2 * ox + 1, i1 + 2 * ox, i1 + 2 * ox + 1];
+                        let best = window_argmax(at.map(|i| x[i]));
+                        dx[at[best]] = grad[oy * wo + ox];
+                    }
+                }
+            });
+        }
+    dx
 }
 
 /// Routes each pooled gradient to the first maximum of its window.
@@ -182,21 +223,7 @@ impl CustomOp2 for MaxPool2Grad {
             bail!("max-pool gradient {:?} does not fit input {:?}", l2.dims(), l1.dims())
         }
         let (x, grad) = (f32_data(s1, l1)?, f32_data(s2, l2)?);
-        let mut dx = vec![0f32; x.len()];
-        if ho * wo > 0 {
-            let min_planes = MIN_PIECE.div_ceil(h * w);
-            dx.par_chunks_mut(h * w).with_min_len(min_planes).enumerate().for_each(|(p, dx)| {
-                let (x, grad) = (&x[p * h * w..][..h * w], &grad[p * ho * wo..][..ho * wo]);
-                for oy in 0..ho {
-                    let (i0, i1) = (2 * oy * w, (2 * oy + 1) * w);
-                    for ox in 0..wo {
-                        let at = [i0 + 2 * ox, i0 + 2 * ox + 1, i1 + 2 * ox, i1 + 2 * ox + 1];
-                        let best = window_argmax(at.map(|i| x[i]));
-                        dx[at[best]] = grad[oy * wo + ox];
-                    }
-                }
-            });
-        }
+        let dx = max_pool2_grad_values(&x, &grad, h, w);
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }

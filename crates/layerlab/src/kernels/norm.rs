@@ -131,9 +131,9 @@ impl CustomOp1 for Stats {
 
 /// What a training-mode forward pass keeps for its backward pass.
 #[derive(Clone)]
-struct Kept {
+pub(crate) struct Kept {
     /// (mean, biased variance) per channel.
-    stats: Vec<(f64, f64)>,
+    pub(crate) stats: Vec<(f64, f64)>,
     /// The per-channel factors the output was computed with: y = x · scale + shift.
     scale: Vec<f32>,
     shift: Vec<f32>,
@@ -162,17 +162,8 @@ impl CustomOp3 for Train {
         let (n, c, hw) = dims(l1)?;
         let x = f32_data(s1, l1)?;
         let (weight, bias) = (per_channel(s2, l2, c, "weight")?, per_channel(s3, l3, c, "bias")?);
-        let stats = stats(&x, n, c, hw);
-        let (scale, shift): (Vec<f32>, Vec<f32>) = stats
-            .iter()
-            .enumerate()
-            .map(|(ch, &(mean, var))| {
-                let scale = weight[ch] as f64 / (var + self.eps).sqrt();
-                (scale as f32, (bias[ch] as f64 - mean * scale) as f32)
-            })
-            .unzip();
-        let y = affine(&x, c, hw, &scale, &shift, self.relu);
-        *self.kept.lock().expect("BatchNorm statistics lock") = Some(Kept { stats, scale, shift });
+        let (y, kept) = train_forward(&x, (n, c, hw), &weight, &bias, self.eps, self.relu);
+        *self.kept.lock().expect("BatchNorm statistics lock") = Some(kept);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -196,6 +187,29 @@ impl CustomOp3 for Train {
         let dbias = packed.narrow(0, size + c, c)?.reshape(weight.shape())?;
         Ok((Some(dx), Some(dweight), Some(dbias)))
     }
+}
+
+/// Training-mode BatchNorm (and a ReLU when `relu`) of [n, c, hw] values: the output and what
+/// the backward pass needs.
+pub(crate) fn train_forward(
+    x: &[f32],
+    (n, c, hw): (usize, usize, usize),
+    weight: &[f32],
+    bias: &[f32],
+    eps: f64,
+    relu: bool,
+) -> (Vec<f32>, Kept) {
+    let stats = stats(x, n, c, hw);
+    let (scale, shift): (Vec<f32>, Vec<f32>) = stats
+        .iter()
+        .enumerate()
+        .map(|(ch, &(mean, var))| {
+            let scale = weight[ch] as f64 / (var + eps).sqrt();
+            (scale as f32, (bias[ch] as f64 - mean * scale) as f32)
+        })
+        .unzip();
+    let y = affine(x, c, hw, &scale, &shift, relu);
+    (y, Kept { stats, scale, shift })
 }
 
 /// `x · scale + shift` per channel of [n, c, hw] values, then a ReLU when `relu`.
@@ -239,12 +253,29 @@ impl CustomOp3 for TrainGrad {
         }
         let (x, dy) = (f32_data(s1, l1)?, f32_data(s2, l2)?);
         let weight = per_channel(s3, l3, c, "weight")?;
+        let out = train_backward(&x, &dy, (n, c, hw), &weight, &self.kept, self.eps, self.relu);
+        Ok((CpuStorage::F32(out), Shape::from(x.len() + 2 * c)))
+    }
+}
+
+/// The gradients of [`train_forward`] from its input `x` and output gradient `dy`, packed as
+/// [dx (n·c·hw values), d weight (c), d bias (c)].
+pub(crate) fn train_backward(
+    x: &[f32],
+    dy: &[f32],
+    (n, c, hw): (usize, usize, usize),
+    weight: &[f32],
+    kept: &Kept,
+    eps: f64,
+    relu: bool,
+) -> Vec<f32> {
+    let dy = Cow::Borrowed(dy);
         let count = (n * hw).max(1) as f64;
-        let st = &self.kept.stats;
+        let st = &kept.stats;
         // Through the ReLU first: the gradient passes where the output was positive, which the
         // forward pass's own factors tell again from x.
-        let dy: Cow<[f32]> = if self.relu {
-            let (scale, shift) = (&self.kept.scale, &self.kept.shift);
+        let dy: Cow<[f32]> = if relu {
+            let (scale, shift) = (&kept.scale, &kept.shift);
             let mut masked = vec![0f32; dy.len()];
             for_planes(&mut masked, c, hw, |i, ch, m| {
                 let off = (i * c + ch) * hw;
@@ -280,7 +311,7 @@ impl CustomOp3 for TrainGrad {
         for ch in 0..c {
             let (mean, var) = st[ch];
             let (s_dy, s_dyx) = sums[ch];
-            let inv_std = 1.0 / (var + self.eps).sqrt();
+            let inv_std = 1.0 / (var + eps).sqrt();
             let a = weight[ch] as f64 * inv_std;
             let b = -a * inv_std * inv_std * s_dyx / count;
             let d = -a * s_dy / count - b * mean;
@@ -297,8 +328,7 @@ impl CustomOp3 for TrainGrad {
                 *dx = a * dy + b * x + d;
             }
         });
-        Ok((CpuStorage::F32(out), Shape::from(x.len() + 2 * c)))
-    }
+    out
 }
 
 /// Σ dy·(x - m) in eight fixed lanes.

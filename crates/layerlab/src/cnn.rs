@@ -1,0 +1,523 @@
+//! A fast training path for convolutional networks (VGG with or without BatchNorm, ResNet):
+//! forward pass, backward pass and the SGD update on f32 buffers with layerlab's own kernels
+//! ([`crate::kernels`]), without candle's autograd.
+//!
+//! Why: with every layer already one of our kernels, a candle autograd step of VGG-11-BN at
+//! width 0.25 still spent as long outside the convolutions as in them (`docs/performance.md`,
+//! "Step 4"). candle's backward pass gives every activation's gradient a fresh zero tensor and adds
+//! the layer's gradient into it (two more passes over every activation), and keeps the whole
+//! graph of tensors alive. Here the forward pass records what each layer's backward pass needs
+//! (its input, or its output for a ReLU) and nothing else, each gradient is written once, and
+//! the optimizer updates the weights in place.
+//!
+//! The maths is the general path's (`model::Architecture::forward` with `BnMode::Train`,
+//! `loss.backward()`, then the SGD of `train.rs`); `tests::matches_candle_autograd` checks the
+//! two against each other, and every kernel splits its work into pieces fixed by the shapes, so
+//! results do not depend on the thread count (`tests::results_do_not_depend_on_the_thread_count`).
+
+use std::collections::BTreeMap;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use rayon::prelude::*;
+
+use crate::kernels::conv2d::{self, Geom};
+use crate::kernels::gemm::matmul;
+use crate::kernels::{layers, norm};
+use crate::mlp::cross_entropy;
+use crate::model::{Architecture, Layer, State, BN_EPS, BN_MOMENTUM};
+use crate::sgd::Sgd;
+use layerlab_pipeline::TrainConfig;
+
+/// Values of an elementwise pass handed to one task.
+const VALUES_PER_TASK: usize = 1 << 14;
+
+/// Activations of a batch: values and their [n, c, h, w] shape (a flat vector is [n, f, 1, 1]).
+struct Act {
+    values: Vec<f32>,
+    dims: [usize; 4],
+    /// Whether the values depend on a trained tensor (the input images do not: the first
+    /// convolution's input gradient is never computed).
+    needs_grad: bool,
+}
+
+/// What one layer's backward pass needs, recorded by the forward pass.
+enum Saved {
+    Pad { pad: usize, dims: [usize; 4] },
+    Flatten,
+    Linear { name: String, x: Act },
+    Conv { name: String, geom: Geom, bias: bool, x: Act },
+    BatchNorm { name: String, relu: bool, x: Act, kept: norm::Kept },
+    Relu { y: Vec<f32> },
+    MaxPool2 { x: Act },
+    GlobalAvgPool { dims: [usize; 4] },
+    Residual { main: Vec<Saved>, shortcut: Vec<Saved>, y: Vec<f32> },
+}
+
+/// One trained tensor: its values, momentum buffer and last gradient.
+struct Param {
+    shape: Vec<usize>,
+    value: Vec<f32>,
+    momentum: Vec<f32>,
+    grad: Vec<f32>,
+}
+
+/// Training state of the CNN fast path.
+pub struct CnnTrainer {
+    arch: Architecture,
+    params: BTreeMap<String, Param>,
+    /// BatchNorm running statistics: values and shape.
+    buffers: BTreeMap<String, (Vec<f32>, Vec<usize>)>,
+}
+
+/// Whether the CNN fast path trains `arch`: a network with convolutions, on the CPU.
+pub fn applies(arch: &Architecture, device: &Device) -> bool {
+    fn has_conv(layers: &[Layer]) -> bool {
+        layers.iter().any(|l| match l {
+            Layer::Conv { .. } => true,
+            Layer::Residual { main, shortcut } => has_conv(main) || has_conv(shortcut),
+            _ => false,
+        })
+    }
+    device.is_cpu() && has_conv(&arch.layers)
+}
+
+fn values(t: &Tensor, what: &str) -> Result<Vec<f32>> {
+    t.to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()
+        .with_context(|| format!("cannot read {what}"))
+}
+
+impl CnnTrainer {
+    /// From a state (and, when resuming, the momentum buffers by tensor name).
+    pub fn new(arch: &Architecture, state: &State, momentum: Option<&BTreeMap<String, Tensor>>) -> Result<CnnTrainer> {
+        let mut params = BTreeMap::new();
+        let mut buffers = BTreeMap::new();
+        for (_, spec) in arch.tensor_specs() {
+            let t = state.get(&spec.name).with_context(|| format!("the weights lack {}", spec.name))?;
+            let value = values(t, &spec.name)?;
+            if value.len() != spec.shape.iter().product::<usize>() {
+                bail!("{} has {} values, expected shape {:?}", spec.name, value.len(), spec.shape);
+            }
+            if !spec.trainable {
+                buffers.insert(spec.name.clone(), (value, spec.shape.clone()));
+                continue;
+            }
+            let momentum = match momentum {
+                Some(m) => values(
+                    m.get(&spec.name).with_context(|| format!("the resume file lacks momentum for {}", spec.name))?,
+                    &spec.name,
+                )?,
+                None => vec![0.0; value.len()],
+            };
+            if momentum.len() != value.len() {
+                bail!("the momentum of {} has {} values, expected {}", spec.name, momentum.len(), value.len());
+            }
+            let grad = vec![0.0; value.len()];
+            params.insert(spec.name.clone(), Param { shape: spec.shape.clone(), value, momentum, grad });
+        }
+        Ok(CnnTrainer { arch: arch.clone(), params, buffers })
+    }
+
+    /// The weights and running statistics as tensors by state_dict name.
+    pub fn state(&self, device: &Device) -> Result<State> {
+        let mut s = State::new();
+        for (name, p) in &self.params {
+            s.insert(name.clone(), Tensor::from_vec(p.value.clone(), p.shape.clone(), device)?);
+        }
+        for (name, (v, shape)) in &self.buffers {
+            s.insert(name.clone(), Tensor::from_vec(v.clone(), shape.clone(), device)?);
+        }
+        Ok(s)
+    }
+
+    /// The momentum buffers as tensors by state_dict name.
+    pub fn momentum(&self, device: &Device) -> Result<BTreeMap<String, Tensor>> {
+        let mut s = BTreeMap::new();
+        for (name, p) in &self.params {
+            s.insert(name.clone(), Tensor::from_vec(p.momentum.clone(), p.shape.clone(), device)?);
+        }
+        Ok(s)
+    }
+
+    fn value(&self, name: &str) -> Result<&[f32]> {
+        if let Some(p) = self.params.get(name) {
+            return Ok(&p.value);
+        }
+        self.buffers.get(name).map(|(v, _)| v.as_slice()).with_context(|| format!("tensor '{name}' is missing"))
+    }
+
+    /// One SGD step on a batch `x` [n, c, h, w] (f32, already scaled); returns the batch's mean
+    /// loss and errors before the update. A non-finite loss leaves the weights as they were.
+    pub fn step(&mut self, x: Vec<f32>, dims: [usize; 4], labels: &[u32], lr: f64, cfg: &TrainConfig) -> Result<(f64, usize)> {
+        if x.len() != dims.iter().product::<usize>() || labels.len() != dims[0] {
+            bail!("a batch of {} labels and {} values does not fit the shape {dims:?}", labels.len(), x.len());
+        }
+        let layers = self.arch.layers.clone();
+        let mut tape = Vec::new();
+        let mut stats = Vec::new();
+        let input = Act { values: x, dims, needs_grad: false };
+        let logits = self.forward(&layers, input, &mut tape, &mut stats)?;
+        let classes = logits.dims[1] * logits.dims[2] * logits.dims[3];
+        let mut grad = vec![0f32; logits.values.len()];
+        let (loss, errors) = cross_entropy(&logits.values, labels, classes, Some(&mut grad));
+        if !loss.is_finite() {
+            return Ok((loss, errors));
+        }
+        self.backward(tape, grad)?;
+        self.update(lr, cfg);
+        for (name, batch_mean, batch_var, count) in stats {
+            self.update_running_stats(&name, &batch_mean, &batch_var, count)?;
+        }
+        Ok((loss, errors))
+    }
+
+    /// PyTorch's running statistics: an exponential average of the batch mean and the unbiased
+    /// batch variance.
+    fn update_running_stats(&mut self, name: &str, mean: &[f32], var: &[f32], count: usize) -> Result<()> {
+        let unbiased = (count as f64 / (count as f64 - 1.0).max(1.0)) as f32;
+        let keep = (1.0 - BN_MOMENTUM) as f32;
+        let take = BN_MOMENTUM as f32;
+        for (suffix, batch, factor) in [("running_mean", mean, 1.0f32), ("running_var", var, unbiased)] {
+            let key = format!("{name}.{suffix}");
+            let (running, _) = self.buffers.get_mut(&key).with_context(|| format!("tensor '{key}' is missing"))?;
+            for (r, b) in running.iter_mut().zip(batch) {
+                *r = *r * keep + (b * factor) * take;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `layers` on `x` in training mode, recording onto `tape` what the backward pass needs
+    /// and into `stats` each BatchNorm's (name, batch mean, biased batch variance, count).
+    fn forward(
+        &self,
+        layers: &[Layer],
+        mut x: Act,
+        tape: &mut Vec<Saved>,
+        stats: &mut Vec<(String, Vec<f32>, Vec<f32>, usize)>,
+    ) -> Result<Act> {
+        let mut i = 0;
+        while i < layers.len() {
+            let [n, c, h, w] = x.dims;
+            x = match &layers[i] {
+                Layer::Pad(pad) => {
+                    let (hp, wp) = (h + 2 * pad, w + 2 * pad);
+                    let mut out = vec![0f32; n * c * hp * wp];
+                    for (plane, src) in out.chunks_exact_mut(hp * wp).zip(x.values.chunks_exact(h * w)) {
+                        for (row, src) in plane.chunks_exact_mut(wp).skip(*pad).zip(src.chunks_exact(w)) {
+                            row[*pad..*pad + w].copy_from_slice(src);
+                        }
+                    }
+                    tape.push(Saved::Pad { pad: *pad, dims: x.dims });
+                    Act { values: out, dims: [n, c, hp, wp], needs_grad: x.needs_grad }
+                }
+                Layer::Flatten => {
+                    tape.push(Saved::Flatten);
+                    Act { values: x.values, dims: [n, c * h * w, 1, 1], needs_grad: x.needs_grad }
+                }
+                Layer::Linear { name } => {
+                    let weight = self.value(&format!("{name}.weight"))?;
+                    let bias = self.value(&format!("{name}.bias"))?;
+                    let (inputs, outputs) = (c * h * w, bias.len());
+                    if weight.len() != inputs * outputs {
+                        bail!("{name}: {inputs} inputs do not fit its weight of {} values", weight.len());
+                    }
+                    let mut out: Vec<f32> = (0..n).flat_map(|_| bias.iter().copied()).collect();
+                    // out [n, outputs] += x [n, inputs] · weightᵀ [inputs, outputs]
+                    matmul(n, outputs, inputs, &mut out, outputs, true, &x.values, (inputs, 1), weight, (1, inputs));
+                    let y = Act { values: out, dims: [n, outputs, 1, 1], needs_grad: true };
+                    tape.push(Saved::Linear { name: name.clone(), x });
+                    y
+                }
+                Layer::Conv { name, stride, padding, bias } => {
+                    let weight_name = format!("{name}.weight");
+                    let weight = self.value(&weight_name)?;
+                    let shape = &self.params.get(&weight_name).context("conv weight")?.shape;
+                    let geom = Geom::new(&x.dims, shape, *padding, *stride)?;
+                    let b = if *bias { Some(self.value(&format!("{name}.bias"))?) } else { None };
+                    let out = conv2d::forward(&geom, &x.values, weight, b);
+                    let y = Act { values: out, dims: [n, geom.o, geom.ho, geom.wo], needs_grad: true };
+                    tape.push(Saved::Conv { name: name.clone(), geom, bias: *bias, x });
+                    y
+                }
+                Layer::BatchNorm { name } => {
+                    let relu = matches!(layers.get(i + 1), Some(Layer::Relu));
+                    let weight = self.value(&format!("{name}.weight"))?;
+                    let bias = self.value(&format!("{name}.bias"))?;
+                    let (out, kept) = norm::train_forward(&x.values, (n, c, h * w), weight, bias, BN_EPS, relu);
+                    let mean = kept.stats.iter().map(|s| s.0 as f32).collect();
+                    let var = kept.stats.iter().map(|s| s.1 as f32).collect();
+                    stats.push((name.clone(), mean, var, n * h * w));
+                    let y = Act { values: out, dims: x.dims, needs_grad: true };
+                    tape.push(Saved::BatchNorm { name: name.clone(), relu, x, kept });
+                    if relu {
+                        i += 1;
+                    }
+                    y
+                }
+                Layer::Relu => {
+                    let out = layers::relu_values(&x.values);
+                    tape.push(Saved::Relu { y: out.clone() });
+                    Act { values: out, dims: x.dims, needs_grad: x.needs_grad }
+                }
+                Layer::MaxPool2 => {
+                    let out = layers::max_pool2_values(&x.values, n * c, h, w);
+                    let y = Act { values: out, dims: [n, c, h / 2, w / 2], needs_grad: x.needs_grad };
+                    tape.push(Saved::MaxPool2 { x });
+                    y
+                }
+                Layer::GlobalAvgPool => {
+                    let hw = h * w;
+                    let out = x.values.chunks_exact(hw).map(|p| p.iter().sum::<f32>() / hw as f32).collect();
+                    tape.push(Saved::GlobalAvgPool { dims: x.dims });
+                    Act { values: out, dims: [n, c, 1, 1], needs_grad: x.needs_grad }
+                }
+                Layer::Residual { main, shortcut } => {
+                    let copy = Act { values: x.values.clone(), dims: x.dims, needs_grad: x.needs_grad };
+                    let (mut main_tape, mut short_tape) = (Vec::new(), Vec::new());
+                    let m = self.forward(main, copy, &mut main_tape, stats)?;
+                    let s = self.forward(shortcut, x, &mut short_tape, stats)?;
+                    if m.dims != s.dims {
+                        bail!("a residual block's branches disagree: {:?} and {:?}", m.dims, s.dims);
+                    }
+                    let mut out = m.values;
+                    out.par_chunks_mut(VALUES_PER_TASK).zip(s.values.par_chunks(VALUES_PER_TASK)).for_each(|(o, s)| {
+                        for (o, s) in o.iter_mut().zip(s) {
+                            *o = (*o + s).max(0.0);
+                        }
+                    });
+                    tape.push(Saved::Residual { main: main_tape, shortcut: short_tape, y: out.clone() });
+                    Act { values: out, dims: m.dims, needs_grad: true }
+                }
+            };
+            i += 1;
+        }
+        Ok(x)
+    }
+
+    /// Runs `tape` backwards from the gradient `dy` of its output; fills the gradients of the
+    /// trained tensors it met and returns the gradient of its input (`None` where the input needs
+    /// none).
+    fn backward(&mut self, tape: Vec<Saved>, dy: Vec<f32>) -> Result<Option<Vec<f32>>> {
+        let mut dy = Some(dy);
+        for saved in tape.into_iter().rev() {
+            let Some(g) = dy.take() else { break };
+            dy = match saved {
+                Saved::Pad { pad, dims: [n, c, h, w] } => {
+                    let (hp, wp) = (h + 2 * pad, w + 2 * pad);
+                    let mut out = vec![0f32; n * c * h * w];
+                    for (dst, plane) in out.chunks_exact_mut(h * w).zip(g.chunks_exact(hp * wp)) {
+                        for (dst, row) in dst.chunks_exact_mut(w).zip(plane.chunks_exact(wp).skip(pad)) {
+                            dst.copy_from_slice(&row[pad..pad + w]);
+                        }
+                    }
+                    Some(out)
+                }
+                Saved::Flatten => Some(g),
+                Saved::Linear { name, x } => {
+                    let [n, c, h, w] = x.dims;
+                    let inputs = c * h * w;
+                    let outputs = g.len() / n.max(1);
+                    let weight = self.params.get_mut(&format!("{name}.weight")).context("linear weight")?;
+                    // d weight [outputs, inputs] = gᵀ [outputs, n] · x [n, inputs]
+                    matmul(outputs, inputs, n, &mut weight.grad, inputs, false, &g, (1, outputs), &x.values, (inputs, 1));
+                    let dx = if x.needs_grad {
+                        let mut dx = vec![0f32; n * inputs];
+                        // dx [n, inputs] = g [n, outputs] · weight [outputs, inputs]
+                        matmul(n, inputs, outputs, &mut dx, inputs, false, &g, (outputs, 1), &weight.value, (inputs, 1));
+                        Some(dx)
+                    } else {
+                        None
+                    };
+                    let bias = self.params.get_mut(&format!("{name}.bias")).context("linear bias")?;
+                    bias.grad.fill(0.0);
+                    for row in g.chunks_exact(outputs) {
+                        bias.grad.iter_mut().zip(row).for_each(|(b, v)| *b += v);
+                    }
+                    dx
+                }
+                Saved::Conv { name, geom, bias, x } => {
+                    if bias {
+                        let b = self.params.get_mut(&format!("{name}.bias")).context("conv bias")?;
+                        b.grad = layers::channel_sum(&g, geom.n, geom.o, geom.ho * geom.wo);
+                    }
+                    let weight = self.params.get_mut(&format!("{name}.weight")).context("conv weight")?;
+                    weight.grad = conv2d::grad_weight(&geom, &x.values, &g);
+                    x.needs_grad.then(|| conv2d::grad_input(&geom, &g, &weight.value))
+                }
+                Saved::BatchNorm { name, relu, x, kept } => {
+                    let [n, c, h, w] = x.dims;
+                    let weight = self.value(&format!("{name}.weight"))?;
+                    let mut packed = norm::train_backward(&x.values, &g, (n, c, h * w), weight, &kept, BN_EPS, relu);
+                    let size = n * c * h * w;
+                    let db = packed.split_off(size + c);
+                    let dw = packed.split_off(size);
+                    self.params.get_mut(&format!("{name}.weight")).context("BatchNorm weight")?.grad = dw;
+                    self.params.get_mut(&format!("{name}.bias")).context("BatchNorm bias")?.grad = db;
+                    x.needs_grad.then_some(packed)
+                }
+                Saved::Relu { y } => Some(layers::relu_grad_values(&y, &g)),
+                Saved::MaxPool2 { x } => {
+                    let [_, _, h, w] = x.dims;
+                    x.needs_grad.then(|| layers::max_pool2_grad_values(&x.values, &g, h, w))
+                }
+                Saved::GlobalAvgPool { dims: [n, c, h, w] } => {
+                    let hw = h * w;
+                    let mut out = vec![0f32; n * c * hw];
+                    for (plane, &v) in out.chunks_exact_mut(hw).zip(&g) {
+                        plane.fill(v / hw as f32);
+                    }
+                    Some(out)
+                }
+                Saved::Residual { main, shortcut, y } => {
+                    let through = layers::relu_grad_values(&y, &g);
+                    let from_main = self.backward(main, through.clone())?;
+                    let from_short = if shortcut.is_empty() { Some(through) } else { self.backward(shortcut, through)? };
+                    match (from_main, from_short) {
+                        (Some(mut a), Some(b)) => {
+                            a.par_chunks_mut(VALUES_PER_TASK).zip(b.par_chunks(VALUES_PER_TASK)).for_each(|(a, b)| {
+                                a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+                            });
+                            Some(a)
+                        }
+                        (a, b) => a.or(b),
+                    }
+                }
+            };
+        }
+        Ok(dy)
+    }
+
+    /// The SGD update ([`crate::sgd`]) of every trained tensor, in fixed pieces run in parallel.
+    fn update(&mut self, lr: f64, cfg: &TrainConfig) {
+        let sgd = Sgd::of(cfg);
+        for p in self.params.values_mut() {
+            let tasks = p.value.par_chunks_mut(VALUES_PER_TASK).zip(p.momentum.par_chunks_mut(VALUES_PER_TASK));
+            tasks.zip(p.grad.par_chunks(VALUES_PER_TASK)).for_each(|((p, m), g)| sgd.update_slices(lr, p, m, g));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::push_scaled_pixels;
+    use crate::train::Engine;
+    use layerlab_pipeline::{Arch, ComputePath, ModelConfig};
+
+    /// VGG needs 32×32 images (five 2×2 poolings); ResNet runs on 16×16 ones.
+    fn size(a: Arch) -> usize {
+        if a == Arch::Vgg11 {
+            32
+        } else {
+            16
+        }
+    }
+
+    fn arch(a: Arch, batch_norm: bool) -> Architecture {
+        let cfg = ModelConfig { arch: a, width_mult: 0.125, batch_norm, ..ModelConfig::default() };
+        Architecture::build(&cfg, [3, size(a), size(a)], 10).unwrap()
+    }
+
+    fn batch(seed: u64, n: usize, size: usize) -> (Vec<u8>, Vec<u32>) {
+        let mut r = crate::random::rng(seed);
+        let pixels = (0..n * 3 * size * size).map(|_| (crate::random::unit_f64(&mut r) * 255.0) as u8).collect();
+        let labels = (0..n).map(|_| (crate::random::unit_f64(&mut r) * 10.0) as u32).collect();
+        (pixels, labels)
+    }
+
+    fn cfg(nesterov: bool) -> TrainConfig {
+        TrainConfig { momentum: 0.9, weight_decay: 5e-4, nesterov, ..TrainConfig::default() }
+    }
+
+    fn flat(s: &State) -> BTreeMap<String, Vec<f32>> {
+        s.iter().map(|(k, v)| (k.clone(), v.flatten_all().unwrap().to_vec1::<f32>().unwrap())).collect()
+    }
+
+    /// Three steps on both paths from the same weights: losses, errors, weights, running
+    /// statistics and momentum agree to float rounding.
+    #[test]
+    fn matches_candle_autograd() {
+        let dev = Device::Cpu;
+        for (a, bn, nesterov) in [(Arch::Vgg11, true, false), (Arch::Vgg11, false, true), (Arch::Resnet18, true, false)] {
+            let arch = arch(a, bn);
+            let state = arch.initial_state(3, &dev).unwrap();
+            let mut ours = CnnTrainer::new(&arch, &state, None).unwrap();
+            let mut theirs = Engine::new(&arch, &state, None, &dev, ComputePath::Autograd).unwrap();
+            for step in 0..3 {
+                let (pixels, labels) = batch(10 + step, 12, size(a));
+                let mut x = Vec::new();
+                push_scaled_pixels(&pixels, &mut x);
+                let dims = [12, 3, size(a), size(a)];
+                let (l1, e1) = ours.step(x, dims, &labels, 0.05, &cfg(nesterov)).unwrap();
+                let (l2, e2) = theirs.step(&arch, &pixels, dims, labels.clone(), 0.05, &cfg(nesterov), &dev).unwrap();
+                assert!((l1 - l2).abs() < 1e-4 * l2.abs().max(1.0), "{a:?} step {step}: loss {l1} vs {l2}");
+                assert_eq!(e1, e2, "{a:?} step {step}: errors");
+            }
+            let (s1, s2) = (flat(&ours.state(&dev).unwrap()), flat(&theirs.state(&dev).unwrap()));
+            let (m1, m2) = (flat(&ours.momentum(&dev).unwrap()), flat(&theirs.momentum(&dev).unwrap()));
+            assert_eq!(s1.keys().collect::<Vec<_>>(), s2.keys().collect::<Vec<_>>());
+            for (what, x, y) in [("weights", &s1, &s2), ("momentum", &m1, &m2)] {
+                for (name, a_v) in x {
+                    let b_v = &y[name];
+                    // A convolution bias followed by BatchNorm gets a zero gradient up to rounding
+                    // noise (about 1e-7 a step), hence the floor under the scale.
+                    let scale = b_v.iter().fold(1e-2f32, |m, v| m.max(v.abs()));
+                    let diff = a_v.iter().zip(b_v).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+                    assert!(diff <= 2e-4 * scale, "{a:?}: {what} {name} differs by {diff} (scale {scale})");
+                }
+            }
+            // The steps moved the weights: the comparison above is not between two initial states.
+            let init = flat(&state);
+            assert!(s1.iter().any(|(k, v)| v != &init[k]), "{a:?}: no weight changed");
+        }
+    }
+
+    #[test]
+    fn results_do_not_depend_on_the_thread_count() {
+        let arch = arch(Arch::Resnet18, true);
+        let dev = Device::Cpu;
+        let state = arch.initial_state(5, &dev).unwrap();
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| {
+                let mut t = CnnTrainer::new(&arch, &state, None).unwrap();
+                for step in 0..2 {
+                    let (pixels, labels) = batch(20 + step, 9, 16);
+                    let mut x = Vec::new();
+                    push_scaled_pixels(&pixels, &mut x);
+                    t.step(x, [9, 3, 16, 16], &labels, 0.1, &cfg(true)).unwrap();
+                }
+                (flat(&t.state(&dev).unwrap()), flat(&t.momentum(&dev).unwrap()))
+            })
+        };
+        let one = run(1);
+        for threads in [2, 3] {
+            assert!(run(threads) == one, "{threads} threads changed the result");
+        }
+    }
+
+    #[test]
+    fn resumes_from_its_own_state_and_momentum() {
+        let arch = arch(Arch::Vgg11, true);
+        let dev = Device::Cpu;
+        let state = arch.initial_state(7, &dev).unwrap();
+        let step = |t: &mut CnnTrainer, seed: u64| {
+            let (pixels, labels) = batch(seed, 6, 32);
+            let mut x = Vec::new();
+            push_scaled_pixels(&pixels, &mut x);
+            t.step(x, [6, 3, 32, 32], &labels, 0.1, &cfg(false)).unwrap();
+        };
+        let mut straight = CnnTrainer::new(&arch, &state, None).unwrap();
+        step(&mut straight, 1);
+        step(&mut straight, 2);
+        let mut first = CnnTrainer::new(&arch, &state, None).unwrap();
+        step(&mut first, 1);
+        let (s, m) = (first.state(&dev).unwrap(), first.momentum(&dev).unwrap());
+        let mut resumed = CnnTrainer::new(&arch, &s, Some(&m)).unwrap();
+        step(&mut resumed, 2);
+        assert!(flat(&resumed.state(&dev).unwrap()) == flat(&straight.state(&dev).unwrap()));
+    }
+}
