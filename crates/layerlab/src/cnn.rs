@@ -83,10 +83,7 @@ pub fn applies(arch: &Architecture, device: &Device) -> bool {
 }
 
 fn values(t: &Tensor, what: &str) -> Result<Vec<f32>> {
-    t.to_dtype(candle_core::DType::F32)?
-        .flatten_all()?
-        .to_vec1::<f32>()
-        .with_context(|| format!("cannot read {what}"))
+    t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>().with_context(|| format!("cannot read {what}"))
 }
 
 impl CnnTrainer {
@@ -150,7 +147,14 @@ impl CnnTrainer {
 
     /// One SGD step on a batch `x` [n, c, h, w] (f32, already scaled); returns the batch's mean
     /// loss and errors before the update. A non-finite loss leaves the weights as they were.
-    pub fn step(&mut self, x: Vec<f32>, dims: [usize; 4], labels: &[u32], lr: f64, cfg: &TrainConfig) -> Result<(f64, usize)> {
+    pub fn step(
+        &mut self,
+        x: Vec<f32>,
+        dims: [usize; 4],
+        labels: &[u32],
+        lr: f64,
+        cfg: &TrainConfig,
+    ) -> Result<(f64, usize)> {
         if x.len() != dims.iter().product::<usize>() || labels.len() != dims[0] {
             bail!("a batch of {} labels and {} values does not fit the shape {dims:?}", labels.len(), x.len());
         }
@@ -322,11 +326,33 @@ impl CnnTrainer {
                     let outputs = g.len() / n.max(1);
                     let weight = self.params.get_mut(&format!("{name}.weight")).context("linear weight")?;
                     // d weight [outputs, inputs] = gᵀ [outputs, n] · x [n, inputs]
-                    matmul(outputs, inputs, n, &mut weight.grad, inputs, false, &g, (1, outputs), &x.values, (inputs, 1));
+                    matmul(
+                        outputs,
+                        inputs,
+                        n,
+                        &mut weight.grad,
+                        inputs,
+                        false,
+                        &g,
+                        (1, outputs),
+                        &x.values,
+                        (inputs, 1),
+                    );
                     let dx = if x.needs_grad {
                         let mut dx = vec![0f32; n * inputs];
                         // dx [n, inputs] = g [n, outputs] · weight [outputs, inputs]
-                        matmul(n, inputs, outputs, &mut dx, inputs, false, &g, (outputs, 1), &weight.value, (inputs, 1));
+                        matmul(
+                            n,
+                            inputs,
+                            outputs,
+                            &mut dx,
+                            inputs,
+                            false,
+                            &g,
+                            (outputs, 1),
+                            &weight.value,
+                            (inputs, 1),
+                        );
                         Some(dx)
                     } else {
                         None
@@ -374,7 +400,8 @@ impl CnnTrainer {
                 Saved::Residual { main, shortcut, y } => {
                     let through = layers::relu_grad_values(&y, &g);
                     let from_main = self.backward(main, through.clone())?;
-                    let from_short = if shortcut.is_empty() { Some(through) } else { self.backward(shortcut, through)? };
+                    let from_short =
+                        if shortcut.is_empty() { Some(through) } else { self.backward(shortcut, through)? };
                     match (from_main, from_short) {
                         (Some(mut a), Some(b)) => {
                             a.par_chunks_mut(VALUES_PER_TASK).zip(b.par_chunks(VALUES_PER_TASK)).for_each(|(a, b)| {
@@ -441,7 +468,8 @@ mod tests {
     #[test]
     fn matches_candle_autograd() {
         let dev = Device::Cpu;
-        for (a, bn, nesterov) in [(Arch::Vgg11, true, false), (Arch::Vgg11, false, true), (Arch::Resnet18, true, false)] {
+        for (a, bn, nesterov) in [(Arch::Vgg11, true, false), (Arch::Vgg11, false, true), (Arch::Resnet18, true, false)]
+        {
             let arch = arch(a, bn);
             let state = arch.initial_state(3, &dev).unwrap();
             let mut ours = CnnTrainer::new(&arch, &state, None).unwrap();

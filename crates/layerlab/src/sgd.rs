@@ -28,12 +28,14 @@ impl Sgd {
     /// One update of parameters `p` with momentum buffers `m` and gradients `g`, in place.
     pub fn update_slices(&self, lr: f64, p: &mut [f32], m: &mut [f32], g: &[f32]) {
         let (lr, mu, wd) = (lr as f32, self.momentum as f32, self.weight_decay as f32);
-        for ((p, m), &g) in p.iter_mut().zip(m.iter_mut()).zip(g) {
-            let g = if wd > 0.0 { g + *p * wd } else { g };
-            *m = *m * mu + g;
-            let step = if self.nesterov { g + *m * mu } else { *m };
-            *p -= step * lr;
-        }
+        crate::kernels::vectorized(|| {
+            for ((p, m), &g) in p.iter_mut().zip(m.iter_mut()).zip(g) {
+                let g = if wd > 0.0 { g + *p * wd } else { g };
+                *m = *m * mu + g;
+                let step = if self.nesterov { g + *m * mu } else { *m };
+                *p -= step * lr;
+            }
+        })
     }
 
     /// One update on tensors: the new parameters and the new momentum buffer, both detached

@@ -15,9 +15,9 @@ use rand_core::RngCore;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, CheckpointMeta};
+use crate::cnn::CnnTrainer;
 use crate::data::Split;
 use crate::eval::{self, Accumulator};
-use crate::cnn::CnnTrainer;
 use crate::mlp::MlpTrainer;
 use crate::model::{images_to_tensor, loss_and_errors, push_scaled_pixels, Architecture, BnMode, State};
 use crate::progress;

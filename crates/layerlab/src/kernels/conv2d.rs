@@ -550,6 +550,10 @@ fn col2im_small(g: &Geom, cols: &[f32], images: usize, dx: &mut [f32]) {
 
 /// Unfolds `images` images [images, c, h, w] into `cols` [c·k·k, images·ho·wo].
 fn im2col(g: &Geom, x: &[f32], images: usize, cols: &mut [f32]) {
+    super::vectorized(|| im2col_any(g, x, images, cols))
+}
+
+fn im2col_any(g: &Geom, x: &[f32], images: usize, cols: &mut [f32]) {
     let (hw, hwo, nc) = (g.h * g.w, g.hw_out(), images * g.hw_out());
     if g.small() {
         return im2col_small(g, x, images, cols);
@@ -604,6 +608,10 @@ fn im2col(g: &Geom, x: &[f32], images: usize, cols: &mut [f32]) {
 /// The adjoint of [`im2col`]: folds `cols` back onto `dx` [images, c, h, w] (overwritten).
 /// `cols` is scratch: the entries of positions that read outside the image are zeroed on the way.
 fn col2im(g: &Geom, cols: &mut [f32], images: usize, dx: &mut [f32]) {
+    super::vectorized(|| col2im_any(g, cols, images, dx))
+}
+
+fn col2im_any(g: &Geom, cols: &mut [f32], images: usize, dx: &mut [f32]) {
     let (hw, hwo, nc) = (g.h * g.w, g.hw_out(), images * g.hw_out());
     if g.small() {
         return col2im_small(g, cols, images, dx);

@@ -10,8 +10,8 @@
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::f32_data;
 use super::norm::lane_sum;
+use super::{f32_data, kept_or_zero, vectorized};
 
 /// Elementwise work is cut into pieces of at least this many values.
 const MIN_PIECE: usize = 1 << 14;
@@ -57,7 +57,9 @@ impl CustomOp1 for ChannelSum {
 pub(crate) fn channel_sum(x: &[f32], n: usize, c: usize, hw: usize) -> Vec<f32> {
     (0..c)
         .into_par_iter()
-        .map(|ch| (0..n).map(|i| lane_sum(&x[(i * c + ch) * hw..][..hw], |v| v) as f64).sum::<f64>() as f32)
+        .map(|ch| {
+            vectorized(|| (0..n).map(|i| lane_sum(&x[(i * c + ch) * hw..][..hw], |v| v) as f64).sum::<f64>() as f32)
+        })
         .collect()
 }
 
@@ -68,16 +70,18 @@ pub(crate) fn relu_values(x: &[f32]) -> Vec<f32> {
 
 /// The ReLU's input gradient from its output `y` and output gradient.
 pub(crate) fn relu_grad_values(y: &[f32], grad: &[f32]) -> Vec<f32> {
-    zip_map(y, grad, |y, g| if y > 0.0 { g } else { 0.0 })
+    zip_map(y, grad, |y, g| kept_or_zero(y > 0.0, g))
 }
 
 /// `dst[i] = f(a[i], b[i])` in parallel pieces.
 fn zip_map(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
     let mut out = vec![0f32; a.len()];
     out.par_chunks_mut(MIN_PIECE).zip(a.par_chunks(MIN_PIECE)).zip(b.par_chunks(MIN_PIECE)).for_each(|((o, a), b)| {
-        for ((o, a), b) in o.iter_mut().zip(a).zip(b) {
-            *o = f(*a, *b);
-        }
+        vectorized(|| {
+            for ((o, a), b) in o.iter_mut().zip(a).zip(b) {
+                *o = f(*a, *b);
+            }
+        })
     });
     out
 }
@@ -142,23 +146,23 @@ fn for_pooled_planes(out: &mut [f32], out_plane: usize, f: impl Fn(usize, &mut [
         return;
     }
     let min_planes = MIN_PIECE.div_ceil(out_plane * 4);
-    out.par_chunks_mut(out_plane).with_min_len(min_planes).enumerate().for_each(|(p, o)| f(p, o));
+    out.par_chunks_mut(out_plane).with_min_len(min_planes).enumerate().for_each(|(p, o)| vectorized(|| f(p, o)));
 }
 
 /// 2×2 max-pooling of `planes` planes of h × w values.
 pub(crate) fn max_pool2_values(x: &[f32], planes: usize, h: usize, w: usize) -> Vec<f32> {
     let (ho, wo) = (h / 2, w / 2);
-        let mut y = vec![0f32; planes * ho * wo];
-        for_pooled_planes(&mut y, ho * wo, |p, y| {
-            let x = &x[p * h * w..][..h * w];
-            for oy in 0..ho {
-                let (r0, r1) = (&x[2 * oy * w..][..w], &x[(2 * oy + 1) * w..][..w]);
-                for ox in 0..wo {
-                    let v = [r0[2 * ox], r0[2 * ox + 1], r1[2 * ox], r1[2 * ox + 1]];
-                    y[oy * wo + ox] = v[window_argmax(v)];
-                }
+    let mut y = vec![0f32; planes * ho * wo];
+    for_pooled_planes(&mut y, ho * wo, |p, y| {
+        let x = &x[p * h * w..][..h * w];
+        for oy in 0..ho {
+            let (r0, r1) = (&x[2 * oy * w..][..w], &x[(2 * oy + 1) * w..][..w]);
+            for ox in 0..wo {
+                let v = [r0[2 * ox], r0[2 * ox + 1], r1[2 * ox], r1[2 * ox + 1]];
+                y[oy * wo + ox] = v[window_argmax(v)];
             }
-        });
+        }
+    });
     y
 }
 
@@ -184,10 +188,11 @@ impl CustomOp1 for MaxPool2 {
 /// its window, read again from the input `x`.
 pub(crate) fn max_pool2_grad_values(x: &[f32], grad: &[f32], h: usize, w: usize) -> Vec<f32> {
     let (ho, wo) = (h / 2, w / 2);
-        let mut dx = vec![0f32; x.len()];
-        if ho * wo > 0 {
-            let min_planes = MIN_PIECE.div_ceil(h * w);
-            dx.par_chunks_mut(h * w).with_min_len(min_planes).enumerate().for_each(|(p, dx)| {
+    let mut dx = vec![0f32; x.len()];
+    if ho * wo > 0 {
+        let min_planes = MIN_PIECE.div_ceil(h * w);
+        dx.par_chunks_mut(h * w).with_min_len(min_planes).enumerate().for_each(|(p, dx)| {
+            vectorized(|| {
                 let (x, grad) = (&x[p * h * w..][..h * w], &grad[p * ho * wo..][..ho * wo]);
                 for oy in 0..ho {
                     let (i0, i1) = (2 * oy * w, (2 * oy + 1) * w);
@@ -197,8 +202,9 @@ pub(crate) fn max_pool2_grad_values(x: &[f32], grad: &[f32], h: usize, w: usize)
                         dx[at[best]] = grad[oy * wo + ox];
                     }
                 }
-            });
-        }
+            })
+        });
+    }
     dx
 }
 

@@ -21,6 +21,36 @@ pub mod norm;
 
 pub use conv2d::{conv2d, conv2d_bias, conv2d_candle, conv2d_grad_input, conv2d_grad_weight};
 
+/// Runs `f` compiled for AVX2 when the CPU has it (and as it is otherwise).
+///
+/// The workspace builds for the baseline x86-64 target (SSE2), so that its binaries run on any
+/// x86-64 machine; `gemm` picks its own kernels at run time, but the elementwise passes of our
+/// kernels (BatchNorm, ReLU, pooling, im2col, the SGD update) were left 4 lanes wide, and some
+/// not vectorized at all. `f` is inlined into a function compiled with AVX2 enabled. Results do
+/// not change: without fast-math flags the compiler keeps every floating-point operation and its
+/// order, whatever the vector width (sums over lanes are spelled out in the code).
+#[inline(always)]
+pub(crate) fn vectorized<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2")]
+        unsafe fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2, checked just above.
+            return unsafe { with_avx2(f) };
+        }
+    }
+    f()
+}
+
+/// `v` where `keep`, else +0.0, without a branch (so that the loops around it vectorize).
+#[inline(always)]
+pub(crate) fn kept_or_zero(keep: bool, v: f32) -> f32 {
+    f32::from_bits(v.to_bits() & (keep as u32).wrapping_neg())
+}
+
 /// The f32 values of a tensor in row-major order, copied only when the layout is strided.
 pub(crate) fn f32_data<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<Cow<'a, [f32]>> {
     let CpuStorage::F32(data) = s else { bail!("layerlab kernels work on f32 only, got {:?}", s.dtype()) };

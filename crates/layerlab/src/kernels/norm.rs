@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::f32_data;
+use super::{f32_data, kept_or_zero, vectorized};
 
 /// Whether the fused ops handle this activation tensor.
 pub fn applies(x: &Tensor) -> bool {
@@ -94,11 +94,13 @@ fn stats(x: &[f32], n: usize, c: usize, hw: usize) -> Vec<(f64, f64)> {
     (0..c)
         .into_par_iter()
         .map(|ch| {
-            let plane = |i: usize| &x[(i * c + ch) * hw..][..hw];
-            let mean = (0..n).map(|i| lane_sum(plane(i), |v| v) as f64).sum::<f64>() / count;
-            let m = mean as f32;
-            let var = (0..n).map(|i| lane_sum(plane(i), |v| (v - m) * (v - m)) as f64).sum::<f64>() / count;
-            (mean, var)
+            vectorized(|| {
+                let plane = |i: usize| &x[(i * c + ch) * hw..][..hw];
+                let mean = (0..n).map(|i| lane_sum(plane(i), |v| v) as f64).sum::<f64>() / count;
+                let m = mean as f32;
+                let var = (0..n).map(|i| lane_sum(plane(i), |v| (v - m) * (v - m)) as f64).sum::<f64>() / count;
+                (mean, var)
+            })
         })
         .collect()
 }
@@ -110,7 +112,10 @@ fn for_planes(dst: &mut [f32], c: usize, hw: usize, f: impl Fn(usize, usize, &mu
     }
     // Keep tasks at a few thousand values at least: late layers have 2×2 planes.
     let min_planes = 4096usize.div_ceil(hw.max(1));
-    dst.par_chunks_mut(hw.max(1)).with_min_len(min_planes).enumerate().for_each(|(p, d)| f(p / c, p % c, d));
+    dst.par_chunks_mut(hw.max(1))
+        .with_min_len(min_planes)
+        .enumerate()
+        .for_each(|(p, d)| vectorized(|| f(p / c, p % c, d)));
 }
 
 struct Stats;
@@ -270,29 +275,30 @@ pub(crate) fn train_backward(
     relu: bool,
 ) -> Vec<f32> {
     let dy = Cow::Borrowed(dy);
-        let count = (n * hw).max(1) as f64;
-        let st = &kept.stats;
-        // Through the ReLU first: the gradient passes where the output was positive, which the
-        // forward pass's own factors tell again from x.
-        let dy: Cow<[f32]> = if relu {
-            let (scale, shift) = (&kept.scale, &kept.shift);
-            let mut masked = vec![0f32; dy.len()];
-            for_planes(&mut masked, c, hw, |i, ch, m| {
-                let off = (i * c + ch) * hw;
-                let (x, dy) = (&x[off..off + hw], &dy[off..off + hw]);
-                let (a, b) = (scale[ch], shift[ch]);
-                for ((m, x), dy) in m.iter_mut().zip(x).zip(dy) {
-                    *m = if x * a + b > 0.0 { *dy } else { 0.0 };
-                }
-            });
-            Cow::Owned(masked)
-        } else {
-            dy
-        };
-        // Per channel: Σdy and Σdy·(x - mean), each plane in f32 lanes, planes summed in f64.
-        let sums: Vec<(f64, f64)> = (0..c)
-            .into_par_iter()
-            .map(|ch| {
+    let count = (n * hw).max(1) as f64;
+    let st = &kept.stats;
+    // Through the ReLU first: the gradient passes where the output was positive, which the
+    // forward pass's own factors tell again from x.
+    let dy: Cow<[f32]> = if relu {
+        let (scale, shift) = (&kept.scale, &kept.shift);
+        let mut masked = vec![0f32; dy.len()];
+        for_planes(&mut masked, c, hw, |i, ch, m| {
+            let off = (i * c + ch) * hw;
+            let (x, dy) = (&x[off..off + hw], &dy[off..off + hw]);
+            let (a, b) = (scale[ch], shift[ch]);
+            for ((m, x), dy) in m.iter_mut().zip(x).zip(dy) {
+                *m = kept_or_zero(x * a + b > 0.0, *dy);
+            }
+        });
+        Cow::Owned(masked)
+    } else {
+        dy
+    };
+    // Per channel: Σdy and Σdy·(x - mean), each plane in f32 lanes, planes summed in f64.
+    let sums: Vec<(f64, f64)> = (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            vectorized(|| {
                 let m = st[ch].0 as f32;
                 let (mut s_dy, mut s_dyx) = (0f64, 0f64);
                 for i in 0..n {
@@ -303,31 +309,32 @@ pub(crate) fn train_backward(
                 }
                 (s_dy, s_dyx)
             })
-            .collect();
-        // dx = a·dy + b·x + d with a = weight·inv_std,
-        // b = -a·inv_std²·Σdy(x - mean)/M and d = -a·Σdy/M - b·mean.
-        let mut out = vec![0f32; x.len() + 2 * c];
-        let mut coef = Vec::with_capacity(c);
-        for ch in 0..c {
-            let (mean, var) = st[ch];
-            let (s_dy, s_dyx) = sums[ch];
-            let inv_std = 1.0 / (var + eps).sqrt();
-            let a = weight[ch] as f64 * inv_std;
-            let b = -a * inv_std * inv_std * s_dyx / count;
-            let d = -a * s_dy / count - b * mean;
-            coef.push((a as f32, b as f32, d as f32));
-            out[x.len() + ch] = (s_dyx * inv_std) as f32;
-            out[x.len() + c + ch] = s_dy as f32;
+        })
+        .collect();
+    // dx = a·dy + b·x + d with a = weight·inv_std,
+    // b = -a·inv_std²·Σdy(x - mean)/M and d = -a·Σdy/M - b·mean.
+    let mut out = vec![0f32; x.len() + 2 * c];
+    let mut coef = Vec::with_capacity(c);
+    for ch in 0..c {
+        let (mean, var) = st[ch];
+        let (s_dy, s_dyx) = sums[ch];
+        let inv_std = 1.0 / (var + eps).sqrt();
+        let a = weight[ch] as f64 * inv_std;
+        let b = -a * inv_std * inv_std * s_dyx / count;
+        let d = -a * s_dy / count - b * mean;
+        coef.push((a as f32, b as f32, d as f32));
+        out[x.len() + ch] = (s_dyx * inv_std) as f32;
+        out[x.len() + c + ch] = s_dy as f32;
+    }
+    let (dx, _) = out.split_at_mut(x.len());
+    for_planes(dx, c, hw, |i, ch, dx| {
+        let off = (i * c + ch) * hw;
+        let (x, dy) = (&x[off..off + hw], &dy[off..off + hw]);
+        let (a, b, d) = coef[ch];
+        for ((dx, x), dy) in dx.iter_mut().zip(x).zip(dy) {
+            *dx = a * dy + b * x + d;
         }
-        let (dx, _) = out.split_at_mut(x.len());
-        for_planes(dx, c, hw, |i, ch, dx| {
-            let off = (i * c + ch) * hw;
-            let (x, dy) = (&x[off..off + hw], &dy[off..off + hw]);
-            let (a, b, d) = coef[ch];
-            for ((dx, x), dy) in dx.iter_mut().zip(x).zip(dy) {
-                *dx = a * dy + b * x + d;
-            }
-        });
+    });
     out
 }
 
