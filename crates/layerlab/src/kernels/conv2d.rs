@@ -314,6 +314,8 @@ impl CustomOp2 for Conv2dGradWeight {
 struct Scratch {
     cols: Vec<f32>,
     mat: Vec<f32>,
+    /// The column matrix transposed, [positions, c·k·k], for the weight gradient.
+    cols_t: Vec<f32>,
 }
 
 thread_local! {
@@ -335,6 +337,28 @@ fn resized(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
     &mut v[..len]
 }
 
+/// `dst` [cols, rows] = `src` [rows, cols]ᵀ, in square tiles so that both sides are read and
+/// written a cache line at a time.
+///
+/// `gemm` packs its operands into panels and reads a transposed operand one value per cache
+/// line: for the column matrix of a 32×32 layer (a row is 4 KiB) that gather cost more than the
+/// product. A tiled transpose first, then a product of row-major operands, is faster.
+fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+    const TILE: usize = 16;
+    super::vectorized(|| {
+        for r0 in (0..rows).step_by(TILE) {
+            for c0 in (0..cols).step_by(TILE) {
+                for r in r0..(r0 + TILE).min(rows) {
+                    let row = &src[r * cols..][..cols];
+                    for c in c0..(c0 + TILE).min(cols) {
+                        dst[c * rows + r] = row[c];
+                    }
+                }
+            }
+        }
+    })
+}
+
 /// The convolution of `x` [n, c, h, w] with `weight` [o, c, k, k] (plus `bias` [o]): [n, o, ho, wo].
 pub(crate) fn forward(g: &Geom, x: &[f32], weight: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
     let mut y = vec![0f32; g.n * g.image_out()];
@@ -342,6 +366,10 @@ pub(crate) fn forward(g: &Geom, x: &[f32], weight: &[f32], bias: Option<&[f32]>)
         return y;
     }
     let (ckk, hwo, b) = (g.ckk(), g.hw_out(), g.chunk_images());
+    // The weight as [c·k·k, o], so that gemm reads it along the rows it packs.
+    let mut weight_t = vec![0f32; weight.len()];
+    transpose(weight, g.o, ckk, &mut weight_t);
+    let weight_t = &weight_t;
     y.par_chunks_mut(b * g.image_out()).enumerate().for_each(|(i, y)| {
         with_scratch(|s| {
             let images = y.len() / g.image_out();
@@ -350,7 +378,7 @@ pub(crate) fn forward(g: &Geom, x: &[f32], weight: &[f32], bias: Option<&[f32]>)
             let cols = resized(&mut s.cols, ckk * nc);
             im2col(g, x, images, cols);
             if images == 1 {
-                matmul(g.o, nc, ckk, y, nc, false, weight, (ckk, 1), cols, (nc, 1));
+                matmul(g.o, nc, ckk, y, nc, false, weight_t, (1, g.o), cols, (nc, 1));
                 if let Some(bias) = bias {
                     for (y, b) in y.chunks_exact_mut(hwo).zip(bias) {
                         y.iter_mut().for_each(|y| *y += b);
@@ -358,7 +386,7 @@ pub(crate) fn forward(g: &Geom, x: &[f32], weight: &[f32], bias: Option<&[f32]>)
                 }
             } else {
                 let tmp = resized(&mut s.mat, g.o * nc);
-                matmul(g.o, nc, ckk, tmp, nc, false, weight, (ckk, 1), cols, (nc, 1));
+                matmul(g.o, nc, ckk, tmp, nc, false, weight_t, (1, g.o), cols, (nc, 1));
                 // tmp is [o, image, position]; y is [image, o, position].
                 for (im, y) in y.chunks_exact_mut(g.image_out()).enumerate() {
                     for (oc, y) in y.chunks_exact_mut(hwo).enumerate() {
@@ -426,12 +454,12 @@ pub(crate) fn grad_weight(g: &Geom, x: &[f32], grad: &[f32]) -> Vec<f32> {
                     let images = r.len();
                     let nc = images * g.hw_out();
                     let x = &x[r.start * g.image_in()..r.end * g.image_in()];
-                    let cols = resized(&mut s.cols, ckk * nc);
-                    im2col(g, x, images, cols);
+                    let cols_t = resized(&mut s.cols_t, ckk * nc);
+                    im2col_t(g, x, images, &mut s.cols, cols_t);
                     let grad = &grad[r.start * g.image_out()..r.end * g.image_out()];
                     let gm = gather_grad(g, grad, images, &mut s.mat);
-                    // dw += grad · colsᵀ: the columns read as [nc, ckk].
-                    matmul(g.o, ckk, nc, &mut dw, ckk, j > 0, gm, (nc, 1), &s.cols[..ckk * nc], (1, nc));
+                    // dw += grad · colsᵀ, the transposed columns [nc, ckk] read row by row.
+                    matmul(g.o, ckk, nc, &mut dw, ckk, j > 0, gm, (nc, 1), &s.cols_t[..ckk * nc], (ckk, 1));
                 }
                 dw
             })
@@ -481,6 +509,60 @@ fn zero_outside(g: &Geom, out: &mut [f32], span: &Range<usize>, (ox_lo, ox_hi): 
             out[oy * g.wo + col] = 0.0;
         }
     }
+}
+
+/// [`im2col`] transposed: `cols_t` [images·ho·wo, c·k·k], one row per output position, written
+/// directly (a transpose of the column matrix after the fact cost more than the product: on a
+/// 32×32 layer the column matrix is nine times the input). Each input plane is first copied into
+/// `padded` with its zero border, so every tap is a plain read.
+fn im2col_t(g: &Geom, x: &[f32], images: usize, padded: &mut Vec<f32>, cols_t: &mut [f32]) {
+    super::vectorized(|| {
+        let (hp, wp, kk, ckk) = (g.h + 2 * g.pad, g.w + 2 * g.pad, g.k * g.k, g.ckk());
+        let plane = resized(padded, hp * wp);
+        plane.fill(0.0);
+        for im in 0..images {
+            for ci in 0..g.c {
+                let src = &x[(im * g.c + ci) * g.h * g.w..][..g.h * g.w];
+                for (row, src) in plane.chunks_exact_mut(wp).skip(g.pad).zip(src.chunks_exact(g.w)) {
+                    row[g.pad..g.pad + g.w].copy_from_slice(src);
+                }
+                let rows_of = |oy: usize, ki: usize| &plane[(oy * g.stride + ki) * wp..][..wp];
+                if g.k == 3 {
+                    // Nine explicit reads per position: short copies would each be a call.
+                    for oy in 0..g.ho {
+                        let (r0, r1, r2) = (rows_of(oy, 0), rows_of(oy, 1), rows_of(oy, 2));
+                        for ox in 0..g.wo {
+                            let p = im * g.hw_out() + oy * g.wo + ox;
+                            let out = &mut cols_t[p * ckk + ci * 9..][..9];
+                            let x0 = ox * g.stride;
+                            out[0] = r0[x0];
+                            out[1] = r0[x0 + 1];
+                            out[2] = r0[x0 + 2];
+                            out[3] = r1[x0];
+                            out[4] = r1[x0 + 1];
+                            out[5] = r1[x0 + 2];
+                            out[6] = r2[x0];
+                            out[7] = r2[x0 + 1];
+                            out[8] = r2[x0 + 2];
+                        }
+                    }
+                    continue;
+                }
+                for oy in 0..g.ho {
+                    for ox in 0..g.wo {
+                        let p = im * g.hw_out() + oy * g.wo + ox;
+                        let out = &mut cols_t[p * ckk + ci * kk..][..kk];
+                        for ki in 0..g.k {
+                            let row = rows_of(oy, ki);
+                            for kj in 0..g.k {
+                                out[ki * g.k + kj] = row[ox * g.stride + kj];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    })
 }
 
 /// Input planes up to this many values are unfolded through a lookup table (see [`tap_table`]).
