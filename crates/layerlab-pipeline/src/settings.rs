@@ -129,10 +129,12 @@ named_enum! {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ComputePath {
-    /// Forward, backward and SGD on f32 buffers with `gemm` (`crates/layerlab/src/mlp.rs`).
+    /// Forward, backward and SGD on f32 buffers with layerlab's own kernels, without candle's
+    /// autograd (`crates/layerlab/src/mlp.rs` for fully connected networks, `cnn.rs` for
+    /// convolutional ones; on the CPU).
     #[default]
     Fast,
-    /// candle's autograd, like every other network.
+    /// candle's autograd (with layerlab's kernels inside it), to cross-check the fast paths.
     Autograd,
 }
 
