@@ -16,6 +16,7 @@
 //! results do not depend on the thread count (`tests::results_do_not_depend_on_the_thread_count`).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
@@ -33,8 +34,10 @@ use layerlab_pipeline::TrainConfig;
 const VALUES_PER_TASK: usize = 1 << 14;
 
 /// Activations of a batch: values and their [n, c, h, w] shape (a flat vector is [n, f, 1, 1]).
+/// The values are shared, not copied, between the layer that reads them, the tape that keeps them
+/// for the backward pass and a residual block's two branches.
 struct Act {
-    values: Vec<f32>,
+    values: Arc<Vec<f32>>,
     dims: [usize; 4],
     /// Whether the values depend on a trained tensor (the input images do not: the first
     /// convolution's input gradient is never computed).
@@ -48,10 +51,10 @@ enum Saved {
     Linear { name: String, x: Act },
     Conv { name: String, geom: Geom, bias: bool, x: Act },
     BatchNorm { name: String, relu: bool, x: Act, kept: norm::Kept },
-    Relu { y: Vec<f32> },
+    Relu { y: Arc<Vec<f32>> },
     MaxPool2 { x: Act },
     GlobalAvgPool { dims: [usize; 4] },
-    Residual { main: Vec<Saved>, shortcut: Vec<Saved>, y: Vec<f32> },
+    Residual { main: Vec<Saved>, shortcut: Vec<Saved>, y: Arc<Vec<f32>> },
 }
 
 /// One trained tensor: its values, momentum buffer and last gradient.
@@ -161,7 +164,7 @@ impl CnnTrainer {
         let layers = self.arch.layers.clone();
         let mut tape = Vec::new();
         let mut stats = Vec::new();
-        let input = Act { values: x, dims, needs_grad: false };
+        let input = Act { values: Arc::new(x), dims, needs_grad: false };
         let logits = self.forward(&layers, input, &mut tape, &mut stats)?;
         let classes = logits.dims[1] * logits.dims[2] * logits.dims[3];
         let mut grad = vec![0f32; logits.values.len()];
@@ -215,7 +218,7 @@ impl CnnTrainer {
                         }
                     }
                     tape.push(Saved::Pad { pad: *pad, dims: x.dims });
-                    Act { values: out, dims: [n, c, hp, wp], needs_grad: x.needs_grad }
+                    Act { values: Arc::new(out), dims: [n, c, hp, wp], needs_grad: x.needs_grad }
                 }
                 Layer::Flatten => {
                     tape.push(Saved::Flatten);
@@ -231,7 +234,7 @@ impl CnnTrainer {
                     let mut out: Vec<f32> = (0..n).flat_map(|_| bias.iter().copied()).collect();
                     // out [n, outputs] += x [n, inputs] · weightᵀ [inputs, outputs]
                     matmul(n, outputs, inputs, &mut out, outputs, true, &x.values, (inputs, 1), weight, (1, inputs));
-                    let y = Act { values: out, dims: [n, outputs, 1, 1], needs_grad: true };
+                    let y = Act { values: Arc::new(out), dims: [n, outputs, 1, 1], needs_grad: true };
                     tape.push(Saved::Linear { name: name.clone(), x });
                     y
                 }
@@ -242,7 +245,7 @@ impl CnnTrainer {
                     let geom = Geom::new(&x.dims, shape, *padding, *stride)?;
                     let b = if *bias { Some(self.value(&format!("{name}.bias"))?) } else { None };
                     let out = conv2d::forward(&geom, &x.values, weight, b);
-                    let y = Act { values: out, dims: [n, geom.o, geom.ho, geom.wo], needs_grad: true };
+                    let y = Act { values: Arc::new(out), dims: [n, geom.o, geom.ho, geom.wo], needs_grad: true };
                     tape.push(Saved::Conv { name: name.clone(), geom, bias: *bias, x });
                     y
                 }
@@ -254,7 +257,7 @@ impl CnnTrainer {
                     let mean = kept.stats.iter().map(|s| s.0 as f32).collect();
                     let var = kept.stats.iter().map(|s| s.1 as f32).collect();
                     stats.push((name.clone(), mean, var, n * h * w));
-                    let y = Act { values: out, dims: x.dims, needs_grad: true };
+                    let y = Act { values: Arc::new(out), dims: x.dims, needs_grad: true };
                     tape.push(Saved::BatchNorm { name: name.clone(), relu, x, kept });
                     if relu {
                         i += 1;
@@ -262,13 +265,13 @@ impl CnnTrainer {
                     y
                 }
                 Layer::Relu => {
-                    let out = layers::relu_values(&x.values);
+                    let out = Arc::new(layers::relu_values(&x.values));
                     tape.push(Saved::Relu { y: out.clone() });
                     Act { values: out, dims: x.dims, needs_grad: x.needs_grad }
                 }
                 Layer::MaxPool2 => {
                     let out = layers::max_pool2_values(&x.values, n * c, h, w);
-                    let y = Act { values: out, dims: [n, c, h / 2, w / 2], needs_grad: x.needs_grad };
+                    let y = Act { values: Arc::new(out), dims: [n, c, h / 2, w / 2], needs_grad: x.needs_grad };
                     tape.push(Saved::MaxPool2 { x });
                     y
                 }
@@ -276,7 +279,7 @@ impl CnnTrainer {
                     let hw = h * w;
                     let out = x.values.chunks_exact(hw).map(|p| p.iter().sum::<f32>() / hw as f32).collect();
                     tape.push(Saved::GlobalAvgPool { dims: x.dims });
-                    Act { values: out, dims: [n, c, 1, 1], needs_grad: x.needs_grad }
+                    Act { values: Arc::new(out), dims: [n, c, 1, 1], needs_grad: x.needs_grad }
                 }
                 Layer::Residual { main, shortcut } => {
                     let copy = Act { values: x.values.clone(), dims: x.dims, needs_grad: x.needs_grad };
@@ -286,12 +289,14 @@ impl CnnTrainer {
                     if m.dims != s.dims {
                         bail!("a residual block's branches disagree: {:?} and {:?}", m.dims, s.dims);
                     }
-                    let mut out = m.values;
+                    // The main branch's output is this block's alone: summed in place.
+                    let mut out = Arc::try_unwrap(m.values).unwrap_or_else(|shared| (*shared).clone());
                     out.par_chunks_mut(VALUES_PER_TASK).zip(s.values.par_chunks(VALUES_PER_TASK)).for_each(|(o, s)| {
                         for (o, s) in o.iter_mut().zip(s) {
                             *o = (*o + s).max(0.0);
                         }
                     });
+                    let out = Arc::new(out);
                     tape.push(Saved::Residual { main: main_tape, shortcut: short_tape, y: out.clone() });
                     Act { values: out, dims: m.dims, needs_grad: true }
                 }
