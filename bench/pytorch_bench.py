@@ -244,20 +244,27 @@ def timed_repeats(fn, warmup, repeats):
     return statistics.median(times)
 
 
-def cnn(args):
+def bench_network(vgg):
+    """The benchmarked network (VGG-11-BN or ResNet-18 at width 0.25) and its label."""
     torch.manual_seed(0)
-    if args.workload.startswith("vgg"):
-        model = VGG([64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"], 0.25)
-        name = "vgg11-bn-w0.25"
-    else:
-        model = ResNet([2, 2, 2, 2], 0.25)
-        name = "resnet18-w0.25"
+    if vgg:
+        return VGG([64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"], 0.25), "vgg11-bn-w0.25"
+    return ResNet([2, 2, 2, 2], 0.25), "resnet18-w0.25"
+
+
+def training_batch(model, gen, bs=128):
+    """A batch of random 32×32×3 images and labels, and the optimizer of the training steps."""
+    x = torch.rand(bs, 3, 32, 32, generator=gen)
+    y = torch.randint(0, 10, (bs,), generator=gen)
+    return x, y, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+
+
+def cnn(args):
+    model, name = bench_network(args.workload.startswith("vgg"))
     fwd_flops, train_flops = conv_flops(model)
     gen = torch.Generator().manual_seed(1)
     bs = 128
-    x = torch.rand(bs, 3, 32, 32, generator=gen)
-    y = torch.randint(0, 10, (bs,), generator=gen)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    x, y, opt = training_batch(model, gen, bs)
 
     def train_steps():
         model.train()
@@ -301,11 +308,7 @@ def profile(args):
     """Milliseconds of each convolution's forward pass, input gradient and weight gradient at
     batch 128, each timed alone (median of repeats), then of a whole training step: the per-layer
     table of docs/performance.md, PyTorch's side (`layerlab-bench profile` prints layerlab's)."""
-    torch.manual_seed(0)
-    if args.arch == "vgg11":
-        model = VGG([64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"], 0.25)
-    else:
-        model = ResNet([2, 2, 2, 2], 0.25)
+    model, _ = bench_network(args.arch == "vgg11")
     gen = torch.Generator().manual_seed(1)
     for name, conv, shape in conv_layers(model):
         x = torch.rand(shape, generator=gen)
@@ -322,10 +325,7 @@ def profile(args):
             ms = 1e3 * timed_repeats(fn, 2, args.repeats * 4)
             print(json.dumps({"layer": name, "shape": list(shape), "out_channels": conv.out_channels,
                               "pass": pass_name, "ms": ms}), flush=True)
-    bs = 128
-    x = torch.rand(bs, 3, 32, 32, generator=gen)
-    y = torch.randint(0, 10, (bs,), generator=gen)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    x, y, opt = training_batch(model, gen)
 
     def step():
         model.train()
