@@ -30,8 +30,9 @@ pub fn batch_tensors(split: &Split, indices: &[usize], device: &Device) -> Resul
     Ok((x, y))
 }
 
-/// The fully connected fast path's plan, when it applies (see [`crate::mlp`]): the one place where
-/// training, evaluation and the reset grid choose their compute path.
+/// The fully connected fast path's plan, when it applies (see [`crate::mlp`]): where training,
+/// evaluation and the reset grid choose their compute path (with [`cnn_fast`] for training
+/// convolutional networks).
 pub fn fast_plan(arch: &Architecture, device: &Device, path: ComputePath) -> Option<MlpPlan> {
     if device.is_cpu() && path == ComputePath::Fast {
         MlpPlan::of(arch)

@@ -169,8 +169,9 @@ impl Optimizer {
     }
 }
 
-/// How training steps are computed: the fast path for fully connected networks (see [`crate::mlp`]),
-/// or candle autograd for every other network (and for every network with `train.compute = "autograd"`).
+/// How training steps are computed: the fast path for fully connected networks (see
+/// [`crate::mlp`]), the fast path for convolutional networks on the CPU (see [`crate::cnn`]), or
+/// candle autograd (other devices, and every network with `train.compute = "autograd"`).
 pub enum Engine {
     Autograd(Optimizer),
     Mlp { trainer: MlpTrainer, inputs: Vec<f32> },
