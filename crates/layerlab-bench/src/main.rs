@@ -311,13 +311,13 @@ fn profile(arch_name: &str, width_mult: f64, batch: usize, repeats: usize) -> Re
         let y = conv2d(&x, &weight, l.padding, l.stride)?;
         let grad = random(y.dims())?;
         let k = l.weight[2];
-        let passes: [(&str, Box<dyn Fn() -> Result<Tensor>>); 3] = [
-            ("forward", Box::new(|| conv2d(&x, &weight, l.padding, l.stride))),
-            ("input grad", Box::new(|| conv2d_grad_input(&grad, &weight, l.padding, l.stride, (h, w)))),
-            ("weight grad", Box::new(|| conv2d_grad_weight(&x, &grad, l.padding, l.stride, k))),
-        ];
-        for (pass, f) in passes {
-            let ms = 1e3 * timed(repeats * 4, || f().map(drop))?;
+        for pass in ["forward", "input grad", "weight grad"] {
+            let run = || match pass {
+                "forward" => conv2d(&x, &weight, l.padding, l.stride),
+                "input grad" => conv2d_grad_input(&grad, &weight, l.padding, l.stride, (h, w)),
+                _ => conv2d_grad_weight(&x, &grad, l.padding, l.stride, k),
+            };
+            let ms = 1e3 * timed(repeats * 4, || run().map(drop))?;
             println!(
                 "{}",
                 json!({"layer": l.name, "shape": [batch, c, h, w], "out_channels": l.weight[0], "pass": pass, "ms": ms})
