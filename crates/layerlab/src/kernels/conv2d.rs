@@ -340,9 +340,10 @@ fn resized(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
 /// `dst` [cols, rows] = `src` [rows, cols]ᵀ, in square tiles so that both sides are read and
 /// written a cache line at a time.
 ///
-/// `gemm` packs its operands into panels and reads a transposed operand one value per cache
-/// line: for the column matrix of a 32×32 layer (a row is 4 KiB) that gather cost more than the
-/// product. A tiled transpose first, then a product of row-major operands, is faster.
+/// Used for the weight of the forward pass, once per call: `gemm` packs its operands into panels
+/// and then reads the weight along its columns instead of one value per row. For the much larger
+/// column matrix a transpose after the fact was measured slower than building it transposed
+/// ([`im2col_t`]).
 fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
     const TILE: usize = 16;
     super::vectorized(|| {
