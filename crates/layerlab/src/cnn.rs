@@ -161,11 +161,10 @@ impl CnnTrainer {
         if x.len() != dims.iter().product::<usize>() || labels.len() != dims[0] {
             bail!("a batch of {} labels and {} values does not fit the shape {dims:?}", labels.len(), x.len());
         }
-        let layers = self.arch.layers.clone();
         let mut tape = Vec::new();
         let mut stats = Vec::new();
         let input = Act { values: Arc::new(x), dims, needs_grad: false };
-        let logits = self.forward(&layers, input, &mut tape, &mut stats)?;
+        let logits = self.forward(&self.arch.layers, input, &mut tape, &mut stats)?;
         let classes = logits.dims[1] * logits.dims[2] * logits.dims[3];
         let mut grad = vec![0f32; logits.values.len()];
         let (loss, errors) = cross_entropy(&logits.values, labels, classes, Some(&mut grad));
@@ -426,8 +425,7 @@ impl CnnTrainer {
     fn update(&mut self, lr: f64, cfg: &TrainConfig) {
         let sgd = Sgd::of(cfg);
         for p in self.params.values_mut() {
-            let tasks = p.value.par_chunks_mut(VALUES_PER_TASK).zip(p.momentum.par_chunks_mut(VALUES_PER_TASK));
-            tasks.zip(p.grad.par_chunks(VALUES_PER_TASK)).for_each(|((p, m), g)| sgd.update_slices(lr, p, m, g));
+            sgd.update_in_pieces(lr, &mut p.value, &mut p.momentum, &p.grad);
         }
     }
 }

@@ -365,10 +365,8 @@ impl MlpTrainer {
     fn update(&mut self, lr: f64, cfg: &TrainConfig) {
         let sgd = Sgd::of(cfg);
         for ((p, m), g) in self.params.iter_mut().zip(&mut self.momentum).zip(&self.grads) {
-            for (p, (m, g)) in [(&mut p.weight, (&mut m.weight, &g.weight)), (&mut p.bias, (&mut m.bias, &g.bias))] {
-                let tasks = p.par_chunks_mut(VALUES_PER_TASK).zip(m.par_chunks_mut(VALUES_PER_TASK));
-                tasks.zip(g.par_chunks(VALUES_PER_TASK)).for_each(|((p, m), g)| sgd.update_slices(lr, p, m, g));
-            }
+            sgd.update_in_pieces(lr, &mut p.weight, &mut m.weight, &g.weight);
+            sgd.update_in_pieces(lr, &mut p.bias, &mut m.bias, &g.bias);
         }
     }
 }

@@ -38,6 +38,15 @@ impl Sgd {
         })
     }
 
+    /// [`Sgd::update_slices`] over whole buffers, in fixed pieces run on rayon's threads (each
+    /// value's update is independent, so the result does not depend on the thread count).
+    pub fn update_in_pieces(&self, lr: f64, p: &mut [f32], m: &mut [f32], g: &[f32]) {
+        use rayon::prelude::*;
+        const VALUES_PER_TASK: usize = 1 << 14;
+        let tasks = p.par_chunks_mut(VALUES_PER_TASK).zip(m.par_chunks_mut(VALUES_PER_TASK));
+        tasks.zip(g.par_chunks(VALUES_PER_TASK)).for_each(|((p, m), g)| self.update_slices(lr, p, m, g));
+    }
+
     /// One update on tensors: the new parameters and the new momentum buffer, both detached
     /// (or every step would keep the whole history of updates alive).
     pub fn update_tensors(&self, lr: f64, p: &Tensor, m: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor)> {
