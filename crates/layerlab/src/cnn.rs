@@ -57,6 +57,21 @@ enum Saved {
     Residual { main: Vec<Saved>, shortcut: Vec<Saved>, y: Arc<Vec<f32>> },
 }
 
+/// A BatchNorm's batch statistics: its name, the batch mean and biased batch variance per
+/// channel, and the number of values each was taken over.
+type BatchStats = (String, Vec<f32>, Vec<f32>, usize);
+
+/// The tensors a forward pass reads, by state_dict name.
+trait Weights {
+    fn tensor(&self, name: &str) -> Result<&[f32]>;
+}
+
+impl Weights for BTreeMap<String, Vec<f32>> {
+    fn tensor(&self, name: &str) -> Result<&[f32]> {
+        self.get(name).map(Vec::as_slice).with_context(|| format!("tensor '{name}' is missing"))
+    }
+}
+
 /// One trained tensor: its values, momentum buffer and last gradient.
 struct Param {
     shape: Vec<usize>,
@@ -164,7 +179,7 @@ impl CnnTrainer {
         let mut tape = Vec::new();
         let mut stats = Vec::new();
         let input = Act { values: Arc::new(x), dims, needs_grad: false };
-        let logits = self.forward(&self.arch.layers, input, &mut tape, &mut stats)?;
+        let logits = forward(&self.arch, &self.arch.layers, self, input, Some(&mut tape), Some(&mut stats))?;
         let classes = logits.dims[1] * logits.dims[2] * logits.dims[3];
         let mut grad = vec![0f32; logits.values.len()];
         let (loss, errors) = cross_entropy(&logits.values, labels, classes, Some(&mut grad));
@@ -193,116 +208,6 @@ impl CnnTrainer {
             }
         }
         Ok(())
-    }
-
-    /// Runs `layers` on `x` in training mode, recording onto `tape` what the backward pass needs
-    /// and into `stats` each BatchNorm's (name, batch mean, biased batch variance, count).
-    fn forward(
-        &self,
-        layers: &[Layer],
-        mut x: Act,
-        tape: &mut Vec<Saved>,
-        stats: &mut Vec<(String, Vec<f32>, Vec<f32>, usize)>,
-    ) -> Result<Act> {
-        let mut i = 0;
-        while i < layers.len() {
-            let [n, c, h, w] = x.dims;
-            x = match &layers[i] {
-                Layer::Pad(pad) => {
-                    let (hp, wp) = (h + 2 * pad, w + 2 * pad);
-                    let mut out = vec![0f32; n * c * hp * wp];
-                    for (plane, src) in out.chunks_exact_mut(hp * wp).zip(x.values.chunks_exact(h * w)) {
-                        for (row, src) in plane.chunks_exact_mut(wp).skip(*pad).zip(src.chunks_exact(w)) {
-                            row[*pad..*pad + w].copy_from_slice(src);
-                        }
-                    }
-                    tape.push(Saved::Pad { pad: *pad, dims: x.dims });
-                    Act { values: Arc::new(out), dims: [n, c, hp, wp], needs_grad: x.needs_grad }
-                }
-                Layer::Flatten => {
-                    tape.push(Saved::Flatten);
-                    Act { values: x.values, dims: [n, c * h * w, 1, 1], needs_grad: x.needs_grad }
-                }
-                Layer::Linear { name } => {
-                    let weight = self.value(&format!("{name}.weight"))?;
-                    let bias = self.value(&format!("{name}.bias"))?;
-                    let (inputs, outputs) = (c * h * w, bias.len());
-                    if weight.len() != inputs * outputs {
-                        bail!("{name}: {inputs} inputs do not fit its weight of {} values", weight.len());
-                    }
-                    let mut out: Vec<f32> = (0..n).flat_map(|_| bias.iter().copied()).collect();
-                    // out [n, outputs] += x [n, inputs] · weightᵀ [inputs, outputs]
-                    matmul(n, outputs, inputs, &mut out, outputs, true, &x.values, (inputs, 1), weight, (1, inputs));
-                    let y = Act { values: Arc::new(out), dims: [n, outputs, 1, 1], needs_grad: true };
-                    tape.push(Saved::Linear { name: name.clone(), x });
-                    y
-                }
-                Layer::Conv { name, stride, padding, bias } => {
-                    let weight_name = format!("{name}.weight");
-                    let weight = self.value(&weight_name)?;
-                    let shape = &self.params.get(&weight_name).context("conv weight")?.shape;
-                    let geom = Geom::new(&x.dims, shape, *padding, *stride)?;
-                    let b = if *bias { Some(self.value(&format!("{name}.bias"))?) } else { None };
-                    let out = conv2d::forward(&geom, &x.values, weight, b);
-                    let y = Act { values: Arc::new(out), dims: [n, geom.o, geom.ho, geom.wo], needs_grad: true };
-                    tape.push(Saved::Conv { name: name.clone(), geom, bias: *bias, x });
-                    y
-                }
-                Layer::BatchNorm { name } => {
-                    let relu = matches!(layers.get(i + 1), Some(Layer::Relu));
-                    let weight = self.value(&format!("{name}.weight"))?;
-                    let bias = self.value(&format!("{name}.bias"))?;
-                    let (out, kept) = norm::train_forward(&x.values, (n, c, h * w), weight, bias, BN_EPS, relu);
-                    let mean = kept.stats.iter().map(|s| s.0 as f32).collect();
-                    let var = kept.stats.iter().map(|s| s.1 as f32).collect();
-                    stats.push((name.clone(), mean, var, n * h * w));
-                    let y = Act { values: Arc::new(out), dims: x.dims, needs_grad: true };
-                    tape.push(Saved::BatchNorm { name: name.clone(), relu, x, kept });
-                    if relu {
-                        i += 1;
-                    }
-                    y
-                }
-                Layer::Relu => {
-                    let out = Arc::new(layers::relu_values(&x.values));
-                    tape.push(Saved::Relu { y: out.clone() });
-                    Act { values: out, dims: x.dims, needs_grad: x.needs_grad }
-                }
-                Layer::MaxPool2 => {
-                    let out = layers::max_pool2_values(&x.values, n * c, h, w);
-                    let y = Act { values: Arc::new(out), dims: [n, c, h / 2, w / 2], needs_grad: x.needs_grad };
-                    tape.push(Saved::MaxPool2 { x });
-                    y
-                }
-                Layer::GlobalAvgPool => {
-                    let hw = h * w;
-                    let out = x.values.chunks_exact(hw).map(|p| p.iter().sum::<f32>() / hw as f32).collect();
-                    tape.push(Saved::GlobalAvgPool { dims: x.dims });
-                    Act { values: Arc::new(out), dims: [n, c, 1, 1], needs_grad: x.needs_grad }
-                }
-                Layer::Residual { main, shortcut } => {
-                    let copy = Act { values: x.values.clone(), dims: x.dims, needs_grad: x.needs_grad };
-                    let (mut main_tape, mut short_tape) = (Vec::new(), Vec::new());
-                    let m = self.forward(main, copy, &mut main_tape, stats)?;
-                    let s = self.forward(shortcut, x, &mut short_tape, stats)?;
-                    if m.dims != s.dims {
-                        bail!("a residual block's branches disagree: {:?} and {:?}", m.dims, s.dims);
-                    }
-                    // The main branch's output is this block's alone: summed in place.
-                    let mut out = Arc::try_unwrap(m.values).unwrap_or_else(|shared| (*shared).clone());
-                    out.par_chunks_mut(VALUES_PER_TASK).zip(s.values.par_chunks(VALUES_PER_TASK)).for_each(|(o, s)| {
-                        for (o, s) in o.iter_mut().zip(s) {
-                            *o = (*o + s).max(0.0);
-                        }
-                    });
-                    let out = Arc::new(out);
-                    tape.push(Saved::Residual { main: main_tape, shortcut: short_tape, y: out.clone() });
-                    Act { values: out, dims: m.dims, needs_grad: true }
-                }
-            };
-            i += 1;
-        }
-        Ok(x)
     }
 
     /// Runs `tape` backwards from the gradient `dy` of its output; fills the gradients of the
@@ -427,6 +332,242 @@ impl CnnTrainer {
         for p in self.params.values_mut() {
             sgd.update_in_pieces(lr, &mut p.value, &mut p.momentum, &p.grad);
         }
+    }
+}
+
+impl Weights for CnnTrainer {
+    fn tensor(&self, name: &str) -> Result<&[f32]> {
+        self.value(name)
+    }
+}
+
+/// A convolutional network in evaluation mode on f32 buffers with layerlab's kernels: the
+/// forward pass of [`CnnTrainer`] without its tape. Evaluation, the reset grid's prefix reuse
+/// and BatchNorm recalibration run on it (chosen in [`crate::eval::cnn_fast`]), so that they
+/// make no candle tensor per layer.
+pub struct CnnForward<'a> {
+    arch: &'a Architecture,
+    weights: BTreeMap<String, Vec<f32>>,
+}
+
+/// A batch of activations between top-level layers (for prefix reuse).
+#[derive(Clone)]
+pub struct Activations {
+    values: Arc<Vec<f32>>,
+    dims: [usize; 4],
+}
+
+impl Activations {
+    /// Input images [n, c, h, w] (f32, already scaled).
+    pub fn input(x: Vec<f32>, dims: [usize; 4]) -> Result<Activations> {
+        if x.len() != dims.iter().product::<usize>() {
+            bail!("{} input values do not fit the shape {dims:?}", x.len());
+        }
+        Ok(Activations { values: Arc::new(x), dims })
+    }
+
+    pub fn values(&self) -> &[f32] {
+        &self.values
+    }
+}
+
+impl<'a> CnnForward<'a> {
+    pub fn new(arch: &'a Architecture, state: &State) -> Result<CnnForward<'a>> {
+        let mut weights = BTreeMap::new();
+        for (_, spec) in arch.tensor_specs() {
+            let t = state.get(&spec.name).with_context(|| format!("the weights lack {}", spec.name))?;
+            let v = values(t, &spec.name)?;
+            if v.len() != spec.shape.iter().product::<usize>() {
+                bail!("{} has {} values, expected shape {:?}", spec.name, v.len(), spec.shape);
+            }
+            weights.insert(spec.name.clone(), v);
+        }
+        Ok(CnnForward { arch, weights })
+    }
+
+    /// Top-level layers `from..to` on `x` (the activations at layer `from`).
+    pub fn run(&self, x: &Activations, from: usize, to: usize) -> Result<Activations> {
+        let input = Act { values: x.values.clone(), dims: x.dims, needs_grad: false };
+        let y = forward(self.arch, &self.arch.layers[from..to], &self.weights, input, None, None)?;
+        Ok(Activations { values: y.values, dims: y.dims })
+    }
+
+    /// Mean cross-entropy and wrong predictions of the layers from `from` on `x`.
+    pub fn loss_and_errors_from(&self, x: &Activations, labels: &[u32], from: usize) -> Result<(f64, usize)> {
+        let logits = self.run(x, from, self.arch.layers.len())?;
+        let [n, c, h, w] = logits.dims;
+        if n != labels.len() {
+            bail!("{} labels for a batch of {n}", labels.len());
+        }
+        Ok(cross_entropy(&logits.values, labels, c * h * w, None))
+    }
+
+    /// Recomputes the running statistics of every BatchNorm in layers `from..` as the mean over
+    /// `batches` (the activations at layer `from`) of each batch's mean and unbiased variance
+    /// (PyTorch's `momentum=None`), computed as `reset.rs`'s candle path does; returns the new
+    /// statistics by state_dict name.
+    pub fn recalibrate(&mut self, batches: &[Activations], from: usize) -> Result<Vec<(String, Vec<f32>)>> {
+        let mut sums: BTreeMap<String, Vec<f32>> = BTreeMap::new();
+        for x in batches {
+            let mut stats = Vec::new();
+            let input = Act { values: x.values.clone(), dims: x.dims, needs_grad: false };
+            forward(self.arch, &self.arch.layers[from..], &self.weights, input, None, Some(&mut stats))?;
+            for (name, mean, var, count) in stats {
+                let unbiased = (count as f64 / (count as f64 - 1.0).max(1.0)) as f32;
+                let var = var.iter().map(|v| v * unbiased).collect();
+                for (suffix, batch) in [("running_mean", mean), ("running_var", var)] {
+                    match sums.entry(format!("{name}.{suffix}")) {
+                        std::collections::btree_map::Entry::Vacant(e) => {
+                            e.insert(batch);
+                        }
+                        std::collections::btree_map::Entry::Occupied(mut e) => {
+                            e.get_mut().iter_mut().zip(&batch).for_each(|(s, b)| *s += b);
+                        }
+                    }
+                }
+            }
+        }
+        let scale = (1.0 / batches.len().max(1) as f64) as f32;
+        let mut updated = Vec::new();
+        for (name, mut sum) in sums {
+            sum.iter_mut().for_each(|v| *v *= scale);
+            self.weights.insert(name.clone(), sum.clone());
+            updated.push((name, sum));
+        }
+        Ok(updated)
+    }
+}
+
+/// Runs `layers` of `arch` on `x`. With `stats`, BatchNorm normalises with the batch statistics
+/// (training and recalibration) and pushes each layer's (name, batch mean, biased batch
+/// variance, count) there; without, it uses the running statistics (evaluation). With `tape`,
+/// it records what the backward pass needs.
+fn forward(
+    arch: &Architecture,
+    layers: &[Layer],
+    weights: &impl Weights,
+    mut x: Act,
+    mut tape: Option<&mut Vec<Saved>>,
+    mut stats: Option<&mut Vec<BatchStats>>,
+) -> Result<Act> {
+    let mut i = 0;
+    while i < layers.len() {
+        let [n, c, h, w] = x.dims;
+        x = match &layers[i] {
+            Layer::Pad(pad) => {
+                let (hp, wp) = (h + 2 * pad, w + 2 * pad);
+                let mut out = vec![0f32; n * c * hp * wp];
+                for (plane, src) in out.chunks_exact_mut(hp * wp).zip(x.values.chunks_exact(h * w)) {
+                    for (row, src) in plane.chunks_exact_mut(wp).skip(*pad).zip(src.chunks_exact(w)) {
+                        row[*pad..*pad + w].copy_from_slice(src);
+                    }
+                }
+                record(&mut tape, || Saved::Pad { pad: *pad, dims: x.dims });
+                Act { values: Arc::new(out), dims: [n, c, hp, wp], needs_grad: x.needs_grad }
+            }
+            Layer::Flatten => {
+                record(&mut tape, || Saved::Flatten);
+                Act { values: x.values, dims: [n, c * h * w, 1, 1], needs_grad: x.needs_grad }
+            }
+            Layer::Linear { name } => {
+                let weight = weights.tensor(&format!("{name}.weight"))?;
+                let bias = weights.tensor(&format!("{name}.bias"))?;
+                let (inputs, outputs) = (c * h * w, bias.len());
+                if weight.len() != inputs * outputs {
+                    bail!("{name}: {inputs} inputs do not fit its weight of {} values", weight.len());
+                }
+                let mut out: Vec<f32> = (0..n).flat_map(|_| bias.iter().copied()).collect();
+                // out [n, outputs] += x [n, inputs] · weightᵀ [inputs, outputs]
+                matmul(n, outputs, inputs, &mut out, outputs, true, &x.values, (inputs, 1), weight, (1, inputs));
+                let y = Act { values: Arc::new(out), dims: [n, outputs, 1, 1], needs_grad: true };
+                record(&mut tape, || Saved::Linear { name: name.clone(), x });
+                y
+            }
+            Layer::Conv { name, stride, padding, bias } => {
+                let weight_name = format!("{name}.weight");
+                let weight = weights.tensor(&weight_name)?;
+                let shape = &arch.spec(&weight_name).context("conv weight")?.shape;
+                let geom = Geom::new(&x.dims, shape, *padding, *stride)?;
+                let b = if *bias { Some(weights.tensor(&format!("{name}.bias"))?) } else { None };
+                let out = conv2d::forward(&geom, &x.values, weight, b);
+                let y = Act { values: Arc::new(out), dims: [n, geom.o, geom.ho, geom.wo], needs_grad: true };
+                record(&mut tape, || Saved::Conv { name: name.clone(), geom, bias: *bias, x });
+                y
+            }
+            Layer::BatchNorm { name } => {
+                let relu = matches!(layers.get(i + 1), Some(Layer::Relu));
+                let weight = weights.tensor(&format!("{name}.weight"))?;
+                let bias = weights.tensor(&format!("{name}.bias"))?;
+                let dims = x.dims;
+                let out = match stats.as_deref_mut() {
+                    Some(stats) => {
+                        let (out, kept) = norm::train_forward(&x.values, (n, c, h * w), weight, bias, BN_EPS, relu);
+                        let mean = kept.stats.iter().map(|s| s.0 as f32).collect();
+                        let var = kept.stats.iter().map(|s| s.1 as f32).collect();
+                        stats.push((name.clone(), mean, var, n * h * w));
+                        record(&mut tape, || Saved::BatchNorm { name: name.clone(), relu, x, kept });
+                        out
+                    }
+                    None => {
+                        let mean = weights.tensor(&format!("{name}.running_mean"))?;
+                        let var = weights.tensor(&format!("{name}.running_var"))?;
+                        let (scale, shift) = norm::eval_factors(mean, var, weight, bias, BN_EPS);
+                        norm::affine(&x.values, c, h * w, &scale, &shift, relu)
+                    }
+                };
+                if relu {
+                    i += 1;
+                }
+                Act { values: Arc::new(out), dims, needs_grad: true }
+            }
+            Layer::Relu => {
+                let out = Arc::new(layers::relu_values(&x.values));
+                record(&mut tape, || Saved::Relu { y: out.clone() });
+                Act { values: out, dims: x.dims, needs_grad: x.needs_grad }
+            }
+            Layer::MaxPool2 => {
+                let out = layers::max_pool2_values(&x.values, n * c, h, w);
+                let y = Act { values: Arc::new(out), dims: [n, c, h / 2, w / 2], needs_grad: x.needs_grad };
+                record(&mut tape, || Saved::MaxPool2 { x });
+                y
+            }
+            Layer::GlobalAvgPool => {
+                let hw = h * w;
+                let out = x.values.chunks_exact(hw).map(|p| p.iter().sum::<f32>() / hw as f32).collect();
+                record(&mut tape, || Saved::GlobalAvgPool { dims: x.dims });
+                Act { values: Arc::new(out), dims: [n, c, 1, 1], needs_grad: x.needs_grad }
+            }
+            Layer::Residual { main, shortcut } => {
+                let copy = Act { values: x.values.clone(), dims: x.dims, needs_grad: x.needs_grad };
+                let (mut main_tape, mut short_tape) = (Vec::new(), Vec::new());
+                let recording = tape.is_some();
+                let m = forward(arch, main, weights, copy, recording.then_some(&mut main_tape), stats.as_deref_mut())?;
+                let s =
+                    forward(arch, shortcut, weights, x, recording.then_some(&mut short_tape), stats.as_deref_mut())?;
+                if m.dims != s.dims {
+                    bail!("a residual block's branches disagree: {:?} and {:?}", m.dims, s.dims);
+                }
+                // The main branch's output is this block's alone: summed in place.
+                let mut out = Arc::try_unwrap(m.values).unwrap_or_else(|shared| (*shared).clone());
+                out.par_chunks_mut(VALUES_PER_TASK).zip(s.values.par_chunks(VALUES_PER_TASK)).for_each(|(o, s)| {
+                    for (o, s) in o.iter_mut().zip(s) {
+                        *o = (*o + s).max(0.0);
+                    }
+                });
+                let out = Arc::new(out);
+                record(&mut tape, || Saved::Residual { main: main_tape, shortcut: short_tape, y: out.clone() });
+                Act { values: out, dims: m.dims, needs_grad: true }
+            }
+        };
+        i += 1;
+    }
+    Ok(x)
+}
+
+/// Pushes what `saved` makes onto the tape, when there is one.
+fn record(tape: &mut Option<&mut Vec<Saved>>, saved: impl FnOnce() -> Saved) {
+    if let Some(tape) = tape.as_deref_mut() {
+        tape.push(saved());
     }
 }
 

@@ -3,6 +3,7 @@
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 
+use crate::cnn::{Activations, CnnForward};
 use crate::data::Split;
 use crate::mlp::{MlpForward, MlpPlan};
 use crate::model::{images_to_tensor, loss_and_errors, push_scaled_pixels, Architecture, BnMode, State};
@@ -25,7 +26,7 @@ pub fn batch_tensors(split: &Split, indices: &[usize], device: &Device) -> Resul
         pixels.extend_from_slice(&split.images[i * size..(i + 1) * size]);
         labels.push(split.labels[i] as u32);
     }
-    let x = images_to_tensor(&pixels, [indices.len(), split.channels, split.height, split.width], device)?;
+    let x = images_to_tensor(&pixels, split.batch_dims(indices.len()), device)?;
     let y = Tensor::from_vec(labels, indices.len(), device)?;
     Ok((x, y))
 }
@@ -41,9 +42,8 @@ pub fn fast_plan(arch: &Architecture, device: &Device, path: ComputePath) -> Opt
     }
 }
 
-/// Whether training runs on the CNN fast path (see [`crate::cnn`]): networks with convolutions on
-/// the CPU under `train.compute = "fast"`. Evaluation keeps candle's forward pass with layerlab's
-/// kernels.
+/// Whether a network runs on the CNN fast path (see [`crate::cnn`]): networks with convolutions on
+/// the CPU under `train.compute = "fast"`. Training, evaluation and the reset grid alike.
 pub fn cnn_fast(arch: &Architecture, device: &Device, path: ComputePath) -> bool {
     path == ComputePath::Fast && crate::cnn::applies(arch, device)
 }
@@ -95,6 +95,17 @@ pub fn evaluate(
         for chunk in indices.chunks(batch.max(1)) {
             let labels = batch_f32(split, chunk, &mut x);
             let (loss, errors) = net.loss_and_errors(&x, &labels);
+            acc.add(loss, errors, chunk.len());
+        }
+        return Ok(acc.metrics());
+    }
+    if cnn_fast(arch, device, path) {
+        let net = CnnForward::new(arch, state)?;
+        let mut x = Vec::new();
+        for chunk in indices.chunks(batch.max(1)) {
+            let labels = batch_f32(split, chunk, &mut x);
+            let input = Activations::input(std::mem::take(&mut x), split.batch_dims(chunk.len()))?;
+            let (loss, errors) = net.loss_and_errors_from(&input, &labels, 0)?;
             acc.add(loss, errors, chunk.len());
         }
         return Ok(acc.metrics());

@@ -10,8 +10,9 @@ use std::collections::BTreeMap;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 
+use crate::cnn::{Activations, CnnForward};
 use crate::data::Split;
-use crate::eval::{batch_f32, batch_tensors, fast_plan, Accumulator, Metrics};
+use crate::eval::{batch_f32, batch_tensors, cnn_fast, fast_plan, Accumulator, Metrics};
 use crate::mlp::MlpForward;
 use crate::model::{loss_and_errors, Architecture, BnMode, State, Unit};
 use layerlab_pipeline::{BnStats, ComputePath, Experiment, ResetConfig, ResetMode};
@@ -196,6 +197,9 @@ pub fn evaluate_variants(
     path: ComputePath,
     mut on_progress: impl FnMut(),
 ) -> Result<Vec<Vec<Metrics>>> {
+    if cnn_fast(arch, device, path) {
+        return evaluate_cnn_variants(arch, trained, entry, variants, sets, calibration, on_progress);
+    }
     if let Some(cal) = calibration {
         let mut prefixes = Vec::with_capacity(cal.batches.len());
         for b in &cal.batches {
@@ -236,6 +240,49 @@ pub fn evaluate_variants(
                 let logits = arch.forward_range(&v.state, &prefix, entry, arch.layers.len(), BnMode::Eval)?;
                 let (loss, errors) = loss_and_errors(&logits, &y)?;
                 acc.add(loss.to_scalar::<f32>()? as f64, errors, chunk.len());
+            }
+        }
+        results.push(accs.iter().map(Accumulator::metrics).collect());
+        on_progress();
+    }
+    Ok(results)
+}
+
+/// [`evaluate_variants`] on the CNN fast path ([`crate::cnn::CnnForward`]).
+fn evaluate_cnn_variants(
+    arch: &Architecture,
+    trained: &State,
+    entry: usize,
+    variants: &mut [Variant],
+    sets: &[&EvalSet<'_>],
+    calibration: Option<&Calibration<'_>>,
+    mut on_progress: impl FnMut(),
+) -> Result<Vec<Vec<Metrics>>> {
+    let shared = CnnForward::new(arch, trained)?;
+    let mut nets = variants.iter().map(|v| CnnForward::new(arch, &v.state)).collect::<Result<Vec<_>>>()?;
+    let prefix = |split: &Split, indices: &[usize], x: &mut Vec<f32>| -> Result<(Activations, Vec<u32>)> {
+        let labels = batch_f32(split, indices, x);
+        let input = Activations::input(std::mem::take(x), split.batch_dims(indices.len()))?;
+        Ok((shared.run(&input, 0, entry)?, labels))
+    };
+    let mut x = Vec::new();
+    if let Some(cal) = calibration {
+        let prefixes = cal.batches.iter().map(|b| Ok(prefix(cal.split, b, &mut x)?.0)).collect::<Result<Vec<_>>>()?;
+        for (net, v) in nets.iter_mut().zip(variants.iter_mut()) {
+            for (name, values) in net.recalibrate(&prefixes, entry)? {
+                let shape = v.state.get(&name).with_context(|| format!("tensor '{name}' is missing"))?.shape().clone();
+                v.state.insert(name, Tensor::from_vec(values, shape, &Device::Cpu)?);
+            }
+        }
+    }
+    let mut results = Vec::with_capacity(sets.len());
+    for set in sets {
+        let mut accs = vec![Accumulator::default(); variants.len()];
+        for chunk in set.indices.chunks(set.batch.max(1)) {
+            let (p, labels) = prefix(set.split, chunk, &mut x)?;
+            for (net, acc) in nets.iter().zip(accs.iter_mut()) {
+                let (loss, errors) = net.loss_and_errors_from(&p, &labels, entry)?;
+                acc.add(loss, errors, chunk.len());
             }
         }
         results.push(accs.iter().map(Accumulator::metrics).collect());
@@ -305,7 +352,9 @@ mod tests {
             ("fcn", "fc2", ComputePath::Fast),
             ("fcn", "fc2", ComputePath::Autograd),
             ("vgg11", "conv3", ComputePath::Fast),
+            ("vgg11", "conv3", ComputePath::Autograd),
             ("resnet18", "layer2.0.shortcut", ComputePath::Fast),
+            ("resnet18", "layer2.0.shortcut", ComputePath::Autograd),
         ];
         for (name, unit_name, path) in cases {
             let a = arch(name);
@@ -343,6 +392,60 @@ mod tests {
                 evaluate_variants(&a, &trained, a.layers.len(), &mut same, &[&set], None, &Device::Cpu, path, || {})
                     .unwrap();
             assert_eq!(got[0][0], trained_full, "{name} {path:?}");
+        }
+    }
+
+    /// The CNN fast path ([`crate::cnn::CnnForward`]) against candle's ops on the same variants,
+    /// with the BatchNorm statistics recalibrated first (so that evaluation runs on statistics
+    /// that are not the initial zeros and ones): recalibrated statistics, losses and errors
+    /// agree to float rounding.
+    #[test]
+    fn the_cnn_fast_path_agrees_with_candles_ops() {
+        let split = Split {
+            images: (0..16 * 784).map(|i| (i * 13 % 253) as u8).collect(),
+            labels: (0..16).map(|i| (i * 3 % 10) as u8).collect(),
+            channels: 1,
+            height: 28,
+            width: 28,
+        };
+        let calibration = Calibration { split: &split, batches: vec![(0..6).collect(), (6..14).collect()] };
+        for (name, unit_name) in [("vgg11", "conv3"), ("resnet18", "layer2.0.shortcut")] {
+            let a = arch(name);
+            let trained = a.initial_state(1, &Device::Cpu).unwrap();
+            let source = a.initial_state(5, &Device::Cpu).unwrap();
+            let unit = a.unit(unit_name).unwrap();
+            let variant = reset_units(&trained, &[unit], &source, Some(BnStats::Recalibrate)).unwrap();
+            let set = EvalSet { split: &split, indices: (0..16).collect(), batch: 7 };
+            let run = |path| {
+                let mut variants = vec![Variant { state: variant.clone() }];
+                let m = evaluate_variants(
+                    &a,
+                    &trained,
+                    unit.entry_layer,
+                    &mut variants,
+                    &[&set],
+                    Some(&calibration),
+                    &Device::Cpu,
+                    path,
+                    || {},
+                )
+                .unwrap();
+                (m[0][0], variants.pop().unwrap().state)
+            };
+            let ((fast, fast_state), (slow, slow_state)) = (run(ComputePath::Fast), run(ComputePath::Autograd));
+            assert!((fast.loss - slow.loss).abs() <= 1e-5 * slow.loss, "{name}: loss {} vs {}", fast.loss, slow.loss);
+            assert_eq!(fast.error, slow.error, "{name}: error rate");
+            let mut recalibrated = 0;
+            for (k, t) in &slow_state {
+                let (p, q) = (bits(&fast_state[k]), bits(t));
+                let (p, q): (Vec<f32>, Vec<f32>) =
+                    (p.into_iter().map(f32::from_bits).collect(), q.into_iter().map(f32::from_bits).collect());
+                let scale = q.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+                let diff = p.iter().zip(&q).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+                assert!(diff <= 1e-5 * scale, "{name}: {k} differs by {diff}");
+                recalibrated += usize::from(is_running_stat(k) && bits(t) != bits(&variant[k]));
+            }
+            assert!(recalibrated >= 4, "{name}: only {recalibrated} running statistics were recomputed");
         }
     }
 

@@ -36,6 +36,10 @@ impl Split {
     pub fn image_size(&self) -> usize {
         self.channels * self.height * self.width
     }
+    /// The [n, c, h, w] shape of a batch of `n` images.
+    pub fn batch_dims(&self, n: usize) -> [usize; 4] {
+        [n, self.channels, self.height, self.width]
+    }
     /// Checks that the buffers agree with the shape and every label is a class.
     pub fn check(&self, classes: usize) -> Result<()> {
         if self.images.len() != self.len() * self.image_size() {

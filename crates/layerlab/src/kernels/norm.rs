@@ -218,7 +218,7 @@ pub(crate) fn train_forward(
 }
 
 /// `x · scale + shift` per channel of [n, c, hw] values, then a ReLU when `relu`.
-fn affine(x: &[f32], c: usize, hw: usize, scale: &[f32], shift: &[f32], relu: bool) -> Vec<f32> {
+pub(crate) fn affine(x: &[f32], c: usize, hw: usize, scale: &[f32], shift: &[f32], relu: bool) -> Vec<f32> {
     let mut y = vec![0f32; x.len()];
     for_planes(&mut y, c, hw, |i, ch, y| {
         let x = &x[(i * c + ch) * hw..][..hw];
@@ -230,6 +230,19 @@ fn affine(x: &[f32], c: usize, hw: usize, scale: &[f32], shift: &[f32], relu: bo
         }
     });
     y
+}
+
+/// Evaluation-mode BatchNorm as per-channel (scale, shift) for [`affine`]: the running statistics
+/// folded in with the same f32 operations, in the same order, as `model.rs`'s candle ops.
+pub(crate) fn eval_factors(mean: &[f32], var: &[f32], weight: &[f32], bias: &[f32], eps: f64) -> (Vec<f32>, Vec<f32>) {
+    mean.iter()
+        .zip(var)
+        .zip(weight.iter().zip(bias))
+        .map(|((&m, &v), (&w, &b))| {
+            let scale = (v + eps as f32).sqrt().recip() * w;
+            (scale, b - m * scale)
+        })
+        .unzip()
 }
 
 struct TrainGrad {
