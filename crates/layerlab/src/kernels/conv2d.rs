@@ -425,7 +425,7 @@ const SHIFTED_MIN_PLANE: usize = 256;
 /// Why: on ResNet-18's 32×32 layers (16 channels) `gemm` ran at about 63 GFLOP/s a core against
 /// PyTorch's 95; its panels suit large products, and these have 16 rows. Nine separate `gemm`
 /// calls over the shifted input (one per tap) were measured no faster than the column matrix.
-/// The direct kernel keeps a 6-channel × 64-position tile in registers through all taps and
+/// The direct kernel keeps an 8-channel × 48-position tile in registers through all taps and
 /// input channels.
 fn shifted(g: &Geom) -> bool {
     g.k == 3
@@ -434,8 +434,8 @@ fn shifted(g: &Geom) -> bool {
         && g.h * g.w >= SHIFTED_MIN_PLANE
         && g.c >= 8
         && g.o >= 8
-        && g.c % 2 == 0
-        && g.o % direct::GRAD_CHANNELS == 0
+        && g.c.is_multiple_of(2)
+        && g.o.is_multiple_of(direct::GRAD_CHANNELS)
         && direct::available()
 }
 
@@ -500,11 +500,15 @@ fn shifted_image(
 
 /// The direct convolution kernel behind [`shifted_image`], in AVX-512.
 mod direct {
-    /// Output positions of one tile: four 16-lane registers.
-    pub(super) const POSITIONS: usize = 64;
-    /// Output channels of one tile: 6 × 4 accumulators, 4 loaded inputs and a broadcast weight
-    /// fill 29 of the 32 registers.
-    const CHANNELS: usize = 6;
+    /// 16-lane registers of output positions in one tile.
+    const VECTORS: usize = 3;
+    /// Output positions of one tile.
+    pub(super) const POSITIONS: usize = VECTORS * 16;
+    /// Output channels of one tile: 8 × 3 accumulators, 3 loaded inputs and a broadcast weight
+    /// fill 28 of the 32 registers. Against 6 × 4 no difference showed through this machine's
+    /// noise; this shape leaves no narrow tile for the usual channel counts (multiples of 8), and
+    /// a 16×16 plane's 16·18 positions fill whole tiles.
+    const CHANNELS: usize = 8;
 
     pub(super) fn available() -> bool {
         #[cfg(target_arch = "x86_64")]
@@ -533,7 +537,7 @@ mod direct {
         out: &mut [f32],
     ) {
         assert!(available(), "the direct convolution needs AVX-512");
-        assert!(cols % POSITIONS == 0 && out.len() >= m * cols && taps.len() >= 9 * k * m);
+        assert!(cols.is_multiple_of(POSITIONS) && out.len() >= m * cols && taps.len() >= 9 * k * m);
         let reach = offsets.iter().max().copied().unwrap_or(0) + cols;
         assert!(k == 0 || src.len() >= (k - 1) * plane + reach, "direct convolution: input too short");
         #[cfg(target_arch = "x86_64")]
@@ -562,7 +566,7 @@ mod direct {
         dw: &mut [f32],
     ) {
         assert!(available(), "the direct convolution needs AVX-512");
-        assert!(m % GRAD_CHANNELS == 0 && (9 * k) % GRAD_TAPS == 0 && cols % 16 == 0);
+        assert!(m.is_multiple_of(GRAD_CHANNELS) && (9 * k).is_multiple_of(GRAD_TAPS) && cols.is_multiple_of(16));
         assert!(dy.len() >= images * m * cols && dw.len() >= m * k * 9);
         let reach = offsets.iter().max().copied().unwrap_or(0) + cols;
         assert!(images == 0 || k == 0 || src.len() >= (images - 1) * src_stride + (k - 1) * plane + reach);
@@ -582,10 +586,7 @@ mod direct {
     mod x86 {
         use std::arch::x86_64::*;
 
-        use super::{CHANNELS, GRAD_CHANNELS, GRAD_TAPS, POSITIONS};
-
-        // A tile's positions are four 16-lane registers.
-        const _: () = assert!(POSITIONS == 4 * 16);
+        use super::{CHANNELS, GRAD_CHANNELS, GRAD_TAPS, POSITIONS, VECTORS};
 
         #[allow(clippy::too_many_arguments)]
         #[target_feature(enable = "avx512f")]
@@ -611,6 +612,8 @@ mod direct {
                             3 => tile::<3>(args, cols, out),
                             4 => tile::<4>(args, cols, out),
                             5 => tile::<5>(args, cols, out),
+                            6 => tile::<6>(args, cols, out),
+                            7 => tile::<7>(args, cols, out),
                             _ => tile::<CHANNELS>(args, cols, out),
                         }
                     };
@@ -667,7 +670,7 @@ mod direct {
 
         type TileArgs<'a> = (usize, usize, usize, &'a [f32], &'a [usize; 9], &'a [f32], usize, usize);
 
-        /// Output channels `o0..o0 + MR` at positions `j0..j0 + 64`; returns MR.
+        /// Output channels `o0..o0 + MR` at positions `j0..j0 + POSITIONS`; returns MR.
         #[inline]
         #[target_feature(enable = "avx512f")]
         unsafe fn tile<const MR: usize>(
@@ -675,21 +678,16 @@ mod direct {
             cols: usize,
             out: &mut [f32],
         ) -> usize {
-            // SAFETY: the caller keeps `o0 + MR <= m`, `j0 + 64 <= cols` and every read of
+            // SAFETY: the caller keeps `o0 + MR <= m`, `j0 + POSITIONS <= cols` and every read of
             // `src` inside its length (see `direct::run`).
             unsafe {
-                let mut acc = [[_mm512_setzero_ps(); 4]; MR];
+                let mut acc = [[_mm512_setzero_ps(); VECTORS]; MR];
                 for (t, &off) in offsets.iter().enumerate() {
                     let w_t = taps.as_ptr().add(t * k * m + o0);
                     let s_t = src.as_ptr().add(off + j0);
                     for c in 0..k {
                         let p = s_t.add(c * plane);
-                        let v = [
-                            _mm512_loadu_ps(p),
-                            _mm512_loadu_ps(p.add(16)),
-                            _mm512_loadu_ps(p.add(32)),
-                            _mm512_loadu_ps(p.add(48)),
-                        ];
+                        let v: [__m512; VECTORS] = std::array::from_fn(|q| _mm512_loadu_ps(p.add(16 * q)));
                         let w = w_t.add(c * m);
                         for (r, acc) in acc.iter_mut().enumerate() {
                             let wr = _mm512_set1_ps(*w.add(r));
