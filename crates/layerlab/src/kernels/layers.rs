@@ -149,17 +149,37 @@ fn for_pooled_planes(out: &mut [f32], out_plane: usize, f: impl Fn(usize, &mut [
     out.par_chunks_mut(out_plane).with_min_len(min_planes).enumerate().for_each(|(p, o)| vectorized(|| f(p, o)));
 }
 
+/// The larger of two values, NaN counting as the largest: [`window_argmax`]'s comparison, as a
+/// select that vectorises.
+#[inline]
+fn larger(a: f32, b: f32) -> f32 {
+    if b > a || (b.is_nan() && !a.is_nan()) {
+        b
+    } else {
+        a
+    }
+}
+
 /// 2×2 max-pooling of `planes` planes of h × w values.
+///
+/// Each window's maximum is taken down the two rows first, over whole rows at once, then across
+/// each pair of columns: the same value as [`window_argmax`]'s (the maximum, NaN when the window
+/// has one), in a form the compiler vectorises. Picking the window's position one value at a
+/// time took 9.3 of the 57 s of a VGG reset grid.
 pub(crate) fn max_pool2_values(x: &[f32], planes: usize, h: usize, w: usize) -> Vec<f32> {
     let (ho, wo) = (h / 2, w / 2);
     let mut y = vec![0f32; planes * ho * wo];
     for_pooled_planes(&mut y, ho * wo, |p, y| {
         let x = &x[p * h * w..][..h * w];
-        for oy in 0..ho {
-            let (r0, r1) = (&x[2 * oy * w..][..w], &x[(2 * oy + 1) * w..][..w]);
-            for ox in 0..wo {
-                let v = [r0[2 * ox], r0[2 * ox + 1], r1[2 * ox], r1[2 * ox + 1]];
-                y[oy * wo + ox] = v[window_argmax(v)];
+        let mut rows = [0f32; 64];
+        for (oy, y) in y.chunks_exact_mut(wo).enumerate() {
+            let (r0, r1) = (&x[2 * oy * w..][..2 * wo], &x[(2 * oy + 1) * w..][..2 * wo]);
+            for (chunk, (r0, r1)) in y.chunks_mut(32).zip(r0.chunks(64).zip(r1.chunks(64))) {
+                let rows = &mut rows[..r0.len()];
+                rows.iter_mut().zip(r0.iter().zip(r1)).for_each(|(m, (a, b))| *m = larger(*a, *b));
+                for (y, pair) in chunk.iter_mut().zip(rows.chunks_exact(2)) {
+                    *y = larger(pair[0], pair[1]);
+                }
             }
         }
     });
@@ -250,8 +270,19 @@ mod tests {
 
     #[test]
     fn max_pool_matches_candle_forward_and_routes_gradient_to_the_first_maximum() {
-        let x = random(&[2, 3, 7, 6], 1);
-        assert!(max_rel_diff(&max_pool2(&x).unwrap(), &x.max_pool2d(2).unwrap()) == 0.0);
+        // Odd sizes, and rows longer than the 64 values pooled at a time.
+        for shape in [[2, 3, 7, 6], [1, 2, 5, 133]] {
+            let x = random(&shape, 1);
+            assert!(max_rel_diff(&max_pool2(&x).unwrap(), &x.max_pool2d(2).unwrap()) == 0.0, "{shape:?}");
+        }
+        // A NaN anywhere in a window is its maximum.
+        for at in 0..4 {
+            let mut v = vec![1f32, 2., 3., 4.];
+            v[at] = f32::NAN;
+            let x = Tensor::from_vec(v, (1, 1, 2, 2), &Device::Cpu).unwrap();
+            let y = max_pool2(&x).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert!(y[0].is_nan(), "NaN at {at} gave {y:?}");
+        }
         let x = Tensor::new(&[[[[1f32, 5., 0., 0.], [5., 2., 0., 0.], [3., 4., 9., 9.]]]], &Device::Cpu).unwrap();
         let r = Tensor::new(&[[[[10f32, 20.]]]], &Device::Cpu).unwrap();
         let (y, gx) = grad_of(|x| max_pool2(x).unwrap(), &x, &r);
