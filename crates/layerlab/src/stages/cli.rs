@@ -50,7 +50,7 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// Why: a training step or a reset evaluation frees megabytes of activations and allocates them
 /// again moments later. Handed back, every page is faulted in and zeroed by the kernel anew: a
 /// ResNet-18 w0.25 bench run took 25,686 page faults and 9.9 s of CPU time, against 469 and
-/// 7.8 s with the pages kept (`docs/performance.md`, step 7). The cost is that the process
+/// 7.8 s with the pages kept (`docs/performance.md`, "Step 5"). The cost is that the process
 /// keeps its peak memory until it exits.
 pub fn keep_freed_memory() {
     // SAFETY: sets one integer option; mimalloc reads its options at every purge decision.
