@@ -26,7 +26,7 @@ use crate::kernels::conv2d::{self, Geom};
 use crate::kernels::gemm::matmul;
 use crate::kernels::{layers, norm};
 use crate::mlp::cross_entropy;
-use crate::model::{Architecture, Layer, State, BN_EPS, BN_MOMENTUM};
+use crate::model::{Architecture, Layer, State, TensorSpec, BN_EPS, BN_MOMENTUM};
 use crate::sgd::Sgd;
 use layerlab_pipeline::TrainConfig;
 
@@ -104,17 +104,28 @@ fn values(t: &Tensor, what: &str) -> Result<Vec<f32>> {
     t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>().with_context(|| format!("cannot read {what}"))
 }
 
+/// Every tensor of `arch` read from `state` as f32 values, checked against its shape.
+fn state_values<'s>(
+    arch: &'s Architecture,
+    state: &'s State,
+) -> impl Iterator<Item = Result<(&'s TensorSpec, Vec<f32>)>> + 's {
+    arch.tensor_specs().map(|(_, spec)| {
+        let t = state.get(&spec.name).with_context(|| format!("the weights lack {}", spec.name))?;
+        let value = values(t, &spec.name)?;
+        if value.len() != spec.shape.iter().product::<usize>() {
+            bail!("{} has {} values, expected shape {:?}", spec.name, value.len(), spec.shape);
+        }
+        Ok((spec, value))
+    })
+}
+
 impl CnnTrainer {
     /// From a state (and, when resuming, the momentum buffers by tensor name).
     pub fn new(arch: &Architecture, state: &State, momentum: Option<&BTreeMap<String, Tensor>>) -> Result<CnnTrainer> {
         let mut params = BTreeMap::new();
         let mut buffers = BTreeMap::new();
-        for (_, spec) in arch.tensor_specs() {
-            let t = state.get(&spec.name).with_context(|| format!("the weights lack {}", spec.name))?;
-            let value = values(t, &spec.name)?;
-            if value.len() != spec.shape.iter().product::<usize>() {
-                bail!("{} has {} values, expected shape {:?}", spec.name, value.len(), spec.shape);
-            }
+        for entry in state_values(arch, state) {
+            let (spec, value) = entry?;
             if !spec.trainable {
                 buffers.insert(spec.name.clone(), (value, spec.shape.clone()));
                 continue;
@@ -373,15 +384,9 @@ impl Activations {
 
 impl<'a> CnnForward<'a> {
     pub fn new(arch: &'a Architecture, state: &State) -> Result<CnnForward<'a>> {
-        let mut weights = BTreeMap::new();
-        for (_, spec) in arch.tensor_specs() {
-            let t = state.get(&spec.name).with_context(|| format!("the weights lack {}", spec.name))?;
-            let v = values(t, &spec.name)?;
-            if v.len() != spec.shape.iter().product::<usize>() {
-                bail!("{} has {} values, expected shape {:?}", spec.name, v.len(), spec.shape);
-            }
-            weights.insert(spec.name.clone(), v);
-        }
+        let weights = state_values(arch, state)
+            .map(|entry| entry.map(|(spec, value)| (spec.name.clone(), value)))
+            .collect::<Result<_>>()?;
         Ok(CnnForward { arch, weights })
     }
 
