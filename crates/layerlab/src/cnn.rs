@@ -61,6 +61,12 @@ enum Saved {
 /// channel, and the number of values each was taken over.
 type BatchStats = (String, Vec<f32>, Vec<f32>, usize);
 
+/// The factor from the biased to the unbiased variance of `count` values (PyTorch's running
+/// variance takes the unbiased one).
+fn unbiased_factor(count: usize) -> f32 {
+    (count as f64 / (count as f64 - 1.0).max(1.0)) as f32
+}
+
 /// The tensors a forward pass reads, by state_dict name.
 trait Weights {
     fn tensor(&self, name: &str) -> Result<&[f32]>;
@@ -208,7 +214,7 @@ impl CnnTrainer {
     /// PyTorch's running statistics: an exponential average of the batch mean and the unbiased
     /// batch variance.
     fn update_running_stats(&mut self, name: &str, mean: &[f32], var: &[f32], count: usize) -> Result<()> {
-        let unbiased = (count as f64 / (count as f64 - 1.0).max(1.0)) as f32;
+        let unbiased = unbiased_factor(count);
         let keep = (1.0 - BN_MOMENTUM) as f32;
         let take = BN_MOMENTUM as f32;
         for (suffix, batch, factor) in [("running_mean", mean, 1.0f32), ("running_var", var, unbiased)] {
@@ -418,7 +424,7 @@ impl<'a> CnnForward<'a> {
             let input = Act { values: x.values.clone(), dims: x.dims, needs_grad: false };
             forward(self.arch, &self.arch.layers[from..], &self.weights, input, None, Some(&mut stats))?;
             for (name, mean, var, count) in stats {
-                let unbiased = (count as f64 / (count as f64 - 1.0).max(1.0)) as f32;
+                let unbiased = unbiased_factor(count);
                 let var = var.iter().map(|v| v * unbiased).collect();
                 for (suffix, batch) in [("running_mean", mean), ("running_var", var)] {
                     match sums.entry(format!("{name}.{suffix}")) {
@@ -462,11 +468,7 @@ fn forward(
             Layer::Pad(pad) => {
                 let (hp, wp) = (h + 2 * pad, w + 2 * pad);
                 let mut out = vec![0f32; n * c * hp * wp];
-                for (plane, src) in out.chunks_exact_mut(hp * wp).zip(x.values.chunks_exact(h * w)) {
-                    for (row, src) in plane.chunks_exact_mut(wp).skip(*pad).zip(src.chunks_exact(w)) {
-                        row[*pad..*pad + w].copy_from_slice(src);
-                    }
-                }
+                layers::pad_planes(&mut out, &x.values, h, w, *pad);
                 record(&mut tape, || Saved::Pad { pad: *pad, dims: x.dims });
                 Act { values: Arc::new(out), dims: [n, c, hp, wp], needs_grad: x.needs_grad }
             }

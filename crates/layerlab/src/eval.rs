@@ -58,6 +58,13 @@ pub fn batch_f32(split: &Split, indices: &[usize], x: &mut Vec<f32>) -> Vec<u32>
     indices.iter().map(|&i| split.labels[i] as u32).collect()
 }
 
+/// One batch as the CNN fast path's input activations, and its labels.
+pub fn batch_activations(split: &Split, indices: &[usize]) -> Result<(Activations, Vec<u32>)> {
+    let mut x = Vec::with_capacity(indices.len() * split.image_size());
+    let labels = batch_f32(split, indices, &mut x);
+    Ok((Activations::input(x, split.batch_dims(indices.len()))?, labels))
+}
+
 /// Sums loss × count and errors over batches, so that the result is a mean over examples.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Accumulator {
@@ -101,10 +108,8 @@ pub fn evaluate(
     }
     if cnn_fast(arch, device, path) {
         let net = CnnForward::new(arch, state)?;
-        let mut x = Vec::new();
         for chunk in indices.chunks(batch.max(1)) {
-            let labels = batch_f32(split, chunk, &mut x);
-            let input = Activations::input(std::mem::take(&mut x), split.batch_dims(chunk.len()))?;
+            let (input, labels) = batch_activations(split, chunk)?;
             let (loss, errors) = net.loss_and_errors_from(&input, &labels, 0)?;
             acc.add(loss, errors, chunk.len());
         }

@@ -12,7 +12,7 @@ use candle_core::{Device, Tensor};
 
 use crate::cnn::{Activations, CnnForward};
 use crate::data::Split;
-use crate::eval::{batch_f32, batch_tensors, cnn_fast, fast_plan, Accumulator, Metrics};
+use crate::eval::{batch_activations, batch_f32, batch_tensors, cnn_fast, fast_plan, Accumulator, Metrics};
 use crate::mlp::MlpForward;
 use crate::model::{loss_and_errors, Architecture, BnMode, State, Unit};
 use layerlab_pipeline::{BnStats, ComputePath, Experiment, ResetConfig, ResetMode};
@@ -260,14 +260,12 @@ fn evaluate_cnn_variants(
 ) -> Result<Vec<Vec<Metrics>>> {
     let shared = CnnForward::new(arch, trained)?;
     let mut nets = variants.iter().map(|v| CnnForward::new(arch, &v.state)).collect::<Result<Vec<_>>>()?;
-    let prefix = |split: &Split, indices: &[usize], x: &mut Vec<f32>| -> Result<(Activations, Vec<u32>)> {
-        let labels = batch_f32(split, indices, x);
-        let input = Activations::input(std::mem::take(x), split.batch_dims(indices.len()))?;
+    let prefix = |split: &Split, indices: &[usize]| -> Result<(Activations, Vec<u32>)> {
+        let (input, labels) = batch_activations(split, indices)?;
         Ok((shared.run(&input, 0, entry)?, labels))
     };
-    let mut x = Vec::new();
     if let Some(cal) = calibration {
-        let prefixes = cal.batches.iter().map(|b| Ok(prefix(cal.split, b, &mut x)?.0)).collect::<Result<Vec<_>>>()?;
+        let prefixes = cal.batches.iter().map(|b| Ok(prefix(cal.split, b)?.0)).collect::<Result<Vec<_>>>()?;
         for (net, v) in nets.iter_mut().zip(variants.iter_mut()) {
             for (name, values) in net.recalibrate(&prefixes, entry)? {
                 let shape = v.state.get(&name).with_context(|| format!("tensor '{name}' is missing"))?.shape().clone();
@@ -279,7 +277,7 @@ fn evaluate_cnn_variants(
     for set in sets {
         let mut accs = vec![Accumulator::default(); variants.len()];
         for chunk in set.indices.chunks(set.batch.max(1)) {
-            let (p, labels) = prefix(set.split, chunk, &mut x)?;
+            let (p, labels) = prefix(set.split, chunk)?;
             for (net, acc) in nets.iter().zip(accs.iter_mut()) {
                 let (loss, errors) = net.loss_and_errors_from(&p, &labels, entry)?;
                 acc.add(loss, errors, chunk.len());

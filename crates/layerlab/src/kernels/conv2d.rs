@@ -479,11 +479,7 @@ fn shifted_image(
         let padded = resized(&mut s.cols, k * plane + (cols - rows) + 2);
         super::vectorized(|| {
             padded.fill(0.0);
-            for (p, src) in padded.chunks_exact_mut(plane).zip(src.chunks_exact(h * w)) {
-                for (row, src) in p.chunks_exact_mut(wp).skip(1).zip(src.chunks_exact(w)) {
-                    row[1..=w].copy_from_slice(src);
-                }
-            }
+            layers::pad_planes(padded, src, h, w, 1);
         });
         let out = resized(&mut s.mat, m * cols);
         direct::run(m, k, taps, offsets, padded, plane, cols, out);
@@ -823,11 +819,7 @@ fn grad_weight_shifted(g: &Geom, x: &[f32], grad: &[f32]) -> Vec<f32> {
             padded.fill(0.0);
             dy.fill(0.0);
             for (p, x) in padded.chunks_exact_mut(x_stride).zip(x.chunks_exact(g.image_in())) {
-                for (p, src) in p.chunks_exact_mut(plane).zip(x.chunks_exact(h * w)) {
-                    for (row, src) in p.chunks_exact_mut(wp).skip(1).zip(src.chunks_exact(w)) {
-                        row[1..=w].copy_from_slice(src);
-                    }
-                }
+                layers::pad_planes(p, x, h, w, 1);
             }
             for (d, grad) in dy.chunks_exact_mut(cols).zip(grad.chunks_exact(h * w)) {
                 for (row, src) in d.chunks_exact_mut(wp).zip(grad.chunks_exact(w)) {
@@ -890,9 +882,7 @@ fn im2col_t(g: &Geom, x: &[f32], images: usize, padded: &mut Vec<f32>, cols_t: &
         for im in 0..images {
             for ci in 0..g.c {
                 let src = &x[(im * g.c + ci) * g.h * g.w..][..g.h * g.w];
-                for (row, src) in plane.chunks_exact_mut(wp).skip(g.pad).zip(src.chunks_exact(g.w)) {
-                    row[g.pad..g.pad + g.w].copy_from_slice(src);
-                }
+                layers::pad_planes(plane, src, g.h, g.w, g.pad);
                 let rows_of = |oy: usize, ki: usize| &plane[(oy * g.stride + ki) * wp..][..wp];
                 if g.k == 3 {
                     // Nine explicit reads per position: short copies would each be a call.

@@ -149,6 +149,18 @@ fn for_pooled_planes(out: &mut [f32], out_plane: usize, f: impl Fn(usize, &mut [
     out.par_chunks_mut(out_plane).with_min_len(min_planes).enumerate().for_each(|(p, o)| vectorized(|| f(p, o)));
 }
 
+/// Copies each h × w plane of `src` into the middle of the (h + 2·pad) × (w + 2·pad) planes of
+/// `dst`, leaving their borders as they are (callers zero them). `dst` may run on past its last
+/// plane.
+pub(crate) fn pad_planes(dst: &mut [f32], src: &[f32], h: usize, w: usize, pad: usize) {
+    let wp = w + 2 * pad;
+    for (plane, src) in dst.chunks_exact_mut((h + 2 * pad) * wp).zip(src.chunks_exact(h * w)) {
+        for (row, src) in plane.chunks_exact_mut(wp).skip(pad).zip(src.chunks_exact(w)) {
+            row[pad..pad + w].copy_from_slice(src);
+        }
+    }
+}
+
 /// The larger of two values, NaN counting as the largest: [`window_argmax`]'s comparison, as a
 /// select that vectorises.
 #[inline]
