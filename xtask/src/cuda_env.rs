@@ -42,7 +42,7 @@ impl flags::CudaEnv {
             cmd!(sh, "python3 -m venv {venv}")
                 .run()
                 .context("cannot create the virtual environment (python3 -m venv)")?;
-            cmd!(sh, "{python} -m pip install --quiet --disable-pip-version-check {WHEELS...}")
+            cmd!(sh, "{python} -m pip install --quiet --disable-pip-version-check --no-cache-dir {WHEELS...}")
                 .run()
                 .context("cannot install the CUDA wheels")?;
             fs::write(&ready, WHEELS.join("\n"))?;
