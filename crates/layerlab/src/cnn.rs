@@ -302,13 +302,10 @@ impl CnnTrainer {
                 Saved::BatchNorm { name, relu, x, kept } => {
                     let [n, c, h, w] = x.dims;
                     let weight = self.value(&format!("{name}.weight"))?;
-                    let mut packed = norm::train_backward(&x.values, &g, (n, c, h * w), weight, &kept, BN_EPS, relu);
-                    let size = n * c * h * w;
-                    let db = packed.split_off(size + c);
-                    let dw = packed.split_off(size);
+                    let (dx, dw, db) = norm::train_backward(&x.values, &g, (n, c, h * w), weight, &kept, BN_EPS, relu);
                     self.params.get_mut(&format!("{name}.weight")).context("BatchNorm weight")?.grad = dw;
                     self.params.get_mut(&format!("{name}.bias")).context("BatchNorm bias")?.grad = db;
-                    x.needs_grad.then_some(packed)
+                    x.needs_grad.then_some(dx)
                 }
                 Saved::Relu { y } => Some(layers::relu_grad_values(&y, &g)),
                 Saved::MaxPool2 { x } => {

@@ -19,7 +19,7 @@ use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, 
 use rayon::prelude::*;
 
 use super::gemm::matmul;
-use super::{f32_data, layers};
+use super::{built_in_pieces, f32_data, layers, Piece};
 
 /// Square-kernel convolution with equal padding on every side (dilation 1, one group).
 ///
@@ -362,19 +362,22 @@ fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
 
 /// The convolution of `x` [n, c, h, w] with `weight` [o, c, k, k] (plus `bias` [o]): [n, o, ho, wo].
 pub(crate) fn forward(g: &Geom, x: &[f32], weight: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
-    let mut y = vec![0f32; g.n * g.image_out()];
-    if y.is_empty() {
-        return y;
+    if g.n * g.image_out() == 0 {
+        return Vec::new();
+    }
+    if interleaved(g) {
+        let taps = taps_of(weight, g.o, g.c, false);
+        return interleaved_conv(g, (g.c, g.o), x, &taps, &interleaved_offsets(g.w, false), bias);
     }
     if shifted(g) {
         // y[o, ·] = Σ over taps of weight[·, ·, tap] [o, c] · x shifted by the tap.
         let taps = taps_of(weight, g.o, g.c, false);
         let offsets: [usize; 9] = std::array::from_fn(|t| (t / 3) * (g.w + 2) + t % 3);
-        y.par_chunks_mut(g.image_out())
-            .zip(x.par_chunks(g.image_in()))
-            .for_each(|(y, x)| shifted_image(g, (g.c, g.o), x, &taps, &offsets, bias, y));
-        return y;
+        return built_in_pieces(g.n * g.image_out(), g.image_out(), 1, |i, y| {
+            shifted_image(g, (g.c, g.o), &x[i * g.image_in()..][..g.image_in()], &taps, &offsets, bias, y)
+        });
     }
+    let mut y = vec![0f32; g.n * g.image_out()];
     let (ckk, hwo, b) = (g.ckk(), g.hw_out(), g.chunk_images());
     // The weight as [c·k·k, o], so that gemm reads it along the rows it packs.
     let mut weight_t = vec![0f32; weight.len()];
@@ -418,9 +421,8 @@ const SHIFTED_MIN_PLANE: usize = 256;
 
 /// Whether the three passes run as a direct convolution ([`direct`])
 /// instead of one product over an unfolded column matrix: 3×3 convolutions with stride 1 that
-/// keep the size (padding 1), on planes of [`SHIFTED_MIN_PLANE`] values or more with 8 or more
-/// input and output channels (an even number of inputs and a multiple of 4 outputs, for the
-/// weight gradient's tiles), on a CPU with AVX-512.
+/// keep the size (padding 1), on planes of [`SHIFTED_MIN_PLANE`] values or more, with the
+/// channel counts of [`direct_fits`].
 ///
 /// Why: on ResNet-18's 32×32 layers (16 channels) `gemm` ran at about 63 GFLOP/s a core against
 /// PyTorch's 95; its panels suit large products, and these have 16 rows. Nine separate `gemm`
@@ -428,15 +430,125 @@ const SHIFTED_MIN_PLANE: usize = 256;
 /// The direct kernel keeps an 8-channel × 48-position tile in registers through all taps and
 /// input channels.
 fn shifted(g: &Geom) -> bool {
+    g.k == 3 && g.stride == 1 && g.pad == 1 && g.h * g.w >= SHIFTED_MIN_PLANE && direct_fits(g)
+}
+
+/// The channel counts the direct kernels take: 8 or more input and output channels, an even
+/// number of inputs and a multiple of 4 outputs (for the weight gradient's tiles), on a CPU
+/// with AVX-512.
+fn direct_fits(g: &Geom) -> bool {
+    g.c >= 8 && g.o >= 8 && g.c.is_multiple_of(2) && g.o.is_multiple_of(direct::GRAD_CHANNELS) && direct::available()
+}
+
+/// Images side by side in the vectors of an [`interleaved`] convolution.
+const LANES: usize = 16;
+
+/// Planes of at least this many values (and under [`SHIFTED_MIN_PLANE`]) take the interleaved
+/// products.
+const INTERLEAVED_MIN_PLANE: usize = 64;
+
+/// Whether the forward pass and the input gradient run as a direct convolution with [`LANES`]
+/// images in each vector (see [`interleave`]): same-size 3×3 convolutions on planes of
+/// [`INTERLEAVED_MIN_PLANE`] to [`SHIFTED_MIN_PLANE`] values (the 8×8 layers of ResNet and
+/// VGG), with the channel counts of [`direct_fits`].
+///
+/// Why: the shifted layout of [`shifted_image`] would compute each padded row's two border
+/// columns too (a fifth of an 8×8 plane's work); with one image per lane, every vector is one
+/// output position of 16 images, no position is computed in vain and every read is a whole
+/// aligned vector. Measured against im2col + `gemm` (`layerlab-bench profile`, 1 thread): on
+/// the 8×8 layers the forward pass and the input gradient took 0.6–1.0× the time, but on 4×4 and
+/// 2×2 planes with 128 channels 1.1–1.3× (the weights and inputs of a tile then stream from L2),
+/// and the weight gradient of the same kernel took 1.0–2× `gemm`'s, so those keep `gemm`.
+fn interleaved(g: &Geom) -> bool {
     g.k == 3
         && g.stride == 1
         && g.pad == 1
-        && g.h * g.w >= SHIFTED_MIN_PLANE
-        && g.c >= 8
-        && g.o >= 8
-        && g.c.is_multiple_of(2)
-        && g.o.is_multiple_of(direct::GRAD_CHANNELS)
-        && direct::available()
+        && (INTERLEAVED_MIN_PLANE..SHIFTED_MIN_PLANE).contains(&(g.h * g.w))
+        && direct_fits(g)
+}
+
+/// `dst` [k, h + 2·pad, w + 2·pad, LANES] from the planes of up to [`LANES`] images `src`
+/// [images, k, h, w]: image i in lane i, with a zero border and zero lanes past the last image.
+fn interleave(src: &[f32], k: usize, h: usize, w: usize, pad: usize, dst: &mut [f32]) {
+    let (hp, wp) = (h + 2 * pad, w + 2 * pad);
+    let images = src.len() / (k * h * w).max(1);
+    dst.fill(0.0);
+    for ch in 0..k {
+        for y in 0..h {
+            let row = &mut dst[((ch * hp + y + pad) * wp + pad) * LANES..][..w * LANES];
+            for lane in 0..images {
+                let src = &src[((lane * k + ch) * h + y) * w..][..w];
+                for (x, &v) in src.iter().enumerate() {
+                    row[x * LANES + lane] = v;
+                }
+            }
+        }
+    }
+}
+
+/// `images` images [images, m, hw] (plus `bias` [m]) written to `dst` from `src` [m, hw, LANES]:
+/// lane i to image i.
+fn deinterleave(src: &[f32], images: usize, m: usize, hw: usize, bias: Option<&[f32]>, dst: &mut Piece<'_>) {
+    for lane in 0..images {
+        for ch in 0..m {
+            let b = bias.map_or(0.0, |b| b[ch]);
+            let src = &src[ch * hw * LANES..][..hw * LANES];
+            dst.extend(src.chunks_exact(LANES).map(|p| p[lane] + b));
+        }
+    }
+}
+
+/// For each output position of an h × w plane in order: its offset in an interleaved plane
+/// padded by one ([`interleave`]) and in an interleaved output plane, both in floats.
+fn interleaved_positions(h: usize, w: usize) -> Vec<(usize, usize)> {
+    (0..h * w).map(|p| (((p / w) * (w + 2) + p % w) * LANES, p * LANES)).collect()
+}
+
+/// A same-size 3×3 convolution with images in the lanes: `src` [n, k, h, w] to [n, m, h, w]
+/// (`(k, m)` channels) with tap matrices `taps` [9][k][m] read at `offsets` (in floats) into the
+/// interleaved padded planes, plus `bias` [m]. Groups of [`LANES`] images run in parallel.
+fn interleaved_conv(
+    g: &Geom,
+    (k, m): (usize, usize),
+    src: &[f32],
+    taps: &[f32],
+    offsets: &[usize; 9],
+    bias: Option<&[f32]>,
+) -> Vec<f32> {
+    let (h, w, hw) = (g.h, g.w, g.h * g.w);
+    let plane = (h + 2) * (w + 2) * LANES;
+    let positions = interleaved_positions(h, w);
+    // Tiles of VECTORS positions in order; the last one repeats its last position to fill up
+    // (it writes the same values twice).
+    let tiles: Vec<direct::Tile> = positions
+        .chunks(direct::VECTORS)
+        .map(|p| direct::Tile {
+            src: std::array::from_fn(|q| p[q.min(p.len() - 1)].0),
+            out: std::array::from_fn(|q| p[q.min(p.len() - 1)].1),
+        })
+        .collect();
+    let n = src.len() / (k * hw);
+    built_in_pieces(n * m * hw, LANES * m * hw, 1, |group, dst| {
+        let images = LANES.min(n - group * LANES);
+        let src = &src[group * LANES * k * hw..][..images * k * hw];
+        with_scratch(|s| {
+            let padded = resized(&mut s.cols, k * plane);
+            super::vectorized(|| interleave(src, k, h, w, 1, padded));
+            let out = resized(&mut s.mat, m * hw * LANES);
+            direct::run(m, k, taps, offsets, padded, plane, &tiles, hw * LANES, out);
+            super::vectorized(|| deinterleave(out, images, m, hw, bias, dst));
+        })
+    })
+}
+
+/// The tap offsets (in floats) of an interleaved plane padded by one, w + 2 positions wide:
+/// tap (ki, kj) of the forward pass, or with `flipped` tap (2 - ki, 2 - kj) (the input
+/// gradient's).
+fn interleaved_offsets(w: usize, flipped: bool) -> [usize; 9] {
+    std::array::from_fn(|t| {
+        let (ki, kj) = if flipped { (2 - t / 3, 2 - t % 3) } else { (t / 3, t % 3) };
+        (ki * (w + 2) + kj) * LANES
+    })
 }
 
 /// The weight [o, c, 3, 3] as nine matrices [9][c][o] (tap-major), or with `transposed` as
@@ -468,7 +580,7 @@ fn shifted_image(
     taps: &[f32],
     offsets: &[usize; 9],
     bias: Option<&[f32]>,
-    dst: &mut [f32],
+    dst: &mut Piece<'_>,
 ) {
     let (h, w, wp) = (g.h, g.w, g.w + 2);
     let plane = (h + 2) * wp;
@@ -482,12 +594,19 @@ fn shifted_image(
             layers::pad_planes(padded, src, h, w, 1);
         });
         let out = resized(&mut s.mat, m * cols);
-        direct::run(m, k, taps, offsets, padded, plane, cols, out);
+        let tiles: Vec<direct::Tile> = (0..cols)
+            .step_by(direct::POSITIONS)
+            .map(|j0| {
+                let at = std::array::from_fn(|q| j0 + 16 * q);
+                direct::Tile { src: at, out: at }
+            })
+            .collect();
+        direct::run(m, k, taps, offsets, padded, plane, &tiles, cols, out);
         super::vectorized(|| {
-            for (ch, (dst, out)) in dst.chunks_exact_mut(h * w).zip(out.chunks_exact(cols)).enumerate() {
+            for (ch, out) in out.chunks_exact(cols).enumerate() {
                 let b = bias.map_or(0.0, |b| b[ch]);
-                for (dst, out) in dst.chunks_exact_mut(w).zip(out.chunks_exact(wp)) {
-                    dst.iter_mut().zip(out).for_each(|(d, v)| *d = v + b);
+                for row in out.chunks_exact(wp).take(h) {
+                    dst.extend(row[..w].iter().map(|v| v + b));
                 }
             }
         });
@@ -497,7 +616,7 @@ fn shifted_image(
 /// The direct convolution kernel behind [`shifted_image`], in AVX-512.
 mod direct {
     /// 16-lane registers of output positions in one tile.
-    const VECTORS: usize = 3;
+    pub(super) const VECTORS: usize = 3;
     /// Output positions of one tile.
     pub(super) const POSITIONS: usize = VECTORS * 16;
     /// Output channels of one tile: 8 × 3 accumulators, 3 loaded inputs and a broadcast weight
@@ -517,10 +636,19 @@ mod direct {
         }
     }
 
-    /// `out` [m, cols] = Σ over taps t and input channels c of `taps`[t][c][·] (m values) times
-    /// `src` read from `c·plane + offsets[t]`, for `cols` positions (a multiple of
-    /// [`POSITIONS`]). Each output is summed in the same order (taps, then channels) whatever
-    /// the tile or thread.
+    /// Where one tile reads its [`VECTORS`] input vectors (offsets into an input channel's plane,
+    /// to which each tap's offset is added) and writes its output vectors (offsets into an
+    /// output channel's values).
+    #[derive(Debug, Clone, Copy)]
+    pub(super) struct Tile {
+        pub(super) src: [usize; VECTORS],
+        pub(super) out: [usize; VECTORS],
+    }
+
+    /// For each tile and output channel r: `out`[r·out_stride + tile.out[q]..][..16] = Σ over
+    /// taps t and input channels c of `taps`[t][c][r] times `src`[c·plane + offsets[t] +
+    /// tile.src[q]..][..16]. Each output is summed in the same order (taps, then channels)
+    /// whatever the tile or thread.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn run(
         m: usize,
@@ -529,18 +657,24 @@ mod direct {
         offsets: &[usize; 9],
         src: &[f32],
         plane: usize,
-        cols: usize,
+        tiles: &[Tile],
+        out_stride: usize,
         out: &mut [f32],
     ) {
         assert!(available(), "the direct convolution needs AVX-512");
-        assert!(cols.is_multiple_of(POSITIONS) && out.len() >= m * cols && taps.len() >= 9 * k * m);
-        let reach = offsets.iter().max().copied().unwrap_or(0) + cols;
-        assert!(k == 0 || src.len() >= (k - 1) * plane + reach, "direct convolution: input too short");
+        assert!(taps.len() >= 9 * k * m, "direct convolution: too few weights");
+        let reach = offsets.iter().max().copied().unwrap_or(0) + 16;
+        for t in tiles {
+            for (&s, &o) in t.src.iter().zip(&t.out) {
+                assert!(k == 0 || src.len() >= (k - 1) * plane + reach + s, "direct convolution: input too short");
+                assert!(m == 0 || out.len() >= (m - 1) * out_stride + o + 16, "direct convolution: output too short");
+            }
+        }
         #[cfg(target_arch = "x86_64")]
         // SAFETY: AVX-512F is present (asserted above), and the asserts bound every read of
         // `taps` and `src` and every write of `out` that the tiles make.
         unsafe {
-            x86::run(m, k, taps, offsets, src, plane, cols, out)
+            x86::run(m, k, taps, offsets, src, plane, tiles, out_stride, out)
         }
     }
 
@@ -582,7 +716,7 @@ mod direct {
     mod x86 {
         use std::arch::x86_64::*;
 
-        use super::{CHANNELS, GRAD_CHANNELS, GRAD_TAPS, POSITIONS, VECTORS};
+        use super::{Tile, CHANNELS, GRAD_CHANNELS, GRAD_TAPS, VECTORS};
 
         #[allow(clippy::too_many_arguments)]
         #[target_feature(enable = "avx512f")]
@@ -593,28 +727,33 @@ mod direct {
             offsets: &[usize; 9],
             src: &[f32],
             plane: usize,
-            cols: usize,
+            tiles: &[Tile],
+            out_stride: usize,
             out: &mut [f32],
         ) {
-            for j0 in (0..cols).step_by(POSITIONS) {
-                let mut o0 = 0;
-                while o0 < m {
-                    let args = (o0, m, k, taps, offsets, src, plane, j0);
+            let mut o0 = 0;
+            while o0 < m {
+                let mut done = 0;
+                for t in tiles {
+                    let args = (o0, m, k, taps, offsets, src, plane, t);
                     // SAFETY: as for `run` (the caller's asserts bound every tile).
-                    let tile = unsafe {
+                    done = unsafe {
                         match m - o0 {
-                            1 => tile::<1>(args, cols, out),
-                            2 => tile::<2>(args, cols, out),
-                            3 => tile::<3>(args, cols, out),
-                            4 => tile::<4>(args, cols, out),
-                            5 => tile::<5>(args, cols, out),
-                            6 => tile::<6>(args, cols, out),
-                            7 => tile::<7>(args, cols, out),
-                            _ => tile::<CHANNELS>(args, cols, out),
+                            1 => tile::<1>(args, out_stride, out),
+                            2 => tile::<2>(args, out_stride, out),
+                            3 => tile::<3>(args, out_stride, out),
+                            4 => tile::<4>(args, out_stride, out),
+                            5 => tile::<5>(args, out_stride, out),
+                            6 => tile::<6>(args, out_stride, out),
+                            7 => tile::<7>(args, out_stride, out),
+                            _ => tile::<CHANNELS>(args, out_stride, out),
                         }
                     };
-                    o0 += tile;
                 }
+                if tiles.is_empty() {
+                    break;
+                }
+                o0 += done;
             }
         }
 
@@ -664,26 +803,26 @@ mod direct {
             }
         }
 
-        type TileArgs<'a> = (usize, usize, usize, &'a [f32], &'a [usize; 9], &'a [f32], usize, usize);
+        type TileArgs<'a> = (usize, usize, usize, &'a [f32], &'a [usize; 9], &'a [f32], usize, &'a Tile);
 
-        /// Output channels `o0..o0 + MR` at positions `j0..j0 + POSITIONS`; returns MR.
+        /// Output channels `o0..o0 + MR` at the tile's vectors; returns MR.
         #[inline]
         #[target_feature(enable = "avx512f")]
         unsafe fn tile<const MR: usize>(
-            (o0, m, k, taps, offsets, src, plane, j0): TileArgs<'_>,
-            cols: usize,
+            (o0, m, k, taps, offsets, src, plane, t): TileArgs<'_>,
+            out_stride: usize,
             out: &mut [f32],
         ) -> usize {
-            // SAFETY: the caller keeps `o0 + MR <= m`, `j0 + POSITIONS <= cols` and every read of
-            // `src` inside its length (see `direct::run`).
+            // SAFETY: the caller keeps `o0 + MR <= m` and every read of `src` and write of `out`
+            // inside their lengths (see `direct::run`).
             unsafe {
                 let mut acc = [[_mm512_setzero_ps(); VECTORS]; MR];
-                for (t, &off) in offsets.iter().enumerate() {
-                    let w_t = taps.as_ptr().add(t * k * m + o0);
-                    let s_t = src.as_ptr().add(off + j0);
+                for (tap, &off) in offsets.iter().enumerate() {
+                    let w_t = taps.as_ptr().add(tap * k * m + o0);
+                    let s_t = src.as_ptr().add(off);
                     for c in 0..k {
                         let p = s_t.add(c * plane);
-                        let v: [__m512; VECTORS] = std::array::from_fn(|q| _mm512_loadu_ps(p.add(16 * q)));
+                        let v: [__m512; VECTORS] = std::array::from_fn(|q| _mm512_loadu_ps(p.add(t.src[q])));
                         let w = w_t.add(c * m);
                         for (r, acc) in acc.iter_mut().enumerate() {
                             let wr = _mm512_set1_ps(*w.add(r));
@@ -694,9 +833,9 @@ mod direct {
                     }
                 }
                 for (r, acc) in acc.iter().enumerate() {
-                    let d = out.as_mut_ptr().add((o0 + r) * cols + j0);
+                    let d = out.as_mut_ptr().add((o0 + r) * out_stride);
                     for (q, a) in acc.iter().enumerate() {
-                        _mm512_storeu_ps(d.add(16 * q), *a);
+                        _mm512_storeu_ps(d.add(t.out[q]), *a);
                     }
                 }
             }
@@ -722,20 +861,24 @@ fn gather_grad<'a>(g: &Geom, grad: &'a [f32], images: usize, buf: &'a mut Vec<f3
 
 /// The input gradient [n, c, h, w] from the output gradient [n, o, ho, wo].
 pub(crate) fn grad_input(g: &Geom, grad: &[f32], weight: &[f32]) -> Vec<f32> {
-    let mut dx = vec![0f32; g.n * g.image_in()];
-    if dx.is_empty() {
-        return dx;
+    if g.n * g.image_in() == 0 {
+        return Vec::new();
+    }
+    if interleaved(g) {
+        // As for `shifted` below: the adjoint with the weight transposed and the taps reversed.
+        let taps = taps_of(weight, g.o, g.c, true);
+        return interleaved_conv(g, (g.o, g.c), grad, &taps, &interleaved_offsets(g.w, true), None);
     }
     if shifted(g) {
         // The same-size 3×3 convolution's adjoint is one too: dx[c, ·] = Σ over taps of
         // weight[·, ·, tap]ᵀ [c, o] · grad shifted the opposite way.
         let taps = taps_of(weight, g.o, g.c, true);
         let offsets: [usize; 9] = std::array::from_fn(|t| (2 - t / 3) * (g.w + 2) + 2 - t % 3);
-        dx.par_chunks_mut(g.image_in())
-            .zip(grad.par_chunks(g.image_out()))
-            .for_each(|(dx, grad)| shifted_image(g, (g.o, g.c), grad, &taps, &offsets, None, dx));
-        return dx;
+        return built_in_pieces(g.n * g.image_in(), g.image_in(), 1, |i, dx| {
+            shifted_image(g, (g.o, g.c), &grad[i * g.image_out()..][..g.image_out()], &taps, &offsets, None, dx)
+        });
     }
+    let mut dx = vec![0f32; g.n * g.image_in()];
     let (ckk, b) = (g.ckk(), g.chunk_images());
     dx.par_chunks_mut(b * g.image_in()).enumerate().for_each(|(i, dx)| {
         with_scratch(|s| {
@@ -1150,8 +1293,13 @@ pub(crate) mod tests {
             (2, 6, 5, 7, 4, 1, 0, 1),
             (4, 4, 9, 9, 7, 1, 0, 2),
             (1, 2, 3, 3, 3, 3, 1, 2),
-            (19, 8, 4, 4, 16, 3, 1, 1),
             (1, 2, 1, 1, 3, 3, 1, 1),
+            (19, 8, 4, 4, 16, 3, 1, 1),
+            // Through the interleaved products (see `interleaved`): partial groups of images,
+            // a last tile of positions filled up, output channels in narrower tiles.
+            (33, 8, 8, 8, 12, 3, 1, 1),
+            (5, 10, 8, 8, 8, 3, 1, 1),
+            (17, 12, 7, 11, 20, 3, 1, 1),
             // Through the shifted products (see `shifted`).
             (3, 8, 16, 16, 12, 3, 1, 1),
             (2, 10, 18, 15, 12, 3, 1, 1),
@@ -1229,16 +1377,21 @@ pub(crate) mod tests {
 
     #[test]
     fn results_do_not_depend_on_the_thread_count() {
-        let x = random(&[37, 8, 10, 10], 21);
-        let w = random(&[16, 8, 3, 3], 22);
-        let r = random(&[37, 16, 5, 5], 23);
-        let on = |threads: usize| {
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-            pool.install(|| run(conv2d, &x, &w, &r, 1, 2)).map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
-        };
-        let one = on(1);
-        for threads in [2, 3, 5] {
-            assert!(on(threads) == one, "{threads} threads changed the result");
+        // Through im2col + gemm (stride 2), and through the interleaved products.
+        for (size, stride) in [(10, 2), (8, 1)] {
+            let x = random(&[37, 8, size, size], 21);
+            let w = random(&[16, 8, 3, 3], 22);
+            let out = (size - 1) / stride + 1;
+            let r = random(&[37, 16, out, out], 23);
+            let on = |threads: usize| {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                pool.install(|| run(conv2d, &x, &w, &r, 1, stride))
+                    .map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            };
+            let one = on(1);
+            for threads in [2, 3, 5] {
+                assert!(on(threads) == one, "stride {stride}: {threads} threads changed the result");
+            }
         }
     }
 

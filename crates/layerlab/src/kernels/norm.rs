@@ -5,13 +5,12 @@
 //! gradients). Here the statistics are per-channel reductions run by one thread per channel in a
 //! fixed order, so results do not depend on the thread count.
 
-use std::borrow::Cow;
 use std::sync::{Arc, Mutex};
 
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{f32_data, kept_or_zero, vectorized};
+use super::{built_in_pieces, f32_data, kept_or_zero, vectorized};
 
 /// Whether the fused ops handle this activation tensor.
 pub fn applies(x: &Tensor) -> bool {
@@ -103,19 +102,6 @@ fn stats(x: &[f32], n: usize, c: usize, hw: usize) -> Vec<(f64, f64)> {
             })
         })
         .collect()
-}
-
-/// Runs `f(image, channel, dst plane)` over every plane of `dst` [n, c, hw] in parallel.
-fn for_planes(dst: &mut [f32], c: usize, hw: usize, f: impl Fn(usize, usize, &mut [f32]) + Sync + Send) {
-    if dst.is_empty() {
-        return;
-    }
-    // Keep tasks at a few thousand values at least: late layers have 2×2 planes.
-    let min_planes = 4096usize.div_ceil(hw.max(1));
-    dst.par_chunks_mut(hw.max(1))
-        .with_min_len(min_planes)
-        .enumerate()
-        .for_each(|(p, d)| vectorized(|| f(p / c, p % c, d)));
 }
 
 struct Stats;
@@ -219,17 +205,18 @@ pub(crate) fn train_forward(
 
 /// `x · scale + shift` per channel of [n, c, hw] values, then a ReLU when `relu`.
 pub(crate) fn affine(x: &[f32], c: usize, hw: usize, scale: &[f32], shift: &[f32], relu: bool) -> Vec<f32> {
-    let mut y = vec![0f32; x.len()];
-    for_planes(&mut y, c, hw, |i, ch, y| {
-        let x = &x[(i * c + ch) * hw..][..hw];
-        let (a, b) = (scale[ch], shift[ch]);
-        if relu {
-            y.iter_mut().zip(x).for_each(|(y, x)| *y = (x * a + b).max(0.0));
-        } else {
-            y.iter_mut().zip(x).for_each(|(y, x)| *y = x * a + b);
-        }
-    });
-    y
+    let hw = hw.max(1);
+    built_in_pieces(x.len(), hw, 4096usize.div_ceil(hw), |p, y| {
+        let (a, b) = (scale[p % c], shift[p % c]);
+        let x = &x[p * hw..][..hw];
+        vectorized(|| {
+            if relu {
+                y.extend(x.iter().map(|x| (x * a + b).max(0.0)));
+            } else {
+                y.extend(x.iter().map(|x| x * a + b));
+            }
+        })
+    })
 }
 
 /// Evaluation-mode BatchNorm as per-channel (scale, shift) for [`affine`]: the running statistics
@@ -271,13 +258,15 @@ impl CustomOp3 for TrainGrad {
         }
         let (x, dy) = (f32_data(s1, l1)?, f32_data(s2, l2)?);
         let weight = per_channel(s3, l3, c, "weight")?;
-        let out = train_backward(&x, &dy, (n, c, hw), &weight, &self.kept, self.eps, self.relu);
+        let (mut out, dweight, dbias) = train_backward(&x, &dy, (n, c, hw), &weight, &self.kept, self.eps, self.relu);
+        out.extend(dweight);
+        out.extend(dbias);
         Ok((CpuStorage::F32(out), Shape::from(x.len() + 2 * c)))
     }
 }
 
-/// The gradients of [`train_forward`] from its input `x` and output gradient `dy`, packed as
-/// [dx (n·c·hw values), d weight (c), d bias (c)].
+/// The gradients of [`train_forward`] from its input `x` and output gradient `dy`: (dx, d weight,
+/// d bias).
 pub(crate) fn train_backward(
     x: &[f32],
     dy: &[f32],
@@ -286,27 +275,13 @@ pub(crate) fn train_backward(
     kept: &Kept,
     eps: f64,
     relu: bool,
-) -> Vec<f32> {
-    let dy = Cow::Borrowed(dy);
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let count = (n * hw).max(1) as f64;
     let st = &kept.stats;
     // Through the ReLU first: the gradient passes where the output was positive, which the
-    // forward pass's own factors tell again from x.
-    let dy: Cow<[f32]> = if relu {
-        let (scale, shift) = (&kept.scale, &kept.shift);
-        let mut masked = vec![0f32; dy.len()];
-        for_planes(&mut masked, c, hw, |i, ch, m| {
-            let off = (i * c + ch) * hw;
-            let (x, dy) = (&x[off..off + hw], &dy[off..off + hw]);
-            let (a, b) = (scale[ch], shift[ch]);
-            for ((m, x), dy) in m.iter_mut().zip(x).zip(dy) {
-                *m = kept_or_zero(x * a + b > 0.0, *dy);
-            }
-        });
-        Cow::Owned(masked)
-    } else {
-        dy
-    };
+    // forward pass's own factors tell again from x. Both passes below apply the mask as they
+    // read dy, rather than a pass of its own writing a masked copy.
+    let mask = |ch: usize| relu.then(|| (kept.scale[ch], kept.shift[ch]));
     // Per channel: Σdy and Σdy·(x - mean), each plane in f32 lanes, planes summed in f64.
     let sums: Vec<(f64, f64)> = (0..c)
         .into_par_iter()
@@ -317,8 +292,9 @@ pub(crate) fn train_backward(
                 for i in 0..n {
                     let off = (i * c + ch) * hw;
                     let (x, dy) = (&x[off..off + hw], &dy[off..off + hw]);
-                    s_dy += lane_sum(dy, |v| v) as f64;
-                    s_dyx += dot_centered(x, dy, m) as f64;
+                    let (sum, dot) = sum_and_dot_centered(x, dy, m, mask(ch));
+                    s_dy += sum as f64;
+                    s_dyx += dot as f64;
                 }
                 (s_dy, s_dyx)
             })
@@ -326,8 +302,7 @@ pub(crate) fn train_backward(
         .collect();
     // dx = a·dy + b·x + d with a = weight·inv_std,
     // b = -a·inv_std²·Σdy(x - mean)/M and d = -a·Σdy/M - b·mean.
-    let mut out = vec![0f32; x.len() + 2 * c];
-    let mut coef = Vec::with_capacity(c);
+    let (mut coef, mut dweight, mut dbias) = (Vec::with_capacity(c), Vec::with_capacity(c), Vec::with_capacity(c));
     for ch in 0..c {
         let (mean, var) = st[ch];
         let (s_dy, s_dyx) = sums[ch];
@@ -336,36 +311,50 @@ pub(crate) fn train_backward(
         let b = -a * inv_std * inv_std * s_dyx / count;
         let d = -a * s_dy / count - b * mean;
         coef.push((a as f32, b as f32, d as f32));
-        out[x.len() + ch] = (s_dyx * inv_std) as f32;
-        out[x.len() + c + ch] = s_dy as f32;
+        dweight.push((s_dyx * inv_std) as f32);
+        dbias.push(s_dy as f32);
     }
-    let (dx, _) = out.split_at_mut(x.len());
-    for_planes(dx, c, hw, |i, ch, dx| {
-        let off = (i * c + ch) * hw;
-        let (x, dy) = (&x[off..off + hw], &dy[off..off + hw]);
+    let hw1 = hw.max(1);
+    let dx = built_in_pieces(x.len(), hw1, 4096usize.div_ceil(hw1), |p, dx| {
+        let ch = p % c;
+        let (x, dy) = (&x[p * hw1..][..hw1], &dy[p * hw1..][..hw1]);
         let (a, b, d) = coef[ch];
-        for ((dx, x), dy) in dx.iter_mut().zip(x).zip(dy) {
-            *dx = a * dy + b * x + d;
-        }
+        vectorized(|| match mask(ch) {
+            Some((sa, sb)) => {
+                dx.extend(x.iter().zip(dy).map(|(x, dy)| a * kept_or_zero(x * sa + sb > 0.0, *dy) + b * x + d))
+            }
+            None => dx.extend(x.iter().zip(dy).map(|(x, dy)| a * dy + b * x + d)),
+        })
     });
-    out
+    (dx, dweight, dbias)
 }
 
-/// Σ dy·(x - m) in eight fixed lanes.
-fn dot_centered(x: &[f32], dy: &[f32], m: f32) -> f32 {
-    let mut acc = [0f32; 8];
+/// Σ dy and Σ dy·(x - m) in eight fixed lanes each, dy taken as 0 where `mask` = (a, b) gives
+/// x·a + b ≤ 0 (the ReLU after BatchNorm did not pass it).
+#[inline(always)]
+fn sum_and_dot_centered(x: &[f32], dy: &[f32], m: f32, mask: Option<(f32, f32)>) -> (f32, f32) {
+    let (mut sum, mut dot) = ([0f32; 8], [0f32; 8]);
+    let masked = |x: f32, dy: f32| match mask {
+        Some((a, b)) => kept_or_zero(x * a + b > 0.0, dy),
+        None => dy,
+    };
     let (xc, dc) = (x.chunks_exact(8), dy.chunks_exact(8));
     let (xr, dr) = (xc.remainder(), dc.remainder());
     for (x, d) in xc.zip(dc) {
         for l in 0..8 {
-            acc[l] += (x[l] - m) * d[l];
+            let d = masked(x[l], d[l]);
+            sum[l] += d;
+            dot[l] += (x[l] - m) * d;
         }
     }
-    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    let fold = |a: [f32; 8]| ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
+    let (mut s, mut t) = (fold(sum), fold(dot));
     for (x, d) in xr.iter().zip(dr) {
-        s += (x - m) * d;
+        let d = masked(*x, *d);
+        s += d;
+        t += (x - m) * d;
     }
-    s
+    (s, t)
 }
 
 struct Affine {
