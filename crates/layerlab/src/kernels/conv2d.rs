@@ -1,4 +1,5 @@
-//! The 2-D convolution used by the models (a kernel of [`crate::kernels`]): im2col + gemm on the CPU, with its own backward.
+//! The 2-D convolution used by the models (a kernel of [`crate::kernels`]): direct kernels and
+//! im2col + gemm on the CPU, with its own backward.
 //!
 //! candle's CPU `conv2d` backward goes through a direct-loop `conv_transpose2d`, which made
 //! training CNNs an order of magnitude slower than it needs to be. [`conv2d`] runs f32 tensors
@@ -6,6 +7,11 @@
 //! matrix product per chunk of images, and whose backward computes the input gradient
 //! (Wᵀ·grad, then col2im) and the weight gradient (grad·colsᵀ) the same way. Other devices and
 //! dtypes keep candle's own `conv2d`.
+//!
+//! Same-size 3×3 convolutions with enough channels skip the column matrix on CPUs with AVX-512:
+//! a direct kernel ([`direct`]) keeps a tile of outputs in registers through all taps and input
+//! channels, on planes laid out with their zero border ([`shifted`], 16×16 and larger) or with
+//! 16 images side by side in each vector ([`interleaved`], 8×8).
 //!
 //! Work is split into chunks of images whose size depends only on the shapes, never on the
 //! number of threads, and every matrix product runs single-threaded inside its chunk; chunks run

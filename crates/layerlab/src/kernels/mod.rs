@@ -2,7 +2,8 @@
 //! on f32 slices) with its own backward where training needs one:
 //!
 //! - [`gemm`]: the one matrix-product wrapper every kernel and the fully connected path use;
-//! - [`conv2d`]: convolution as im2col + gemm, forward and both gradients;
+//! - [`conv2d`]: convolution, forward and both gradients: direct AVX-512 kernels for same-size
+//!   3×3 layers, im2col + gemm for the rest;
 //! - [`norm`]: BatchNorm in training and evaluation mode, fused;
 //! - [`layers`]: ReLU, 2×2 max-pooling and the bias gradient.
 //!
@@ -133,5 +134,22 @@ pub(crate) fn f32_data<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result
             }
             index[axis] = 0;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn built_in_pieces_writes_each_piece_in_order() {
+        let v = built_in_pieces(10, 4, 1, |i, piece| piece.extend((0..4).map(|j| (i * 4 + j) as f32)));
+        assert_eq!(v, (0..10).map(|j| j as f32).collect::<Vec<_>>());
+    }
+
+    #[test]
+    #[should_panic(expected = "not written in full")]
+    fn a_piece_left_short_is_refused() {
+        built_in_pieces(10, 4, 1, |_, piece| piece.extend([1.0, 2.0]));
     }
 }
