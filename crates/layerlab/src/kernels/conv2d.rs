@@ -619,9 +619,10 @@ fn shifted_image(
     })
 }
 
-/// The direct convolution kernel behind [`shifted_image`], in AVX-512.
+/// The direct convolution kernel behind [`shifted_image`] and [`interleaved_conv`], in AVX-512.
 mod direct {
-    /// 16-lane registers of output positions in one tile.
+    /// 16-lane registers of outputs in one tile (16 positions of one image, or one position of
+    /// 16 images).
     pub(super) const VECTORS: usize = 3;
     /// Output positions of one tile.
     pub(super) const POSITIONS: usize = VECTORS * 16;
