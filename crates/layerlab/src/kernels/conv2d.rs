@@ -463,7 +463,7 @@ const INTERLEAVED_MIN_PLANE: usize = 64;
 /// output position of 16 images, no position is computed in vain and every read is a whole
 /// aligned vector. Measured against im2col + `gemm` (`layerlab-bench profile`, 1 thread): on
 /// the 8×8 layers the forward pass and the input gradient took 0.6–1.0× the time, but on 4×4 and
-/// 2×2 planes with 128 channels 1.1–1.3× (the weights and inputs of a tile then stream from L2),
+/// 2×2 planes with 128 channels 1.1–1.3× (why is not settled: see docs/performance.md, Step 6),
 /// and the weight gradient of the same kernel took 1.0–2× `gemm`'s, so those keep `gemm`.
 fn interleaved(g: &Geom) -> bool {
     g.k == 3
