@@ -379,7 +379,7 @@ pub(crate) fn forward(g: &Geom, x: &[f32], weight: &[f32], bias: Option<&[f32]>)
         // y[o, ·] = Σ over taps of weight[·, ·, tap] [o, c] · x shifted by the tap.
         let taps = taps_of(weight, g.o, g.c, false);
         let offsets: [usize; 9] = std::array::from_fn(|t| (t / 3) * (g.w + 2) + t % 3);
-        return built_in_pieces(g.n * g.image_out(), g.image_out(), 1, |i, y| {
+        return built_in_pieces(g.n * g.image_out(), g.image_out(), |i, y| {
             shifted_image(g, (g.c, g.o), &x[i * g.image_in()..][..g.image_in()], &taps, &offsets, bias, y)
         });
     }
@@ -534,7 +534,7 @@ fn interleaved_conv(
         })
         .collect();
     let n = src.len() / (k * hw);
-    built_in_pieces(n * m * hw, LANES * m * hw, 1, |group, dst| {
+    built_in_pieces(n * m * hw, LANES * m * hw, |group, dst| {
         let images = LANES.min(n - group * LANES);
         let src = &src[group * LANES * k * hw..][..images * k * hw];
         with_scratch(|s| {
@@ -738,13 +738,12 @@ mod direct {
             out_stride: usize,
             out: &mut [f32],
         ) {
-            let mut o0 = 0;
-            while o0 < m {
-                let mut done = 0;
+            // Output-channel tiles outermost, so that a tile's weights are reused across positions.
+            for o0 in (0..m).step_by(CHANNELS) {
                 for t in tiles {
                     let args = (o0, m, k, taps, offsets, src, plane, t);
                     // SAFETY: as for `run` (the caller's asserts bound every tile).
-                    done = unsafe {
+                    unsafe {
                         match m - o0 {
                             1 => tile::<1>(args, out_stride, out),
                             2 => tile::<2>(args, out_stride, out),
@@ -755,12 +754,8 @@ mod direct {
                             7 => tile::<7>(args, out_stride, out),
                             _ => tile::<CHANNELS>(args, out_stride, out),
                         }
-                    };
+                    }
                 }
-                if tiles.is_empty() {
-                    break;
-                }
-                o0 += done;
             }
         }
 
@@ -812,14 +807,14 @@ mod direct {
 
         type TileArgs<'a> = (usize, usize, usize, &'a [f32], &'a [usize; 9], &'a [f32], usize, &'a Tile);
 
-        /// Output channels `o0..o0 + MR` at the tile's vectors; returns MR.
+        /// Output channels `o0..o0 + MR` at the tile's vectors.
         #[inline]
         #[target_feature(enable = "avx512f")]
         unsafe fn tile<const MR: usize>(
             (o0, m, k, taps, offsets, src, plane, t): TileArgs<'_>,
             out_stride: usize,
             out: &mut [f32],
-        ) -> usize {
+        ) {
             // SAFETY: the caller keeps `o0 + MR <= m` and every read of `src` and write of `out`
             // inside their lengths (see `direct::run`).
             unsafe {
@@ -846,7 +841,6 @@ mod direct {
                     }
                 }
             }
-            MR
         }
     }
 }
@@ -881,7 +875,7 @@ pub(crate) fn grad_input(g: &Geom, grad: &[f32], weight: &[f32]) -> Vec<f32> {
         // weight[·, ·, tap]ᵀ [c, o] · grad shifted the opposite way.
         let taps = taps_of(weight, g.o, g.c, true);
         let offsets: [usize; 9] = std::array::from_fn(|t| (2 - t / 3) * (g.w + 2) + 2 - t % 3);
-        return built_in_pieces(g.n * g.image_in(), g.image_in(), 1, |i, dx| {
+        return built_in_pieces(g.n * g.image_in(), g.image_in(), |i, dx| {
             shifted_image(g, (g.o, g.c), &grad[i * g.image_out()..][..g.image_out()], &taps, &offsets, None, dx)
         });
     }

@@ -68,8 +68,11 @@ impl Piece<'_> {
     }
 }
 
+/// Values a task of [`built_in_pieces`] takes at least: late layers have 2×2 planes.
+const MIN_TASK_VALUES: usize = 4096;
+
 /// A vector of `len` values built in parallel, in pieces of `piece` values (the last one may be
-/// shorter) of which each task takes at least `min_pieces`: `fill(i, piece)` writes piece i's
+/// shorter), each task taking at least [`MIN_TASK_VALUES`]: `fill(i, piece)` writes piece i's
 /// values in order through [`Piece::extend`], and must write all of them (it panics otherwise).
 ///
 /// Why: `vec![0.0; len]` writes every value once before the kernel writes it again. Freed
@@ -79,14 +82,14 @@ impl Piece<'_> {
 pub(crate) fn built_in_pieces(
     len: usize,
     piece: usize,
-    min_pieces: usize,
     fill: impl Fn(usize, &mut Piece<'_>) + Sync + Send,
 ) -> Vec<f32> {
     let mut v = Vec::with_capacity(len);
+    let piece = piece.max(1);
     if len > 0 {
         v.spare_capacity_mut()[..len]
-            .par_chunks_mut(piece.max(1))
-            .with_min_len(min_pieces.max(1))
+            .par_chunks_mut(piece)
+            .with_min_len(MIN_TASK_VALUES.div_ceil(piece))
             .enumerate()
             .for_each(|(i, values)| {
                 let mut p = Piece { values, written: 0 };
@@ -143,13 +146,13 @@ mod tests {
 
     #[test]
     fn built_in_pieces_writes_each_piece_in_order() {
-        let v = built_in_pieces(10, 4, 1, |i, piece| piece.extend((0..4).map(|j| (i * 4 + j) as f32)));
+        let v = built_in_pieces(10, 4, |i, piece| piece.extend((0..4).map(|j| (i * 4 + j) as f32)));
         assert_eq!(v, (0..10).map(|j| j as f32).collect::<Vec<_>>());
     }
 
     #[test]
     #[should_panic(expected = "not written in full")]
     fn a_piece_left_short_is_refused() {
-        built_in_pieces(10, 4, 1, |_, piece| piece.extend([1.0, 2.0]));
+        built_in_pieces(10, 4, |_, piece| piece.extend([1.0, 2.0]));
     }
 }

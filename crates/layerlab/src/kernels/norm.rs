@@ -205,8 +205,7 @@ pub(crate) fn train_forward(
 
 /// `x · scale + shift` per channel of [n, c, hw] values, then a ReLU when `relu`.
 pub(crate) fn affine(x: &[f32], c: usize, hw: usize, scale: &[f32], shift: &[f32], relu: bool) -> Vec<f32> {
-    let hw = hw.max(1);
-    built_in_pieces(x.len(), hw, 4096usize.div_ceil(hw), |p, y| {
+    built_in_pieces(x.len(), hw, |p, y| {
         let (a, b) = (scale[p % c], shift[p % c]);
         let x = &x[p * hw..][..hw];
         vectorized(|| {
@@ -314,10 +313,9 @@ pub(crate) fn train_backward(
         dweight.push((s_dyx * inv_std) as f32);
         dbias.push(s_dy as f32);
     }
-    let hw1 = hw.max(1);
-    let dx = built_in_pieces(x.len(), hw1, 4096usize.div_ceil(hw1), |p, dx| {
+    let dx = built_in_pieces(x.len(), hw, |p, dx| {
         let ch = p % c;
-        let (x, dy) = (&x[p * hw1..][..hw1], &dy[p * hw1..][..hw1]);
+        let (x, dy) = (&x[p * hw..][..hw], &dy[p * hw..][..hw]);
         let (a, b, d) = coef[ch];
         vectorized(|| match mask(ch) {
             Some((sa, sb)) => {
