@@ -66,6 +66,23 @@ impl Piece<'_> {
         }
         self.written += n;
     }
+
+    /// The values not yet written: a kernel that writes the first `n` of them itself (with
+    /// vector stores) then calls [`Piece::advance`]`(n)`.
+    #[inline(always)]
+    pub(crate) fn rest(&mut self) -> &mut [MaybeUninit<f32>] {
+        &mut self.values[self.written..]
+    }
+
+    /// Counts `n` more values as written.
+    ///
+    /// # Safety
+    /// The first `n` values of [`Piece::rest`] must have been written.
+    #[inline(always)]
+    pub(crate) unsafe fn advance(&mut self, n: usize) {
+        assert!(n <= self.values.len() - self.written, "a piece advanced past its end");
+        self.written += n;
+    }
 }
 
 /// Values a task of [`built_in_pieces`] takes at least: late layers have 2×2 planes.
