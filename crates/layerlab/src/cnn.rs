@@ -44,7 +44,8 @@ struct Act {
     needs_grad: bool,
 }
 
-/// What one layer's backward pass needs, recorded by the forward pass.
+/// What one layer's backward pass needs, recorded by the forward pass (a max-pool: where each
+/// window's maximum lay, not its input).
 enum Saved {
     Pad { pad: usize, dims: [usize; 4] },
     Flatten,
@@ -52,7 +53,7 @@ enum Saved {
     Conv { name: String, geom: Geom, bias: bool, x: Act },
     BatchNorm { name: String, relu: bool, x: Act, kept: norm::Kept },
     Relu { y: Arc<Vec<f32>> },
-    MaxPool2 { x: Act },
+    MaxPool2 { dims: [usize; 4], needs_grad: bool, at: Vec<u8> },
     GlobalAvgPool { dims: [usize; 4] },
     Residual { main: Vec<Saved>, shortcut: Vec<Saved>, y: Arc<Vec<f32>> },
 }
@@ -308,9 +309,8 @@ impl CnnTrainer {
                     x.needs_grad.then_some(dx)
                 }
                 Saved::Relu { y } => Some(layers::relu_grad_values(&y, &g)),
-                Saved::MaxPool2 { x } => {
-                    let [_, _, h, w] = x.dims;
-                    x.needs_grad.then(|| layers::max_pool2_grad_values(&x.values, &g, h, w))
+                Saved::MaxPool2 { dims: [n, c, h, w], needs_grad, at } => {
+                    needs_grad.then(|| layers::max_pool2_grad_from(&at, &g, n * c, h, w))
                 }
                 Saved::GlobalAvgPool { dims: [n, c, h, w] } => {
                     let hw = h * w;
@@ -530,10 +530,9 @@ fn forward(
                 Act { values: out, dims: x.dims, needs_grad: x.needs_grad }
             }
             Layer::MaxPool2 => {
-                let out = layers::max_pool2_values(&x.values, n * c, h, w);
-                let y = Act { values: Arc::new(out), dims: [n, c, h / 2, w / 2], needs_grad: x.needs_grad };
-                record(&mut tape, || Saved::MaxPool2 { x });
-                y
+                let (out, at) = layers::max_pool2_with_argmax(&x.values, n * c, h, w);
+                record(&mut tape, || Saved::MaxPool2 { dims: x.dims, needs_grad: x.needs_grad, at });
+                Act { values: Arc::new(out), dims: [n, c, h / 2, w / 2], needs_grad: x.needs_grad }
             }
             Layer::GlobalAvgPool => {
                 let hw = h * w;

@@ -11,7 +11,7 @@ use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, 
 use rayon::prelude::*;
 
 use super::norm::lane_sum;
-use super::{f32_data, kept_or_zero, vectorized};
+use super::{built_in_pieces, f32_data, kept_or_zero, vectorized};
 
 /// Elementwise work is cut into pieces of at least this many values.
 const MIN_PIECE: usize = 1 << 14;
@@ -130,23 +130,14 @@ struct MaxPool2;
 
 /// Index (0..4, row-major) of the first maximum of a 2×2 window, NaN counting as the maximum.
 #[inline]
-fn window_argmax(v: [f32; 4]) -> usize {
+fn window_argmax(v: [f32; 4]) -> u8 {
     let mut best = 0;
     for i in 1..4 {
         if v[i] > v[best] || (v[i].is_nan() && !v[best].is_nan()) {
             best = i;
         }
     }
-    best
-}
-
-/// Runs `f(plane of x, plane of the pooled output)` over all planes of `x` [planes, h, w].
-fn for_pooled_planes(out: &mut [f32], out_plane: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
-    if out.is_empty() || out_plane == 0 {
-        return;
-    }
-    let min_planes = MIN_PIECE.div_ceil(out_plane * 4);
-    out.par_chunks_mut(out_plane).with_min_len(min_planes).enumerate().for_each(|(p, o)| vectorized(|| f(p, o)));
+    best as u8
 }
 
 /// Copies each h × w plane of `src` into the middle of the (h + 2·pad) × (w + 2·pad) planes of
@@ -161,41 +152,154 @@ pub(crate) fn pad_planes(dst: &mut [f32], src: &[f32], h: usize, w: usize, pad: 
     }
 }
 
-/// The larger of two values, NaN counting as the largest: [`window_argmax`]'s comparison, as a
-/// select that vectorises.
+/// 2×2 max-pooling of `planes` planes of h × w values: the pooled values and, for each, where
+/// its window's first maximum lies (0..4, row-major; NaN counting as the maximum), which is where
+/// the backward pass ([`max_pool2_grad_from`]) sends its gradient.
+///
+/// Why the positions: the backward pass then reads a byte per window instead of the whole input
+/// again, and the tape can drop the input as soon as the pooled values exist.
+pub(crate) fn max_pool2_with_argmax(x: &[f32], planes: usize, h: usize, w: usize) -> (Vec<f32>, Vec<u8>) {
+    let (ho, wo) = (h / 2, w / 2);
+    let (mut y, mut at) = (vec![0f32; planes * ho * wo], vec![0u8; planes * ho * wo]);
+    if ho * wo > 0 {
+        let group = plane_group(ho * wo);
+        let min_groups = MIN_PIECE.div_ceil(group * h * w);
+        let (y_groups, at_groups) = (y.par_chunks_mut(group * ho * wo), at.par_chunks_mut(group * ho * wo));
+        y_groups.zip(at_groups).with_min_len(min_groups).enumerate().for_each_init(
+            || (Vec::new(), Vec::new()),
+            |(top, bottom), (i, (y, at))| {
+                let x = &x[i * group * h * w..][..y.len() / (ho * wo) * h * w];
+                if w >= WIDE_ROW {
+                    let rows = x.chunks_exact(h * w).flat_map(|plane| plane.chunks_exact(2 * w).take(ho));
+                    for ((pair, y), at) in rows.zip(y.chunks_exact_mut(wo)).zip(at.chunks_exact_mut(wo)) {
+                        pool_rows(&pair[..w], &pair[w..], y, at);
+                    }
+                } else {
+                    // Narrow planes: the upper and the lower rows of all windows each laid end
+                    // to end, so that the group's windows make one long row.
+                    let (r0, r1): (&mut Vec<f32>, &mut Vec<f32>) = (top, bottom);
+                    r0.clear();
+                    r1.clear();
+                    for pair in x.chunks_exact(h * w).flat_map(|plane| plane.chunks_exact(2 * w).take(ho)) {
+                        r0.extend_from_slice(&pair[..2 * wo]);
+                        r1.extend_from_slice(&pair[w..w + 2 * wo]);
+                    }
+                    pool_rows(r0, r1, y, at);
+                }
+            },
+        );
+    }
+    (y, at)
+}
+
+/// Planes pooled together, so that a group has at least 64 windows (eight vectors' worth) when
+/// the planes are small: a function of the shape only.
+fn plane_group(windows: usize) -> usize {
+    64usize.div_ceil(windows.max(1))
+}
+
+/// Rows at least this wide are pooled in place; narrower ones are first laid end to end.
+const WIDE_ROW: usize = 16;
+
+/// 2×2 max-pooling of `planes` planes of h × w values (odd edges dropped).
+pub(crate) fn max_pool2_values(x: &[f32], planes: usize, h: usize, w: usize) -> Vec<f32> {
+    max_pool2_with_argmax(x, planes, h, w).0
+}
+
+/// One row of windows: the maxima of the windows over rows `r0` and `r1` into `y`, their
+/// positions into `at`.
 #[inline]
-fn larger(a: f32, b: f32) -> f32 {
-    if b > a || (b.is_nan() && !a.is_nan()) {
-        b
-    } else {
-        a
+fn pool_rows(r0: &[f32], r1: &[f32], y: &mut [f32], at: &mut [u8]) {
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2, checked just above.
+        done = unsafe { avx2::pool_rows(r0, r1, y, at) };
+    }
+    for ox in done..y.len() {
+        let i = 2 * ox;
+        at[ox] = window_argmax([r0[i], r0[i + 1], r1[i], r1[i + 1]]);
+        y[ox] = [r0[i], r0[i + 1], r1[i], r1[i + 1]][at[ox] as usize];
     }
 }
 
-/// 2×2 max-pooling of `planes` planes of h × w values.
+/// [`pool_rows`] eight windows at a time in AVX2, with [`window_argmax`]'s choices.
 ///
-/// Each window's maximum is taken down the two rows first, over whole rows at once, then across
-/// each pair of columns: the same value as [`window_argmax`]'s (the maximum, NaN when the window
-/// has one), in a form the compiler vectorises. Picking the window's position one value at a
-/// time took 9.3 of the 57 s of a VGG reset grid.
-pub(crate) fn max_pool2_values(x: &[f32], planes: usize, h: usize, w: usize) -> Vec<f32> {
-    let (ho, wo) = (h / 2, w / 2);
-    let mut y = vec![0f32; planes * ho * wo];
-    for_pooled_planes(&mut y, ho * wo, |p, y| {
-        let x = &x[p * h * w..][..h * w];
-        let mut rows = [0f32; 64];
-        for (oy, y) in y.chunks_exact_mut(wo).enumerate() {
-            let (r0, r1) = (&x[2 * oy * w..][..2 * wo], &x[(2 * oy + 1) * w..][..2 * wo]);
-            for (chunk, (r0, r1)) in y.chunks_mut(32).zip(r0.chunks(64).zip(r1.chunks(64))) {
-                let rows = &mut rows[..r0.len()];
-                rows.iter_mut().zip(r0.iter().zip(r1)).for_each(|(m, (a, b))| *m = larger(*a, *b));
-                for (y, pair) in chunk.iter_mut().zip(rows.chunks_exact(2)) {
-                    *y = larger(pair[0], pair[1]);
+/// Why by hand: written plainly, the choice between a window's values compiled to a branch per
+/// value, and pooling ran at 2 GB/s or less.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// Pools the first windows of [`super::pool_rows`]'s rows in groups of eight; returns how many.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn pool_rows(r0: &[f32], r1: &[f32], y: &mut [f32], at: &mut [u8]) -> usize {
+        let groups = y.len().min(at.len()).min(r0.len() / 2).min(r1.len() / 2) / 8;
+        for g in 0..groups {
+            // SAFETY: window 8g + 7 reads values up to 16g + 15 < r0.len(), r1.len(); the writes
+            // stop at 8g + 7 < y.len(), at.len().
+            unsafe {
+                let (top, bottom) = (split(r0.as_ptr().add(16 * g)), split(r1.as_ptr().add(16 * g)));
+                let (mut best, mut pos) = (top.0, _mm256_setzero_ps());
+                for (k, v) in [(1.0, top.1), (2.0, bottom.0), (3.0, bottom.1)] {
+                    // v replaces the best so far where it is larger, or NaN while the best is not.
+                    let larger = _mm256_cmp_ps::<_CMP_GT_OQ>(v, best);
+                    let nan = _mm256_andnot_ps(
+                        _mm256_cmp_ps::<_CMP_UNORD_Q>(best, best),
+                        _mm256_cmp_ps::<_CMP_UNORD_Q>(v, v),
+                    );
+                    let take = _mm256_or_ps(larger, nan);
+                    best = _mm256_blendv_ps(best, v, take);
+                    pos = _mm256_blendv_ps(pos, _mm256_set1_ps(k), take);
+                }
+                _mm256_storeu_ps(y.as_mut_ptr().add(8 * g), best);
+                let mut p = [0i32; 8];
+                _mm256_storeu_si256(p.as_mut_ptr().cast(), _mm256_cvtps_epi32(pos));
+                for (a, p) in at[8 * g..][..8].iter_mut().zip(p) {
+                    *a = p as u8;
                 }
             }
         }
-    });
-    y
+        8 * groups
+    }
+
+    /// [`super::unpool_rows`] for the first windows, in groups of eight; returns how many.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn unpool_rows(at: &[u8], grad: &[f32], top: &mut [f32], bottom: &mut [f32]) -> usize {
+        let groups = at.len().min(grad.len()).min(top.len() / 2).min(bottom.len() / 2) / 8;
+        for g in 0..groups {
+            // SAFETY: group g reads `at` and `grad` at 8g..8g + 8 and writes `top` and `bottom` at
+            // 16g..16g + 16, all inside their lengths.
+            unsafe {
+                let pos = _mm256_cvtepu8_epi32(_mm_loadl_epi64(at.as_ptr().add(8 * g).cast()));
+                let v = _mm256_loadu_ps(grad.as_ptr().add(8 * g));
+                let at_k =
+                    |k: i32| _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_cmpeq_epi32(pos, _mm256_set1_epi32(k))));
+                for (row, (left, right)) in
+                    [(top.as_mut_ptr(), (at_k(0), at_k(1))), (bottom.as_mut_ptr(), (at_k(2), at_k(3)))]
+                {
+                    // Left and right values of each window side by side: windows 0, 1 | 4, 5 and
+                    // 2, 3 | 6, 7, then the halves put in order.
+                    let (lo, hi) = (_mm256_unpacklo_ps(left, right), _mm256_unpackhi_ps(left, right));
+                    _mm256_storeu_ps(row.add(16 * g), _mm256_permute2f128_ps::<0x20>(lo, hi));
+                    _mm256_storeu_ps(row.add(16 * g + 8), _mm256_permute2f128_ps::<0x31>(lo, hi));
+                }
+            }
+        }
+        8 * groups
+    }
+
+    /// The 16 values at `r` as (the left values of eight windows, the right values).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn split(r: *const f32) -> (__m256, __m256) {
+        // SAFETY: the caller guarantees 16 readable values at `r`.
+        let (a, b) = unsafe { (_mm256_loadu_ps(r), _mm256_loadu_ps(r.add(8))) };
+        // Within each 128-bit half: [a0 a2 b0 b2 | a4 a6 b4 b6]; the middle quarters swapped then
+        // put the eight in order.
+        let order = |v: __m256| _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(v)));
+        (order(_mm256_shuffle_ps::<0b10_00_10_00>(a, b)), order(_mm256_shuffle_ps::<0b11_01_11_01>(a, b)))
+    }
 }
 
 impl CustomOp1 for MaxPool2 {
@@ -219,25 +323,53 @@ impl CustomOp1 for MaxPool2 {
 /// The input gradient of [`max_pool2_values`]: each pooled gradient goes to the first maximum of
 /// its window, read again from the input `x`.
 pub(crate) fn max_pool2_grad_values(x: &[f32], grad: &[f32], h: usize, w: usize) -> Vec<f32> {
+    let planes = x.len() / (h * w).max(1);
+    let (_, at) = max_pool2_with_argmax(x, planes, h, w);
+    max_pool2_grad_from(&at, grad, planes, h, w)
+}
+
+/// The input gradient [planes, h, w] of a 2×2 max-pool from the positions of its windows' maxima
+/// ([`max_pool2_with_argmax`]) and its output gradient: each gradient to its window's maximum,
+/// zero elsewhere (and on the odd edges the pool dropped).
+pub(crate) fn max_pool2_grad_from(at: &[u8], grad: &[f32], planes: usize, h: usize, w: usize) -> Vec<f32> {
     let (ho, wo) = (h / 2, w / 2);
-    let mut dx = vec![0f32; x.len()];
-    if ho * wo > 0 {
-        let min_planes = MIN_PIECE.div_ceil(h * w);
-        dx.par_chunks_mut(h * w).with_min_len(min_planes).enumerate().for_each(|(p, dx)| {
-            vectorized(|| {
-                let (x, grad) = (&x[p * h * w..][..h * w], &grad[p * ho * wo..][..ho * wo]);
-                for oy in 0..ho {
-                    let (i0, i1) = (2 * oy * w, (2 * oy + 1) * w);
-                    for ox in 0..wo {
-                        let at = [i0 + 2 * ox, i0 + 2 * ox + 1, i1 + 2 * ox, i1 + 2 * ox + 1];
-                        let best = window_argmax(at.map(|i| x[i]));
-                        dx[at[best]] = grad[oy * wo + ox];
-                    }
-                }
-            })
-        });
+    if wo * ho == 0 {
+        return vec![0.0; planes * h * w];
     }
-    dx
+    let group = plane_group(ho * wo);
+    built_in_pieces(planes * h * w, group * h * w, |i, dx| {
+        let windows = i * group * ho * wo..((i + 1) * group).min(planes) * ho * wo;
+        let (at, grad) = (&at[windows.clone()], &grad[windows]);
+        let (mut top, mut bottom) = (vec![0f32; 2 * at.len()], vec![0f32; 2 * at.len()]);
+        unpool_rows(at, grad, &mut top, &mut bottom);
+        let pairs = top.chunks_exact(2 * wo).zip(bottom.chunks_exact(2 * wo));
+        for (k, (r0, r1)) in pairs.enumerate() {
+            for r in [r0, r1] {
+                dx.extend(r.iter().copied());
+                dx.extend((2 * wo..w).map(|_| 0.0));
+            }
+            if k % ho == ho - 1 {
+                // The plane's last row, when h is odd.
+                dx.extend((2 * ho * w..h * w).map(|_| 0.0));
+            }
+        }
+    })
+}
+
+/// The gradients of one row of windows (maxima at `at`, gradients `grad`) into the windows'
+/// upper row `top` and lower row `bottom`: each gradient at its maximum, zero elsewhere.
+#[inline]
+fn unpool_rows(at: &[u8], grad: &[f32], top: &mut [f32], bottom: &mut [f32]) {
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2, checked just above.
+        done = unsafe { avx2::unpool_rows(at, grad, top, bottom) };
+    }
+    for i in done..at.len().min(grad.len()) {
+        let keep = |k: u8| kept_or_zero(at[i] == k, grad[i]);
+        (top[2 * i], top[2 * i + 1], bottom[2 * i], bottom[2 * i + 1]) = (keep(0), keep(1), keep(2), keep(3));
+    }
 }
 
 /// Routes each pooled gradient to the first maximum of its window.
@@ -301,6 +433,42 @@ mod tests {
         assert_eq!(y.flatten_all().unwrap().to_vec1::<f32>().unwrap(), [5., 0.]);
         let want = [0f32, 10., 20., 0., 0., 0., 0., 0., 0., 0., 0., 0.];
         assert_eq!(gx.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want);
+    }
+
+    /// The vector path (eight windows at a time) against the one-window rule, on rows long enough
+    /// for it and with a tail: NaNs and ties in every position of a window, and the gradient
+    /// routed by the positions against a scatter by hand.
+    #[test]
+    fn pooling_picks_each_windows_first_maximum_and_routes_its_gradient_there() {
+        // Wide rows pooled in place (with a tail), and narrow odd-sized planes laid end to end.
+        for (planes, h, w) in [(3, 4, 38), (40, 5, 7)] {
+            let mut x = random(&[planes, h, w], 5 + w as u64).flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            for (i, v) in x.iter_mut().enumerate() {
+                match i % 23 {
+                    0 => *v = f32::NAN,
+                    5 | 6 => *v = 7.0, // two tied maxima in one window, or in neighbouring ones
+                    _ => {}
+                }
+            }
+            let (y, at) = max_pool2_with_argmax(&x, planes, h, w);
+            let (ho, wo) = (h / 2, w / 2);
+            let mut want_dx = vec![0f32; x.len()];
+            let grad: Vec<f32> = (0..y.len()).map(|i| i as f32 + 1.0).collect();
+            for p in 0..planes {
+                for oy in 0..ho {
+                    for ox in 0..wo {
+                        let idx = [0, 1, w, w + 1].map(|d| p * h * w + 2 * oy * w + 2 * ox + d);
+                        let best = window_argmax(idx.map(|i| x[i]));
+                        let o = (p * ho + oy) * wo + ox;
+                        assert_eq!(at[o], best, "window ({p}, {oy}, {ox})");
+                        assert_eq!(y[o].to_bits(), x[idx[best as usize]].to_bits(), "window ({p}, {oy}, {ox})");
+                        want_dx[idx[best as usize]] = grad[o];
+                    }
+                }
+            }
+            assert!(at.contains(&3) && y.iter().any(|v| v.is_nan()));
+            assert_eq!(max_pool2_grad_from(&at, &grad, planes, h, w), want_dx);
+        }
     }
 
     #[test]
