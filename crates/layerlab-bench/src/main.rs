@@ -52,7 +52,8 @@ enum Command {
         repeats: usize,
     },
     /// Milliseconds of each convolution's forward pass, input gradient and weight gradient, then
-    /// of a whole training step (`bench/pytorch_bench.py profile` prints PyTorch's).
+    /// of a whole training step (`bench/pytorch_bench.py profile` prints PyTorch's), then of each
+    /// kind of layer inside whole steps, forward and backward.
     Profile {
         #[arg(long, default_value = "vgg11")]
         arch: String,
@@ -272,25 +273,30 @@ fn bench_arch(arch_name: &str, width_mult: f64) -> Result<(Architecture, String)
 fn train_step_seconds(arch: &Architecture, batch: usize, steps: usize, repeats: usize) -> Result<(f64, Engine)> {
     let dev = Device::Cpu;
     let state = arch.initial_state(0, &dev)?;
+    let mut engine = Engine::new(arch, &state, None, &dev, layerlab::pipeline::ComputePath::Fast)?;
+    let t = timed(repeats, || train_steps(&mut engine, arch, batch, steps))?;
+    Ok((t, engine))
+}
+
+/// `steps` SGD steps (momentum 0.9, weight decay 5e-4) on one fixed batch of random images.
+fn train_steps(engine: &mut Engine, arch: &Architecture, batch: usize, steps: usize) -> Result<()> {
     let train_cfg = TrainConfig { momentum: 0.9, weight_decay: 5e-4, ..TrainConfig::default() };
     let mut rng = layerlab::random::rng(1);
     let pixels: Vec<u8> = (0..batch * 3 * 32 * 32).map(|_| rng.next_u32() as u8).collect();
     let labels: Vec<u32> = (0..batch).map(|_| rng.next_u32() % 10).collect();
-    let mut engine = Engine::new(arch, &state, None, &dev, layerlab::pipeline::ComputePath::Fast)?;
-    let t = timed(repeats, || {
-        for _ in 0..steps {
-            let (loss, _) = engine.step(arch, &pixels, [batch, 3, 32, 32], labels.clone(), 0.01, &train_cfg, &dev)?;
-            if !loss.is_finite() {
-                bail!("loss became {loss}");
-            }
+    for _ in 0..steps {
+        let (loss, _) =
+            engine.step(arch, &pixels, [batch, 3, 32, 32], labels.clone(), 0.01, &train_cfg, &Device::Cpu)?;
+        if !loss.is_finite() {
+            bail!("loss became {loss}");
         }
-        Ok(())
-    })?;
-    Ok((t, engine))
+    }
+    Ok(())
 }
 
 /// Milliseconds of each convolution's three passes at `batch`, each timed alone, then of a whole
-/// training step: layerlab's side of the per-layer table in docs/performance.md.
+/// training step, then per step of each kind of layer inside whole steps: layerlab's side of the
+/// per-layer tables in docs/performance.md.
 fn profile(arch_name: &str, width_mult: f64, batch: usize, repeats: usize) -> Result<()> {
     let (arch, _) = bench_arch(arch_name, width_mult)?;
     let dev = Device::Cpu;
@@ -326,8 +332,22 @@ fn profile(arch_name: &str, width_mult: f64, batch: usize, repeats: usize) -> Re
             );
         }
     }
-    let (t, _) = train_step_seconds(&arch, batch, 1, repeats * 4)?;
+    let (t, mut engine) = train_step_seconds(&arch, batch, 1, repeats * 4)?;
     println!("{}", json!({"layer": "whole step", "pass": "train", "ms": 1e3 * t}));
+    // Then where a whole step's time goes, by kind of layer, over as many more steps.
+    if let Engine::Cnn(trainer) = &mut engine {
+        trainer.time_layers();
+    }
+    train_steps(&mut engine, &arch, batch, repeats * 4)?;
+    if let Some(times) = match &engine {
+        Engine::Cnn(trainer) => trainer.layer_times(),
+        _ => None,
+    } {
+        for ((kind, pass), seconds) in &times.seconds {
+            let ms = 1e3 * seconds / times.steps.max(1) as f64;
+            println!("{}", json!({"layer": kind, "pass": format!("{pass}, in a step"), "ms": ms}));
+        }
+    }
     Ok(())
 }
 

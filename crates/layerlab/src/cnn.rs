@@ -17,6 +17,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
@@ -58,6 +59,23 @@ enum Saved {
     Residual { main: Vec<Saved>, shortcut: Vec<Saved>, y: Arc<Vec<f32>> },
 }
 
+impl Saved {
+    /// The kind of layer that saved this, as [`LayerTimes`] counts it.
+    fn kind(&self) -> &'static str {
+        match self {
+            Saved::Pad { .. } => kind::PAD,
+            Saved::Flatten => kind::FLATTEN,
+            Saved::Linear { .. } => kind::LINEAR,
+            Saved::Conv { .. } => kind::CONVOLUTION,
+            Saved::BatchNorm { .. } => kind::BATCHNORM,
+            Saved::Relu { .. } => kind::RELU,
+            Saved::MaxPool2 { .. } => kind::MAX_POOL,
+            Saved::GlobalAvgPool { .. } => kind::GLOBAL_AVG_POOL,
+            Saved::Residual { .. } => kind::RESIDUAL,
+        }
+    }
+}
+
 /// A BatchNorm's batch statistics: its name, the batch mean and biased batch variance per
 /// channel, and the number of values each was taken over.
 type BatchStats = (String, Vec<f32>, Vec<f32>, usize);
@@ -93,6 +111,53 @@ pub struct CnnTrainer {
     params: BTreeMap<String, Param>,
     /// BatchNorm running statistics: values and shape.
     buffers: BTreeMap<String, (Vec<f32>, Vec<usize>)>,
+    /// Where the steps' time goes, once [`CnnTrainer::time_layers`] switched it on.
+    times: Option<LayerTimes>,
+}
+
+/// Seconds spent in each kind of layer, forward and backward, over the training steps taken
+/// since [`CnnTrainer::time_layers`]: the whole step, not each kernel alone (`layerlab-bench
+/// profile` prints both), so that what happens between the convolutions shows too.
+#[derive(Debug, Clone, Default)]
+pub struct LayerTimes {
+    pub steps: usize,
+    /// By (kind of layer, "forward" or "backward"); a residual block counts only its own sum and
+    /// ReLU, its branches' layers count as themselves.
+    pub seconds: BTreeMap<(&'static str, &'static str), f64>,
+}
+
+impl LayerTimes {
+    fn add(&mut self, kind: &'static str, pass: &'static str, started: Instant) {
+        *self.seconds.entry((kind, pass)).or_default() += started.elapsed().as_secs_f64();
+    }
+}
+
+/// The kind of a layer, as [`LayerTimes`] counts it.
+fn kind_of(layer: &Layer) -> &'static str {
+    match layer {
+        Layer::Pad(_) => kind::PAD,
+        Layer::Flatten => kind::FLATTEN,
+        Layer::Linear { .. } => kind::LINEAR,
+        Layer::Conv { .. } => kind::CONVOLUTION,
+        Layer::BatchNorm { .. } => kind::BATCHNORM,
+        Layer::Relu => kind::RELU,
+        Layer::MaxPool2 => kind::MAX_POOL,
+        Layer::GlobalAvgPool => kind::GLOBAL_AVG_POOL,
+        Layer::Residual { .. } => kind::RESIDUAL,
+    }
+}
+
+/// The kinds of layer [`LayerTimes`] tells apart.
+mod kind {
+    pub(super) const PAD: &str = "pad";
+    pub(super) const FLATTEN: &str = "flatten";
+    pub(super) const LINEAR: &str = "linear";
+    pub(super) const CONVOLUTION: &str = "convolution";
+    pub(super) const BATCHNORM: &str = "batchnorm (+ relu)";
+    pub(super) const RELU: &str = "relu";
+    pub(super) const MAX_POOL: &str = "max-pool";
+    pub(super) const GLOBAL_AVG_POOL: &str = "global average pool";
+    pub(super) const RESIDUAL: &str = "residual sum + relu";
 }
 
 /// Whether the CNN fast path trains `arch`: a network with convolutions, on the CPU.
@@ -150,7 +215,7 @@ impl CnnTrainer {
             let grad = vec![0.0; value.len()];
             params.insert(spec.name.clone(), Param { shape: spec.shape.clone(), value, momentum, grad });
         }
-        Ok(CnnTrainer { arch: arch.clone(), params, buffers })
+        Ok(CnnTrainer { arch: arch.clone(), params, buffers, times: None })
     }
 
     /// The weights and running statistics as tensors by state_dict name.
@@ -172,6 +237,16 @@ impl CnnTrainer {
             s.insert(name.clone(), Tensor::from_vec(p.momentum.clone(), p.shape.clone(), device)?);
         }
         Ok(s)
+    }
+
+    /// Times every layer of the steps from now on (see [`LayerTimes`]).
+    pub fn time_layers(&mut self) {
+        self.times = Some(LayerTimes::default());
+    }
+
+    /// Where the steps' time went since [`CnnTrainer::time_layers`].
+    pub fn layer_times(&self) -> Option<&LayerTimes> {
+        self.times.as_ref()
     }
 
     fn value(&self, name: &str) -> Result<&[f32]> {
@@ -197,7 +272,11 @@ impl CnnTrainer {
         let mut tape = Vec::new();
         let mut stats = Vec::new();
         let input = Act { values: Arc::new(x), dims, needs_grad: false };
-        let logits = forward(&self.arch, &self.arch.layers, self, input, Some(&mut tape), Some(&mut stats))?;
+        let mut times = self.times.take();
+        let logits =
+            forward(&self.arch, &self.arch.layers, self, input, Some(&mut tape), Some(&mut stats), times.as_mut());
+        self.times = times;
+        let logits = logits?;
         let classes = logits.dims[1] * logits.dims[2] * logits.dims[3];
         let mut grad = vec![0f32; logits.values.len()];
         let (loss, errors) = cross_entropy(&logits.values, labels, classes, Some(&mut grad));
@@ -206,6 +285,9 @@ impl CnnTrainer {
         }
         self.backward(tape, grad)?;
         self.update(lr, cfg);
+        if let Some(t) = &mut self.times {
+            t.steps += 1;
+        }
         for (name, batch_mean, batch_var, count) in stats {
             self.update_running_stats(&name, &batch_mean, &batch_var, count)?;
         }
@@ -235,6 +317,7 @@ impl CnnTrainer {
         let mut dy = Some(dy);
         for saved in tape.into_iter().rev() {
             let Some(g) = dy.take() else { break };
+            let (started, layer_kind) = (Instant::now(), saved.kind());
             dy = match saved {
                 Saved::Pad { pad, dims: [n, c, h, w] } => {
                     let (hp, wp) = (h + 2 * pad, w + 2 * pad);
@@ -322,10 +405,14 @@ impl CnnTrainer {
                 }
                 Saved::Residual { main, shortcut, y } => {
                     let through = layers::relu_grad_values(&y, &g);
+                    if let Some(t) = &mut self.times {
+                        t.add(kind::RESIDUAL, "backward", started);
+                    }
                     let from_main = self.backward(main, through.clone())?;
                     let from_short =
                         if shortcut.is_empty() { Some(through) } else { self.backward(shortcut, through)? };
-                    match (from_main, from_short) {
+                    let started = Instant::now();
+                    let sum = match (from_main, from_short) {
                         (Some(mut a), Some(b)) => {
                             a.par_chunks_mut(VALUES_PER_TASK).zip(b.par_chunks(VALUES_PER_TASK)).for_each(|(a, b)| {
                                 a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
@@ -333,9 +420,16 @@ impl CnnTrainer {
                             Some(a)
                         }
                         (a, b) => a.or(b),
+                    };
+                    if let Some(t) = &mut self.times {
+                        t.add(kind::RESIDUAL, "backward", started);
                     }
+                    sum
                 }
             };
+            if let (Some(t), false) = (&mut self.times, layer_kind == kind::RESIDUAL) {
+                t.add(layer_kind, "backward", started);
+            }
         }
         Ok(dy)
     }
@@ -396,7 +490,7 @@ impl<'a> CnnForward<'a> {
     /// Top-level layers `from..to` on `x` (the activations at layer `from`).
     pub fn run(&self, x: &Activations, from: usize, to: usize) -> Result<Activations> {
         let input = Act { values: x.values.clone(), dims: x.dims, needs_grad: false };
-        let y = forward(self.arch, &self.arch.layers[from..to], &self.weights, input, None, None)?;
+        let y = forward(self.arch, &self.arch.layers[from..to], &self.weights, input, None, None, None)?;
         Ok(Activations { values: y.values, dims: y.dims })
     }
 
@@ -419,7 +513,7 @@ impl<'a> CnnForward<'a> {
         for x in batches {
             let mut stats = Vec::new();
             let input = Act { values: x.values.clone(), dims: x.dims, needs_grad: false };
-            forward(self.arch, &self.arch.layers[from..], &self.weights, input, None, Some(&mut stats))?;
+            forward(self.arch, &self.arch.layers[from..], &self.weights, input, None, Some(&mut stats), None)?;
             for (name, mean, var, count) in stats {
                 let unbiased = unbiased_factor(count);
                 let var = var.iter().map(|v| v * unbiased).collect();
@@ -457,10 +551,12 @@ fn forward(
     mut x: Act,
     mut tape: Option<&mut Vec<Saved>>,
     mut stats: Option<&mut Vec<BatchStats>>,
+    mut times: Option<&mut LayerTimes>,
 ) -> Result<Act> {
     let mut i = 0;
     while i < layers.len() {
         let [n, c, h, w] = x.dims;
+        let (started, layer_kind) = (Instant::now(), kind_of(&layers[i]));
         x = match &layers[i] {
             Layer::Pad(pad) => {
                 let (hp, wp) = (h + 2 * pad, w + 2 * pad);
@@ -544,9 +640,11 @@ fn forward(
                 let copy = Act { values: x.values.clone(), dims: x.dims, needs_grad: x.needs_grad };
                 let (mut main_tape, mut short_tape) = (Vec::new(), Vec::new());
                 let recording = tape.is_some();
-                let m = forward(arch, main, weights, copy, recording.then_some(&mut main_tape), stats.as_deref_mut())?;
-                let s =
-                    forward(arch, shortcut, weights, x, recording.then_some(&mut short_tape), stats.as_deref_mut())?;
+                let into_main = recording.then_some(&mut main_tape);
+                let m = forward(arch, main, weights, copy, into_main, stats.as_deref_mut(), times.as_deref_mut())?;
+                let into_short = recording.then_some(&mut short_tape);
+                let s = forward(arch, shortcut, weights, x, into_short, stats.as_deref_mut(), times.as_deref_mut())?;
+                let started = Instant::now();
                 if m.dims != s.dims {
                     bail!("a residual block's branches disagree: {:?} and {:?}", m.dims, s.dims);
                 }
@@ -559,9 +657,15 @@ fn forward(
                 });
                 let out = Arc::new(out);
                 record(&mut tape, || Saved::Residual { main: main_tape, shortcut: short_tape, y: out.clone() });
+                if let Some(t) = times.as_deref_mut() {
+                    t.add(kind::RESIDUAL, "forward", started);
+                }
                 Act { values: out, dims: m.dims, needs_grad: true }
             }
         };
+        if let (Some(t), false) = (times.as_deref_mut(), layer_kind == kind::RESIDUAL) {
+            t.add(layer_kind, "forward", started);
+        }
         i += 1;
     }
     Ok(x)
@@ -694,5 +798,44 @@ mod tests {
         let mut resumed = CnnTrainer::new(&arch, &s, Some(&m)).unwrap();
         step(&mut resumed, 2);
         assert!(flat(&resumed.state(&dev).unwrap()) == flat(&straight.state(&dev).unwrap()));
+    }
+
+    /// Timing the layers changes no result, counts its steps, and finds each kind of layer of
+    /// the network in both passes (a residual block's own sum once, its branches' layers as
+    /// themselves).
+    #[test]
+    fn layer_times_cover_every_kind_of_layer_and_change_nothing() {
+        let dev = Device::Cpu;
+        for a in [Arch::Vgg11, Arch::Resnet18] {
+            let arch = arch(a, true);
+            let state = arch.initial_state(9, &dev).unwrap();
+            let (mut plain, mut timed) =
+                (CnnTrainer::new(&arch, &state, None).unwrap(), CnnTrainer::new(&arch, &state, None).unwrap());
+            timed.time_layers();
+            for step in 0..2 {
+                for t in [&mut plain, &mut timed] {
+                    let (pixels, labels) = batch(30 + step, 4, size(a));
+                    let mut x = Vec::new();
+                    push_scaled_pixels(&pixels, &mut x);
+                    t.step(x, [4, 3, size(a), size(a)], &labels, 0.1, &cfg(false)).unwrap();
+                }
+            }
+            assert!(flat(&plain.state(&dev).unwrap()) == flat(&timed.state(&dev).unwrap()), "{a:?}");
+            assert!(plain.layer_times().is_none());
+            let times = timed.layer_times().unwrap();
+            assert_eq!(times.steps, 2);
+            let mut kinds: Vec<&str> = times.seconds.keys().map(|(kind, _)| *kind).collect();
+            kinds.dedup();
+            let want: &[&str] = match a {
+                Arch::Vgg11 => &[kind::BATCHNORM, kind::CONVOLUTION, kind::FLATTEN, kind::LINEAR, kind::MAX_POOL],
+                _ => &[kind::BATCHNORM, kind::CONVOLUTION, kind::GLOBAL_AVG_POOL, kind::LINEAR, kind::RESIDUAL],
+            };
+            assert_eq!(kinds, want, "{a:?}");
+            for kind in want {
+                assert!(
+                    times.seconds.contains_key(&(*kind, "forward")) && times.seconds.contains_key(&(*kind, "backward"))
+                );
+            }
+        }
     }
 }
