@@ -451,20 +451,25 @@ const LANES: usize = 16;
 
 /// Planes of at least this many values (and under [`SHIFTED_MIN_PLANE`]) take the interleaved
 /// products.
-const INTERLEAVED_MIN_PLANE: usize = 64;
+const INTERLEAVED_MIN_PLANE: usize = 4;
+
+/// Of those, planes of at least this many values also take the interleaved weight gradient
+/// ([`grad_weight_interleaved`]); smaller ones keep im2col + `gemm` for it.
+const INTERLEAVED_WEIGHT_GRAD_MIN_PLANE: usize = 64;
 
 /// Whether the forward pass and the input gradient run as a direct convolution with [`LANES`]
 /// images in each vector (see [`interleave`]): same-size 3×3 convolutions on planes of
-/// [`INTERLEAVED_MIN_PLANE`] to [`SHIFTED_MIN_PLANE`] values (the 8×8 layers of ResNet and
-/// VGG), with the channel counts of [`direct_fits`].
+/// [`INTERLEAVED_MIN_PLANE`] to [`SHIFTED_MIN_PLANE`] values (the 8×8, 4×4 and 2×2 layers of
+/// ResNet and VGG), with the channel counts of [`direct_fits`].
 ///
 /// Why: the shifted layout of [`shifted_image`] would compute each padded row's two border
 /// columns too (a fifth of an 8×8 plane's work); with one image per lane, every vector is one
 /// output position of 16 images, no position is computed in vain and every read is a whole
-/// aligned vector. Measured against im2col + `gemm` (`layerlab-bench profile`, 1 thread): on
-/// the 8×8 layers the forward pass and the input gradient took 0.6–1.0× the time, but on 4×4 and
-/// 2×2 planes with 128 channels 1.1–1.3× (why is not settled: see docs/performance.md, Step 6),
-/// and the weight gradient of the same kernel took 1.0–2× `gemm`'s, so those keep `gemm`.
+/// aligned vector. Measured against im2col + `gemm`, each pass timed in turn in one process at 1
+/// thread: on 8×8 planes 0.6–1.0× the time; on 4×4 and 2×2 planes with 128 channels 0.74–0.89×
+/// once the weights were laid out in blocks ([`taps_of`]; before that, 1.1–1.3×). The weight
+/// gradient: 0.78–0.93× `gemm`'s on 8×8 planes with up to 64 channels, 1.0–1.13× on 4×4 and 2×2
+/// (see [`INTERLEAVED_WEIGHT_GRAD_MIN_PLANE`]).
 fn interleaved(g: &Geom) -> bool {
     g.k == 3
         && g.stride == 1
@@ -511,7 +516,7 @@ fn interleaved_positions(h: usize, w: usize) -> Vec<(usize, usize)> {
 }
 
 /// A same-size 3×3 convolution with images in the lanes: `src` [n, k, h, w] to [n, m, h, w]
-/// (`(k, m)` channels) with tap matrices `taps` [9][k][m] read at `offsets` (in floats) into the
+/// (`(k, m)` channels) with the weights `taps` of [`taps_of`] read at `offsets` (in floats) into the
 /// interleaved padded planes, plus `bias` [m]. Groups of [`LANES`] images run in parallel.
 fn interleaved_conv(
     g: &Geom,
@@ -557,15 +562,24 @@ fn interleaved_offsets(w: usize, flipped: bool) -> [usize; 9] {
     })
 }
 
-/// The weight [o, c, 3, 3] as nine matrices [9][c][o] (tap-major), or with `transposed` as
-/// [9][o][c]: for each tap and input row, the output channels' weights side by side.
+/// The weight [o, c, 3, 3] as the direct kernel reads it: for the forward pass the input
+/// channels are its `k` = c and the output channels its `m` = o, or with `transposed` (the input
+/// gradient) the other way round. Laid out as [m / CHANNELS][9][k][CHANNELS]: for each block of
+/// [`direct::CHANNELS`] output channels, each tap and each input row, the block's weights side
+/// by side (zeros past the last channel).
+///
+/// Why blocks: a tile reads one block's weights through all taps and input channels; with the
+/// block contiguous (9·k·8 values, 36 KB at 128 channels) they stay in L1 across the tiles,
+/// where rows of all m channels put each broadcast on a cache line of its own.
 fn taps_of(weight: &[f32], o: usize, c: usize, transposed: bool) -> Vec<f32> {
-    let mut taps = vec![0f32; weight.len()];
+    let (k, m) = if transposed { (o, c) } else { (c, o) };
+    let bw = direct::CHANNELS;
+    let mut taps = vec![0f32; m.div_ceil(bw) * bw * 9 * k];
     for (oc, w_o) in weight.chunks_exact(c * 9).enumerate() {
         for (ic, w_oc) in w_o.chunks_exact(9).enumerate() {
+            let (row, col) = if transposed { (oc, ic) } else { (ic, oc) };
             for (t, &v) in w_oc.iter().enumerate() {
-                let at = if transposed { (t * o + oc) * c + ic } else { (t * c + ic) * o + oc };
-                taps[at] = v;
+                taps[((col / bw * 9 + t) * k + row) * bw + col % bw] = v;
             }
         }
     }
@@ -573,7 +587,7 @@ fn taps_of(weight: &[f32], o: usize, c: usize, transposed: bool) -> Vec<f32> {
 }
 
 /// One image of a same-size 3×3 convolution: `src` [k, h, w] to `dst` [m, h, w] (`(k, m)`
-/// channels) with tap matrices `taps` [9][k][m] read at `offsets` into the padded planes, plus
+/// channels) with the weights `taps` of [`taps_of`] read at `offsets` into the padded planes, plus
 /// `bias` [m].
 ///
 /// Laid out with its zero border, a plane read from offset `ki·(w+2) + kj` is tap (ki, kj)'s
@@ -630,7 +644,7 @@ mod direct {
     /// fill 28 of the 32 registers. Against 6 × 4 no difference showed through this machine's
     /// noise; this shape leaves no narrow tile for the usual channel counts (multiples of 8), and
     /// a 16×16 plane's 16·18 positions fill whole tiles.
-    const CHANNELS: usize = 8;
+    pub(super) const CHANNELS: usize = 8;
 
     pub(super) fn available() -> bool {
         #[cfg(target_arch = "x86_64")]
@@ -653,7 +667,7 @@ mod direct {
     }
 
     /// For each tile and output channel r: `out`[r·out_stride + tile.out[q]..][..16] = Σ over
-    /// taps t and input channels c of `taps`[t][c][r] times `src`[c·plane + offsets[t] +
+    /// taps t and input channels c of `taps`[r / CHANNELS][t][c][r % CHANNELS] times `src`[c·plane + offsets[t] +
     /// tile.src[q]..][..16]. Each output is summed in the same order (taps, then channels)
     /// whatever the tile or thread.
     #[allow(clippy::too_many_arguments)]
@@ -669,7 +683,7 @@ mod direct {
         out: &mut [f32],
     ) {
         assert!(available(), "the direct convolution needs AVX-512");
-        assert!(taps.len() >= 9 * k * m, "direct convolution: too few weights");
+        assert!(taps.len() >= m.div_ceil(CHANNELS) * CHANNELS * 9 * k, "direct convolution: too few weights");
         let reach = offsets.iter().max().copied().unwrap_or(0) + 16;
         for t in tiles {
             for (&s, &o) in t.src.iter().zip(&t.out) {
@@ -685,32 +699,37 @@ mod direct {
         }
     }
 
-    /// `dw` [m, k, 9] = Σ over `images` and `cols` positions j of `dy`[image][o][j] times
-    /// `src`[image][c·plane + offsets[t] + j] (images `src_stride` apart; `cols` a multiple of
-    /// 16). Each sum runs over images, then positions in 16 lanes, then the lanes, in the same
-    /// order whatever the thread.
+    /// `dw` [m, k, 9] = Σ over `images` and `positions` (s, d) of `dy`[image][o][d..][..16] times
+    /// `src`[image][c·plane + offsets[t] + s..][..16], lane by lane (images `src_stride` apart in
+    /// `src` and `m·dy_row` apart in `dy`, whose channels are `dy_row` apart). Each sum runs over
+    /// images, then positions in 16 lanes, then the lanes, in the same order whatever the thread.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn weight_grad(
         m: usize,
         k: usize,
         images: usize,
-        dy: &[f32],
-        src: &[f32],
-        src_stride: usize,
-        plane: usize,
-        cols: usize,
+        (dy, dy_row): (&[f32], usize),
+        (src, src_stride, plane): (&[f32], usize, usize),
+        positions: &[(usize, usize)],
         offsets: &[usize; 9],
         dw: &mut [f32],
     ) {
         assert!(available(), "the direct convolution needs AVX-512");
-        assert!(m.is_multiple_of(GRAD_CHANNELS) && (9 * k).is_multiple_of(GRAD_TAPS) && cols.is_multiple_of(16));
-        assert!(dy.len() >= images * m * cols && dw.len() >= m * k * 9);
-        let reach = offsets.iter().max().copied().unwrap_or(0) + cols;
-        assert!(images == 0 || k == 0 || src.len() >= (images - 1) * src_stride + (k - 1) * plane + reach);
+        assert!(m.is_multiple_of(GRAD_CHANNELS) && (9 * k).is_multiple_of(GRAD_TAPS));
+        assert!(images == 0 || dy.len() >= images * m * dy_row, "direct weight gradient: dy too short");
+        assert!(dw.len() >= m * k * 9, "direct weight gradient: dw too short");
+        let reach = offsets.iter().max().copied().unwrap_or(0) + 16;
+        for &(s, d) in positions {
+            assert!(d + 16 <= dy_row, "direct weight gradient: a position past its dy row");
+            assert!(
+                images == 0 || k == 0 || src.len() >= (images - 1) * src_stride + (k - 1) * plane + reach + s,
+                "direct weight gradient: input too short"
+            );
+        }
         #[cfg(target_arch = "x86_64")]
         // SAFETY: AVX-512F is present, and the asserts above bound every access of the tiles.
         unsafe {
-            x86::weight_grad(m, k, images, dy, src, src_stride, plane, cols, offsets, dw)
+            x86::weight_grad(m, k, images, (dy, dy_row), (src, src_stride, plane), positions, offsets, dw)
         }
     }
 
@@ -741,7 +760,7 @@ mod direct {
             // Output-channel tiles outermost, so that a tile's weights are reused across positions.
             for o0 in (0..m).step_by(CHANNELS) {
                 for t in tiles {
-                    let args = (o0, m, k, taps, offsets, src, plane, t);
+                    let args = (o0, k, taps, offsets, src, plane, t);
                     // SAFETY: as for `run` (the caller's asserts bound every tile).
                     unsafe {
                         match m - o0 {
@@ -765,11 +784,9 @@ mod direct {
             m: usize,
             k: usize,
             images: usize,
-            dy: &[f32],
-            src: &[f32],
-            src_stride: usize,
-            plane: usize,
-            cols: usize,
+            (dy, dy_row): (&[f32], usize),
+            (src, src_stride, plane): (&[f32], usize, usize),
+            positions: &[(usize, usize)],
             offsets: &[usize; 9],
             dw: &mut [f32],
         ) {
@@ -778,17 +795,17 @@ mod direct {
                 for q0 in (0..pairs).step_by(GRAD_TAPS) {
                     let at: [usize; GRAD_TAPS] = std::array::from_fn(|i| (q0 + i) / 9 * plane + offsets[(q0 + i) % 9]);
                     // SAFETY: `o0 + 4 <= m`, `q0 + 6 <= 9k` (the caller asserts divisibility), and
-                    // the caller's asserts bound the reads of every image.
+                    // the caller's asserts bound the reads of every image and position.
                     unsafe {
                         let mut acc = [[_mm512_setzero_ps(); GRAD_TAPS]; GRAD_CHANNELS];
                         for im in 0..images {
-                            let d = dy.as_ptr().add((im * m + o0) * cols);
+                            let d = dy.as_ptr().add((im * m + o0) * dy_row);
                             let x = src.as_ptr().add(im * src_stride);
-                            for j in (0..cols).step_by(16) {
+                            for &(s, j) in positions {
                                 let a: [__m512; GRAD_CHANNELS] =
-                                    std::array::from_fn(|r| _mm512_loadu_ps(d.add(r * cols + j)));
+                                    std::array::from_fn(|r| _mm512_loadu_ps(d.add(r * dy_row + j)));
                                 for (i, &at) in at.iter().enumerate() {
-                                    let b = _mm512_loadu_ps(x.add(at + j));
+                                    let b = _mm512_loadu_ps(x.add(at + s));
                                     for (acc, a) in acc.iter_mut().zip(a) {
                                         acc[i] = _mm512_fmadd_ps(a, b, acc[i]);
                                     }
@@ -805,13 +822,13 @@ mod direct {
             }
         }
 
-        type TileArgs<'a> = (usize, usize, usize, &'a [f32], &'a [usize; 9], &'a [f32], usize, &'a Tile);
+        type TileArgs<'a> = (usize, usize, &'a [f32], &'a [usize; 9], &'a [f32], usize, &'a Tile);
 
         /// Output channels `o0..o0 + MR` at the tile's vectors.
         #[inline]
         #[target_feature(enable = "avx512f")]
         unsafe fn tile<const MR: usize>(
-            (o0, m, k, taps, offsets, src, plane, t): TileArgs<'_>,
+            (o0, k, taps, offsets, src, plane, t): TileArgs<'_>,
             out_stride: usize,
             out: &mut [f32],
         ) {
@@ -820,12 +837,12 @@ mod direct {
             unsafe {
                 let mut acc = [[_mm512_setzero_ps(); VECTORS]; MR];
                 for (tap, &off) in offsets.iter().enumerate() {
-                    let w_t = taps.as_ptr().add(tap * k * m + o0);
+                    let w_t = taps.as_ptr().add((o0 / CHANNELS * 9 + tap) * k * CHANNELS);
                     let s_t = src.as_ptr().add(off);
                     for c in 0..k {
                         let p = s_t.add(c * plane);
                         let v: [__m512; VECTORS] = std::array::from_fn(|q| _mm512_loadu_ps(p.add(t.src[q])));
-                        let w = w_t.add(c * m);
+                        let w = w_t.add(c * CHANNELS);
                         for (r, acc) in acc.iter_mut().enumerate() {
                             let wr = _mm512_set1_ps(*w.add(r));
                             for (a, v) in acc.iter_mut().zip(v) {
@@ -912,6 +929,9 @@ pub(crate) fn grad_weight(g: &Geom, x: &[f32], grad: &[f32]) -> Vec<f32> {
             .collect();
         return sum_in_order(partials, g.o * ckk);
     }
+    if interleaved(g) && g.h * g.w >= INTERLEAVED_WEIGHT_GRAD_MIN_PLANE {
+        return grad_weight_interleaved(g, x, grad);
+    }
     let partials: Vec<Vec<f32>> = chunks
         .par_chunks(per_group)
         .map(|group| {
@@ -945,6 +965,59 @@ fn sum_in_order(partials: Vec<Vec<f32>>, len: usize) -> Vec<f32> {
     dw
 }
 
+/// Bytes of the interleaved inputs and output gradients that one task of
+/// [`grad_weight_interleaved`] takes: as many groups of [`LANES`] images as fit (at least one),
+/// so that a task's data stays in its core's L2 while every tile of the weight gradient reads it.
+const WEIGHT_GRAD_TASK_BYTES: usize = 1 << 20;
+
+/// The weight gradient of a same-size 3×3 convolution with images in the lanes (the layers of
+/// [`interleaved`]): each task interleaves its groups of [`LANES`] images (inputs padded, output
+/// gradients not) and sums over them by [`direct::weight_grad`]; the tasks' sums are added in
+/// order. The tasks depend on the shapes only, so the result does not depend on the thread count.
+fn grad_weight_interleaved(g: &Geom, x: &[f32], grad: &[f32]) -> Vec<f32> {
+    let (h, w, hw) = (g.h, g.w, g.h * g.w);
+    let plane = (h + 2) * (w + 2) * LANES;
+    let group_in = g.c * plane;
+    let group_bytes = (group_in + g.o * hw * LANES) * std::mem::size_of::<f32>();
+    let groups = g.n.div_ceil(LANES);
+    let per_task = (WEIGHT_GRAD_TASK_BYTES / group_bytes).clamp(1, groups.max(1));
+    let positions: Vec<(usize, usize)> = interleaved_positions(h, w);
+    let offsets = interleaved_offsets(w, false);
+    let partials = (0..groups.div_ceil(per_task))
+        .into_par_iter()
+        .map(|task| {
+            let first = task * per_task;
+            let n_groups = per_task.min(groups - first);
+            let mut dw = vec![0f32; g.o * g.ckk()];
+            with_scratch(|s| {
+                let padded = resized(&mut s.cols, n_groups * group_in);
+                let dy = resized(&mut s.mat, n_groups * g.o * hw * LANES);
+                super::vectorized(|| {
+                    for (i, (padded, dy)) in
+                        padded.chunks_exact_mut(group_in).zip(dy.chunks_exact_mut(g.o * hw * LANES)).enumerate()
+                    {
+                        let (lo, hi) = ((first + i) * LANES, ((first + i + 1) * LANES).min(g.n));
+                        interleave(&x[lo * g.image_in()..hi * g.image_in()], g.c, h, w, 1, padded);
+                        interleave(&grad[lo * g.image_out()..hi * g.image_out()], g.o, h, w, 0, dy);
+                    }
+                });
+                direct::weight_grad(
+                    g.o,
+                    g.c,
+                    n_groups,
+                    (dy, hw * LANES),
+                    (padded, group_in, plane),
+                    &positions,
+                    &offsets,
+                    &mut dw,
+                );
+            });
+            dw
+        })
+        .collect();
+    sum_in_order(partials, g.o * g.ckk())
+}
+
 /// The weight gradient of a group of images by [`direct::weight_grad`]: the inputs padded as
 /// for [`shifted_image`], the output gradient laid out in rows `w + 2` wide with zeros in the two
 /// extra columns, so that the sum over padded positions is the sum over real ones.
@@ -971,7 +1044,8 @@ fn grad_weight_shifted(g: &Geom, x: &[f32], grad: &[f32]) -> Vec<f32> {
                 }
             }
         });
-        direct::weight_grad(g.o, g.c, images, dy, padded, x_stride, plane, cols, &offsets, &mut dw);
+        let positions: Vec<(usize, usize)> = (0..cols).step_by(16).map(|j| (j, j)).collect();
+        direct::weight_grad(g.o, g.c, images, (dy, cols), (padded, x_stride, plane), &positions, &offsets, &mut dw);
     });
     dw
 }
@@ -1295,9 +1369,12 @@ pub(crate) mod tests {
             (4, 4, 9, 9, 7, 1, 0, 2),
             (1, 2, 3, 3, 3, 3, 1, 2),
             (1, 2, 1, 1, 3, 3, 1, 1),
-            (19, 8, 4, 4, 16, 3, 1, 1),
             // Through the interleaved products (see `interleaved`): partial groups of images,
-            // a last tile of positions filled up, output channels in narrower tiles.
+            // a last tile of positions filled up, output channels in narrower tiles; 4×4 and 2×2
+            // planes keep `gemm` for the weight gradient, 8×8 ones take the interleaved one.
+            (19, 8, 4, 4, 16, 3, 1, 1),
+            (20, 16, 2, 2, 12, 3, 1, 1),
+            (9, 8, 2, 3, 20, 3, 1, 1),
             (33, 8, 8, 8, 12, 3, 1, 1),
             (5, 10, 8, 8, 8, 3, 1, 1),
             (17, 12, 7, 11, 20, 3, 1, 1),
