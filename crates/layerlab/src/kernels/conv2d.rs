@@ -11,7 +11,8 @@
 //! Same-size 3×3 convolutions with enough channels skip the column matrix on CPUs with AVX-512:
 //! a direct kernel ([`direct`]) keeps a tile of outputs in registers through all taps and input
 //! channels, on planes laid out with their zero border ([`shifted`], 16×16 and larger) or with
-//! 16 images side by side in each vector ([`interleaved`], 8×8).
+//! 16 images side by side in each vector ([`interleaved`], 8×8 down to 2×2; also the forward
+//! pass of stride-2 layers, [`interleaved_strided`]).
 //!
 //! Work is split into chunks of images whose size depends only on the shapes, never on the
 //! number of threads, and every matrix product runs single-threaded inside its chunk; chunks run
