@@ -48,11 +48,19 @@ def fcn(depth=3, width=256, inputs=784, classes=10):
     return nn.Sequential(*layers)
 
 
+def sync(device):
+    """A GPU queues work: a timer may stop only once it is done."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def evaluate(model, loader):
     model.eval()
+    device = next(model.parameters()).device
     errors, loss_sum, n = 0, 0.0, 0
     with torch.no_grad():
         for x, y in loader:
+            x, y = x.to(device), y.to(device)
             out = model(x)
             loss_sum += nn.functional.cross_entropy(out, y, reduction="sum").item()
             errors += (out.argmax(1) != y).sum().item()
@@ -68,7 +76,7 @@ def fcn_train(args):
     xte, yte = load_split(args.datasets, "mnist", "test")
     train_loader = DataLoader(TensorDataset(xtr, ytr), batch_size=128, shuffle=True)
     test_loader = DataLoader(TensorDataset(xte, yte), batch_size=1000)
-    model = fcn()
+    model = fcn().to(args.device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     checkpoints = {0, 1, 2, 3, 5, 10, 20, 40}
     start = time.perf_counter()
@@ -81,10 +89,12 @@ def fcn_train(args):
         model.train()
         t0 = time.perf_counter()
         for x, y in train_loader:
+            x, y = x.to(args.device), y.to(args.device)
             opt.zero_grad()
             loss = nn.functional.cross_entropy(model(x), y)
             loss.backward()
             opt.step()
+        sync(args.device)
         epoch_rates.append(len(xtr) / (time.perf_counter() - t0))
         _, test_error = evaluate(model, test_loader)
         if epoch in checkpoints:
@@ -244,12 +254,12 @@ def timed_repeats(fn, warmup, repeats):
     return statistics.median(times)
 
 
-def bench_network(vgg):
-    """The benchmarked network (VGG-11-BN or ResNet-18 at width 0.25) and its label."""
+def bench_network(vgg, width=0.25):
+    """The benchmarked network (VGG-11-BN or ResNet-18, width 0.25 unless told) and its label."""
     torch.manual_seed(0)
     if vgg:
-        return VGG([64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"], 0.25), "vgg11-bn-w0.25"
-    return ResNet([2, 2, 2, 2], 0.25), "resnet18-w0.25"
+        return VGG([64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"], width), f"vgg11-bn-w{width}"
+    return ResNet([2, 2, 2, 2], width), f"resnet18-w{width}"
 
 
 def training_batch(model, gen, bs=128):
@@ -260,11 +270,13 @@ def training_batch(model, gen, bs=128):
 
 
 def cnn(args):
-    model, name = bench_network(args.workload.startswith("vgg"))
+    model, name = bench_network(args.workload.startswith("vgg"), args.width)
     fwd_flops, train_flops = conv_flops(model)
+    model.to(args.device)
     gen = torch.Generator().manual_seed(1)
     bs = 128
     x, y, opt = training_batch(model, gen, bs)
+    x, y = x.to(args.device), y.to(args.device)
 
     def train_steps():
         model.train()
@@ -272,16 +284,18 @@ def cnn(args):
             opt.zero_grad()
             nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
+        sync(args.device)
 
     t = timed_repeats(train_steps, 1, args.repeats)
     emit(name, "train throughput", bs * args.steps / t, "images/s", flops=train_flops)
-    xi = torch.rand(args.eval_batch, 3, 32, 32, generator=gen)
+    xi = torch.rand(args.eval_batch, 3, 32, 32, generator=gen).to(args.device)
 
     def infer():
         model.eval()
         with torch.no_grad():
             for _ in range(args.steps):
-                model(xi)
+                # Predictions back on the host, as an evaluation needs them.
+                model(xi).argmax(1).cpu()
 
     t = timed_repeats(infer, 1, args.repeats)
     emit(name, "inference throughput", args.eval_batch * args.steps / t, "images/s", flops=fwd_flops)
@@ -308,13 +322,14 @@ def profile(args):
     """Milliseconds of each convolution's forward pass, input gradient and weight gradient at
     batch 128, each timed alone (median of repeats), then of a whole training step: the per-layer
     table of docs/performance.md, PyTorch's side (`layerlab-bench profile` prints layerlab's)."""
-    model, _ = bench_network(args.arch == "vgg11")
+    model, _ = bench_network(args.arch == "vgg11", args.width)
     gen = torch.Generator().manual_seed(1)
+    dev = args.device
     for name, conv, shape in conv_layers(model):
-        x = torch.rand(shape, generator=gen)
-        w = conv.weight.detach()
+        x = torch.rand(shape, generator=gen).to(dev)
+        w = conv.weight.detach().to(dev)
         y = nn.functional.conv2d(x, w, None, conv.stride, conv.padding)
-        g = torch.rand(y.shape, generator=gen)
+        g = torch.rand(y.shape, generator=gen).to(dev)
         args_ = (g, x, w, None, conv.stride, conv.padding, conv.dilation, False, [0, 0], 1)
         passes = {
             "forward": lambda: nn.functional.conv2d(x, w, None, conv.stride, conv.padding),
@@ -322,16 +337,19 @@ def profile(args):
             "weight grad": lambda: torch.ops.aten.convolution_backward(*args_, [False, True, False]),
         }
         for pass_name, fn in passes.items():
-            ms = 1e3 * timed_repeats(fn, 2, args.repeats * 4)
+            ms = 1e3 * timed_repeats(lambda: (fn(), sync(dev)), 2, args.repeats * 4)
             print(json.dumps({"layer": name, "shape": list(shape), "out_channels": conv.out_channels,
                               "pass": pass_name, "ms": ms}), flush=True)
+    model.to(dev)
     x, y, opt = training_batch(model, gen)
+    x, y = x.to(dev), y.to(dev)
 
     def step():
         model.train()
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
+        sync(dev)
 
     ms = 1e3 * timed_repeats(step, 2, args.repeats * 4)
     print(json.dumps({"layer": "whole step", "pass": "train", "ms": ms}), flush=True)
@@ -349,8 +367,13 @@ def main():
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--eval-batch", type=int, default=500)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--width", type=float, default=0.25, help="width multiplier of vgg and resnet")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    # layerlab computes f32 products in f32: TF32 (PyTorch's default for cuDNN convolutions) off.
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", file=sys.stderr)
     workloads = {"fcn-train": fcn_train, "fcn-reset-grid": fcn_reset_grid, "vgg": cnn, "resnet": cnn,
                  "profile": profile}

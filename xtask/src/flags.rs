@@ -60,11 +60,15 @@ pub struct PipelineArgs {
     /// toolkit: `cargo xtask cuda-env` gets one, then `source target/cuda-env/env.sh`).
     #[arg(long)]
     pub cuda: bool,
+    /// Run the stage binaries found in DIR instead of building them (a machine with no Rust
+    /// toolchain, e.g. a GPU node that was sent binaries built elsewhere).
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["dev_build", "cuda"])]
+    pub bin_dir: Option<PathBuf>,
 }
 
 impl PipelineArgs {
     pub fn build(&self) -> crate::plan::Build {
-        crate::plan::Build { dev: self.dev_build, cuda: self.cuda }
+        crate::plan::Build { dev: self.dev_build, cuda: self.cuda, prebuilt: self.bin_dir.clone() }
     }
 }
 
@@ -149,6 +153,10 @@ pub struct Clean {
 
 #[derive(Debug, Args)]
 pub struct Test {
+    /// Run the GPU tests instead (`cargo test --features cuda --test gpu`; needs the CUDA toolkit,
+    /// see `cargo xtask cuda-env`); they say plainly when they skip for want of a GPU.
+    #[arg(long)]
+    pub gpu: bool,
     /// Extra arguments for `cargo test`.
     #[arg(trailing_var_arg = true)]
     pub args: Vec<String>,

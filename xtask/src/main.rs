@@ -44,6 +44,14 @@ fn run(flags: flags::Xtask) -> anyhow::Result<()> {
 }
 
 /// The workspace root (the folder above `xtask/`).
+///
+/// A copy of the xtask binary run on another machine (`run-all --bin-dir` on a GPU node without
+/// Rust) finds no such folder there and uses the folder it is run from.
 pub fn project_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+    let built_in = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace");
+    if built_in.join("pipeline.toml").is_file() {
+        built_in.to_path_buf()
+    } else {
+        std::env::current_dir().unwrap_or_else(|_| built_in.to_path_buf())
+    }
 }

@@ -199,13 +199,24 @@ pub fn jobs(selection: &Selection, only: Option<Stage>, seed: Option<u64>) -> Re
 
 /// Builds the stage binaries once and returns the folder that holds them.
 /// Which stage binaries to build: dev or release profile, with or without CUDA.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Build {
     pub dev: bool,
     pub cuda: bool,
+    /// Binaries built elsewhere (`--bin-dir`): nothing is built.
+    pub prebuilt: Option<PathBuf>,
 }
 
-pub fn build_binaries(sh: &Shell, build: Build) -> Result<PathBuf> {
+pub fn build_binaries(sh: &Shell, build: &Build) -> Result<PathBuf> {
+    if let Some(dir) = &build.prebuilt {
+        let dir = sh.current_dir().join(dir);
+        for stage in ["fetch-data", "train", "snapshot", "reset-eval", "aggregate"] {
+            if !dir.join(stage).is_file() {
+                anyhow::bail!("--bin-dir {}: there is no `{stage}` binary in it", dir.display());
+            }
+        }
+        return Ok(dir);
+    }
     let dev = build.dev;
     let profile: &[&str] = if dev { &[] } else { &["--release"] };
     let features: &[&str] = if build.cuda { &["--features", "train/cuda,snapshot/cuda,reset-eval/cuda"] } else { &[] };

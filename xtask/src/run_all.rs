@@ -166,7 +166,7 @@ fn execute(
         );
         return Ok(());
     }
-    let bins = plan::build_binaries(sh, build)?;
+    let bins = plan::build_binaries(sh, &build)?;
     let runner = Runner { layout, force, total: jobs.len(), ran: AtomicUsize::new(0) };
     // Command lines are made here, as the shell cannot be shared with the workers.
     let mut fetches = Vec::new();

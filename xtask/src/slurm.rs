@@ -258,7 +258,7 @@ pub fn submit(
     probe.extend(["--test-only".to_string(), "--job-name=layerlab-check".into(), "--wrap=true".into()]);
     slurm_command("sbatch", &probe).context("the pipeline's [executor] settings; nothing was submitted")?;
 
-    let bins = plan::build_binaries(sh, build)?;
+    let bins = plan::build_binaries(sh, &build)?;
     let bins = if bins.is_absolute() { bins } else { root.join(bins) };
     let mut records = Records::load(layout)?;
     let earlier: Vec<u64> = jobs.iter().filter_map(|j| records.current(j)).map(|r| r.job_id).collect();
@@ -415,6 +415,7 @@ impl crate::flags::Cancel {
             experiments: self.experiments.clone(),
             dev_build: false,
             cuda: false,
+            bin_dir: None,
         };
         let selection = plan::load(&args, sh, false)?;
         let layout = Layout::from_pipeline(&selection.pipeline);

@@ -50,6 +50,9 @@ enum Command {
         steps: usize,
         #[arg(long, default_value_t = 5)]
         repeats: usize,
+        /// Where to compute: cpu, cuda or cuda:N (a GPU needs a binary built with `--features cuda`).
+        #[arg(long, default_value = "cpu")]
+        device: layerlab::device::DeviceChoice,
     },
     /// Milliseconds of each convolution's forward pass, input gradient and weight gradient, then
     /// of a whole training step (`bench/pytorch_bench.py profile` prints PyTorch's), then of each
@@ -63,6 +66,19 @@ enum Command {
         batch: usize,
         #[arg(long, default_value_t = 5)]
         repeats: usize,
+        /// Where to compute: cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: layerlab::device::DeviceChoice,
+    },
+    /// Every cuDNN algorithm for each convolution of a network, timed (a `--features cuda`
+    /// build on a GPU): the data behind the algorithm rule in `kernels/cudnn.rs`.
+    Cudnn {
+        #[arg(long, default_value = "vgg11")]
+        arch: String,
+        #[arg(long, default_value_t = 1.0)]
+        width_mult: f64,
+        #[arg(long, default_value_t = 128)]
+        batch: usize,
     },
     /// The median per-epoch training rate of a finished run, from its history.parquet.
     History {
@@ -101,10 +117,17 @@ fn main() -> std::process::ExitCode {
 
 fn run(flags: Flags) -> Result<()> {
     match flags.command {
-        Command::Cnn { arch, width_mult, batch, eval_batch, steps, repeats } => {
-            cnn(&arch, width_mult, batch, eval_batch, steps, repeats)
+        Command::Cnn { arch, width_mult, batch, eval_batch, steps, repeats, device } => {
+            let (device, description) = layerlab::device::select(device)?;
+            eprintln!("computing on {description}");
+            cnn(&arch, width_mult, batch, eval_batch, steps, repeats, &device)
         }
-        Command::Profile { arch, width_mult, batch, repeats } => profile(&arch, width_mult, batch, repeats),
+        Command::Profile { arch, width_mult, batch, repeats, device } => {
+            let (device, description) = layerlab::device::select(device)?;
+            eprintln!("computing on {description}");
+            profile(&arch, width_mult, batch, repeats, &device)
+        }
+        Command::Cudnn { arch, width_mult, batch } => cudnn_survey(&arch, width_mult, batch),
         Command::History { path, examples, workload } => history(&path, examples, &workload),
         Command::FcnFlops => {
             let a = fcn()?;
@@ -270,23 +293,31 @@ fn bench_arch(arch_name: &str, width_mult: f64) -> Result<(Architecture, String)
 
 /// Seconds of `steps` training steps at `batch` on random images (median of `repeats`), and the
 /// engine that ran them.
-fn train_step_seconds(arch: &Architecture, batch: usize, steps: usize, repeats: usize) -> Result<(f64, Engine)> {
-    let dev = Device::Cpu;
-    let state = arch.initial_state(0, &dev)?;
-    let mut engine = Engine::new(arch, &state, None, &dev, layerlab::pipeline::ComputePath::Fast)?;
-    let t = timed(repeats, || train_steps(&mut engine, arch, batch, steps))?;
+fn train_step_seconds(
+    arch: &Architecture,
+    batch: usize,
+    steps: usize,
+    repeats: usize,
+    dev: &Device,
+) -> Result<(f64, Engine)> {
+    let state = arch.initial_state(0, dev)?;
+    let mut engine = Engine::new(arch, &state, None, dev, layerlab::pipeline::ComputePath::Fast)?;
+    let t = timed(repeats, || {
+        train_steps(&mut engine, arch, batch, steps, dev)?;
+        // A GPU queues work: the time counts once it is done.
+        Ok(dev.synchronize()?)
+    })?;
     Ok((t, engine))
 }
 
 /// `steps` SGD steps (momentum 0.9, weight decay 5e-4) on one fixed batch of random images.
-fn train_steps(engine: &mut Engine, arch: &Architecture, batch: usize, steps: usize) -> Result<()> {
+fn train_steps(engine: &mut Engine, arch: &Architecture, batch: usize, steps: usize, dev: &Device) -> Result<()> {
     let train_cfg = TrainConfig { momentum: 0.9, weight_decay: 5e-4, ..TrainConfig::default() };
     let mut rng = layerlab::random::rng(1);
     let pixels: Vec<u8> = (0..batch * 3 * 32 * 32).map(|_| rng.next_u32() as u8).collect();
     let labels: Vec<u32> = (0..batch).map(|_| rng.next_u32() % 10).collect();
     for _ in 0..steps {
-        let (loss, _) =
-            engine.step(arch, &pixels, [batch, 3, 32, 32], labels.clone(), 0.01, &train_cfg, &Device::Cpu)?;
+        let (loss, _) = engine.step(arch, &pixels, [batch, 3, 32, 32], labels.clone(), 0.01, &train_cfg, dev)?;
         if !loss.is_finite() {
             bail!("loss became {loss}");
         }
@@ -297,9 +328,9 @@ fn train_steps(engine: &mut Engine, arch: &Architecture, batch: usize, steps: us
 /// Milliseconds of each convolution's three passes at `batch`, each timed alone, then of a whole
 /// training step, then per step of each kind of layer inside whole steps: layerlab's side of the
 /// per-layer tables in docs/performance.md.
-fn profile(arch_name: &str, width_mult: f64, batch: usize, repeats: usize) -> Result<()> {
+fn profile(arch_name: &str, width_mult: f64, batch: usize, repeats: usize, dev: &Device) -> Result<()> {
     let (arch, _) = bench_arch(arch_name, width_mult)?;
-    let dev = Device::Cpu;
+    let dev = dev.clone();
     let state = arch.initial_state(0, &dev)?;
     let mut seed = 0;
     let mut random = |shape: &[usize]| -> Result<Tensor> {
@@ -325,20 +356,20 @@ fn profile(arch_name: &str, width_mult: f64, batch: usize, repeats: usize) -> Re
                 "input grad" => conv2d_grad_input(&grad, &weight, l.padding, l.stride, (h, w)),
                 _ => conv2d_grad_weight(&x, &grad, l.padding, l.stride, k),
             };
-            let ms = 1e3 * timed(repeats * 4, || run().map(drop))?;
+            let ms = 1e3 * timed(repeats * 4, || Ok(run().map(drop).and_then(|()| Ok(dev.synchronize()?))?))?;
             println!(
                 "{}",
                 json!({"layer": l.name, "shape": [batch, c, h, w], "out_channels": l.weight[0], "pass": pass, "ms": ms})
             );
         }
     }
-    let (t, mut engine) = train_step_seconds(&arch, batch, 1, repeats * 4)?;
+    let (t, mut engine) = train_step_seconds(&arch, batch, 1, repeats * 4, &dev)?;
     println!("{}", json!({"layer": "whole step", "pass": "train", "ms": 1e3 * t}));
     // Then where a whole step's time goes, by kind of layer, over as many more steps.
     if let Engine::Cnn(trainer) = &mut engine {
         trainer.time_layers();
     }
-    train_steps(&mut engine, &arch, batch, repeats * 4)?;
+    train_steps(&mut engine, &arch, batch, repeats * 4, &dev)?;
     if let Some(times) = match &engine {
         Engine::Cnn(trainer) => trainer.layer_times(),
         _ => None,
@@ -351,15 +382,37 @@ fn profile(arch_name: &str, width_mult: f64, batch: usize, repeats: usize) -> Re
     Ok(())
 }
 
-fn cnn(arch_name: &str, width_mult: f64, batch: usize, eval_batch: usize, steps: usize, repeats: usize) -> Result<()> {
+fn cnn(
+    arch_name: &str,
+    width_mult: f64,
+    batch: usize,
+    eval_batch: usize,
+    steps: usize,
+    repeats: usize,
+    dev: &Device,
+) -> Result<()> {
     let (arch, label) = bench_arch(arch_name, width_mult)?;
-    let dev = Device::Cpu;
-    let (t, engine) = train_step_seconds(&arch, batch, steps, repeats)?;
+    let (t, engine) = train_step_seconds(&arch, batch, steps, repeats, dev)?;
     emit(&label, "train throughput", (batch * steps) as f64 / t, "images/s", Some(train_flops(&arch)?));
 
-    let trained = engine.state(&dev)?;
+    let trained = engine.state(dev)?;
     let mut rng = layerlab::random::rng(2);
     let eval_pixels: Vec<u8> = (0..eval_batch * 3 * 32 * 32).map(|_| rng.next_u32() as u8).collect();
+    if !dev.is_cpu() {
+        // The forward pass evaluation and reset-eval take on a GPU, predictions back on the host.
+        let x = layerlab::model::images_to_tensor(&eval_pixels, [eval_batch, 3, 32, 32], dev)?;
+        let t = timed(repeats, || {
+            for _ in 0..steps {
+                let logits = arch.forward(&trained, &x, layerlab::model::BnMode::Eval)?;
+                let predicted = logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?;
+                std::hint::black_box(predicted.len());
+            }
+            Ok(())
+        })?;
+        let flops = Some(forward_flops(&arch)?);
+        emit(&label, "inference throughput", (eval_batch * steps) as f64 / t, "images/s", flops);
+        return Ok(());
+    }
     // The forward pass evaluation and reset-eval take (`eval::cnn_fast`), predictions included.
     let net = CnnForward::new(&arch, &trained)?;
     let mut x = Vec::new();
@@ -379,6 +432,33 @@ fn cnn(arch_name: &str, width_mult: f64, batch: usize, eval_batch: usize, steps:
     })?;
     emit(&label, "inference throughput", (eval_batch * steps) as f64 / t, "images/s", Some(forward_flops(&arch)?));
     Ok(())
+}
+
+#[cfg(feature = "cuda")]
+fn cudnn_survey(arch_name: &str, width_mult: f64, batch: usize) -> Result<()> {
+    let (arch, _) = bench_arch(arch_name, width_mult)?;
+    let (dev, description) = layerlab::device::select(layerlab::device::DeviceChoice::Cuda(0))?;
+    eprintln!("computing on {description}");
+    let mut seen = std::collections::BTreeSet::new();
+    for l in product_layers(&arch)? {
+        if l.weight.len() != 4 {
+            continue;
+        }
+        let [c, h, w] = l.input;
+        let x = [batch, c, h, w];
+        let wt = [l.weight[0], l.weight[1], l.weight[2], l.weight[3]];
+        if seen.insert((x, wt, l.padding, l.stride)) {
+            for line in layerlab::kernels::cudnn::survey(&dev, x, wt, l.padding, l.stride)? {
+                println!("{line}");
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cudnn_survey(_: &str, _: f64, _: usize) -> Result<()> {
+    bail!("this layerlab-bench was built without CUDA (--features cuda)")
 }
 
 fn history(path: &std::path::Path, examples: usize, workload: &str) -> Result<()> {

@@ -755,6 +755,25 @@ epochs = 3
 checkpoints = [0, 1]
 "#;
 
+    /// docs/gpu.toml runs the shipped CNN experiments with three seeds: everything else must be
+    /// pipeline.toml's, or its results would not be the shipped experiments'.
+    #[test]
+    fn the_gpu_file_holds_the_shipped_cnn_experiments_with_three_seeds() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let shipped = Pipeline::load(&root.join("pipeline.toml")).unwrap();
+        let gpu = Pipeline::load(&root.join("docs/gpu.toml")).unwrap();
+        for name in ["vgg11-fmnist", "resnet18-fmnist"] {
+            let (a, b) = (shipped.experiment(name).unwrap(), gpu.experiment(name).unwrap());
+            assert_eq!(b.seeds, [0, 1, 2], "{name}");
+            assert_eq!((&a.dataset, &a.description), (&b.dataset, &b.description), "{name}");
+            assert_eq!(
+                (&a.model, &a.train, &a.reset, &a.aggregate),
+                (&b.model, &b.train, &b.reset, &b.aggregate),
+                "{name}"
+            );
+        }
+    }
+
     #[test]
     fn defaults_then_builtins_fill_missing_keys() {
         let p = parse(MINIMAL).unwrap();

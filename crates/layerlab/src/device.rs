@@ -71,7 +71,61 @@ pub fn select(choice: DeviceChoice) -> Result<(Device, String)> {
 fn cuda_device(n: usize) -> Result<(Device, String)> {
     use anyhow::Context;
     let device = Device::new_cuda(n).with_context(|| format!("cannot open GPU cuda:{n}"))?;
-    Ok((device, format!("cuda:{n}")))
+    let cuda = device.as_cuda_device()?;
+    // SAFETY: every op layerlab runs on a device, candle's and its own (cuDNN, the SGD kernel),
+    // goes to that device's one stream, in order, so the events that let tensors be shared
+    // between streams only cost time (two made per buffer, one recorded per use).
+    unsafe { cuda.disable_event_tracking() };
+    keep_freed_memory(cuda).with_context(|| format!("cannot set up GPU memory on cuda:{n}"))?;
+    let description = describe_cuda(&device, n);
+    Ok((device, description))
+}
+
+/// Keeps the memory that buffers free in the stream-ordered pool candle allocates from. By
+/// default the pool hands it back to the driver at every synchronization (each step reads its
+/// loss), so the next step's buffers would be mapped afresh.
+#[cfg(feature = "cuda")]
+fn keep_freed_memory(cuda: &candle_core::CudaDevice) -> Result<()> {
+    use cudarc::driver::sys;
+    let context = cuda.cuda_stream().context().clone();
+    if !context.has_async_alloc() {
+        return Ok(());
+    }
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut threshold = u64::MAX;
+    // SAFETY: the context's device; the attribute takes a u64.
+    unsafe {
+        sys::cuDeviceGetDefaultMemPool(&mut pool, context.cu_device()).result()?;
+        let attribute = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD;
+        sys::cuMemPoolSetAttribute(pool, attribute, &mut threshold as *mut u64 as *mut std::ffi::c_void).result()?;
+    }
+    Ok(())
+}
+
+/// `cuda:N: <model>, compute X.Y, M GiB, driver CUDA a.b, cuDNN c.d.e`: what a reader needs to
+/// tell results of two GPUs apart (cuDNN picks its kernels by model and version).
+#[cfg(feature = "cuda")]
+fn describe_cuda(device: &Device, n: usize) -> String {
+    use cudarc::driver::sys::CUdevice_attribute as A;
+    let Ok(cuda) = device.as_cuda_device() else { return format!("cuda:{n}") };
+    let context = cuda.cuda_stream().context().clone();
+    let model = context.name().unwrap_or_else(|_| "unknown GPU".into());
+    let attr = |a| context.attribute(a).unwrap_or(0);
+    let (major, minor) =
+        (attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR), attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR));
+    let gib = context.total_mem().unwrap_or(0) as f64 / (1u64 << 30) as f64;
+    let mut driver = 0i32;
+    // SAFETY: cuDriverGetVersion writes one int; the driver is loaded (the context exists).
+    unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut driver) };
+    let cudnn = cudarc::cudnn::result::get_version();
+    format!(
+        "cuda:{n}: {model}, compute {major}.{minor}, {gib:.0} GiB, driver CUDA {}.{}, cuDNN {}.{}.{}",
+        driver / 1000,
+        driver % 1000 / 10,
+        cudnn / 10000,
+        cudnn % 10000 / 100,
+        cudnn % 100
+    )
 }
 
 #[cfg(not(feature = "cuda"))]

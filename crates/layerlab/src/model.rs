@@ -269,6 +269,10 @@ fn batch_norm(name: &str, state: &State, x: &Tensor, bn: &mut BnMode<'_>, relu: 
                 let (y, stats) = norm::train(x, weight_c, bias_c, BN_EPS, relu)?;
                 fused_out = Some(y);
                 (stats.get(0)?.reshape((1, (), 1, 1))?, stats.get(1)?.reshape((1, (), 1, 1))?)
+            } else if gpu_batch_norm(x) {
+                let (y, mean, var) = gpu_batch_norm_train(x, weight_c, bias_c)?;
+                fused_out = Some(if relu { layers::relu(&y)? } else { y });
+                (mean.reshape((1, (), 1, 1))?, var.reshape((1, (), 1, 1))?)
             } else {
                 let mean = x.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?;
                 let centered = x.broadcast_sub(&mean)?;
@@ -305,6 +309,27 @@ fn batch_norm(name: &str, state: &State, x: &Tensor, bn: &mut BnMode<'_>, relu: 
     }
     let y = x.broadcast_sub(&mean)?.broadcast_mul(&(inv_std.broadcast_mul(&weight))?)?.broadcast_add(&bias)?;
     Ok(if relu { layers::relu(&y)? } else { y })
+}
+
+/// Whether training-mode BatchNorm of `x` runs through cuDNN ([`crate::kernels::cudnn`]).
+fn gpu_batch_norm(x: &Tensor) -> bool {
+    #[cfg(feature = "cuda")]
+    return crate::kernels::cudnn::batch_norm_applies(x);
+    #[cfg(not(feature = "cuda"))]
+    return {
+        let _ = x;
+        false
+    };
+}
+
+#[cfg(feature = "cuda")]
+fn gpu_batch_norm_train(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    Ok(crate::kernels::cudnn::batch_norm_train(x, weight, bias, BN_EPS)?)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_batch_norm_train(_: &Tensor, _: &Tensor, _: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    unreachable!("gpu_batch_norm is false without CUDA")
 }
 
 /// Mean cross-entropy and the number of wrong argmax predictions.

@@ -32,6 +32,10 @@ use super::{built_in_pieces, f32_data, layers, Piece};
 ///
 /// `x` is [n, cin, h, w] and `weight` [cout, cin, k, k] (PyTorch layout). Gradients flow to both.
 pub fn conv2d(x: &Tensor, weight: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if super::cudnn::applies(x, weight) {
+        return Ok(super::cudnn::conv2d(x, weight, padding, stride)?);
+    }
     if fast_path_applies(x, weight, padding, stride) {
         let op = Conv2d { padding, stride };
         return Ok(x.contiguous()?.apply_op2(&weight.contiguous()?, op)?);
@@ -57,12 +61,20 @@ pub fn conv2d_grad_input(
     stride: usize,
     (h, w): (usize, usize),
 ) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if super::cudnn::applies(grad, weight) {
+        return Ok(super::cudnn::grad_input(grad, weight, padding, stride, (h, w))?);
+    }
     Ok(grad.contiguous()?.apply_op2_no_bwd(&weight.contiguous()?, &Conv2dGradInput { padding, stride, h, w })?)
 }
 
 /// The weight gradient of [`conv2d`] alone: `x` [n, cin, h, w] and `grad` [n, cout, ho, wo] to
 /// [cout, cin, k, k]. Timed by `layerlab-bench profile`.
 pub fn conv2d_grad_weight(x: &Tensor, grad: &Tensor, padding: usize, stride: usize, k: usize) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if super::cudnn::applies(x, grad) {
+        return Ok(super::cudnn::grad_weight(x, grad, padding, stride, k)?);
+    }
     Ok(x.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &Conv2dGradWeight { padding, stride, k })?)
 }
 

@@ -33,6 +33,9 @@ pub fn relu(x: &Tensor) -> candle_core::Result<Tensor> {
 pub fn max_pool2(x: &Tensor) -> candle_core::Result<Tensor> {
     if fast(x) && x.rank() == 4 {
         x.apply_op1(MaxPool2)
+    } else if cfg!(feature = "cuda") && x.device().is_cuda() && x.dtype() == DType::F32 && x.rank() == 4 {
+        // Our kernels: candle's own max-pool gradient is wrong (see `kernels::cuda`).
+        x.contiguous()?.apply_op1(MaxPool2)
     } else {
         x.max_pool2d(2)
     }
@@ -315,8 +318,17 @@ impl CustomOp1 for MaxPool2 {
         Ok((CpuStorage::F32(y), Shape::from((n, c, ho, wo))))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::max_pool2(s, l)
+    }
+
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(arg.apply_op2_no_bwd(grad, &MaxPool2Grad)?))
+        Ok(Some(arg.apply_op2_no_bwd(&grad.contiguous()?, &MaxPool2Grad)?))
     }
 }
 
@@ -395,6 +407,17 @@ impl CustomOp2 for MaxPool2Grad {
         let (x, grad) = (f32_data(s1, l1)?, f32_data(s2, l2)?);
         let dx = max_pool2_grad_values(&x, &grad, h, w);
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::max_pool2_grad(s1, l1, s2, l2)
     }
 }
 

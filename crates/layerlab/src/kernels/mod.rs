@@ -18,6 +18,10 @@ use candle_core::{bail, CpuStorage, Layout};
 use rayon::prelude::*;
 
 pub mod conv2d;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+#[cfg(feature = "cuda")]
+pub mod cudnn;
 pub mod gemm;
 pub mod layers;
 pub mod norm;

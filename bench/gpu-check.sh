@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# The GPU checks of one lent-machine call (a GPU node with no Rust toolchain and no network).
+#
+# Built here first (`bench/gpu-pack.sh` makes .gpu/bin.tar.xz: the stage binaries, xtask,
+# layerlab-bench and the GPU test binary, all with `--features cuda`; and .gpu/datasets.tar.xz:
+# data/datasets/{mnist,fashion-mnist}). Then, from the repository root on the GPU machine:
+#
+#   OUT=/some/folder bash bench/gpu-check.sh [checks...]
+#
+# Checks (default: all, in this order): tests, bench, quick, fcn, profile; on request also
+# vgg and resnet (the shipped experiments, three seeds, docs/gpu.toml),
+# gaps (where GPU training steps part from the CPU's, kernel by kernel) and survey (every cuDNN
+# algorithm of every convolution, timed, to $OUT/cudnn-survey.jsonl). Each has a time limit, so that
+# one slow check cannot eat the others' time; everything goes to $OUT/gpu-check.log.
+set -uo pipefail
+
+out=${OUT:?set OUT to the folder for results}
+root=$(pwd)
+bin=/tmp/layerlab-bin
+checks=("$@")
+[ ${#checks[@]} -eq 0 ] && checks=(tests bench quick fcn profile)
+exec > >(tee "$out/gpu-check.log") 2>&1
+
+step() { echo; echo "== $* ($(date +%T), $SECONDS s)"; }
+
+step unpack
+mkdir -p "$bin" data
+tar -xJf .gpu/bin.tar.xz -C "$bin" || exit 1
+tar -xJf .gpu/datasets.tar.xz -C data || exit 1
+ls -la "$bin"
+
+# The CUDA 13 libraries: PyTorch's wheels (cuBLAS, cuDNN, cuRAND, NVRTC), the toolkit, the driver.
+site=$(python3 -c 'import nvidia, os; print(os.path.dirname(nvidia.__path__[0]))' 2>/dev/null)
+libs=$(ls -d "$site"/nvidia/*/lib 2>/dev/null | tr '\n' ':')
+export LD_LIBRARY_PATH="${libs}/usr/local/cuda-13.0/targets/x86_64-linux/lib:/usr/local/nvidia/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+ldd "$bin/train" | grep -E "not found|cudnn|cublas|curand|nvrtc|libcuda"
+python3 -c 'import torch; print("torch", torch.__version__, "cuDNN", torch.backends.cudnn.version())'
+
+for check in "${checks[@]}"; do
+  case $check in
+  tests)
+    step "GPU tests"
+    timeout 180 "$bin/gpu-tests" --nocapture --test-threads 1
+    echo "exit $?"
+    ;;
+  gaps)
+    step "GPU against CPU, each GPU kernel on and off"
+    timeout 120 "$bin/gpu-tests" --ignored gaps_by_kernel --nocapture --test-threads 1
+    ;;
+  survey)
+    step "cuDNN algorithms"
+    for net in "vgg11 1" "resnet18 1" "vgg11 0.25" "resnet18 0.25"; do
+      set -- $net
+      timeout 60 "$bin/layerlab-bench" cudnn --arch $1 --width-mult $2 >> "$out/cudnn-survey.jsonl"
+    done
+    wc -l "$out/cudnn-survey.jsonl"
+    ;;
+  bench)
+    # layerlab then PyTorch, each network at width 0.25 (the shipped experiments) and 1 (the paper's).
+    for width in 0.25 1; do
+      for arch in vgg11 resnet18; do
+        step "bench $arch width $width"
+        timeout 90 "$bin/layerlab-bench" cnn --arch $arch --width-mult $width --device cuda --steps 10 --repeats 3
+        timeout 90 python3 bench/pytorch_bench.py ${arch%%[0-9]*} --width $width --device cuda --steps 10 --repeats 3
+      done
+    done
+    ;;
+  profile)
+    # Each convolution's three passes alone, then a whole step: VGG-11-BN at full width.
+    step "profile vgg11 width 1"
+    timeout 90 "$bin/layerlab-bench" profile --arch vgg11 --width-mult 1 --device cuda --repeats 2
+    timeout 90 python3 bench/pytorch_bench.py profile --arch vgg11 --width 1 --device cuda --repeats 2
+    ;;
+  fcn)
+    step "FCN-MNIST, 3 epochs, layerlab then PyTorch"
+    mkdir -p /tmp/fcn
+    sed -e 's/^epochs = 40/epochs = 3/' -e 's/^checkpoints = .*/checkpoints = [0, 1, 2, 3]/' \
+      bench/fcn-mnist.toml > bench/fcn-gpu.toml
+    /usr/bin/time -f "layerlab train: %e s wall" timeout 120 "$bin/train" --config bench/fcn-gpu.toml -e fcn-mnist -s 0 --device cuda --force
+    /usr/bin/time -f "pytorch: %e s wall" timeout 120 python3 bench/pytorch_bench.py fcn-train --device cuda --epochs 3 --out /tmp/fcn
+    ;;
+  vgg|resnet)
+    # The shipped experiment (docs/gpu.toml: pipeline.toml's settings, three seeds), end to end.
+    exp=$([ $check = vgg ] && echo vgg11-fmnist || echo resnet18-fmnist)
+    step "run-all, docs/gpu.toml, $exp, seeds side by side on the GPU"
+    /usr/bin/time -f "run-all: %e s wall" timeout 300 "$bin/xtask" run-all --bin-dir "$bin" --config docs/gpu.toml \
+      -e $exp --device cuda --jobs 3
+    grep -h "done in\|ex/s\|evaluations in" data/gpu/logs/*$exp* 2>/dev/null | tail -40
+    sed -n '/## Baseline/,/## Figures/p' data/gpu/results/$exp/report.md 2>/dev/null
+    cp data/gpu/results/$exp/report.md "$out/$exp-report.md" 2>/dev/null
+    ;;
+  quick)
+    step "run-all, docs/cnn-quick.toml, vgg11-fmnist-small, on the GPU"
+    /usr/bin/time -f "run-all: %e s wall" timeout 240 "$bin/xtask" run-all --bin-dir "$bin" --config docs/cnn-quick.toml \
+      -e vgg11-fmnist-small --device cuda --jobs 1
+    cat data/quick/results/vgg11-fmnist-small/report.md 2>/dev/null | head -60
+    tar -czf "$out/quick-logs.tar.gz" -C data/quick logs 2>/dev/null
+    ;;
+  esac
+done
+step done

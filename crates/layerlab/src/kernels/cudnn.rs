@@ -1,0 +1,816 @@
+//! Convolution on NVIDIA GPUs (the `cuda` feature): the forward pass and both gradients through
+//! cuDNN, as candle custom ops.
+//!
+//! candle's own CUDA convolution runs only its forward pass through cuDNN; its input gradient is
+//! a naive `conv_transpose2d` kernel, one thread per input value. And it lets cuDNN pick TF32
+//! kernels for f32 data on Ampere and later, which round products to 10-bit mantissas. Here:
+//!
+//! - f32 arithmetic only (`CUDNN_FMA_MATH`), as on the CPU;
+//! - deterministic algorithms only (cuDNN's atomics-based gradient kernels are not), chosen by a
+//!   fixed rule on the shape rather than by timing them, so that two runs on the same GPU model
+//!   and cuDNN version give the same bytes. The rule ([`Plan::new`]) comes from timing every
+//!   algorithm of every layer of VGG-11 and ResNet-18 at widths 1 and 0.25 on an H200
+//!   (`layerlab-bench cudnn`; docs/performance.md, "GPU"): Winograd (non-fused) for 3×3
+//!   stride-1 layers with enough channels, FFT for the weight gradient of narrower ones, and the
+//!   plain implicit-GEMM kernels elsewhere. cuDNN's own heuristic ranking, tried first, was up to
+//!   12× slower on some layers. A preferred algorithm cuDNN does not offer for a shape falls back
+//!   to the first deterministic one it ranks;
+//! - descriptors, algorithms and workspace sizes made once per shape and kept, per thread (a
+//!   cuDNN handle may not be shared between threads) and per device.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::rc::Rc;
+
+use candle_core::{bail, CpuStorage, CudaDevice, CudaStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
+use cudarc::cudnn::{result, sys};
+use cudarc::driver::{CudaSlice, CudaView, DevicePtr, DevicePtrMut};
+
+/// A [`Geometry`]'s input, weight and output shapes, padding and stride: what cuDNN's choices
+/// depend on.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+struct Geometry {
+    x: [i32; 4],
+    w: [i32; 4],
+    padding: i32,
+    stride: i32,
+}
+
+impl Geometry {
+    fn new(x: &[usize], w: &[usize], padding: usize, stride: usize) -> candle_core::Result<Geometry> {
+        let ([n, c, h, wd], [m, wc, kh, kw]) = (dims4(x)?, dims4(w)?);
+        if wc != c || kh != kw || h + 2 * padding < kh || wd + 2 * padding < kw || stride == 0 {
+            bail!("cuDNN convolution: input {x:?} and weight {w:?} (padding {padding}, stride {stride}) do not fit")
+        }
+        let i = |v: usize| v as i32;
+        Ok(Geometry {
+            x: [i(n), i(c), i(h), i(wd)],
+            w: [i(m), i(c), i(kh), i(kw)],
+            padding: i(padding),
+            stride: i(stride),
+        })
+    }
+
+    fn y(&self) -> [i32; 4] {
+        let out = |size: i32| (size + 2 * self.padding - self.w[2]) / self.stride + 1;
+        [self.x[0], self.w[0], out(self.x[2]), out(self.x[3])]
+    }
+}
+
+fn dims4(d: &[usize]) -> candle_core::Result<[usize; 4]> {
+    match d {
+        &[a, b, c, e] => Ok([a, b, c, e]),
+        _ => bail!("cuDNN convolution: expected 4 dimensions, got {d:?}"),
+    }
+}
+
+fn check(status: Result<(), result::CudnnError>, what: &str) -> candle_core::Result<()> {
+    made(status, what)
+}
+
+/// cuDNN's error as candle's, naming the call that failed.
+fn made<T>(r: Result<T, result::CudnnError>, what: &str) -> candle_core::Result<T> {
+    r.map_err(|e| candle_core::Error::Msg(format!("cuDNN {what}: {e:?}")))
+}
+
+/// A cuDNN handle bound to one candle device's stream.
+struct Handle(sys::cudnnHandle_t);
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        // SAFETY: made by `create_handle`, destroyed once.
+        let _ = unsafe { result::destroy_handle(self.0) };
+    }
+}
+
+/// The descriptors of one [`Geometry`] and the algorithm chosen for each pass.
+struct Plan {
+    handle: Rc<Handle>,
+    x: sys::cudnnTensorDescriptor_t,
+    y: sys::cudnnTensorDescriptor_t,
+    w: sys::cudnnFilterDescriptor_t,
+    conv: sys::cudnnConvolutionDescriptor_t,
+    forward: (sys::cudnnConvolutionFwdAlgo_t, usize),
+    grad_input: (sys::cudnnConvolutionBwdDataAlgo_t, usize),
+    grad_weight: (sys::cudnnConvolutionBwdFilterAlgo_t, usize),
+}
+
+impl Drop for Plan {
+    fn drop(&mut self) {
+        // SAFETY: each descriptor was made by `Plan::new` and is destroyed once.
+        unsafe {
+            let _ = result::destroy_tensor_descriptor(self.x);
+            let _ = result::destroy_tensor_descriptor(self.y);
+            let _ = result::destroy_filter_descriptor(self.w);
+            let _ = result::destroy_convolution_descriptor(self.conv);
+        }
+    }
+}
+
+thread_local! {
+    static HANDLES: RefCell<HashMap<candle_core::cuda_backend::DeviceId, Rc<Handle>>> = RefCell::new(HashMap::new());
+    static PLANS: RefCell<HashMap<(candle_core::cuda_backend::DeviceId, Geometry), Rc<Plan>>> =
+        RefCell::new(HashMap::new());
+}
+
+fn handle(dev: &CudaDevice) -> candle_core::Result<Rc<Handle>> {
+    HANDLES.with(|handles| {
+        if let Some(h) = handles.borrow().get(&dev.id()) {
+            return Ok(h.clone());
+        }
+        let stream = dev.cuda_stream();
+        stream.context().bind_to_thread().map_err(candle_core::Error::wrap)?;
+        let raw = result::create_handle().map_err(|e| candle_core::Error::Msg(format!("cuDNN handle: {e:?}")))?;
+        let h = Rc::new(Handle(raw));
+        // SAFETY: a live handle and the device's live stream.
+        check(unsafe { result::set_stream(raw, stream.cu_stream() as *mut _) }, "set stream")?;
+        handles.borrow_mut().insert(dev.id(), h.clone());
+        Ok(h)
+    })
+}
+
+fn plan(dev: &CudaDevice, g: Geometry) -> candle_core::Result<Rc<Plan>> {
+    if let Some(p) = PLANS.with(|plans| plans.borrow().get(&(dev.id(), g)).cloned()) {
+        return Ok(p);
+    }
+    let p = Rc::new(Plan::new(handle(dev)?, g)?);
+    PLANS.with(|plans| plans.borrow_mut().insert((dev.id(), g), p.clone()));
+    Ok(p)
+}
+
+const F32: sys::cudnnDataType_t = sys::cudnnDataType_t::CUDNN_DATA_FLOAT;
+const NCHW: sys::cudnnTensorFormat_t = sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
+
+impl Plan {
+    fn new(handle: Rc<Handle>, g: Geometry) -> candle_core::Result<Plan> {
+        let mut plan = Plan {
+            handle,
+            x: made(result::create_tensor_descriptor(), "descriptor")?,
+            y: made(result::create_tensor_descriptor(), "descriptor")?,
+            w: made(result::create_filter_descriptor(), "descriptor")?,
+            conv: made(result::create_convolution_descriptor(), "descriptor")?,
+            forward: (sys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM, 0),
+            grad_input: (sys::cudnnConvolutionBwdDataAlgo_t::CUDNN_CONVOLUTION_BWD_DATA_ALGO_1, 0),
+            grad_weight: (sys::cudnnConvolutionBwdFilterAlgo_t::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1, 0),
+        };
+        let h = plan.handle.0;
+        let (p, s) = (g.padding, g.stride);
+        // SAFETY: descriptors made just above; the heuristics write at most the counts asked for.
+        unsafe {
+            check(result::set_tensor4d_descriptor(plan.x, NCHW, F32, g.x), "input descriptor")?;
+            check(result::set_tensor4d_descriptor(plan.y, NCHW, F32, g.y()), "output descriptor")?;
+            check(result::set_filter4d_descriptor(plan.w, F32, NCHW, g.w), "weight descriptor")?;
+            let cross = sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION;
+            check(result::set_convolution2d_descriptor(plan.conv, p, p, s, s, 1, 1, cross, F32), "convolution")?;
+            check(result::set_convolution_math_type(plan.conv, sys::cudnnMathType_t::CUDNN_FMA_MATH), "math type")?;
+
+            const N: usize = 16;
+            let mut count = 0;
+            let (k, stride, c) = (g.w[2], g.stride, g.x[1]);
+            let plane = g.x[2] * g.x[3];
+            let same_3x3 = k == 3 && stride == 1;
+            use sys::cudnnConvolutionBwdDataAlgo_t as D;
+            use sys::cudnnConvolutionBwdFilterAlgo_t as F;
+            use sys::cudnnConvolutionFwdAlgo_t as Fw;
+
+            let mut fwd: [sys::cudnnConvolutionFwdAlgoPerf_t; N] = std::mem::zeroed();
+            let r = result::get_convolution_forward_algorithm(
+                h,
+                plan.x,
+                plan.w,
+                plan.conv,
+                plan.y,
+                N as i32,
+                &mut count,
+                fwd.as_mut_ptr(),
+            );
+            check(r, "forward heuristics")?;
+            let listed = &fwd[..count as usize];
+            let preferred = if same_3x3 && c >= 64 && (c >= 128 || plane >= 256) {
+                Fw::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED
+            } else {
+                Fw::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM
+            };
+            let algo = listed
+                .iter()
+                .find(|a| a.algo == preferred && usable(a.status, a.determinism, a.mathType))
+                .or_else(|| listed.iter().find(|a| usable(a.status, a.determinism, a.mathType)))
+                .map_or(plan.forward.0, |a| a.algo);
+            let size = result::get_convolution_forward_workspace_size(h, plan.x, plan.w, plan.conv, plan.y, algo);
+            plan.forward = (algo, made(size, "forward workspace")?);
+
+            let mut data: [sys::cudnnConvolutionBwdDataAlgoPerf_t; N] = std::mem::zeroed();
+            let r = result::get_convolution_backward_data_algorithm(
+                h,
+                plan.w,
+                plan.y,
+                plan.conv,
+                plan.x,
+                N as i32,
+                &mut count,
+                data.as_mut_ptr(),
+            );
+            check(r, "input-gradient heuristics")?;
+            let listed = &data[..count as usize];
+            let preferred = if same_3x3 {
+                D::CUDNN_CONVOLUTION_BWD_DATA_ALGO_WINOGRAD_NONFUSED
+            } else {
+                D::CUDNN_CONVOLUTION_BWD_DATA_ALGO_1
+            };
+            let algo = listed
+                .iter()
+                .find(|a| a.algo == preferred && usable(a.status, a.determinism, a.mathType))
+                .or_else(|| listed.iter().find(|a| usable(a.status, a.determinism, a.mathType)))
+                .map_or(plan.grad_input.0, |a| a.algo);
+            let size = result::get_convolution_backward_data_workspace_size(h, plan.w, plan.y, plan.conv, plan.x, algo);
+            plan.grad_input = (algo, made(size, "input-gradient workspace")?);
+
+            let mut filter: [sys::cudnnConvolutionBwdFilterAlgoPerf_t; N] = std::mem::zeroed();
+            let r = result::get_convolution_backward_filter_algorithm(
+                h,
+                plan.x,
+                plan.y,
+                plan.conv,
+                plan.w,
+                N as i32,
+                &mut count,
+                filter.as_mut_ptr(),
+            );
+            check(r, "weight-gradient heuristics")?;
+            let listed = &filter[..count as usize];
+            let preferred = match (same_3x3, c) {
+                (true, c) if c >= 64 => F::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_WINOGRAD_NONFUSED,
+                (true, c) if c > 3 => F::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT,
+                _ => F::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1,
+            };
+            let algo = listed
+                .iter()
+                .find(|a| a.algo == preferred && usable(a.status, a.determinism, a.mathType))
+                .or_else(|| listed.iter().find(|a| usable(a.status, a.determinism, a.mathType)))
+                .map_or(plan.grad_weight.0, |a| a.algo);
+            let size =
+                result::get_convolution_backward_filter_workspace_size(h, plan.x, plan.y, plan.conv, plan.w, algo);
+            plan.grad_weight = (algo, made(size, "weight-gradient workspace")?);
+        }
+        Ok(plan)
+    }
+}
+
+/// An algorithm that ran in the heuristics, gives the same bytes every time, and computes in f32.
+fn usable(status: sys::cudnnStatus_t, determinism: sys::cudnnDeterminism_t, math: sys::cudnnMathType_t) -> bool {
+    status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS
+        && determinism == sys::cudnnDeterminism_t::CUDNN_DETERMINISTIC
+        && !matches!(
+            math,
+            sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH | sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION
+        )
+}
+
+/// The f32 slice of a contiguous storage from its layout's offset.
+fn f32_view<'a>(s: &'a CudaStorage, l: &Layout) -> candle_core::Result<CudaView<'a, f32>> {
+    if !l.is_contiguous() {
+        bail!("cuDNN convolution: operands must be contiguous")
+    }
+    let slice = s.as_cuda_slice::<f32>()?;
+    Ok(slice.slice(l.start_offset()..l.start_offset() + l.shape().elem_count()))
+}
+
+/// Which of the three passes a [`CudnnConv`] op runs.
+#[derive(Clone, Copy, Debug)]
+enum Pass {
+    /// (x, w) → y.
+    Forward,
+    /// (dy, w) → dx, for an input of this height and width.
+    GradInput { h: usize, w: usize },
+    /// (x, dy) → dw, for a kernel of this size.
+    GradWeight { k: usize },
+}
+
+/// One pass of a convolution with square kernels, equal padding and one stride, on f32.
+struct CudnnConv {
+    padding: usize,
+    stride: usize,
+    pass: Pass,
+}
+
+impl CustomOp2 for CudnnConv {
+    fn name(&self) -> &'static str {
+        match self.pass {
+            Pass::Forward => "cudnn-conv2d",
+            Pass::GradInput { .. } => "cudnn-conv2d-grad-input",
+            Pass::GradWeight { .. } => "cudnn-conv2d-grad-weight",
+        }
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        bail!("{} runs on a GPU only", self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let dev = s1.device.clone();
+        let (a, b) = (f32_view(s1, l1)?, f32_view(s2, l2)?);
+        let (d1, d2) = (l1.dims(), l2.dims());
+        let g = match self.pass {
+            Pass::Forward => Geometry::new(d1, d2, self.padding, self.stride)?,
+            Pass::GradInput { h, w } => Geometry::new(&[d1[0], d2[1], h, w], d2, self.padding, self.stride)?,
+            Pass::GradWeight { k } => Geometry::new(d1, &[d2[1], d1[1], k, k], self.padding, self.stride)?,
+        };
+        let plan = plan(&dev, g)?;
+        let (out_dims, workspace_bytes) = match self.pass {
+            Pass::Forward => (g.y(), plan.forward.1),
+            Pass::GradInput { .. } => (g.x, plan.grad_input.1),
+            Pass::GradWeight { .. } => (g.w, plan.grad_weight.1),
+        };
+        if matches!(self.pass, Pass::GradInput { .. }) && d1 != g.y().map(|v| v as usize) {
+            bail!("cuDNN input gradient: gradient {d1:?} does not match the output {:?}", g.y())
+        }
+        let out_dims = out_dims.map(|v| v as usize);
+        let algo = match self.pass {
+            Pass::Forward => Algo::Forward(plan.forward.0),
+            Pass::GradInput { .. } => Algo::GradInput(plan.grad_input.0),
+            Pass::GradWeight { .. } => Algo::GradWeight(plan.grad_weight.0),
+        };
+        // SAFETY: every value of `out` is written by cuDNN (beta = 0) before anyone reads it.
+        let mut out: CudaSlice<f32> = unsafe { dev.alloc::<f32>(out_dims.iter().product())? };
+        run(&dev, &plan, algo, &a, &b, &mut out, workspace_bytes)?;
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(out_dims.to_vec())))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        if !matches!(self.pass, Pass::Forward) {
+            bail!("{}: no second derivative", self.name())
+        }
+        let dy = dy.contiguous()?;
+        let (_, _, h, wd) = x.dims4()?;
+        // The input gradient of the first layer (the images) is never used: skip it.
+        let dx = if x.track_op() { Some(grad_input(&dy, w, self.padding, self.stride, (h, wd))?) } else { None };
+        let dw = grad_weight(x, &dy, self.padding, self.stride, w.dim(2)?)?;
+        Ok((dx, Some(dw)))
+    }
+}
+
+/// One of cuDNN's algorithms for one of the three passes.
+#[derive(Clone, Copy, Debug)]
+enum Algo {
+    Forward(sys::cudnnConvolutionFwdAlgo_t),
+    GradInput(sys::cudnnConvolutionBwdDataAlgo_t),
+    GradWeight(sys::cudnnConvolutionBwdFilterAlgo_t),
+}
+
+/// Runs `algo` of `plan` on `a` and `b` (x and w, dy and w, or x and dy) into `out`, with a
+/// workspace of `workspace_bytes`.
+fn run(
+    dev: &CudaDevice,
+    plan: &Plan,
+    algo: Algo,
+    a: &CudaView<'_, f32>,
+    b: &CudaView<'_, f32>,
+    out: &mut CudaSlice<f32>,
+    workspace_bytes: usize,
+) -> candle_core::Result<()> {
+    let stream = dev.cuda_stream();
+    // SAFETY: cuDNN only writes the workspace.
+    let mut workspace: CudaSlice<u8> = unsafe { dev.alloc::<u8>(workspace_bytes.max(1))? };
+    let (one, zero) = (1f32, 0f32);
+    let (alpha, beta) = (&one as *const f32 as *const c_void, &zero as *const f32 as *const c_void);
+    let (a_ptr, _a_guard) = a.device_ptr(&stream);
+    let (b_ptr, _b_guard) = b.device_ptr(&stream);
+    let (o_ptr, _o_guard) = out.device_ptr_mut(&stream);
+    let (ws_ptr, _ws_guard) = workspace.device_ptr_mut(&stream);
+    let (a_ptr, b_ptr, o_ptr) = (a_ptr as *const c_void, b_ptr as *const c_void, o_ptr as *mut c_void);
+    let (ws, n) = (ws_ptr as *mut c_void, workspace_bytes);
+    let (h, p) = (plan.handle.0, plan);
+    // SAFETY: the descriptors describe these contiguous f32 buffers (shapes checked by the caller),
+    // and the workspace has the size cuDNN asked for this algorithm.
+    let r = unsafe {
+        match algo {
+            Algo::Forward(al) => {
+                result::convolution_forward(h, alpha, p.x, a_ptr, p.w, b_ptr, p.conv, al, ws, n, beta, p.y, o_ptr)
+            }
+            Algo::GradInput(al) => {
+                result::convolution_backward_data(h, alpha, p.w, b_ptr, p.y, a_ptr, p.conv, al, ws, n, beta, p.x, o_ptr)
+            }
+            Algo::GradWeight(al) => result::convolution_backward_filter(
+                h, alpha, p.x, a_ptr, p.y, b_ptr, p.conv, al, ws, n, beta, p.w, o_ptr,
+            ),
+        }
+    };
+    check(r, &format!("{algo:?}"))
+}
+
+/// Every algorithm cuDNN's heuristics list for the three passes of one convolution, each timed
+/// (the best of 5 runs after 2), as JSON lines: what `layerlab-bench cudnn` prints to choose
+/// the rule in [`Plan::new`] from. `device` must be a GPU.
+pub fn survey(
+    device: &candle_core::Device,
+    x: [usize; 4],
+    w: [usize; 4],
+    padding: usize,
+    stride: usize,
+) -> anyhow::Result<Vec<serde_json::Value>> {
+    let dev = device.as_cuda_device()?.clone();
+    let g = Geometry::new(&x, &w, padding, stride)?;
+    let plan = Plan::new(handle(&dev)?, g)?;
+    let y = g.y().map(|v| v as usize);
+    let random = |shape: [usize; 4]| Tensor::rand(-1f32, 1f32, shape.to_vec(), device);
+    let (xt, wt, dyt) = (random(x)?, random(w)?, random(y)?);
+    let storage = |t: &Tensor| -> anyhow::Result<CudaSlice<f32>> {
+        let (s, _) = t.storage_and_layout();
+        match &*s {
+            candle_core::Storage::Cuda(c) => Ok(c.as_cuda_slice::<f32>()?.clone()),
+            _ => anyhow::bail!("not on a GPU"),
+        }
+    };
+    let (xs, ws, dys) = (storage(&xt)?, storage(&wt)?, storage(&dyt)?);
+    let h = plan.handle.0;
+    const N: usize = 16;
+    let mut lines = Vec::new();
+    let mut candidates: Vec<(&str, Algo, sys::cudnnStatus_t, sys::cudnnDeterminism_t, sys::cudnnMathType_t, usize)> =
+        Vec::new();
+    // SAFETY: the plan's live descriptors; each call writes at most N entries.
+    unsafe {
+        let mut count = 0;
+        let mut fwd: [sys::cudnnConvolutionFwdAlgoPerf_t; N] = std::mem::zeroed();
+        check(
+            result::get_convolution_forward_algorithm(
+                h,
+                plan.x,
+                plan.w,
+                plan.conv,
+                plan.y,
+                N as i32,
+                &mut count,
+                fwd.as_mut_ptr(),
+            ),
+            "heuristics",
+        )?;
+        for a in &fwd[..count as usize] {
+            candidates.push(("forward", Algo::Forward(a.algo), a.status, a.determinism, a.mathType, a.memory));
+        }
+        let mut data: [sys::cudnnConvolutionBwdDataAlgoPerf_t; N] = std::mem::zeroed();
+        check(
+            result::get_convolution_backward_data_algorithm(
+                h,
+                plan.w,
+                plan.y,
+                plan.conv,
+                plan.x,
+                N as i32,
+                &mut count,
+                data.as_mut_ptr(),
+            ),
+            "heuristics",
+        )?;
+        for a in &data[..count as usize] {
+            candidates.push(("input grad", Algo::GradInput(a.algo), a.status, a.determinism, a.mathType, a.memory));
+        }
+        let mut filter: [sys::cudnnConvolutionBwdFilterAlgoPerf_t; N] = std::mem::zeroed();
+        check(
+            result::get_convolution_backward_filter_algorithm(
+                h,
+                plan.x,
+                plan.y,
+                plan.conv,
+                plan.w,
+                N as i32,
+                &mut count,
+                filter.as_mut_ptr(),
+            ),
+            "heuristics",
+        )?;
+        for a in &filter[..count as usize] {
+            candidates.push(("weight grad", Algo::GradWeight(a.algo), a.status, a.determinism, a.mathType, a.memory));
+        }
+    }
+    let chosen = [
+        format!("{:?}", Algo::Forward(plan.forward.0)),
+        format!("{:?}", Algo::GradInput(plan.grad_input.0)),
+        format!("{:?}", Algo::GradWeight(plan.grad_weight.0)),
+    ];
+    for (rank, (pass, algo, status, determinism, math, memory)) in candidates.into_iter().enumerate() {
+        let (a, b, out_len) = match algo {
+            Algo::Forward(_) => (xs.slice(..), ws.slice(..), y.iter().product()),
+            Algo::GradInput(_) => (dys.slice(..), ws.slice(..), x.iter().product()),
+            Algo::GradWeight(_) => (xs.slice(..), dys.slice(..), w.iter().product()),
+        };
+        let mut ms = None;
+        if status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS {
+            // SAFETY: written by cuDNN before it is read (never read here).
+            let mut out: CudaSlice<f32> = unsafe { dev.alloc::<f32>(out_len)? };
+            let mut best = f64::MAX;
+            for i in 0..7 {
+                dev.cuda_stream().synchronize()?;
+                let t0 = std::time::Instant::now();
+                if run(&dev, &plan, algo, &a, &b, &mut out, memory).is_err() {
+                    break;
+                }
+                dev.cuda_stream().synchronize()?;
+                if i >= 2 {
+                    best = best.min(t0.elapsed().as_secs_f64() * 1e3);
+                }
+            }
+            ms = (best < f64::MAX).then_some(best);
+        }
+        let name = format!("{algo:?}");
+        lines.push(serde_json::json!({
+            "x": x, "w": w, "padding": padding, "stride": stride, "pass": pass, "rank": rank,
+            "chosen": chosen.contains(&name), "algo": name, "status": format!("{status:?}"),
+            "deterministic": determinism == sys::cudnnDeterminism_t::CUDNN_DETERMINISTIC,
+            "math": format!("{math:?}"), "workspace_mb": memory as f64 / 1e6, "ms": ms,
+        }));
+    }
+    Ok(lines)
+}
+
+/// Off: GPU convolutions go through candle's own (cuDNN forward, naive input gradient), to
+/// cross-check this path in the GPU tests.
+pub static ENABLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Whether [`conv2d`] takes these operands: f32 on one CUDA device.
+pub fn applies(x: &Tensor, weight: &Tensor) -> bool {
+    ENABLED.load(std::sync::atomic::Ordering::Relaxed)
+        && x.device().is_cuda()
+        && x.device().same_device(weight.device())
+        && x.dtype() == DType::F32
+        && weight.dtype() == DType::F32
+}
+
+/// `x` [n, cin, h, w] ⊛ `weight` [cout, cin, k, k] through cuDNN, with its backward.
+pub fn conv2d(x: &Tensor, weight: &Tensor, padding: usize, stride: usize) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op2(&weight.contiguous()?, CudnnConv { padding, stride, pass: Pass::Forward })
+}
+
+/// The input gradient alone: `dy` [n, cout, ho, wo] and `weight` to [n, cin, h, w].
+pub fn grad_input(
+    dy: &Tensor,
+    weight: &Tensor,
+    padding: usize,
+    stride: usize,
+    (h, w): (usize, usize),
+) -> candle_core::Result<Tensor> {
+    let op = CudnnConv { padding, stride, pass: Pass::GradInput { h, w } };
+    dy.contiguous()?.apply_op2_no_bwd(&weight.contiguous()?, &op)
+}
+
+/// The weight gradient alone: `x` [n, cin, h, w] and `dy` [n, cout, ho, wo] to [cout, cin, k, k].
+pub fn grad_weight(x: &Tensor, dy: &Tensor, padding: usize, stride: usize, k: usize) -> candle_core::Result<Tensor> {
+    let op = CudnnConv { padding, stride, pass: Pass::GradWeight { k } };
+    x.contiguous()?.apply_op2_no_bwd(&dy.contiguous()?, &op)
+}
+
+/// Off: training-mode BatchNorm on a GPU runs as candle ops, to cross-check
+/// [`batch_norm_train`] in the GPU tests.
+pub static BATCH_NORM_ENABLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Whether [`batch_norm_train`] takes this activation tensor: f32 [n, c, h, w] on a GPU.
+pub fn batch_norm_applies(x: &Tensor) -> bool {
+    BATCH_NORM_ENABLED.load(std::sync::atomic::Ordering::Relaxed)
+        && x.device().is_cuda()
+        && x.dtype() == DType::F32
+        && x.rank() == 4
+}
+
+/// Training-mode BatchNorm of `x` [n, c, h, w] with `weight` and `bias` [c] through cuDNN
+/// (spatial mode, whose backward pass has no atomics): the output, with gradients to all three,
+/// and the batch mean and biased variance [c] it normalised with (no gradient).
+///
+/// As candle ops this is about a dozen kernels forward and twenty backward per layer; here one
+/// each way. The op's single output packs `y` and the two statistics; `y` is a view of it.
+pub fn batch_norm_train(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    let (n, c, h, w) = x.dims4()?;
+    let values = n * c * h * w;
+    let packed = x.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, BatchNormTrain { eps })?;
+    let y = packed.narrow(0, 0, values)?.reshape((n, c, h, w))?;
+    let mean = packed.narrow(0, values, c)?.detach();
+    // cuDNN gives the unbiased variance (what the running statistics take); the caller wants the
+    // biased one, as the CPU's op gives it.
+    let count = (n * h * w) as f64;
+    let var = (packed.narrow(0, values + c, c)?.detach() * ((count - 1.0) / count))?;
+    Ok((y, mean, var))
+}
+
+/// A cuDNN tensor descriptor, destroyed on drop.
+struct Descriptor(sys::cudnnTensorDescriptor_t);
+
+impl Descriptor {
+    fn nchw(dims: [usize; 4]) -> candle_core::Result<Descriptor> {
+        let d = Descriptor(made(result::create_tensor_descriptor(), "descriptor")?);
+        // SAFETY: a descriptor just made.
+        check(unsafe { result::set_tensor4d_descriptor(d.0, NCHW, F32, dims.map(|v| v as i32)) }, "descriptor")?;
+        Ok(d)
+    }
+}
+
+impl Drop for Descriptor {
+    fn drop(&mut self) {
+        // SAFETY: made by `Descriptor::nchw`, destroyed once.
+        let _ = unsafe { result::destroy_tensor_descriptor(self.0) };
+    }
+}
+
+const SPATIAL: sys::cudnnBatchNormMode_t = sys::cudnnBatchNormMode_t::CUDNN_BATCHNORM_SPATIAL;
+
+/// (x, weight, bias) → [y (n·c·h·w values) | batch mean (c) | unbiased batch variance (c)].
+struct BatchNormTrain {
+    eps: f64,
+}
+
+impl CustomOp3 for BatchNormTrain {
+    fn name(&self) -> &'static str {
+        "cudnn-batch-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        bail!("{} runs on a GPU only", self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        ws: &CudaStorage,
+        wl: &Layout,
+        bs: &CudaStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let dims = dims4(xl.dims())?;
+        let (c, values) = (dims[1], dims.iter().product::<usize>());
+        let (x, w, b) = (f32_view(xs, xl)?, f32_view(ws, wl)?, f32_view(bs, bl)?);
+        let dev = xs.device.clone();
+        let stream = dev.cuda_stream();
+        // The statistics are written as running averages with factor 1 (old · 0 + new): they
+        // must start as numbers, not whatever the memory held.
+        let mut out: CudaSlice<f32> = dev.alloc_zeros::<f32>(values + 2 * c)?;
+        let (xd, pd) = (Descriptor::nchw(dims)?, Descriptor::nchw([1, c, 1, 1])?);
+        let handle = handle(&dev)?;
+        let (one, zero) = (1f32, 0f32);
+        {
+            let (x_ptr, _g1) = x.device_ptr(&stream);
+            let (w_ptr, _g2) = w.device_ptr(&stream);
+            let (b_ptr, _g3) = b.device_ptr(&stream);
+            let (o_ptr, _g4) = out.device_ptr_mut(&stream);
+            let y = o_ptr as *mut c_void;
+            let mean = (o_ptr + 4 * values as u64) as *mut c_void;
+            let var = (o_ptr + 4 * (values + c) as u64) as *mut c_void;
+            // SAFETY: the descriptors describe these contiguous f32 buffers; `out` holds y and
+            // both statistics at the offsets given.
+            let status = unsafe {
+                sys::cudnnBatchNormalizationForwardTraining(
+                    handle.0,
+                    SPATIAL,
+                    &one as *const f32 as *const c_void,
+                    &zero as *const f32 as *const c_void,
+                    xd.0,
+                    x_ptr as *const c_void,
+                    xd.0,
+                    y,
+                    pd.0,
+                    w_ptr as *const c_void,
+                    b_ptr as *const c_void,
+                    1.0,
+                    mean,
+                    var,
+                    self.eps,
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                )
+            };
+            check(status.result(), "BatchNorm forward")?;
+        }
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(values + 2 * c)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _packed: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, c, h, wd) = x.dims4()?;
+        let values = n * c * h * wd;
+        let dy = grad.narrow(0, 0, values)?.contiguous()?;
+        let packed = x.apply_op3_no_bwd(&dy, w, &BatchNormGrad { eps: self.eps })?;
+        let dx = packed.narrow(0, 0, values)?.reshape((n, c, h, wd))?;
+        let dw = packed.narrow(0, values, c)?;
+        let db = packed.narrow(0, values + c, c)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// (x, dy as [n·c·h·w], weight) → [dx | d weight (c) | d bias (c)], the batch statistics
+/// recomputed from x.
+struct BatchNormGrad {
+    eps: f64,
+}
+
+impl CustomOp3 for BatchNormGrad {
+    fn name(&self) -> &'static str {
+        "cudnn-batch-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        bail!("{} runs on a GPU only", self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        gs: &CudaStorage,
+        gl: &Layout,
+        ws: &CudaStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let dims = dims4(xl.dims())?;
+        let (c, values) = (dims[1], dims.iter().product::<usize>());
+        if gl.shape().elem_count() != values {
+            bail!("BatchNorm gradient: {} values for an input of {dims:?}", gl.shape().elem_count())
+        }
+        let (x, g, w) = (f32_view(xs, xl)?, f32_view(gs, gl)?, f32_view(ws, wl)?);
+        let dev = xs.device.clone();
+        let stream = dev.cuda_stream();
+        // SAFETY: cuDNN writes every value (beta = 0 for both results).
+        let mut out: CudaSlice<f32> = unsafe { dev.alloc::<f32>(values + 2 * c)? };
+        let (xd, pd) = (Descriptor::nchw(dims)?, Descriptor::nchw([1, c, 1, 1])?);
+        let handle = handle(&dev)?;
+        let (one, zero) = (1f32, 0f32);
+        let (one, zero) = (&one as *const f32 as *const c_void, &zero as *const f32 as *const c_void);
+        {
+            let (x_ptr, _g1) = x.device_ptr(&stream);
+            let (g_ptr, _g2) = g.device_ptr(&stream);
+            let (w_ptr, _g3) = w.device_ptr(&stream);
+            let (o_ptr, _g4) = out.device_ptr_mut(&stream);
+            let dx = o_ptr as *mut c_void;
+            let dw = (o_ptr + 4 * values as u64) as *mut c_void;
+            let db = (o_ptr + 4 * (values + c) as u64) as *mut c_void;
+            // SAFETY: as in the forward pass; no saved statistics, so cuDNN recomputes them.
+            let status = unsafe {
+                sys::cudnnBatchNormalizationBackward(
+                    handle.0,
+                    SPATIAL,
+                    one,
+                    zero,
+                    one,
+                    zero,
+                    xd.0,
+                    x_ptr as *const c_void,
+                    xd.0,
+                    g_ptr as *const c_void,
+                    xd.0,
+                    dx,
+                    pd.0,
+                    w_ptr as *const c_void,
+                    dw,
+                    db,
+                    self.eps,
+                    std::ptr::null(),
+                    std::ptr::null(),
+                )
+            };
+            check(status.result(), "BatchNorm backward")?;
+        }
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(values + 2 * c)))
+    }
+}

@@ -1,0 +1,198 @@
+//! GPU tests: `cargo xtask test --gpu` (a `--features cuda` build). Each test says plainly on
+//! stderr when it skips: in a build without CUDA, or where no GPU is visible. Without a GPU they
+//! pass by skipping, so that the ordinary test run (and CI, which has no GPU) can build them.
+//!
+//! What they hold the GPU path to: the same training step as the CPU's (same initial bytes, same
+//! batch, weights within 1e-4 relative), the same bytes from two GPU runs, and evaluation within
+//! rounding of the CPU's.
+
+use candle_core::{DType, Device, Tensor};
+use layerlab::config::{ModelConfig, TrainConfig};
+use layerlab::device::{select, DeviceChoice, HAS_CUDA};
+use layerlab::model::{Architecture, BnMode, State};
+use layerlab::pipeline::{Arch, ComputePath};
+use layerlab::train::Engine;
+use rand_core::RngCore;
+
+/// The GPU, or `None` with the reason printed.
+fn gpu(test: &str) -> Option<Device> {
+    if !HAS_CUDA {
+        eprintln!("SKIPPED {test}: this build has no CUDA (run `cargo xtask test --gpu`)");
+        return None;
+    }
+    match select(DeviceChoice::Cuda(0)) {
+        Ok((device, description)) => {
+            eprintln!("{test}: on {description}");
+            Some(device)
+        }
+        Err(why) => {
+            eprintln!("SKIPPED {test}: no GPU visible ({why:#})");
+            None
+        }
+    }
+}
+
+/// The three kinds of network, small enough for a test: FCN on 1×28×28, VGG-11-BN and ResNet-18
+/// at width 1/8 on 3×32×32.
+fn networks() -> Vec<(Architecture, [usize; 3])> {
+    let fcn = ModelConfig { arch: Arch::Fcn, depth: 2, width: 64, ..ModelConfig::default() };
+    let vgg = ModelConfig { arch: Arch::Vgg11, width_mult: 0.125, batch_norm: true, ..ModelConfig::default() };
+    let resnet = ModelConfig { arch: Arch::Resnet18, width_mult: 0.125, ..ModelConfig::default() };
+    vec![
+        (Architecture::build(&fcn, [1, 28, 28], 10).unwrap(), [1, 28, 28]),
+        (Architecture::build(&vgg, [3, 32, 32], 10).unwrap(), [3, 32, 32]),
+        (Architecture::build(&resnet, [3, 32, 32], 10).unwrap(), [3, 32, 32]),
+    ]
+}
+
+fn batch(n: usize, shape: [usize; 3], seed: u64) -> (Vec<u8>, Vec<u32>, [usize; 4]) {
+    let mut rng = layerlab::random::rng(seed);
+    let pixels = (0..n * shape.iter().product::<usize>()).map(|_| rng.next_u32() as u8).collect();
+    let labels = (0..n).map(|_| rng.next_u32() % 10).collect();
+    (pixels, labels, [n, shape[0], shape[1], shape[2]])
+}
+
+fn train_cfg() -> TrainConfig {
+    TrainConfig { lr: 0.05, momentum: 0.9, weight_decay: 5e-4, ..TrainConfig::default() }
+}
+
+/// `steps` SGD steps from `state` on `device`; the state after them, on the CPU.
+fn trained(arch: &Architecture, input: [usize; 3], state: &State, device: &Device, steps: u64) -> State {
+    trained_on(arch, input, state, device, steps, ComputePath::Fast)
+}
+
+fn trained_on(
+    arch: &Architecture,
+    input: [usize; 3],
+    state: &State,
+    device: &Device,
+    steps: u64,
+    path: ComputePath,
+) -> State {
+    let on_device: State = state.iter().map(|(k, v)| (k.clone(), v.to_device(device).unwrap())).collect();
+    let mut engine = Engine::new(arch, &on_device, None, device, path).unwrap();
+    let cfg = train_cfg();
+    for step in 0..steps {
+        let (pixels, labels, shape) = batch(16, input, 100 + step);
+        let (loss, _) = engine.step(arch, &pixels, shape, labels, cfg.lr, &cfg, device).unwrap();
+        assert!(loss.is_finite(), "{}: loss {loss} at step {step}", arch.name);
+    }
+    engine.state(device).unwrap().into_iter().map(|(k, v)| (k, v.to_device(&Device::Cpu).unwrap())).collect()
+}
+
+fn values(t: &Tensor) -> Vec<f32> {
+    t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+/// max |a − b| / max |a| over one tensor.
+fn relative_gap(a: &[f32], b: &[f32]) -> f64 {
+    let scale = a.iter().fold(0f64, |m, v| m.max(v.abs() as f64)).max(1e-12);
+    a.iter().zip(b).fold(0f64, |m, (x, y)| m.max((*x as f64 - *y as f64).abs())) / scale
+}
+
+#[test]
+fn training_steps_match_the_cpu() {
+    let Some(gpu) = gpu("training_steps_match_the_cpu") else { return };
+    for (arch, input) in networks() {
+        let initial = arch.initial_state(7, &Device::Cpu).unwrap();
+        let cpu = trained(&arch, input, &initial, &Device::Cpu, 2);
+        let on_gpu = trained(&arch, input, &initial, &gpu, 2);
+        assert_eq!(cpu.keys().collect::<Vec<_>>(), on_gpu.keys().collect::<Vec<_>>(), "{}", arch.name);
+        let mut faults = Vec::new();
+        for (name, c) in &cpu {
+            let (c, g, start) = (values(c), values(&on_gpu[name]), values(&initial[name]));
+            let weights = relative_gap(&c, &g);
+            if weights > 1e-4 {
+                faults.push(format!("{name}: weights differ by {weights:.2e} (relative)"));
+            }
+            // The updates themselves, which are small beside the weights: within 1 %.
+            let dc: Vec<f32> = c.iter().zip(&start).map(|(a, b)| a - b).collect();
+            let dg: Vec<f32> = g.iter().zip(&start).map(|(a, b)| a - b).collect();
+            // (Below a millionth of the weights' scale a gap is rounding: a convolution's bias
+            // before a BatchNorm has no gradient, only its weight decay and rounding noise.)
+            let floor = 1e-6 * c.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
+            let absolute = dc.iter().zip(&dg).fold(0f64, |m, (a, b)| m.max((*a as f64 - *b as f64).abs()));
+            if dc.iter().any(|v| *v != 0.0) && absolute > floor {
+                let updates = relative_gap(&dc, &dg);
+                if updates > 1e-2 {
+                    faults.push(format!("{name}: updates differ by {updates:.2e} (relative)"));
+                }
+            }
+        }
+        assert!(faults.is_empty(), "{}, GPU against CPU:\n{}", arch.name, faults.join("\n"));
+    }
+}
+
+#[test]
+fn two_gpu_runs_give_the_same_bytes() {
+    let Some(gpu) = gpu("two_gpu_runs_give_the_same_bytes") else { return };
+    for (arch, input) in networks() {
+        let initial = arch.initial_state(3, &Device::Cpu).unwrap();
+        let first = trained(&arch, input, &initial, &gpu, 3);
+        let second = trained(&arch, input, &initial, &gpu, 3);
+        for (name, a) in &first {
+            let bits = |t: &Tensor| values(t).iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert!(bits(a) == bits(&second[name]), "{} {name}: two GPU runs differ", arch.name);
+        }
+    }
+}
+
+#[test]
+fn evaluation_matches_the_cpu() {
+    let Some(gpu) = gpu("evaluation_matches_the_cpu") else { return };
+    for (arch, shape) in networks() {
+        // Trained a little, so that BatchNorm's running statistics are not at their start.
+        let state = trained(&arch, shape, &arch.initial_state(5, &Device::Cpu).unwrap(), &Device::Cpu, 2);
+        let (pixels, _, dims) = batch(50, shape, 9);
+        let forward = |device: &Device| {
+            let on_device: State = state.iter().map(|(k, v)| (k.clone(), v.to_device(device).unwrap())).collect();
+            let x = layerlab::model::images_to_tensor(&pixels, dims, device).unwrap();
+            values(&arch.forward(&on_device, &x, BnMode::Eval).unwrap().to_device(&Device::Cpu).unwrap())
+        };
+        let gap = relative_gap(&forward(&Device::Cpu), &forward(&gpu));
+        assert!(gap <= 1e-4, "{}: logits differ by {gap:e} (relative)", arch.name);
+    }
+}
+
+#[test]
+fn auto_picks_the_gpu() {
+    let Some(_) = gpu("auto_picks_the_gpu") else { return };
+    let (device, description) = select(DeviceChoice::Auto).unwrap();
+    assert!(device.is_cuda(), "auto chose {description} with a GPU visible");
+    assert!(description.starts_with("cuda:0"), "{description}");
+}
+
+/// Where the GPU's training steps part from the CPU's, tensor by tensor, with each of layerlab's
+/// GPU kernels on and off (`cargo xtask test --gpu -- --ignored`).
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore]
+fn gaps_by_kernel() {
+    use layerlab::kernels::{cuda, cudnn};
+    use std::sync::atomic::Ordering::Relaxed;
+    let Some(gpu) = gpu("gaps_by_kernel") else { return };
+    for (arch, input) in networks().into_iter().skip(1).take(1) {
+        let initial = arch.initial_state(7, &Device::Cpu).unwrap();
+        for steps in [1, 2] {
+            let cpu = trained(&arch, input, &initial, &Device::Cpu, steps);
+            for (conv, bn, sgd) in [(true, true, true), (false, true, true), (true, false, true), (true, true, false)] {
+                cudnn::ENABLED.store(conv, Relaxed);
+                cudnn::BATCH_NORM_ENABLED.store(bn, Relaxed);
+                cuda::SGD_ENABLED.store(sgd, Relaxed);
+                let on_gpu = trained(&arch, input, &initial, &gpu, steps);
+                let mut gaps: Vec<(f64, &String)> =
+                    cpu.iter().map(|(name, c)| (relative_gap(&values(c), &values(&on_gpu[name])), name)).collect();
+                gaps.sort_by(|a, b| b.0.total_cmp(&a.0));
+                let worst: Vec<String> = gaps.iter().take(6).map(|(g, n)| format!("{n} {g:.1e}")).collect();
+                eprintln!(
+                    "{} steps {steps} cudnn conv {conv}, batch norm {bn}, sgd kernel {sgd}: {}",
+                    arch.name,
+                    worst.join(", ")
+                );
+            }
+        }
+    }
+    cudnn::ENABLED.store(true, Relaxed);
+    cudnn::BATCH_NORM_ENABLED.store(true, Relaxed);
+    cuda::SGD_ENABLED.store(true, Relaxed);
+}
