@@ -36,6 +36,8 @@ pub struct SeedResults {
     /// The settings the results were made with, without the seed (which differs by design).
     pub settings: Value,
     pub layerlab_version: String,
+    /// What reset-eval computed on (the table's `device` metadata; empty in tables from before it).
+    pub device: String,
     pub records: Vec<ResultRecord>,
 }
 
@@ -134,6 +136,7 @@ pub fn read_results(path: &Path, seed: u64) -> Result<SeedResults> {
         config_hash,
         settings,
         layerlab_version: t.metadata.get("layerlab_version").cloned().unwrap_or_default(),
+        device: t.metadata.get("device").cloned().unwrap_or_default(),
         records,
     })
 }

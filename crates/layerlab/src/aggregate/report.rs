@@ -104,7 +104,8 @@ pub fn render(r: &ReportInput) -> String {
         pct(r.chance),
         r.classes
     );
-    let _ = writeln!(w, "- **Pipeline file**: `{}`\n", r.pipeline_path.display());
+    let _ = writeln!(w, "- **Pipeline file**: `{}`", r.pipeline_path.display());
+    let _ = writeln!(w, "- **Computed on** (the reset grids): {}\n", devices(&r.inputs.results));
 
     let _ = writeln!(w, "## Baseline\n");
     match baseline(r.summary) {
@@ -271,4 +272,26 @@ pub fn render(r: &ReportInput) -> String {
         );
     }
     md
+}
+
+/// Each device the seeds' reset grids ran on, with its seeds: `cuda:0: NVIDIA H200, … (seeds 0, 1)`.
+fn devices(results: &[super::inputs::SeedResults]) -> String {
+    let mut by_device: Vec<(&str, Vec<u64>)> = Vec::new();
+    for r in results {
+        let device = if r.device.is_empty() { "not recorded" } else { r.device.as_str() };
+        match by_device.iter_mut().find(|(d, _)| *d == device) {
+            Some((_, seeds)) => seeds.push(r.seed),
+            None => by_device.push((device, vec![r.seed])),
+        }
+    }
+    let seeds = |s: &[u64]| s.iter().map(u64::to_string).collect::<Vec<_>>().join(", ");
+    let parts: Vec<String> = by_device
+        .iter()
+        .map(|(d, s)| format!("{d} (seed{} {})", if s.len() == 1 { "" } else { "s" }, seeds(s)))
+        .collect();
+    if parts.is_empty() {
+        "no seed".into()
+    } else {
+        parts.join("; ")
+    }
 }

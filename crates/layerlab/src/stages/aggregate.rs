@@ -432,6 +432,7 @@ mod tests {
         let md = std::fs::read_to_string(&report).unwrap();
         for needle in [
             "# fake-fcn",
+            "**Computed on** (the reset grids): cpu: test (seeds 0, 1, 2)",
             "![Reset heatmap](heatmap.png)",
             "movement.png",
             "Critical to re-initialization: fc1.",
