@@ -126,7 +126,7 @@ def fcn_reset_grid(args):
     # Every kept checkpoint: 0, 1, 2, 3, 5, 10, 20, 40 for the default protocol.
     epochs = sorted(int(p.stem.split("-")[1]) for p in Path(ckpt_dir).glob("epoch-*.safetensors"))
     units = ["fc1", "fc2", "fc3", "fc4"]
-    model = fcn()
+    model = fcn().to(args.device)
     modules = {u: model[2 * i + 1] for i, u in enumerate(units)}
     start = time.perf_counter()
     evaluations = 0

@@ -198,7 +198,13 @@ impl flags::Bench {
             bail!("--threads wants one or more counts of at least 1, e.g. --threads 1,2");
         }
 
-        cmd!(sh, "cargo build --release -q -p fetch-data -p train -p reset-eval -p layerlab-bench").run()?;
+        if !["cpu", "cuda"].contains(&self.device.as_str()) && !self.device.starts_with("cuda:") {
+            bail!("--device wants cpu, cuda or cuda:N, not '{}'", self.device);
+        }
+        let features: &[&str] =
+            if self.on_gpu() { &["--features", "train/cuda,reset-eval/cuda,layerlab-bench/cuda"] } else { &[] };
+        cmd!(sh, "cargo build --release -q {features...} -p fetch-data -p train -p reset-eval -p layerlab-bench")
+            .run()?;
         warn_if_busy();
         let py = python(sh, self.python.as_deref())?;
         let mut rows: Vec<Figure> = Vec::new();
@@ -218,6 +224,10 @@ impl flags::Bench {
         self.report(sh, &rows, &bench_dir)
     }
 
+    fn on_gpu(&self) -> bool {
+        self.device != "cpu"
+    }
+
     /// Every selected workload but run-all, both sides, at `thread_count` threads each.
     fn measure_at(&self, thread_count: usize, py: &Path, log: &Path) -> Result<Vec<Figure>> {
         let selected = |w: &str| self.workloads.is_empty() || self.workloads.iter().any(|x| x == w);
@@ -234,9 +244,11 @@ impl flags::Bench {
             c.env("RAYON_NUM_THREADS", &threads).current_dir(&root);
             c
         };
+        let device = self.device.as_str();
         let pytorch = |workload: &str| {
             let mut c = Command::new(py);
             c.arg(&script).arg(workload).arg("--threads").arg(&threads).arg("--datasets").arg(&datasets);
+            c.args(["--device", device.split(':').next().unwrap_or("cpu")]);
             c.env("OMP_NUM_THREADS", &threads).current_dir(&root);
             c
         };
@@ -253,7 +265,7 @@ impl flags::Bench {
         {
             eprintln!("bench: FCN training, {epochs} epochs (layerlab, {threads} threads)");
             let mut c = layerlab("train");
-            c.arg("--config").arg(&config).args(["-e", "fcn-mnist", "--seed", "0", "--force"]);
+            c.arg("--config").arg(&config).args(["-e", "fcn-mnist", "--seed", "0", "--force", "--device", device]);
             let m = measure(c, log)?;
             // Trained only for the grid's checkpoints when fcn itself is not asked for.
             if selected("fcn") {
@@ -284,7 +296,7 @@ impl flags::Bench {
         if selected("grid") {
             eprintln!("bench: FCN reset grid (layerlab)");
             let mut c = layerlab("reset-eval");
-            c.arg("--config").arg(&config).args(["-e", "fcn-mnist", "--seed", "0", "--force"]);
+            c.arg("--config").arg(&config).args(["-e", "fcn-mnist", "--seed", "0", "--force", "--device", device]);
             let m = measure(c, log)?;
             let mut c = layerlab("layerlab-bench");
             c.arg("fcn-flops");
@@ -318,11 +330,13 @@ impl flags::Bench {
             }
             eprintln!("bench: {arch} (layerlab, {threads} threads)");
             let mut c = layerlab("layerlab-bench");
-            c.args(["cnn", "--arch", arch, "--steps", steps, "--repeats", repeats]);
+            let width = self.width.to_string();
+            c.args(["cnn", "--arch", arch, "--steps", steps, "--repeats", repeats, "--device", device]);
+            c.args(["--width-mult", &width]);
             rows.extend(json_rows(&measure(c, log)?.stdout, "layerlab", thread_count)?);
             eprintln!("bench: {arch} (PyTorch)");
             let mut c = pytorch(name);
-            c.args(["--steps", steps, "--repeats", repeats]);
+            c.args(["--steps", steps, "--repeats", repeats, "--width", &width]);
             rows.extend(json_rows(&measure(c, log)?.stdout, "pytorch", thread_count)?);
         }
         Ok(rows)
@@ -377,11 +391,13 @@ impl flags::Bench {
             let e = pairs.entry((f.workload.clone(), f.figure.clone(), f.threads)).or_default();
             e[usize::from(f.side == "pytorch")] = Some(f);
         }
+        let gpu = self.on_gpu();
         let fmt = |f: Option<&Figure>| {
             f.map(|f| {
                 let v = if f.is_time() { format!("{:.2} s", f.value) } else { format!("{:.0} {}", f.value, f.unit) };
                 let peak = peak_gflops(f.threads).0;
-                let g = f.gflops().map(|g| format!(", {g:.1} GFLOP/s ({:.0}%)", 100.0 * g / peak)).unwrap_or_default();
+                let share = |g: f64| if gpu { String::new() } else { format!(" ({:.0}%)", 100.0 * g / peak) };
+                let g = f.gflops().map(|g| format!(", {g:.1} GFLOP/s{}", share(g))).unwrap_or_default();
                 let m = f.peak_rss_mb.map(|m| format!(", {m:.0} MB")).unwrap_or_default();
                 format!("{v}{g}{m}")
             })
@@ -398,7 +414,9 @@ impl flags::Bench {
                 (Some(a), Some(b)) => Some(a.value / b.value),
                 _ => None,
             };
-            let verdict = match (ratio, target(workload, figure), ours) {
+            // The targets are the CPU's (issue 15); a GPU's are read off the table by hand.
+            let targets = if self.on_gpu() { None } else { target(workload, figure) };
+            let verdict = match (ratio, targets, ours) {
                 (Some(r), Some((bound, at_most)), _) => {
                     let met = if at_most { r <= bound } else { r >= bound };
                     format!("{}{bound:.2} {}", if at_most { "<= " } else { ">= " }, if met { "met" } else { "NOT met" })
@@ -438,7 +456,7 @@ impl flags::Bench {
         let revision = cmd!(sh, "git rev-parse --short HEAD").read().unwrap_or_else(|_| "unknown".into());
         let dirty = !cmd!(sh, "git status --porcelain --untracked-files=no").read().unwrap_or_default().is_empty();
         let revision = if dirty { format!("{revision}-dirty") } else { revision };
-        let machine = machine();
+        let machine = if self.on_gpu() { format!("{}; GPU: {}", machine(), self.device) } else { machine() };
         let date = cmd!(sh, "date -u +%Y-%m-%dT%H:%M:%SZ").read().unwrap_or_default();
         let input: String = out_rows.iter().map(|r| format!("{r}\n")).collect();
         let out = bench_dir.join("bench.parquet");

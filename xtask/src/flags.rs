@@ -198,4 +198,11 @@ pub struct Bench {
     /// A short run to check the benchmark itself: 3 epochs, 1 step per repeat, 2 repeats.
     #[arg(long)]
     pub quick: bool,
+    /// Where both sides compute: `cpu`, or `cuda` (builds layerlab with the `cuda` feature: source
+    /// target/cuda-env/env.sh first; the CPU targets are not printed).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Width multiplier of the benchmarked VGG-11-BN and ResNet-18 (1 is the paper's networks).
+    #[arg(long, default_value_t = 0.25)]
+    pub width: f64,
 }
