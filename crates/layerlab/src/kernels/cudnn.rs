@@ -154,9 +154,8 @@ impl Plan {
             grad_input: (sys::cudnnConvolutionBwdDataAlgo_t::CUDNN_CONVOLUTION_BWD_DATA_ALGO_1, 0),
             grad_weight: (sys::cudnnConvolutionBwdFilterAlgo_t::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1, 0),
         };
-        let h = plan.handle.0;
         let (p, s) = (g.padding, g.stride);
-        // SAFETY: descriptors made just above; the heuristics write at most the counts asked for.
+        // SAFETY: descriptors made just above.
         unsafe {
             check(result::set_tensor4d_descriptor(plan.x, NCHW, F32, g.x), "input descriptor")?;
             check(result::set_tensor4d_descriptor(plan.y, NCHW, F32, g.y()), "output descriptor")?;
@@ -164,97 +163,126 @@ impl Plan {
             let cross = sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION;
             check(result::set_convolution2d_descriptor(plan.conv, p, p, s, s, 1, 1, cross, F32), "convolution")?;
             check(result::set_convolution_math_type(plan.conv, sys::cudnnMathType_t::CUDNN_FMA_MATH), "math type")?;
-
-            const N: usize = 16;
-            let mut count = 0;
-            let (k, stride, c) = (g.w[2], g.stride, g.x[1]);
-            let plane = g.x[2] * g.x[3];
-            let same_3x3 = k == 3 && stride == 1;
-            use sys::cudnnConvolutionBwdDataAlgo_t as D;
-            use sys::cudnnConvolutionBwdFilterAlgo_t as F;
-            use sys::cudnnConvolutionFwdAlgo_t as Fw;
-
-            let mut fwd: [sys::cudnnConvolutionFwdAlgoPerf_t; N] = std::mem::zeroed();
-            let r = result::get_convolution_forward_algorithm(
-                h,
-                plan.x,
-                plan.w,
-                plan.conv,
-                plan.y,
-                N as i32,
-                &mut count,
-                fwd.as_mut_ptr(),
-            );
-            check(r, "forward heuristics")?;
-            let listed = &fwd[..count as usize];
-            let preferred = if same_3x3 && c >= 64 && (c >= 128 || plane >= 256) {
-                Fw::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED
-            } else {
-                Fw::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM
-            };
-            let algo = listed
-                .iter()
-                .find(|a| a.algo == preferred && usable(a.status, a.determinism, a.mathType))
-                .or_else(|| listed.iter().find(|a| usable(a.status, a.determinism, a.mathType)))
-                .map_or(plan.forward.0, |a| a.algo);
-            let size = result::get_convolution_forward_workspace_size(h, plan.x, plan.w, plan.conv, plan.y, algo);
-            plan.forward = (algo, made(size, "forward workspace")?);
-
-            let mut data: [sys::cudnnConvolutionBwdDataAlgoPerf_t; N] = std::mem::zeroed();
-            let r = result::get_convolution_backward_data_algorithm(
-                h,
-                plan.w,
-                plan.y,
-                plan.conv,
-                plan.x,
-                N as i32,
-                &mut count,
-                data.as_mut_ptr(),
-            );
-            check(r, "input-gradient heuristics")?;
-            let listed = &data[..count as usize];
-            let preferred = if same_3x3 {
-                D::CUDNN_CONVOLUTION_BWD_DATA_ALGO_WINOGRAD_NONFUSED
-            } else {
-                D::CUDNN_CONVOLUTION_BWD_DATA_ALGO_1
-            };
-            let algo = listed
-                .iter()
-                .find(|a| a.algo == preferred && usable(a.status, a.determinism, a.mathType))
-                .or_else(|| listed.iter().find(|a| usable(a.status, a.determinism, a.mathType)))
-                .map_or(plan.grad_input.0, |a| a.algo);
-            let size = result::get_convolution_backward_data_workspace_size(h, plan.w, plan.y, plan.conv, plan.x, algo);
-            plan.grad_input = (algo, made(size, "input-gradient workspace")?);
-
-            let mut filter: [sys::cudnnConvolutionBwdFilterAlgoPerf_t; N] = std::mem::zeroed();
-            let r = result::get_convolution_backward_filter_algorithm(
-                h,
-                plan.x,
-                plan.y,
-                plan.conv,
-                plan.w,
-                N as i32,
-                &mut count,
-                filter.as_mut_ptr(),
-            );
-            check(r, "weight-gradient heuristics")?;
-            let listed = &filter[..count as usize];
-            let preferred = match (same_3x3, c) {
-                (true, c) if c >= 64 => F::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_WINOGRAD_NONFUSED,
-                (true, c) if c > 3 => F::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT,
-                _ => F::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1,
-            };
-            let algo = listed
-                .iter()
-                .find(|a| a.algo == preferred && usable(a.status, a.determinism, a.mathType))
-                .or_else(|| listed.iter().find(|a| usable(a.status, a.determinism, a.mathType)))
-                .map_or(plan.grad_weight.0, |a| a.algo);
-            let size =
-                result::get_convolution_backward_filter_workspace_size(h, plan.x, plan.y, plan.conv, plan.w, algo);
-            plan.grad_weight = (algo, made(size, "weight-gradient workspace")?);
+        }
+        let (k, stride, c) = (g.w[2], g.stride, g.x[1]);
+        let plane = g.x[2] * g.x[3];
+        let same_3x3 = k == 3 && stride == 1;
+        use sys::cudnnConvolutionBwdDataAlgo_t as D;
+        use sys::cudnnConvolutionBwdFilterAlgo_t as F;
+        use sys::cudnnConvolutionFwdAlgo_t as Fw;
+        let forward = if same_3x3 && c >= 64 && (c >= 128 || plane >= 256) {
+            Fw::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED
+        } else {
+            Fw::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM
+        };
+        let grad_input = if same_3x3 {
+            D::CUDNN_CONVOLUTION_BWD_DATA_ALGO_WINOGRAD_NONFUSED
+        } else {
+            D::CUDNN_CONVOLUTION_BWD_DATA_ALGO_1
+        };
+        let grad_weight = match (same_3x3, c) {
+            (true, c) if c >= 64 => F::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_WINOGRAD_NONFUSED,
+            (true, c) if c > 3 => F::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT,
+            _ => F::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1,
+        };
+        let all = listed(&plan)?;
+        if let Algo::Forward(algo) = choose(&all, Algo::Forward(forward)) {
+            plan.forward = (algo, workspace(&plan, Algo::Forward(algo))?);
+        }
+        if let Algo::GradInput(algo) = choose(&all, Algo::GradInput(grad_input)) {
+            plan.grad_input = (algo, workspace(&plan, Algo::GradInput(algo))?);
+        }
+        if let Algo::GradWeight(algo) = choose(&all, Algo::GradWeight(grad_weight)) {
+            plan.grad_weight = (algo, workspace(&plan, Algo::GradWeight(algo))?);
         }
         Ok(plan)
     }
+}
+
+/// One algorithm cuDNN's heuristics list for a pass, with what they say of it.
+struct Listed {
+    algo: Algo,
+    status: sys::cudnnStatus_t,
+    determinism: sys::cudnnDeterminism_t,
+    math: sys::cudnnMathType_t,
+    memory: usize,
+}
+
+/// Every algorithm cuDNN's heuristics list for the three passes of `plan`, best ranked first.
+fn listed(plan: &Plan) -> candle_core::Result<Vec<Listed>> {
+    const N: usize = 16;
+    let (h, mut count, mut all) = (plan.handle.0, 0, Vec::new());
+    // SAFETY: the plan's live descriptors; each call writes at most N entries and says how many.
+    unsafe {
+        let mut fwd: [sys::cudnnConvolutionFwdAlgoPerf_t; N] = std::mem::zeroed();
+        let (x, w, y, conv) = (plan.x, plan.w, plan.y, plan.conv);
+        let r = result::get_convolution_forward_algorithm(h, x, w, conv, y, N as i32, &mut count, fwd.as_mut_ptr());
+        check(r, "forward heuristics")?;
+        all.extend(fwd[..count as usize].iter().map(|a| Listed {
+            algo: Algo::Forward(a.algo),
+            status: a.status,
+            determinism: a.determinism,
+            math: a.mathType,
+            memory: a.memory,
+        }));
+        let mut data: [sys::cudnnConvolutionBwdDataAlgoPerf_t; N] = std::mem::zeroed();
+        let r =
+            result::get_convolution_backward_data_algorithm(h, w, y, conv, x, N as i32, &mut count, data.as_mut_ptr());
+        check(r, "input-gradient heuristics")?;
+        all.extend(data[..count as usize].iter().map(|a| Listed {
+            algo: Algo::GradInput(a.algo),
+            status: a.status,
+            determinism: a.determinism,
+            math: a.mathType,
+            memory: a.memory,
+        }));
+        let mut filter: [sys::cudnnConvolutionBwdFilterAlgoPerf_t; N] = std::mem::zeroed();
+        let r = result::get_convolution_backward_filter_algorithm(
+            h,
+            x,
+            y,
+            conv,
+            w,
+            N as i32,
+            &mut count,
+            filter.as_mut_ptr(),
+        );
+        check(r, "weight-gradient heuristics")?;
+        all.extend(filter[..count as usize].iter().map(|a| Listed {
+            algo: Algo::GradWeight(a.algo),
+            status: a.status,
+            determinism: a.determinism,
+            math: a.mathType,
+            memory: a.memory,
+        }));
+    }
+    Ok(all)
+}
+
+/// `preferred` when cuDNN lists it as usable, else the first usable algorithm it lists for the
+/// same pass, else `preferred` all the same (cuDNN then says what is wrong when it runs).
+fn choose(all: &[Listed], preferred: Algo) -> Algo {
+    let pass = std::mem::discriminant(&preferred);
+    let usable_here = |l: &&Listed| std::mem::discriminant(&l.algo) == pass && usable(l.status, l.determinism, l.math);
+    all.iter()
+        .filter(usable_here)
+        .find(|l| l.algo == preferred)
+        .or_else(|| all.iter().find(usable_here))
+        .map_or(preferred, |l| l.algo)
+}
+
+/// The workspace `algo` needs on `plan`'s shapes, in bytes.
+fn workspace(plan: &Plan, algo: Algo) -> candle_core::Result<usize> {
+    let (h, x, w, y, conv) = (plan.handle.0, plan.x, plan.w, plan.y, plan.conv);
+    // SAFETY: the plan's live descriptors.
+    let size = unsafe {
+        match algo {
+            Algo::Forward(a) => result::get_convolution_forward_workspace_size(h, x, w, conv, y, a),
+            Algo::GradInput(a) => result::get_convolution_backward_data_workspace_size(h, w, y, conv, x, a),
+            Algo::GradWeight(a) => result::get_convolution_backward_filter_workspace_size(h, x, y, conv, w, a),
+        }
+    };
+    made(size, "workspace size")
 }
 
 /// An algorithm that ran in the heuristics, gives the same bytes every time, and computes in f32.
@@ -369,7 +397,7 @@ impl CustomOp2 for CudnnConv {
 }
 
 /// One of cuDNN's algorithms for one of the three passes.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 enum Algo {
     Forward(sys::cudnnConvolutionFwdAlgo_t),
     GradInput(sys::cudnnConvolutionBwdDataAlgo_t),
@@ -441,76 +469,17 @@ pub fn survey(
         }
     };
     let (xs, ws, dys) = (storage(&xt)?, storage(&wt)?, storage(&dyt)?);
-    let h = plan.handle.0;
-    const N: usize = 16;
     let mut lines = Vec::new();
-    let mut candidates: Vec<(&str, Algo, sys::cudnnStatus_t, sys::cudnnDeterminism_t, sys::cudnnMathType_t, usize)> =
-        Vec::new();
-    // SAFETY: the plan's live descriptors; each call writes at most N entries.
-    unsafe {
-        let mut count = 0;
-        let mut fwd: [sys::cudnnConvolutionFwdAlgoPerf_t; N] = std::mem::zeroed();
-        check(
-            result::get_convolution_forward_algorithm(
-                h,
-                plan.x,
-                plan.w,
-                plan.conv,
-                plan.y,
-                N as i32,
-                &mut count,
-                fwd.as_mut_ptr(),
-            ),
-            "heuristics",
-        )?;
-        for a in &fwd[..count as usize] {
-            candidates.push(("forward", Algo::Forward(a.algo), a.status, a.determinism, a.mathType, a.memory));
-        }
-        let mut data: [sys::cudnnConvolutionBwdDataAlgoPerf_t; N] = std::mem::zeroed();
-        check(
-            result::get_convolution_backward_data_algorithm(
-                h,
-                plan.w,
-                plan.y,
-                plan.conv,
-                plan.x,
-                N as i32,
-                &mut count,
-                data.as_mut_ptr(),
-            ),
-            "heuristics",
-        )?;
-        for a in &data[..count as usize] {
-            candidates.push(("input grad", Algo::GradInput(a.algo), a.status, a.determinism, a.mathType, a.memory));
-        }
-        let mut filter: [sys::cudnnConvolutionBwdFilterAlgoPerf_t; N] = std::mem::zeroed();
-        check(
-            result::get_convolution_backward_filter_algorithm(
-                h,
-                plan.x,
-                plan.y,
-                plan.conv,
-                plan.w,
-                N as i32,
-                &mut count,
-                filter.as_mut_ptr(),
-            ),
-            "heuristics",
-        )?;
-        for a in &filter[..count as usize] {
-            candidates.push(("weight grad", Algo::GradWeight(a.algo), a.status, a.determinism, a.mathType, a.memory));
-        }
-    }
     let chosen = [
         format!("{:?}", Algo::Forward(plan.forward.0)),
         format!("{:?}", Algo::GradInput(plan.grad_input.0)),
         format!("{:?}", Algo::GradWeight(plan.grad_weight.0)),
     ];
-    for (rank, (pass, algo, status, determinism, math, memory)) in candidates.into_iter().enumerate() {
-        let (a, b, out_len) = match algo {
-            Algo::Forward(_) => (xs.slice(..), ws.slice(..), y.iter().product()),
-            Algo::GradInput(_) => (dys.slice(..), ws.slice(..), x.iter().product()),
-            Algo::GradWeight(_) => (xs.slice(..), dys.slice(..), w.iter().product()),
+    for (rank, Listed { algo, status, determinism, math, memory }) in listed(&plan)?.into_iter().enumerate() {
+        let (pass, a, b, out_len) = match algo {
+            Algo::Forward(_) => ("forward", xs.slice(..), ws.slice(..), y.iter().product()),
+            Algo::GradInput(_) => ("input grad", dys.slice(..), ws.slice(..), x.iter().product()),
+            Algo::GradWeight(_) => ("weight grad", xs.slice(..), dys.slice(..), w.iter().product()),
         };
         let mut ms = None;
         if status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS {
