@@ -385,6 +385,7 @@ pub fn run(job: &TrainJob<'_>, initial: State) -> Result<TrainSummary> {
 
     let test_metrics = |state: &State| {
         eval::evaluate(job.arch, state, job.test, &test_idx, cfg.eval_batch_size as usize, job.device, cfg.compute)
+            .map_err(|e| name_the_setting(e, "train.eval_batch_size", cfg.eval_batch_size))
     };
     if start_epoch == 0 {
         let t0 = Instant::now();
@@ -428,7 +429,9 @@ pub fn run(job: &TrainJob<'_>, initial: State) -> Result<TrainSummary> {
             if cfg.augment {
                 augment(&mut pixels, shape, &mut aug_rng);
             }
-            let (loss_value, errors) = engine.step(job.arch, &pixels, shape, labels, lr, cfg, job.device)?;
+            let (loss_value, errors) = engine
+                .step(job.arch, &pixels, shape, labels, lr, cfg, job.device)
+                .map_err(|e| name_the_setting(e, "train.batch_size", cfg.batch_size))?;
             if !loss_value.is_finite() {
                 bail!(
                     "training diverged: loss is {loss_value} at epoch {epoch}, step {step} (lr {lr:.3e}); lower train.lr"
@@ -497,6 +500,16 @@ fn write_history(path: &Path, history: &[EpochRecord], job: &TrainJob<'_>) -> Re
         .nullable("train_seconds", col_f(&|r| r.train_seconds))
         .col("seconds", col_f(&|r| Some(r.seconds)))
         .write(path, &job.table_metadata)
+}
+
+/// A GPU's out-of-memory error (CUDA's `CUDA_ERROR_OUT_OF_MEMORY`, from candle, cuDNN or our
+/// kernels) said as the setting to change, rather than as a driver error alone.
+fn name_the_setting(e: anyhow::Error, setting: &str, value: u32) -> anyhow::Error {
+    if format!("{e:#}").contains("OUT_OF_MEMORY") {
+        e.context(format!("{setting} = {value} does not fit in the GPU's memory: lower {setting}"))
+    } else {
+        e
+    }
 }
 
 #[cfg(test)]
@@ -589,5 +602,15 @@ mod tests {
         };
         assert_eq!(bits(&back), bits(&history));
         assert_eq!(back, history);
+    }
+
+    #[test]
+    fn out_of_memory_names_the_setting_and_other_errors_pass_unchanged() {
+        let oom = anyhow::anyhow!("DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")");
+        let said = format!("{:#}", name_the_setting(oom, "train.batch_size", 4096));
+        assert!(said.starts_with("train.batch_size = 4096 does not fit in the GPU's memory"), "{said}");
+        assert!(said.contains("CUDA_ERROR_OUT_OF_MEMORY"), "{said}");
+        let other = format!("{:#}", name_the_setting(anyhow::anyhow!("shape mismatch"), "train.batch_size", 8));
+        assert_eq!(other, "shape mismatch");
     }
 }
