@@ -5,7 +5,9 @@
 //!
 //! The fully connected fast path updates f32 buffers in place ([`Sgd::update_slices`]); the
 //! autograd path updates candle tensors ([`Sgd::update_tensors`]). The two are tested against
-//! each other below, so that both paths train the same way.
+//! each other below, so that both paths train the same way. On a GPU the autograd path runs the
+//! same operations as one CUDA kernel (`kernels::cuda::sgd_update`), held to the CPU by the GPU
+//! tests (`tests/gpu.rs`).
 
 use anyhow::Result;
 use candle_core::Tensor;

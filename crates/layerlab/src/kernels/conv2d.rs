@@ -5,8 +5,9 @@
 //! training CNNs an order of magnitude slower than it needs to be. [`conv2d`] runs f32 tensors
 //! on the CPU through [`Conv2d`], a candle custom op whose forward is im2col followed by one
 //! matrix product per chunk of images, and whose backward computes the input gradient
-//! (Wᵀ·grad, then col2im) and the weight gradient (grad·colsᵀ) the same way. Other devices and
-//! dtypes keep candle's own `conv2d`.
+//! (Wᵀ·grad, then col2im) and the weight gradient (grad·colsᵀ) the same way. f32 on a GPU goes
+//! through cuDNN (`kernels::cudnn`, the `cuda` feature); other devices and dtypes keep candle's
+//! own `conv2d`.
 //!
 //! Same-size 3×3 convolutions with enough channels skip the column matrix on CPUs with AVX-512:
 //! a direct kernel ([`direct`]) keeps a tile of outputs in registers through all taps and input

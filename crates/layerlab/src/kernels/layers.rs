@@ -5,7 +5,9 @@
 //! max-pool gradient is scaled wrongly (a unique maximum receives a quarter of the gradient, four
 //! tied maxima the whole gradient each). These ops follow PyTorch: the max-pool gradient goes to
 //! the first maximum of each window (row-major, NaN counting as the maximum) and the ReLU
-//! gradient passes where the output is positive. Other devices and dtypes keep candle's ops.
+//! gradient passes where the output is positive. On a GPU (the `cuda` feature) the max-pool op
+//! runs CUDA kernels with the same rule (`kernels::cuda`); other devices and dtypes, and the GPU's
+//! ReLU, keep candle's ops.
 
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;

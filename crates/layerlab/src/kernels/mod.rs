@@ -7,6 +7,10 @@
 //! - [`norm`]: BatchNorm in training and evaluation mode, fused;
 //! - [`layers`]: ReLU, 2×2 max-pooling and the bias gradient.
 //!
+//! With the `cuda` feature, for f32 tensors on a GPU: `cudnn` (convolution and training-mode
+//! BatchNorm through cuDNN) and `cuda` (the SGD update and the max-pool, as CUDA kernels of our own
+//! compiled by NVRTC).
+//!
 //! Every kernel splits its work into pieces whose size depends only on the shapes, so results do
 //! not depend on the thread count.
 
