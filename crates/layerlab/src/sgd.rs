@@ -49,6 +49,23 @@ impl Sgd {
         tasks.zip(g.par_chunks(VALUES_PER_TASK)).for_each(|((p, m), g)| self.update_slices(lr, p, m, g));
     }
 
+    /// One update of a trained `Var` and its momentum buffer `m`: in place on a GPU (one kernel,
+    /// [`crate::kernels::cuda::sgd_update`]), by [`Sgd::update_tensors`] elsewhere.
+    pub fn update_var(&self, lr: f64, var: &candle_core::Var, m: &mut Tensor, g: &Tensor) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if var.device().is_cuda()
+            && var.dtype() == candle_core::DType::F32
+            && crate::kernels::cuda::SGD_ENABLED.load(std::sync::atomic::Ordering::Relaxed)
+        {
+            crate::kernels::cuda::sgd_update(self, lr, var.as_tensor(), m, g)?;
+            return Ok(());
+        }
+        let (p, b) = self.update_tensors(lr, var.as_tensor(), m, g)?;
+        var.set(&p)?;
+        *m = b;
+        Ok(())
+    }
+
     /// One update on tensors: the new parameters and the new momentum buffer, both detached
     /// (or every step would keep the whole history of updates alive).
     pub fn update_tensors(&self, lr: f64, p: &Tensor, m: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor)> {

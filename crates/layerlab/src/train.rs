@@ -161,18 +161,8 @@ impl Optimizer {
         let sgd = Sgd::of(cfg);
         for (name, var) in &self.params {
             let Some(g) = grads.get(var.as_tensor()) else { continue };
-            #[cfg(feature = "cuda")]
-            if var.device().is_cuda()
-                && var.dtype() == candle_core::DType::F32
-                && crate::kernels::cuda::SGD_ENABLED.load(std::sync::atomic::Ordering::Relaxed)
-            {
-                // One fused kernel, in place (the same f32 operations as below).
-                crate::kernels::cuda::sgd_update(&sgd, lr, var.as_tensor(), &self.momentum[name], g)?;
-                continue;
-            }
-            let (p, b) = sgd.update_tensors(lr, var.as_tensor(), &self.momentum[name], g)?;
-            var.set(&p)?;
-            self.momentum.insert(name.clone(), b);
+            let m = self.momentum.get_mut(name).with_context(|| format!("no momentum buffer for {name}"))?;
+            sgd.update_var(lr, var, m, g)?;
         }
         Ok(())
     }

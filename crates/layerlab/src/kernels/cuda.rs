@@ -140,9 +140,8 @@ impl InplaceOp3 for Update {
         let n = lp.shape().elem_count();
         let dev = p.device.clone();
         let func = dev.get_or_load_custom_func("sgd_update", MODULE, ptx()?)?;
-        let (po, mo, go) = (lp.start_offset(), lm.start_offset(), lg.start_offset());
-        let m = m.as_cuda_slice::<f32>()?.slice(mo..mo + n);
-        let g = g.as_cuda_slice::<f32>()?.slice(go..go + n);
+        let (m, g) = (f32_values(m, lm)?, f32_values(g, lg)?);
+        let po = lp.start_offset();
         let mut p = p.as_cuda_slice_mut::<f32>()?.slice_mut(po..po + n);
         let (count, nesterov) = (n as u32, self.nesterov as i32);
         let mut launch = func.builder();
@@ -162,10 +161,11 @@ impl InplaceOp3 for Update {
     }
 }
 
-/// The contiguous f32 values of a storage, from its layout's offset.
-fn values<'a>(s: &'a CudaStorage, l: &Layout) -> candle_core::Result<cudarc::driver::CudaView<'a, f32>> {
+/// The contiguous f32 values of a storage, from its layout's offset: how every GPU op of ours
+/// (here and in [`super::cudnn`]) reads its operands.
+pub(crate) fn f32_values<'a>(s: &'a CudaStorage, l: &Layout) -> candle_core::Result<cudarc::driver::CudaView<'a, f32>> {
     if !l.is_contiguous() {
-        bail!("layerlab's CUDA kernels take contiguous tensors")
+        bail!("layerlab's GPU ops take contiguous tensors")
     }
     let start = l.start_offset();
     Ok(s.as_cuda_slice::<f32>()?.slice(start..start + l.shape().elem_count()))
@@ -175,7 +175,7 @@ fn values<'a>(s: &'a CudaStorage, l: &Layout) -> candle_core::Result<cudarc::dri
 pub fn max_pool2(s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
     let &[n, c, h, w] = l.dims() else { bail!("max-pool wants [n, c, h, w], got {:?}", l.dims()) };
     let (ho, wo) = (h / 2, w / 2);
-    let x = values(s, l)?;
+    let x = f32_values(s, l)?;
     let dev = s.device.clone();
     // SAFETY: the kernel writes every value.
     let mut y = unsafe { dev.alloc::<f32>(n * c * ho * wo)? };
@@ -204,7 +204,7 @@ pub fn max_pool2_grad(
     if gl.dims() != [n, c, h / 2, w / 2] {
         bail!("max-pool gradient {:?} does not fit input {:?}", gl.dims(), xl.dims())
     }
-    let (x, g) = (values(xs, xl)?, values(gs, gl)?);
+    let (x, g) = (f32_values(xs, xl)?, f32_values(gs, gl)?);
     let dev = xs.device.clone();
     // SAFETY: the kernel writes every value.
     let mut dx = unsafe { dev.alloc::<f32>(n * c * h * w)? };

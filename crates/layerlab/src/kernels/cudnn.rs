@@ -25,6 +25,8 @@ use std::rc::Rc;
 
 use candle_core::{bail, CpuStorage, CudaDevice, CudaStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use cudarc::cudnn::{result, sys};
+
+use super::cuda::f32_values;
 use cudarc::driver::{CudaSlice, CudaView, DevicePtr, DevicePtrMut};
 
 /// A [`Geometry`]'s input, weight and output shapes, padding and stride: what cuDNN's choices
@@ -295,15 +297,6 @@ fn usable(status: sys::cudnnStatus_t, determinism: sys::cudnnDeterminism_t, math
         )
 }
 
-/// The f32 slice of a contiguous storage from its layout's offset.
-fn f32_view<'a>(s: &'a CudaStorage, l: &Layout) -> candle_core::Result<CudaView<'a, f32>> {
-    if !l.is_contiguous() {
-        bail!("cuDNN convolution: operands must be contiguous")
-    }
-    let slice = s.as_cuda_slice::<f32>()?;
-    Ok(slice.slice(l.start_offset()..l.start_offset() + l.shape().elem_count()))
-}
-
 /// Which of the three passes a [`CudnnConv`] op runs.
 #[derive(Clone, Copy, Debug)]
 enum Pass {
@@ -349,7 +342,7 @@ impl CustomOp2 for CudnnConv {
         l2: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
         let dev = s1.device.clone();
-        let (a, b) = (f32_view(s1, l1)?, f32_view(s2, l2)?);
+        let (a, b) = (f32_values(s1, l1)?, f32_values(s2, l2)?);
         let (d1, d2) = (l1.dims(), l2.dims());
         let g = match self.pass {
             Pass::Forward => Geometry::new(d1, d2, self.padding, self.stride)?,
@@ -636,7 +629,7 @@ impl CustomOp3 for BatchNormTrain {
     ) -> candle_core::Result<(CudaStorage, Shape)> {
         let dims = dims4(xl.dims())?;
         let (c, values) = (dims[1], dims.iter().product::<usize>());
-        let (x, w, b) = (f32_view(xs, xl)?, f32_view(ws, wl)?, f32_view(bs, bl)?);
+        let (x, w, b) = (f32_values(xs, xl)?, f32_values(ws, wl)?, f32_values(bs, bl)?);
         let dev = xs.device.clone();
         let stream = dev.cuda_stream();
         // The statistics are written as running averages with factor 1 (old · 0 + new): they
@@ -737,7 +730,7 @@ impl CustomOp3 for BatchNormGrad {
         if gl.shape().elem_count() != values {
             bail!("BatchNorm gradient: {} values for an input of {dims:?}", gl.shape().elem_count())
         }
-        let (x, g, w) = (f32_view(xs, xl)?, f32_view(gs, gl)?, f32_view(ws, wl)?);
+        let (x, g, w) = (f32_values(xs, xl)?, f32_values(gs, gl)?, f32_values(ws, wl)?);
         let dev = xs.device.clone();
         let stream = dev.cuda_stream();
         // SAFETY: cuDNN writes every value (beta = 0 for both results).
