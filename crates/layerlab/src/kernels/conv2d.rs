@@ -483,7 +483,9 @@ const INTERLEAVED_WEIGHT_GRAD_MIN_PLANE: usize = 64;
 /// thread: on 8×8 planes 0.6–1.0× the time; on 4×4 and 2×2 planes with 128 channels 0.74–0.89×
 /// once the weights were laid out in blocks ([`taps_of`]; before that, 1.1–1.3×). The weight
 /// gradient: 0.78–0.93× `gemm`'s on 8×8 planes with up to 64 channels, 1.0–1.13× on 4×4 and 2×2
-/// (see [`INTERLEAVED_WEIGHT_GRAD_MIN_PLANE`]).
+/// (see [`INTERLEAVED_WEIGHT_GRAD_MIN_PLANE`]); measured again on AMD Zen 4 once its
+/// accumulators stayed in registers, 0.95–1.0× on 4×4 and 1.05–1.15× on 2×2, so those still
+/// keep `gemm`.
 fn interleaved(g: &Geom) -> bool {
     g.k == 3
         && g.stride == 1
@@ -495,14 +497,20 @@ fn interleaved(g: &Geom) -> bool {
 /// Input planes of at most this many values take the interleaved forward pass at stride 2.
 const STRIDED_MAX_PLANE: usize = 1024;
 
+/// Of those, input planes of at least this many values also take the interleaved weight
+/// gradient ([`grad_weight_interleaved`]).
+const STRIDED_WEIGHT_GRAD_MIN_PLANE: usize = 256;
+
 /// Whether the forward pass of a stride-2 3×3 convolution with padding 1 (ResNet's first
 /// convolution of layers 2 to 4) runs with images in the lanes, as [`interleaved`] ones do, on
 /// input planes of up to [`STRIDED_MAX_PLANE`] values.
 ///
 /// Why: im2col + `gemm` ran these at half the rate of the stride-1 layers. Measured in turn in
 /// one process, 1 thread, batch 128: 0.61–0.64× the time on 32×32 and 16×16 inputs, 0.93× on
-/// 8×8. The weight gradient of the same layout took 0.95–1.46× `gemm`'s, and the input gradient
-/// of a stride-2 convolution is not a convolution of this kind, so both keep `gemm`.
+/// 8×8. The weight gradient of the same layout (once its accumulators stayed in registers, see
+/// `direct::x86::weight_grad`): 0.83× `gemm`'s on 32×32 inputs, 0.9–0.95× on 16×16, 1.1–1.2× on
+/// 8×8 (which keeps `gemm`, [`STRIDED_WEIGHT_GRAD_MIN_PLANE`]). The input gradient of a stride-2
+/// convolution is not a convolution of this kind and keeps `gemm`.
 fn interleaved_strided(g: &Geom) -> bool {
     g.k == 3 && g.stride == 2 && g.pad == 1 && g.h * g.w <= STRIDED_MAX_PLANE && direct_fits(g)
 }
@@ -848,10 +856,19 @@ mod direct {
                                 }
                             }
                         }
+                        // Stored whole before any lane is summed: reduced straight from the
+                        // accumulators (in a loop the compiler did not unroll), they were kept in
+                        // memory and stored after every FMA, which bounded the kernel by stores
+                        // (on AMD Zen 4, 2.2× the forward pass's time; 0.95–1.05× without).
+                        let mut sums = [0f32; GRAD_CHANNELS * GRAD_TAPS * 16];
                         for (r, acc) in acc.iter().enumerate() {
                             for (i, a) in acc.iter().enumerate() {
-                                dw[(o0 + r) * pairs + q0 + i] = _mm512_reduce_add_ps(*a);
+                                _mm512_storeu_ps(sums.as_mut_ptr().add((r * GRAD_TAPS + i) * 16), *a);
                             }
+                        }
+                        for (t, lanes) in sums.chunks_exact(16).enumerate() {
+                            let (r, i) = (t / GRAD_TAPS, t % GRAD_TAPS);
+                            dw[(o0 + r) * pairs + q0 + i] = _mm512_reduce_add_ps(_mm512_loadu_ps(lanes.as_ptr()));
                         }
                     }
                 }
@@ -965,7 +982,8 @@ pub(crate) fn grad_weight(g: &Geom, x: &[f32], grad: &[f32]) -> Vec<f32> {
             .collect();
         return sum_in_order(partials, g.o * ckk);
     }
-    if interleaved(g) && g.h * g.w >= INTERLEAVED_WEIGHT_GRAD_MIN_PLANE {
+    let strided = interleaved_strided(g) && g.h * g.w >= STRIDED_WEIGHT_GRAD_MIN_PLANE;
+    if (interleaved(g) && g.h * g.w >= INTERLEAVED_WEIGHT_GRAD_MIN_PLANE) || strided {
         return grad_weight_interleaved(g, x, grad);
     }
     let partials: Vec<Vec<f32>> = chunks
@@ -1006,8 +1024,8 @@ fn sum_in_order(partials: Vec<Vec<f32>>, len: usize) -> Vec<f32> {
 /// so that a task's data stays in its core's L2 while every tile of the weight gradient reads it.
 const WEIGHT_GRAD_TASK_BYTES: usize = 1 << 20;
 
-/// The weight gradient of a same-size 3×3 convolution with images in the lanes (the layers of
-/// [`interleaved`]): each task interleaves its groups of [`LANES`] images (inputs padded, output
+/// The weight gradient of a 3×3 convolution with images in the lanes (the layers of
+/// [`interleaved`] and [`interleaved_strided`]): each task interleaves its groups of [`LANES`] images (inputs padded, output
 /// gradients not) and sums over them by [`direct::weight_grad`]; the tasks' sums are added in
 /// order. The tasks depend on the shapes only, so the result does not depend on the thread count.
 fn grad_weight_interleaved(g: &Geom, x: &[f32], grad: &[f32]) -> Vec<f32> {
@@ -1411,9 +1429,12 @@ pub(crate) mod tests {
             (19, 8, 4, 4, 16, 3, 1, 1),
             (20, 16, 2, 2, 12, 3, 1, 1),
             (9, 8, 2, 3, 20, 3, 1, 1),
-            // The interleaved forward pass at stride 2 (see `interleaved_strided`), odd sizes too.
+            // The interleaved forward pass at stride 2 (see `interleaved_strided`), odd sizes too,
+            // and from 16×16 inputs up its weight gradient too.
             (18, 8, 8, 8, 12, 3, 1, 2),
             (3, 10, 9, 7, 8, 3, 1, 2),
+            (18, 8, 16, 16, 12, 3, 1, 2),
+            (3, 10, 17, 19, 8, 3, 1, 2),
             (33, 8, 8, 8, 12, 3, 1, 1),
             (5, 10, 8, 8, 8, 3, 1, 1),
             (17, 12, 7, 11, 20, 3, 1, 1),
@@ -1442,7 +1463,9 @@ pub(crate) mod tests {
     #[test]
     fn gradients_are_adjoint_for_uneven_strides() {
         for (i, &(n, c, h, w, o, k, pad)) in
-            [(3, 3, 9, 8, 2, 3, 0), (2, 4, 8, 7, 5, 3, 1), (2, 3, 6, 5, 4, 1, 0)].iter().enumerate()
+            [(3, 3, 9, 8, 2, 3, 0), (2, 4, 8, 7, 5, 3, 1), (2, 3, 6, 5, 4, 1, 0), (17, 8, 17, 16, 12, 3, 1)]
+                .iter()
+                .enumerate()
         {
             let x = random(&[n, c, h, w], 40 + i as u64);
             let wt = random(&[o, c, k, k], 50 + i as u64);
