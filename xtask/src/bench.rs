@@ -110,8 +110,15 @@ fn json_rows(stdout: &str, side: &'static str, threads: usize) -> Result<Vec<Fig
         .collect()
 }
 
-/// The machine's f32 peak for `threads` cores: FMA lanes × 2 FLOPs × 2 FMA units × clock.
-fn peak_gflops(threads: usize) -> (f64, String) {
+/// The row of the measured f32 peak in the bench table.
+const PEAK_WORKLOAD: &str = "machine";
+const PEAK_FIGURE: &str = "f32 peak (FMA loop)";
+
+/// The machine's nominal f32 peak for `threads` cores: FMA lanes × 2 FLOPs × 2 FMA units × the
+/// clock /proc/cpuinfo gives. Printed beside the measured peak (`layerlab-bench peak`) that the
+/// percentages are taken of: on AMD Zen 4, which runs AVX-512 on two 256-bit units, and in virtual
+/// machines that report their base clock, the formula misses by up to 2×.
+fn nominal_peak_gflops(threads: usize) -> (f64, String) {
     let info = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let flags = info.lines().find(|l| l.starts_with("flags")).unwrap_or("");
     let has = |f: &str| flags.split_whitespace().any(|x| x == f);
@@ -207,17 +214,18 @@ impl flags::Bench {
             .run()?;
         warn_if_busy();
         let py = python(sh, self.python.as_deref())?;
-        let mut rows: Vec<Figure> = Vec::new();
-        for &threads in &self.threads {
-            let mut runs = Vec::new();
-            for round in 1..=self.rounds.max(1) {
+        // Each round measures every thread count in turn, so that a machine whose speed drifts
+        // over the run skews the scaling (N threads against 1) less than whole passes per count.
+        let mut runs = Vec::new();
+        for round in 1..=self.rounds.max(1) {
+            for &threads in &self.threads {
                 if self.rounds > 1 {
                     eprintln!("bench: round {round} of {}, {threads} threads", self.rounds);
                 }
                 runs.extend(self.measure_at(threads, &py, &log)?);
             }
-            rows.extend(medians(runs));
         }
+        let mut rows: Vec<Figure> = medians(runs);
         if selected("run-all") && !self.quick {
             rows.extend(self.run_all(&bench_dir, &log)?);
         }
@@ -254,6 +262,22 @@ impl flags::Bench {
         };
         let mut rows: Vec<Figure> = Vec::new();
 
+        if !self.on_gpu() {
+            // The peak the GFLOP/s percentages are taken of, measured in each round as the rest.
+            let mut c = layerlab("layerlab-bench");
+            c.args(["peak", "--threads", &threads]);
+            let v: Value = serde_json::from_str(measure(c, log)?.stdout.trim()).context("bad peak line")?;
+            rows.push(Figure {
+                workload: PEAK_WORKLOAD.into(),
+                figure: PEAK_FIGURE.into(),
+                side: "layerlab",
+                value: v["gflops"].as_f64().context("peak line without gflops")?,
+                unit: "GFLOP/s".into(),
+                flops: None,
+                peak_rss_mb: None,
+                threads: thread_count,
+            });
+        }
         if selected("fcn") || selected("grid") {
             let mut c = layerlab("fetch-data");
             c.arg("mnist").arg("--datasets-dir").arg(&datasets);
@@ -392,10 +416,17 @@ impl flags::Bench {
             e[usize::from(f.side == "pytorch")] = Some(f);
         }
         let gpu = self.on_gpu();
+        let measured_peak: BTreeMap<usize, f64> = rows
+            .iter()
+            .filter(|f| f.workload == PEAK_WORKLOAD && f.figure == PEAK_FIGURE)
+            .map(|f| (f.threads, f.value))
+            .collect();
+        let peak_gflops =
+            |threads: usize| measured_peak.get(&threads).copied().unwrap_or_else(|| nominal_peak_gflops(threads).0);
         let fmt = |f: Option<&Figure>| {
             f.map(|f| {
                 let v = if f.is_time() { format!("{:.2} s", f.value) } else { format!("{:.0} {}", f.value, f.unit) };
-                let peak = peak_gflops(f.threads).0;
+                let peak = peak_gflops(f.threads);
                 let share = |g: f64| if gpu { String::new() } else { format!(" ({:.0}%)", 100.0 * g / peak) };
                 let g = f.gflops().map(|g| format!(", {g:.1} GFLOP/s{}", share(g))).unwrap_or_default();
                 let m = f.peak_rss_mb.map(|m| format!(", {m:.0} MB")).unwrap_or_default();
@@ -441,13 +472,17 @@ impl flags::Bench {
                     "workload": f.workload, "figure": f.figure, "side": f.side, "value": f.value, "unit": f.unit,
                     "threads": f.threads, "ratio": ratio,
                     "target": if verdict.is_empty() { Value::Null } else { json!(verdict) },
-                    "gflops": f.gflops(), "peak_gflops": peak_gflops(f.threads).0, "peak_rss_mb": f.peak_rss_mb,
+                    "gflops": f.gflops(), "peak_gflops": peak_gflops(f.threads), "peak_rss_mb": f.peak_rss_mb,
                 }));
             }
         }
         println!("ratio = layerlab / PyTorch (times: lower is better; throughputs: higher is better)");
         for t in &self.threads {
-            println!("peak f32 assumed: {}", peak_gflops(*t).1);
+            match measured_peak.get(t) {
+                Some(p) => println!("peak f32, measured (layerlab-bench peak): {p:.1} GFLOP/s at {t} threads"),
+                None => println!("peak f32, not measured: the nominal figure is used"),
+            }
+            println!("peak f32, nominal: {}", nominal_peak_gflops(*t).1);
         }
         for line in scaling(&pairs) {
             println!("{line}");
@@ -492,7 +527,9 @@ fn scaling(pairs: &BTreeMap<(String, String, usize), [Option<&Figure>; 2]>) -> V
     let mut lines = Vec::new();
     for ((workload, figure, threads), sides) in pairs {
         let Some(one) = pairs.get(&(workload.clone(), figure.clone(), 1)) else { continue };
-        if *threads == 1 || !figure.ends_with("throughput") {
+        // The peak's own scaling says how far the machine itself scales (cores shared with
+        // other guests, clocks that drop with more busy cores).
+        if *threads == 1 || !(figure.ends_with("throughput") || figure == PEAK_FIGURE) {
             continue;
         }
         let gain = |i: usize| match (sides[i], one[i]) {

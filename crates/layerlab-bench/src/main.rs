@@ -92,6 +92,12 @@ enum Command {
     },
     /// FLOPs of one example through the FCN 784-256×3-10 (forward; training).
     FcnFlops,
+    /// The f32 FLOP rate this machine reaches on `threads` cores with nothing but independent
+    /// fused multiply-adds in registers: the peak that bench percentages are taken of.
+    Peak {
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+    },
     /// Writes the bench table (JSON lines on stdin) to a Parquet file.
     Table {
         out: PathBuf,
@@ -129,6 +135,11 @@ fn run(flags: Flags) -> Result<()> {
         }
         Command::Cudnn { arch, width_mult, batch } => cudnn_survey(&arch, width_mult, batch),
         Command::History { path, examples, workload } => history(&path, examples, &workload),
+        Command::Peak { threads } => {
+            let (gflops, isa) = peak::measure(threads);
+            println!("{}", json!({"threads": threads, "gflops": gflops, "isa": isa}));
+            Ok(())
+        }
         Command::FcnFlops => {
             let a = fcn()?;
             println!("{}", json!({"forward": forward_flops(&a)?, "train": train_flops(&a)?}));
@@ -542,5 +553,131 @@ mod tests {
             + 2 * 4 * 128 * 1152
             + 128 * 10;
         assert_eq!(forward_flops(&a).unwrap(), 2 * macs as u64);
+    }
+}
+
+/// The measured f32 peak of `layerlab-bench peak`.
+///
+/// Why measured: a formula (lanes × FMA units × the clock in /proc/cpuinfo) needs the number of
+/// FMA units per width, which differs by core (AMD Zen 4 runs AVX-512 on two 256-bit units, half
+/// what the formula for Intel's server cores assumes), and the clock a virtual machine reports is
+/// not the one it runs at. A loop of independent FMAs on every thread at once measures both.
+mod peak {
+    use std::time::{Duration, Instant};
+
+    /// Independent accumulators per thread: enough to cover the FMA latency times the number of
+    /// units on current x86 cores (4 cycles × 2 units), with room to spare.
+    const CHAINS: usize = 16;
+    /// FMAs per chain between two looks at the clock.
+    const ROUND: usize = 1 << 16;
+    const RUN: Duration = Duration::from_millis(400);
+
+    /// GFLOP/s summed over `threads` threads, each running [`RUN`] of FMAs after a warm-up of the
+    /// same length (so that the clock has settled), and the instruction set used.
+    pub(super) fn measure(threads: usize) -> (f64, &'static str) {
+        let per_thread: Vec<f64> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..threads.max(1))
+                .map(|_| {
+                    s.spawn(|| {
+                        run_for(RUN);
+                        run_for(RUN)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().expect("peak thread panicked")).collect()
+        });
+        (per_thread.iter().sum::<f64>() / 1e9, isa())
+    }
+
+    fn isa() -> &'static str {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                return "AVX-512";
+            }
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                return "AVX2+FMA";
+            }
+        }
+        "scalar"
+    }
+
+    /// FLOP/s of one thread over `time`.
+    fn run_for(time: Duration) -> f64 {
+        let t0 = Instant::now();
+        let mut flops = 0f64;
+        let mut sink = 0f32;
+        while t0.elapsed() < time {
+            let (round_flops, v) = round();
+            flops += round_flops;
+            sink += v;
+        }
+        std::hint::black_box(sink);
+        flops / t0.elapsed().as_secs_f64()
+    }
+
+    /// One round of [`ROUND`] FMAs on each of [`CHAINS`] accumulators: its FLOPs and a value
+    /// that depends on every accumulator (so that none is optimised away).
+    fn round() -> (f64, f32) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: AVX-512F is present (checked above).
+                return (2.0 * 16.0 * (CHAINS * ROUND) as f64, unsafe { x86::round_avx512() });
+            }
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                // SAFETY: AVX2 and FMA are present (checked above).
+                return (2.0 * 8.0 * (CHAINS * ROUND) as f64, unsafe { x86::round_avx2() });
+            }
+        }
+        let mut acc = [1f32; CHAINS];
+        for _ in 0..ROUND {
+            for a in &mut acc {
+                *a = a.mul_add(0.999_999, 1e-7);
+            }
+        }
+        (2.0 * (CHAINS * ROUND) as f64, std::hint::black_box(acc).iter().sum())
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    mod x86 {
+        use std::arch::x86_64::*;
+
+        use super::{CHAINS, ROUND};
+
+        #[target_feature(enable = "avx512f")]
+        pub(super) unsafe fn round_avx512() -> f32 {
+            let (a, b) = (_mm512_set1_ps(0.999_999), _mm512_set1_ps(1e-7));
+            let mut acc = [_mm512_set1_ps(1.0); CHAINS];
+            for _ in 0..ROUND {
+                for c in &mut acc {
+                    *c = _mm512_fmadd_ps(*c, a, b);
+                }
+            }
+            let mut sum = _mm512_setzero_ps();
+            for c in acc {
+                sum = _mm512_add_ps(sum, c);
+            }
+            _mm512_reduce_add_ps(sum)
+        }
+
+        #[target_feature(enable = "avx2,fma")]
+        pub(super) unsafe fn round_avx2() -> f32 {
+            let (a, b) = (_mm256_set1_ps(0.999_999), _mm256_set1_ps(1e-7));
+            let mut acc = [_mm256_set1_ps(1.0); CHAINS];
+            for _ in 0..ROUND {
+                for c in &mut acc {
+                    *c = _mm256_fmadd_ps(*c, a, b);
+                }
+            }
+            let mut lanes = [0f32; 8];
+            let mut sum = _mm256_setzero_ps();
+            for c in acc {
+                sum = _mm256_add_ps(sum, c);
+            }
+            // SAFETY: `lanes` holds 8 values.
+            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), sum) };
+            lanes.iter().sum()
+        }
     }
 }

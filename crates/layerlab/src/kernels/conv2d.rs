@@ -397,43 +397,34 @@ pub(crate) fn forward(g: &Geom, x: &[f32], weight: &[f32], bias: Option<&[f32]>)
             shifted_image(g, (g.c, g.o), &x[i * g.image_in()..][..g.image_in()], &taps, &offsets, bias, y)
         });
     }
-    let mut y = vec![0f32; g.n * g.image_out()];
     let (ckk, hwo, b) = (g.ckk(), g.hw_out(), g.chunk_images());
     // The weight as [c·k·k, o], so that gemm reads it along the rows it packs.
     let mut weight_t = vec![0f32; weight.len()];
     transpose(weight, g.o, ckk, &mut weight_t);
     let weight_t = &weight_t;
-    y.par_chunks_mut(b * g.image_out()).enumerate().for_each(|(i, y)| {
+    // Written piece by piece (no zero-filled output first: that fill ran on one thread, and on
+    // ResNet's first layer it was a third of the layer's time at 2 threads).
+    built_in_pieces(g.n * g.image_out(), b * g.image_out(), |i, y| {
         with_scratch(|s| {
-            let images = y.len() / g.image_out();
+            let images = (g.n - i * b).min(b);
             let nc = images * hwo;
             let x = &x[i * b * g.image_in()..][..images * g.image_in()];
             let cols = resized(&mut s.cols, ckk * nc);
             im2col(g, x, images, cols);
-            if images == 1 {
-                matmul(g.o, nc, ckk, y, nc, false, weight_t, (1, g.o), cols, (nc, 1));
-                if let Some(bias) = bias {
-                    for (y, b) in y.chunks_exact_mut(hwo).zip(bias) {
-                        y.iter_mut().for_each(|y| *y += b);
-                    }
-                }
-            } else {
-                let tmp = resized(&mut s.mat, g.o * nc);
-                matmul(g.o, nc, ckk, tmp, nc, false, weight_t, (1, g.o), cols, (nc, 1));
-                // tmp is [o, image, position]; y is [image, o, position].
-                for (im, y) in y.chunks_exact_mut(g.image_out()).enumerate() {
-                    for (oc, y) in y.chunks_exact_mut(hwo).enumerate() {
-                        let src = &tmp[oc * nc + im * hwo..][..hwo];
-                        match bias {
-                            Some(bias) => y.iter_mut().zip(src).for_each(|(y, v)| *y = v + bias[oc]),
-                            None => y.copy_from_slice(src),
-                        }
+            let tmp = resized(&mut s.mat, g.o * nc);
+            matmul(g.o, nc, ckk, tmp, nc, false, weight_t, (1, g.o), cols, (nc, 1));
+            // tmp is [o, image, position]; y is [image, o, position].
+            for im in 0..images {
+                for oc in 0..g.o {
+                    let src = &tmp[oc * nc + im * hwo..][..hwo];
+                    match bias {
+                        Some(bias) => y.extend(src.iter().map(|v| v + bias[oc])),
+                        None => y.extend(src.iter().copied()),
                     }
                 }
             }
         })
-    });
-    y
+    })
 }
 
 /// Planes of at least this many values take the shifted products (see [`shifted`]).
@@ -618,16 +609,26 @@ fn interleaved_offsets(w: usize, flipped: bool) -> [usize; 9] {
 fn taps_of(weight: &[f32], o: usize, c: usize, transposed: bool) -> Vec<f32> {
     let (k, m) = if transposed { (o, c) } else { (c, o) };
     let bw = direct::CHANNELS;
-    let mut taps = vec![0f32; m.div_ceil(bw) * bw * 9 * k];
-    for (oc, w_o) in weight.chunks_exact(c * 9).enumerate() {
-        for (ic, w_oc) in w_o.chunks_exact(9).enumerate() {
-            let (row, col) = if transposed { (oc, ic) } else { (ic, oc) };
-            for (t, &v) in w_oc.iter().enumerate() {
-                taps[((col / bw * 9 + t) * k + row) * bw + col % bw] = v;
+    let block = 9 * k * bw;
+    // Block by block in parallel, each written in order (a gather from the weight). One pass
+    // over the weight with scattered writes took 0.28 ms (0.48–0.52 transposed) for 128 × 128
+    // channels on one thread while the other waited, twice per layer and step; now 0.17 ms on
+    // one thread, 0.09 on two.
+    built_in_pieces(m.div_ceil(bw) * block, block, |blk, taps| {
+        for t in 0..9 {
+            for row in 0..k {
+                taps.extend((0..bw).map(|j| {
+                    let col = blk * bw + j;
+                    let (oc, ic) = if transposed { (row, col) } else { (col, row) };
+                    if col < m {
+                        weight[(oc * c + ic) * 9 + t]
+                    } else {
+                        0.0
+                    }
+                }));
             }
         }
-    }
-    taps
+    })
 }
 
 /// One image of a same-size 3×3 convolution: `src` [k, h, w] to `dst` [m, h, w] (`(k, m)`
