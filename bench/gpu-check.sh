@@ -7,7 +7,8 @@
 #
 #   OUT=/some/folder bash bench/gpu-check.sh [checks...]
 #
-# Checks (default: all, in this order): tests, bench, quick, fcn, profile; on request also
+# Checks (default: all, in this order): tests, resume, bench, quick, fcn, profile; on request also
+# no-gpu (a CUDA build with no GPU visible: CPU under `auto`, a clear refusal under `cuda`),
 # vgg and resnet (the shipped experiments, three seeds, docs/gpu.toml),
 # gaps (where GPU training steps part from the CPU's, kernel by kernel) and survey (every cuDNN
 # algorithm of every convolution, timed, to $OUT/cudnn-survey.jsonl). Each has a time limit, so that
@@ -18,7 +19,7 @@ out=${OUT:?set OUT to the folder for results}
 root=$(pwd)
 bin=/tmp/layerlab-bin
 checks=("$@")
-[ ${#checks[@]} -eq 0 ] && checks=(tests bench quick fcn profile)
+[ ${#checks[@]} -eq 0 ] && checks=(tests resume bench quick fcn profile)
 exec > >(tee "$out/gpu-check.log") 2>&1
 
 step() { echo; echo "== $* ($(date +%T), $SECONDS s)"; }
@@ -37,6 +38,56 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 ldd "$bin/train" | grep -E "not found|cudnn|cublas|curand|nvrtc|libcuda"
 python3 -c 'import torch; print("torch", torch.__version__, "cuDNN", torch.backends.cudnn.version())'
 
+# A small VGG-11-BN study on Fashion-MNIST writing under $1: 3 epochs of 6,000 images, a
+# checkpoint after each.
+resume_config() {
+  cat <<TOML
+data_dir = "$1"
+datasets_dir = "$root/data/datasets"
+[[experiment]]
+name = "det"
+dataset = "fashion-mnist"
+seeds = [4]
+[experiment.model]
+arch = "vgg11"
+width_mult = 0.25
+batch_norm = true
+[experiment.train]
+epochs = 3
+lr = 0.05
+weight_decay = 5e-4
+checkpoints = [0, 1, 2, 3]
+train_examples = 6000
+test_examples = 1000
+TOML
+}
+
+# The checkpoints' sha256 sums of the run under $1.
+checkpoint_sums() { (cd "$1/runs/det/seed-4/train/checkpoints" && sha256sum *.safetensors); }
+
+# An unbroken run, then a run killed (SIGKILL) once its first resume point exists and run again.
+resume_check() {
+  local dev=$1 a=/tmp/layerlab-resume-a b=/tmp/layerlab-resume-b
+  rm -rf $a $b && mkdir -p $a $b
+  resume_config $a > $a.toml
+  resume_config $b > $b.toml
+  timeout 120 "$bin/train" --config $a.toml -e det -s 4 --device "$dev" 2>&1 | tail -2
+  "$bin/train" --config $b.toml -e det -s 4 --device "$dev" > $b.log 2>&1 &
+  local pid=$! waited=0
+  while [ ! -e $b/runs/det/seed-4/train/resume.safetensors ] && [ $waited -lt 1200 ]; do
+    sleep 0.1; waited=$((waited + 1))
+  done
+  kill -9 $pid; wait $pid 2>/dev/null
+  echo "killed after $((waited / 10)) s; stamp.json after the kill: $(ls $b/runs/det/seed-4/train/stamp.json 2>/dev/null || echo none)"
+  timeout 120 "$bin/train" --config $b.toml -e det -s 4 --device "$dev" 2>&1 | grep -E "resumed|done" | tail -2
+  if diff <(checkpoint_sums $a) <(checkpoint_sums $b); then
+    echo "resume: PASS ($(checkpoint_sums $a | wc -l) checkpoints byte-identical)"
+  else
+    echo "resume: FAIL (checkpoints differ)"
+  fi
+}
+
+device=${GPU_CHECK_DEVICE:-cuda}
 for check in "${checks[@]}"; do
   case $check in
   tests)
@@ -89,6 +140,21 @@ for check in "${checks[@]}"; do
     grep -h "done in\|ex/s\|evaluations in" data/gpu/logs/*$exp* 2>/dev/null | tail -40
     sed -n '/## Baseline/,/## Figures/p' data/gpu/results/$exp/report.md 2>/dev/null
     cp data/gpu/results/$exp/report.md "$out/$exp-report.md" 2>/dev/null
+    ;;
+  resume)
+    # kill -9 of a GPU `train` as soon as its first resume point exists, then a rerun: its
+    # checkpoints must be byte-identical to those of an unbroken GPU run of the same settings.
+    step "kill -9 and resume, on the GPU"
+    resume_check "$device"
+    ;;
+  no-gpu)
+    # With no GPU visible, a CUDA build falls back to the CPU under `auto` and refuses `cuda`.
+    step "no GPU visible"
+    resume_config /tmp/layerlab-nogpu > /tmp/layerlab-nogpu.toml
+    CUDA_VISIBLE_DEVICES= timeout 60 "$bin/train" --config /tmp/layerlab-nogpu.toml -e det -s 4 --device auto 2>&1 | tail -3
+    echo "auto: exit ${PIPESTATUS[0]} (wanted 0, computing on the CPU)"
+    CUDA_VISIBLE_DEVICES= timeout 60 "$bin/train" --config /tmp/layerlab-nogpu.toml -e det -s 4 --device cuda --force 2>&1 | tail -3
+    echo "cuda: exit ${PIPESTATUS[0]} (wanted 1, with a clear error)"
     ;;
   quick)
     step "run-all, docs/cnn-quick.toml, vgg11-fmnist-small, on the GPU"
