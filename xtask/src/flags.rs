@@ -190,9 +190,9 @@ pub struct Bench {
     /// adds each side's scaling (throughput at N threads / at 1 thread) to the table.
     #[arg(long, value_delimiter = ',', default_values_t = [2])]
     pub threads: Vec<usize>,
-    /// Measure everything this many times, the two sides taking turns, and report each side's
-    /// median: on a machine whose speed drifts, a single pass can favour whichever side ran in a
-    /// fast minute.
+    /// Measure everything this many times, the two sides taking turns and each round going
+    /// through every thread count, and report each side's median: on a machine whose speed
+    /// drifts, a single pass can favour whichever side (or thread count) ran in a fast minute.
     #[arg(long, default_value_t = 1)]
     pub rounds: usize,
     /// A short run to check the benchmark itself: 3 epochs, 1 step per repeat, 2 repeats.
