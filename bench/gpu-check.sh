@@ -130,12 +130,15 @@ for check in "${checks[@]}"; do
     timeout 90 python3 bench/pytorch_bench.py profile --arch vgg11 --width 1 --device cuda --repeats 2
     ;;
   fcn)
-    step "FCN-MNIST, 3 epochs, layerlab then PyTorch"
+    # The FCN-MNIST protocol (bench/fcn-mnist.toml), 40 epochs unless FCN_EPOCHS says fewer.
+    epochs=${FCN_EPOCHS:-40}
+    step "FCN-MNIST, $epochs epochs, layerlab then PyTorch"
     mkdir -p /tmp/fcn
-    sed -e 's/^epochs = 40/epochs = 3/' -e 's/^checkpoints = .*/checkpoints = [0, 1, 2, 3]/' \
+    kept=$([ "$epochs" = 40 ] && echo "[0, 1, 2, 3, 5, 10, 20, 40]" || echo "[0, $epochs]")
+    sed -e "s/^epochs = 40/epochs = $epochs/" -e "s/^checkpoints = .*/checkpoints = $kept/" \
       bench/fcn-mnist.toml > bench/fcn-gpu.toml
-    /usr/bin/time -f "layerlab train: %e s wall" timeout 120 "$bin/train" --config bench/fcn-gpu.toml -e fcn-mnist -s 0 --device cuda --force
-    /usr/bin/time -f "pytorch: %e s wall" timeout 120 python3 bench/pytorch_bench.py fcn-train --device cuda --epochs 3 --out /tmp/fcn
+    /usr/bin/time -f "layerlab train: %e s wall" timeout 150 "$bin/train" --config bench/fcn-gpu.toml -e fcn-mnist -s 0 --device cuda --force
+    /usr/bin/time -f "pytorch: %e s wall" timeout 150 python3 bench/pytorch_bench.py fcn-train --device cuda --epochs "$epochs" --out /tmp/fcn
     ;;
   vgg|resnet)
     # The shipped experiment (docs/gpu.toml: pipeline.toml's settings, three seeds), end to end.

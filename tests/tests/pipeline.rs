@@ -115,9 +115,8 @@ fn run_all_caches_and_reruns_exactly_what_changed() {
     for t in &unit.tensors {
         assembled.insert(t.name.clone(), early[&t.name].clone());
     }
-    let indices: Vec<usize> = (0..1000).collect();
-    let m =
-        layerlab::eval::evaluate(&arch, &assembled, &test, &indices, 1000, &Device::Cpu, exp.train.compute).unwrap();
+    let set = layerlab::eval::EvalSet::new(&test, (0..1000).collect(), 1000);
+    let m = layerlab::eval::evaluate(&arch, &assembled, &set, &Device::Cpu, exp.train.compute).unwrap();
     assert_eq!(m.error, row("fc2", 1));
 
     // Every table opens in pandas and DuckDB with the documented columns.

@@ -322,11 +322,28 @@ fn train_step_seconds(
 }
 
 /// `steps` SGD steps (momentum 0.9, weight decay 5e-4) on one fixed batch of random images.
+/// The candle path (a GPU) gets the batch on its device once and reads the loss after the last
+/// step only, as `train` does with its resident dataset (and PyTorch's side of the bench).
 fn train_steps(engine: &mut Engine, arch: &Architecture, batch: usize, steps: usize, dev: &Device) -> Result<()> {
     let train_cfg = TrainConfig { momentum: 0.9, weight_decay: 5e-4, ..TrainConfig::default() };
     let mut rng = layerlab::random::rng(1);
     let pixels: Vec<u8> = (0..batch * 3 * 32 * 32).map(|_| rng.next_u32() as u8).collect();
     let labels: Vec<u32> = (0..batch).map(|_| rng.next_u32() % 10).collect();
+    if let Engine::Autograd(_) = engine {
+        let x = layerlab::model::images_to_tensor(&pixels, [batch, 3, 32, 32], dev)?;
+        let y = Tensor::from_vec(labels, batch, dev)?;
+        let mut last = None;
+        for _ in 0..steps {
+            last = Some(engine.step_on_device(arch, &x, &y, 0.01, &train_cfg)?.0);
+        }
+        if let Some(loss) = last {
+            let loss = loss.to_scalar::<f32>()?;
+            if !loss.is_finite() {
+                bail!("loss became {loss}");
+            }
+        }
+        return Ok(());
+    }
     for _ in 0..steps {
         let (loss, _) = engine.step(arch, &pixels, [batch, 3, 32, 32], labels.clone(), 0.01, &train_cfg, dev)?;
         if !loss.is_finite() {

@@ -1,12 +1,15 @@
 //! Runs a network over a split in evaluation mode and returns loss and error.
 
+use std::cell::OnceCell;
+
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 
 use crate::cnn::{Activations, CnnForward};
 use crate::data::Split;
 use crate::mlp::{MlpForward, MlpPlan};
-use crate::model::{images_to_tensor, loss_and_errors, push_scaled_pixels, Architecture, BnMode, State};
+use crate::model::{loss_and_correct, push_scaled_pixels, Architecture, BnMode, State};
+use crate::resident::{PendingMetrics, ResidentSplit};
 use layerlab_pipeline::ComputePath;
 
 /// Mean loss and error rate over a set of examples.
@@ -17,18 +20,52 @@ pub struct Metrics {
     pub examples: usize,
 }
 
-/// One batch of a split as tensors: inputs [n, c, h, w] (f32, pixels / 255) and labels (u32).
-pub fn batch_tensors(split: &Split, indices: &[usize], device: &Device) -> Result<(Tensor, Tensor)> {
-    let size = split.image_size();
-    let mut pixels = Vec::with_capacity(indices.len() * size);
-    let mut labels = Vec::with_capacity(indices.len());
-    for &i in indices {
-        pixels.extend_from_slice(&split.images[i * size..(i + 1) * size]);
-        labels.push(split.labels[i] as u32);
+/// The examples a measurement is taken on, and how they are batched.
+pub struct EvalSet<'a> {
+    pub split: &'a Split,
+    pub indices: Vec<usize>,
+    pub batch: usize,
+    /// The examples held on the device of the candle path, uploaded at first use.
+    resident: OnceCell<Resident>,
+}
+
+/// A [`ResidentSplit`] with its evaluation positions and (no) shifts.
+pub(crate) struct Resident {
+    pub data: ResidentSplit,
+    pub positions: Tensor,
+    pub shifts: Tensor,
+}
+
+impl<'a> EvalSet<'a> {
+    pub fn new(split: &'a Split, indices: Vec<usize>, batch: usize) -> EvalSet<'a> {
+        EvalSet { split, indices, batch: batch.max(1), resident: OnceCell::new() }
     }
-    let x = images_to_tensor(&pixels, split.batch_dims(indices.len()), device)?;
-    let y = Tensor::from_vec(labels, indices.len(), device)?;
-    Ok((x, y))
+
+    /// The set's examples on `device`, uploaded once (a set is measured on one device).
+    pub(crate) fn resident(&self, device: &Device) -> Result<&Resident> {
+        if let Some(r) = self.resident.get() {
+            anyhow::ensure!(r.data.device().same_device(device), "an evaluation set was used on two devices");
+            return Ok(r);
+        }
+        let data = ResidentSplit::upload(self.split, &self.indices, device)?;
+        let (positions, shifts) = data.in_order()?;
+        Ok(self.resident.get_or_init(|| Resident { data, positions, shifts }))
+    }
+
+    /// The set's batches on `device`, in order, each made when the iteration reaches it:
+    /// (inputs, labels, examples).
+    pub(crate) fn device_batches<'s>(
+        &'s self,
+        device: &Device,
+    ) -> Result<impl Iterator<Item = Result<(Tensor, Tensor, usize)>> + 's> {
+        let r = self.resident(device)?;
+        let len = self.indices.len();
+        Ok((0..len).step_by(self.batch).map(move |start| {
+            let n = self.batch.min(len - start);
+            let (x, y) = r.data.batch(&r.positions.narrow(0, start, n)?, &r.shifts.narrow(0, start, n)?)?;
+            Ok((x, y, n))
+        }))
+    }
 }
 
 /// The fully connected fast path's plan, when it applies (see [`crate::mlp`]): where training,
@@ -85,21 +122,20 @@ impl Accumulator {
     }
 }
 
-/// Evaluates `state` on the examples `indices` of `split` in batches.
+/// Evaluates `state` on the examples of `set`.
 pub fn evaluate(
     arch: &Architecture,
     state: &State,
-    split: &Split,
-    indices: &[usize],
-    batch: usize,
+    set: &EvalSet<'_>,
     device: &Device,
     path: ComputePath,
 ) -> Result<Metrics> {
     let mut acc = Accumulator::default();
+    let (split, batch) = (set.split, set.batch);
     if let Some(plan) = fast_plan(arch, device, path) {
         let mut net = MlpForward::new(&plan, state)?;
         let mut x = Vec::new();
-        for chunk in indices.chunks(batch.max(1)) {
+        for chunk in set.indices.chunks(batch) {
             let labels = batch_f32(split, chunk, &mut x);
             let (loss, errors) = net.loss_and_errors(&x, &labels);
             acc.add(loss, errors, chunk.len());
@@ -108,18 +144,19 @@ pub fn evaluate(
     }
     if cnn_fast(arch, device, path) {
         let net = CnnForward::new(arch, state)?;
-        for chunk in indices.chunks(batch.max(1)) {
+        for chunk in set.indices.chunks(batch) {
             let (input, labels) = batch_activations(split, chunk)?;
             let (loss, errors) = net.loss_and_errors_from(&input, &labels, 0)?;
             acc.add(loss, errors, chunk.len());
         }
         return Ok(acc.metrics());
     }
-    for chunk in indices.chunks(batch.max(1)) {
-        let (x, y) = batch_tensors(split, chunk, device)?;
+    let mut pending = PendingMetrics::default();
+    for batch in set.device_batches(device)? {
+        let (x, y, n) = batch?;
         let logits = arch.forward(state, &x, BnMode::Eval)?;
-        let (loss, errors) = loss_and_errors(&logits, &y)?;
-        acc.add(loss.to_scalar::<f32>()? as f64, errors, chunk.len());
+        let (loss, correct) = loss_and_correct(&logits, &y)?;
+        pending.push(&loss, &correct, n);
     }
-    Ok(acc.metrics())
+    pending.metrics()
 }

@@ -17,6 +17,7 @@ pub mod model;
 pub mod progress;
 pub mod random;
 pub mod reset;
+pub mod resident;
 pub mod safetensors_io;
 pub mod sgd;
 pub mod stages;

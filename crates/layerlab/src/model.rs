@@ -257,6 +257,9 @@ fn batch_norm(name: &str, state: &State, x: &Tensor, bn: &mut BnMode<'_>, relu: 
     let fused = norm::applies(x);
     let running_mean = get(state, &format!("{name}.running_mean"))?;
     let running_var = get(state, &format!("{name}.running_var"))?;
+    if !matches!(bn, BnMode::Eval) && gpu_batch_norm(x) {
+        return gpu_batch_norm_train(name, x, (weight_c, bias_c), (running_mean, running_var), bn, relu);
+    }
     let (mean, var) = match bn {
         BnMode::Eval => (running_mean.reshape((1, (), 1, 1))?, running_var.reshape((1, (), 1, 1))?),
         BnMode::Train(_) | BnMode::Calibrate(_) => {
@@ -269,10 +272,6 @@ fn batch_norm(name: &str, state: &State, x: &Tensor, bn: &mut BnMode<'_>, relu: 
                 let (y, stats) = norm::train(x, weight_c, bias_c, BN_EPS, relu)?;
                 fused_out = Some(y);
                 (stats.get(0)?.reshape((1, (), 1, 1))?, stats.get(1)?.reshape((1, (), 1, 1))?)
-            } else if gpu_batch_norm(x) {
-                let (y, mean, var) = gpu_batch_norm_train(x, weight_c, bias_c)?;
-                fused_out = Some(if relu { layers::relu(&y)? } else { y });
-                (mean.reshape((1, (), 1, 1))?, var.reshape((1, (), 1, 1))?)
             } else {
                 let mean = x.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?;
                 let centered = x.broadcast_sub(&mean)?;
@@ -302,10 +301,13 @@ fn batch_norm(name: &str, state: &State, x: &Tensor, bn: &mut BnMode<'_>, relu: 
         }
     };
     let inv_std = (var + BN_EPS)?.sqrt()?.recip()?;
-    if fused && !x.track_op() && !weight.track_op() && !bias.track_op() {
+    // With no gradient to carry (evaluation), one pass of our own on the CPU and on a GPU.
+    let one_pass =
+        fused || (cfg!(feature = "cuda") && x.device().is_cuda() && x.dtype() == DType::F32 && x.rank() == 4);
+    if one_pass && !x.track_op() && !weight.track_op() && !bias.track_op() {
         let scale = inv_std.broadcast_mul(&weight)?.flatten_all()?;
         let shift = (bias.flatten_all()? - (mean.flatten_all()? * &scale)?)?;
-        return Ok(norm::affine_no_grad(x, &scale, &shift, relu)?);
+        return Ok(norm::affine_no_grad(&x.contiguous()?, &scale, &shift, relu)?);
     }
     let y = x.broadcast_sub(&mean)?.broadcast_mul(&(inv_std.broadcast_mul(&weight))?)?.broadcast_add(&bias)?;
     Ok(if relu { layers::relu(&y)? } else { y })
@@ -322,22 +324,58 @@ fn gpu_batch_norm(x: &Tensor) -> bool {
     };
 }
 
+/// Training-mode BatchNorm (and its ReLU) on a GPU, through cuDNN: the output, and the running
+/// statistics updated (`BnMode::Train`) or the batch statistics themselves (`BnMode::Calibrate`)
+/// pushed under the running statistics' names, as the CPU path does.
 #[cfg(feature = "cuda")]
-fn gpu_batch_norm_train(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-    Ok(crate::kernels::cudnn::batch_norm_train(x, weight, bias, BN_EPS)?)
+fn gpu_batch_norm_train(
+    name: &str,
+    x: &Tensor,
+    (weight, bias): (&Tensor, &Tensor),
+    (running_mean, running_var): (&Tensor, &Tensor),
+    bn: &mut BnMode<'_>,
+    relu: bool,
+) -> Result<Tensor> {
+    use crate::kernels::{cuda, cudnn};
+    let (y, batch) = cudnn::batch_norm_train(x, weight, bias, BN_EPS, relu)?;
+    let c = weight.elem_count();
+    let (mean_name, var_name) = (format!("{name}.running_mean"), format!("{name}.running_var"));
+    let pushed = match bn {
+        BnMode::Train(updates) => (updates, cuda::running_stats(running_mean, running_var, &batch, BN_MOMENTUM)?),
+        BnMode::Calibrate(stats) => (stats, batch),
+        BnMode::Eval => unreachable!("evaluation-mode BatchNorm does not come here"),
+    };
+    let (list, values) = pushed;
+    list.push((mean_name, values.narrow(0, 0, c)?));
+    list.push((var_name, values.narrow(0, c, c)?));
+    Ok(y)
 }
 
 #[cfg(not(feature = "cuda"))]
-fn gpu_batch_norm_train(_: &Tensor, _: &Tensor, _: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+fn gpu_batch_norm_train(
+    _: &str,
+    _: &Tensor,
+    _: (&Tensor, &Tensor),
+    _: (&Tensor, &Tensor),
+    _: &mut BnMode<'_>,
+    _: bool,
+) -> Result<Tensor> {
     unreachable!("gpu_batch_norm is false without CUDA")
 }
 
 /// Mean cross-entropy and the number of wrong argmax predictions.
 pub fn loss_and_errors(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, usize)> {
+    let (loss, correct) = loss_and_correct(logits, labels)?;
+    Ok((loss, labels.dim(0)? - correct.to_scalar::<f32>()? as usize))
+}
+
+/// Mean cross-entropy and the number of right argmax predictions (an f32 scalar), both left on
+/// the logits' device.
+pub fn loss_and_correct(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, Tensor)> {
     let loss = candle_nn::loss::cross_entropy(logits, labels)?;
     let predicted = logits.argmax(D::Minus1)?;
-    let correct = predicted.eq(&labels.to_dtype(DType::U32)?)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
-    Ok((loss, labels.dim(0)? - correct as usize))
+    let correct = predicted.eq(&labels.to_dtype(DType::U32)?)?.to_dtype(DType::F32)?.sum_all()?;
+    Ok((loss, correct))
 }
 
 /// Collects layers and units while a network is described.

@@ -12,9 +12,10 @@ use candle_core::{Device, Tensor};
 
 use crate::cnn::{Activations, CnnForward};
 use crate::data::Split;
-use crate::eval::{batch_activations, batch_f32, batch_tensors, cnn_fast, fast_plan, Accumulator, Metrics};
+use crate::eval::{batch_activations, batch_f32, cnn_fast, fast_plan, Accumulator, EvalSet, Metrics};
 use crate::mlp::MlpForward;
-use crate::model::{loss_and_errors, Architecture, BnMode, State, Unit};
+use crate::model::{loss_and_correct, Architecture, BnMode, State, Unit};
+use crate::resident::PendingMetrics;
 use layerlab_pipeline::{BnStats, ComputePath, Experiment, ResetConfig, ResetMode};
 
 /// The name a BatchNorm setting has in the tables: `reset.bn_stats`'s, or `none` for a network
@@ -43,19 +44,6 @@ pub fn reset_units(base: &State, units: &[&Unit], source: &State, bn: Option<BnS
         }
     }
     Ok(out)
-}
-
-/// The examples a grid is measured on, and how they are batched.
-pub struct EvalSet<'a> {
-    pub split: &'a Split,
-    pub indices: Vec<usize>,
-    pub batch: usize,
-}
-
-/// Training batches used to recompute BatchNorm statistics.
-pub struct Calibration<'a> {
-    pub split: &'a Split,
-    pub batches: Vec<Vec<usize>>,
 }
 
 /// Running statistics recomputed as a cumulative average over calibration batches (PyTorch's
@@ -184,15 +172,16 @@ pub struct Variant {
 }
 
 /// Evaluates every variant (all sharing the trained weights before layer `entry`) on `set`,
-/// computing the shared prefix once per batch. With `calibration`, each variant's BatchNorm
-/// statistics from `entry` on are recomputed first.
+/// computing the shared prefix once per batch. With `calibration` (training batches), each
+/// variant's BatchNorm statistics from `entry` on are recomputed first, as an average over those
+/// batches.
 pub fn evaluate_variants(
     arch: &Architecture,
     trained: &State,
     entry: usize,
     variants: &mut [Variant],
     sets: &[&EvalSet<'_>],
-    calibration: Option<&Calibration<'_>>,
+    calibration: Option<&EvalSet<'_>>,
     device: &Device,
     path: ComputePath,
     mut on_progress: impl FnMut(),
@@ -201,9 +190,9 @@ pub fn evaluate_variants(
         return evaluate_cnn_variants(arch, trained, entry, variants, sets, calibration, on_progress);
     }
     if let Some(cal) = calibration {
-        let mut prefixes = Vec::with_capacity(cal.batches.len());
-        for b in &cal.batches {
-            let (x, _) = batch_tensors(cal.split, b, device)?;
+        let mut prefixes = Vec::new();
+        for batch in cal.device_batches(device)? {
+            let (x, _, _) = batch?;
             prefixes.push(arch.forward_range(trained, &x, 0, entry, BnMode::Eval)?);
         }
         for v in variants.iter_mut() {
@@ -218,7 +207,7 @@ pub fn evaluate_variants(
         let mut x = Vec::new();
         for set in sets {
             let mut accs = vec![Accumulator::default(); variants.len()];
-            for chunk in set.indices.chunks(set.batch.max(1)) {
+            for chunk in set.indices.chunks(set.batch) {
                 let labels = batch_f32(set.split, chunk, &mut x);
                 let prefix: &[f32] = if from == 0 { &x } else { shared.run(&x, chunk.len(), 0, from) };
                 for (net, acc) in nets.iter_mut().zip(accs.iter_mut()) {
@@ -232,17 +221,17 @@ pub fn evaluate_variants(
         return Ok(results);
     }
     for set in sets {
-        let mut accs = vec![Accumulator::default(); variants.len()];
-        for chunk in set.indices.chunks(set.batch.max(1)) {
-            let (x, y) = batch_tensors(set.split, chunk, device)?;
+        let mut pending: Vec<PendingMetrics> = variants.iter().map(|_| PendingMetrics::default()).collect();
+        for batch in set.device_batches(device)? {
+            let (x, y, n) = batch?;
             let prefix = arch.forward_range(trained, &x, 0, entry, BnMode::Eval)?;
-            for (v, acc) in variants.iter().zip(accs.iter_mut()) {
+            for (v, p) in variants.iter().zip(pending.iter_mut()) {
                 let logits = arch.forward_range(&v.state, &prefix, entry, arch.layers.len(), BnMode::Eval)?;
-                let (loss, errors) = loss_and_errors(&logits, &y)?;
-                acc.add(loss.to_scalar::<f32>()? as f64, errors, chunk.len());
+                let (loss, correct) = loss_and_correct(&logits, &y)?;
+                p.push(&loss, &correct, n);
             }
         }
-        results.push(accs.iter().map(Accumulator::metrics).collect());
+        results.push(pending.iter().map(PendingMetrics::metrics).collect::<Result<_>>()?);
         on_progress();
     }
     Ok(results)
@@ -255,7 +244,7 @@ fn evaluate_cnn_variants(
     entry: usize,
     variants: &mut [Variant],
     sets: &[&EvalSet<'_>],
-    calibration: Option<&Calibration<'_>>,
+    calibration: Option<&EvalSet<'_>>,
     mut on_progress: impl FnMut(),
 ) -> Result<Vec<Vec<Metrics>>> {
     let shared = CnnForward::new(arch, trained)?;
@@ -265,7 +254,8 @@ fn evaluate_cnn_variants(
         Ok((shared.run(&input, 0, entry)?, labels))
     };
     if let Some(cal) = calibration {
-        let prefixes = cal.batches.iter().map(|b| Ok(prefix(cal.split, b)?.0)).collect::<Result<Vec<_>>>()?;
+        let prefixes =
+            cal.indices.chunks(cal.batch).map(|b| Ok(prefix(cal.split, b)?.0)).collect::<Result<Vec<_>>>()?;
         for (net, v) in nets.iter_mut().zip(variants.iter_mut()) {
             for (name, values) in net.recalibrate(&prefixes, entry)? {
                 let shape = v.state.get(&name).with_context(|| format!("tensor '{name}' is missing"))?.shape().clone();
@@ -276,7 +266,7 @@ fn evaluate_cnn_variants(
     let mut results = Vec::with_capacity(sets.len());
     for set in sets {
         let mut accs = vec![Accumulator::default(); variants.len()];
-        for chunk in set.indices.chunks(set.batch.max(1)) {
+        for chunk in set.indices.chunks(set.batch) {
             let (p, labels) = prefix(set.split, chunk)?;
             for (net, acc) in nets.iter().zip(accs.iter_mut()) {
                 let (loss, errors) = net.loss_and_errors_from(&p, &labels, entry)?;
@@ -358,13 +348,13 @@ mod tests {
             let a = arch(name);
             let trained = a.initial_state(1, &Device::Cpu).unwrap();
             let source = a.initial_state(5, &Device::Cpu).unwrap();
-            let set = EvalSet { split: &split, indices: (0..12).collect(), batch: 5 };
+            let set = EvalSet::new(&split, (0..12).collect(), 5);
             let unit = a.unit(unit_name).unwrap();
             let settings =
                 if a.has_batch_norm() { vec![Some(BnStats::WithLayer), Some(BnStats::Keep)] } else { vec![None] };
             for bn in settings {
                 let variant = reset_units(&trained, &[unit], &source, bn).unwrap();
-                let full = crate::eval::evaluate(&a, &variant, &split, &set.indices, 5, &Device::Cpu, path).unwrap();
+                let full = crate::eval::evaluate(&a, &variant, &set, &Device::Cpu, path).unwrap();
                 let mut variants = vec![Variant { state: variant }];
                 let got = evaluate_variants(
                     &a,
@@ -383,8 +373,7 @@ mod tests {
                 assert_eq!(got[0][0], full, "{name} {path:?} {bn:?}");
             }
             // With nothing after the entry (reset-eval's baseline), the shared prefix is the output.
-            let trained_full =
-                crate::eval::evaluate(&a, &trained, &split, &set.indices, 5, &Device::Cpu, path).unwrap();
+            let trained_full = crate::eval::evaluate(&a, &trained, &set, &Device::Cpu, path).unwrap();
             let mut same = vec![Variant { state: trained.clone() }];
             let got =
                 evaluate_variants(&a, &trained, a.layers.len(), &mut same, &[&set], None, &Device::Cpu, path, || {})
@@ -406,14 +395,14 @@ mod tests {
             height: 28,
             width: 28,
         };
-        let calibration = Calibration { split: &split, batches: vec![(0..6).collect(), (6..14).collect()] };
+        let calibration = EvalSet::new(&split, (0..14).collect(), 7);
         for (name, unit_name) in [("vgg11", "conv3"), ("resnet18", "layer2.0.shortcut")] {
             let a = arch(name);
             let trained = a.initial_state(1, &Device::Cpu).unwrap();
             let source = a.initial_state(5, &Device::Cpu).unwrap();
             let unit = a.unit(unit_name).unwrap();
             let variant = reset_units(&trained, &[unit], &source, Some(BnStats::Recalibrate)).unwrap();
-            let set = EvalSet { split: &split, indices: (0..16).collect(), batch: 7 };
+            let set = EvalSet::new(&split, (0..16).collect(), 7);
             let run = |path| {
                 let mut variants = vec![Variant { state: variant.clone() }];
                 let m = evaluate_variants(

@@ -6,11 +6,13 @@
 //! The fully connected fast path updates f32 buffers in place ([`Sgd::update_slices`]); the
 //! autograd path updates candle tensors ([`Sgd::update_tensors`]). The two are tested against
 //! each other below, so that both paths train the same way. On a GPU the autograd path runs the
-//! same operations as one CUDA kernel (`kernels::cuda::sgd_update`), held to the CPU by the GPU
-//! tests (`tests/gpu.rs`).
+//! same operations as one CUDA kernel over all parameters (`kernels::cuda::sgd_update_all`), held
+//! to the CPU by the GPU tests (`tests/gpu.rs`).
 
-use anyhow::Result;
-use candle_core::Tensor;
+use std::collections::BTreeMap;
+
+use anyhow::{Context, Result};
+use candle_core::{Tensor, Var};
 
 use layerlab_pipeline::TrainConfig;
 
@@ -49,20 +51,33 @@ impl Sgd {
         tasks.zip(g.par_chunks(VALUES_PER_TASK)).for_each(|((p, m), g)| self.update_slices(lr, p, m, g));
     }
 
-    /// One update of a trained `Var` and its momentum buffer `m`: in place on a GPU (one kernel,
-    /// [`crate::kernels::cuda::sgd_update`]), by [`Sgd::update_tensors`] elsewhere.
-    pub fn update_var(&self, lr: f64, var: &candle_core::Var, m: &mut Tensor, g: &Tensor) -> Result<()> {
+    /// One update of every trained `Var` in `updates` (by name, with its gradient), and of its
+    /// momentum buffer in `momentum`: in place on a GPU (one kernel for all,
+    /// [`crate::kernels::cuda::sgd_update_all`]), by [`Sgd::update_tensors`] elsewhere.
+    pub fn update_vars(
+        &self,
+        lr: f64,
+        updates: &[(&str, &Var, &Tensor)],
+        momentum: &mut BTreeMap<String, Tensor>,
+    ) -> Result<()> {
+        let buffer = |name: &str| format!("no momentum buffer for {name}");
         #[cfg(feature = "cuda")]
-        if var.device().is_cuda()
-            && var.dtype() == candle_core::DType::F32
+        if updates.iter().all(|(_, v, _)| v.device().is_cuda() && v.dtype() == candle_core::DType::F32)
             && crate::kernels::cuda::SGD_ENABLED.load(std::sync::atomic::Ordering::Relaxed)
         {
-            crate::kernels::cuda::sgd_update(self, lr, var.as_tensor(), m, g)?;
+            let triples = updates
+                .iter()
+                .map(|(name, var, g)| Ok((var.as_tensor(), momentum.get(*name).with_context(|| buffer(name))?, *g)))
+                .collect::<Result<Vec<_>>>()?;
+            crate::kernels::cuda::sgd_update_all(self, lr, &triples)?;
             return Ok(());
         }
-        let (p, b) = self.update_tensors(lr, var.as_tensor(), m, g)?;
-        var.set(&p)?;
-        *m = b;
+        for (name, var, g) in updates {
+            let m = momentum.get_mut(*name).with_context(|| buffer(name))?;
+            let (p, b) = self.update_tensors(lr, var.as_tensor(), m, g)?;
+            var.set(&p)?;
+            *m = b;
+        }
         Ok(())
     }
 

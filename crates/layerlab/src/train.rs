@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{Device, Tensor, Var};
 use rand_core::RngCore;
 use serde::{Deserialize, Serialize};
@@ -17,11 +17,13 @@ use serde::{Deserialize, Serialize};
 use crate::checkpoint::{self, CheckpointMeta};
 use crate::cnn::CnnTrainer;
 use crate::data::Split;
-use crate::eval::{self, Accumulator};
+use crate::eval::{self, Accumulator, EvalSet};
+use crate::kernels::pixels::{source_pixel, Shift};
 use crate::mlp::MlpTrainer;
-use crate::model::{images_to_tensor, loss_and_errors, push_scaled_pixels, Architecture, BnMode, State};
+use crate::model::{images_to_tensor, loss_and_correct, push_scaled_pixels, Architecture, BnMode, State};
 use crate::progress;
 use crate::random;
+use crate::resident::{PendingMetrics, ResidentSplit};
 use crate::sgd::Sgd;
 use crate::table::{Column, Table};
 use layerlab_pipeline::{paths, ComputePath, Schedule, TrainConfig};
@@ -43,23 +45,20 @@ pub fn learning_rate(cfg: &TrainConfig, step: u64, steps_per_epoch: u64) -> f64 
     }
 }
 
-/// Random crop (zero padding 4) and horizontal flip of u8 images [n, c, h, w], in place.
+/// Random crop (zero padding 4) and horizontal flip of u8 images [n, c, h, w], in place: each
+/// image's [`Shift`] drawn from `rng` in turn, each pixel taken by [`source_pixel`] (the rule the
+/// batch gather of the candle path follows too).
 pub fn augment(pixels: &mut [u8], shape: [usize; 4], rng: &mut impl RngCore) {
     let [n, c, h, w] = shape;
     let size = c * h * w;
     let mut scratch = vec![0u8; size];
     for img in pixels.chunks_exact_mut(size).take(n) {
-        let dy = (rng.next_u32() % 9) as isize - 4;
-        let dx = (rng.next_u32() % 9) as isize - 4;
-        let flip = rng.next_u32() & 1 == 1;
+        let shift = Shift::draw(rng);
         for ch in 0..c {
+            let plane = &img[ch * h * w..][..h * w];
             for y in 0..h {
                 for x in 0..w {
-                    let sx = if flip { w - 1 - x } else { x } as isize + dx;
-                    let sy = y as isize + dy;
-                    let inside = sx >= 0 && sy >= 0 && (sx as usize) < w && (sy as usize) < h;
-                    scratch[ch * h * w + y * w + x] =
-                        if inside { img[ch * h * w + sy as usize * w + sx as usize] } else { 0 };
+                    scratch[ch * h * w + y * w + x] = source_pixel(y, x, h, w, shift).map_or(0, |i| plane[i]);
                 }
             }
         }
@@ -158,13 +157,12 @@ impl Optimizer {
     }
 
     fn step(&mut self, grads: &candle_core::backprop::GradStore, lr: f64, cfg: &TrainConfig) -> Result<()> {
-        let sgd = Sgd::of(cfg);
-        for (name, var) in &self.params {
-            let Some(g) = grads.get(var.as_tensor()) else { continue };
-            let m = self.momentum.get_mut(name).with_context(|| format!("no momentum buffer for {name}"))?;
-            sgd.update_var(lr, var, m, g)?;
-        }
-        Ok(())
+        let updates: Vec<(&str, &Var, &Tensor)> = self
+            .params
+            .iter()
+            .filter_map(|(name, var)| grads.get(var.as_tensor()).map(|g| (name.as_str(), var, g)))
+            .collect();
+        Sgd::of(cfg).update_vars(lr, &updates, &mut self.momentum)
     }
 }
 
@@ -236,25 +234,40 @@ impl Engine {
                 push_scaled_pixels(pixels, &mut inputs);
                 trainer.step(inputs, shape, &labels, lr, cfg)
             }
-            Engine::Autograd(opt) => {
+            Engine::Autograd(_) => {
                 let x = images_to_tensor(pixels, shape, device)?;
                 let y = Tensor::from_vec(labels, shape[0], device)?;
-                let mut bn_updates = Vec::new();
-                let logits = arch.forward(&opt.state(), &x, BnMode::Train(&mut bn_updates))?;
-                let (loss, errors) = loss_and_errors(&logits, &y)?;
-                let loss_value = loss.to_scalar::<f32>()? as f64;
-                if !loss_value.is_finite() {
-                    // The caller reports the divergence; the weights stay as they were.
-                    return Ok((loss_value, errors));
-                }
-                let grads = loss.backward()?;
-                opt.step(&grads, lr, cfg)?;
-                for (name, t) in bn_updates {
-                    opt.buffers.insert(name, t.detach());
-                }
-                Ok((loss_value, errors))
+                let (loss, correct) = self.step_on_device(arch, &x, &y, lr, cfg)?;
+                Ok((loss.to_scalar::<f32>()? as f64, shape[0] - correct.to_scalar::<f32>()? as usize))
             }
         }
+    }
+
+    /// One SGD step of the candle path on a batch already on the device (inputs f32 [n, c, h, w],
+    /// labels u32 [n]): the batch's mean loss and correct count, as f32 scalars left on the
+    /// device. Nothing is read back, so a GPU's host can queue the next step at once. A
+    /// non-finite loss is the caller's to find when it reads the loss (the update is made anyway:
+    /// training stops there).
+    pub fn step_on_device(
+        &mut self,
+        arch: &Architecture,
+        x: &Tensor,
+        y: &Tensor,
+        lr: f64,
+        cfg: &TrainConfig,
+    ) -> Result<(Tensor, Tensor)> {
+        let Engine::Autograd(opt) = self else {
+            bail!("step_on_device is the candle path's; this engine runs on the CPU's fast path")
+        };
+        let mut bn_updates = Vec::new();
+        let logits = arch.forward(&opt.state(), x, BnMode::Train(&mut bn_updates))?;
+        let (loss, correct) = loss_and_correct(&logits, y)?;
+        let grads = loss.backward()?;
+        opt.step(&grads, lr, cfg)?;
+        for (name, t) in bn_updates {
+            opt.buffers.insert(name, t.detach());
+        }
+        Ok((loss.detach(), correct))
     }
 }
 
@@ -340,7 +353,6 @@ pub fn run(job: &TrainJob<'_>, initial: State) -> Result<TrainSummary> {
     let cfg = job.cfg;
     let n_train = job.cfg.train_examples.map_or(job.train.len(), |n| (n as usize).min(job.train.len()));
     let n_test = job.cfg.test_examples.map_or(job.test.len(), |n| (n as usize).min(job.test.len()));
-    let test_idx: Vec<usize> = (0..n_test).collect();
     let bs = cfg.batch_size as usize;
     let steps_per_epoch = n_train.div_ceil(bs) as u64;
     let ckpt_dir = job.out_dir.join("checkpoints");
@@ -373,9 +385,18 @@ pub fn run(job: &TrainJob<'_>, initial: State) -> Result<TrainSummary> {
         config_hash: job.config_hash.into(),
     };
 
+    let test_set = EvalSet::new(job.test, (0..n_test).collect(), cfg.eval_batch_size as usize);
     let test_metrics = |state: &State| {
-        eval::evaluate(job.arch, state, job.test, &test_idx, cfg.eval_batch_size as usize, job.device, cfg.compute)
+        eval::evaluate(job.arch, state, &test_set, job.device, cfg.compute)
             .map_err(|e| name_the_setting(e, "train.eval_batch_size", cfg.eval_batch_size))
+    };
+    // The candle path trains from a copy of the training examples on its device.
+    let resident = match &engine {
+        Engine::Autograd(_) => Some(
+            ResidentSplit::upload(job.train, &(0..n_train).collect::<Vec<_>>(), job.device)
+                .context("uploading the training examples")?,
+        ),
+        _ => None,
     };
     if start_epoch == 0 {
         let t0 = Instant::now();
@@ -407,29 +428,63 @@ pub fn run(job: &TrainJob<'_>, initial: State) -> Result<TrainSummary> {
         let bar = progress::bar(steps_per_epoch, &format!("epoch {epoch}/{}", cfg.epochs));
         let mut acc = Accumulator::default();
         let mut lr = 0.0;
-        for chunk in order.chunks(bs) {
-            lr = learning_rate(cfg, step, steps_per_epoch);
-            let mut pixels = Vec::with_capacity(chunk.len() * size);
-            let mut labels = Vec::with_capacity(chunk.len());
-            for &i in chunk {
-                pixels.extend_from_slice(&job.train.images[i * size..(i + 1) * size]);
-                labels.push(job.train.labels[i] as u32);
+        let diverged = |loss: f64, step: u64| {
+            let lr = learning_rate(cfg, step, steps_per_epoch);
+            anyhow!("training diverged: loss is {loss} at epoch {epoch}, step {step} (lr {lr:.3e}); lower train.lr")
+        };
+        if let Some(data) = &resident {
+            // The epoch's order and augmentation go up once; each step takes its slice of them.
+            let shifts: Vec<u32> = order
+                .iter()
+                .map(|_| if cfg.augment { Shift::draw(&mut aug_rng) } else { Shift::NONE }.packed())
+                .collect();
+            let positions: Vec<u32> = order.iter().map(|&i| i as u32).collect();
+            let positions = Tensor::from_vec(positions, n_train, job.device)?;
+            let shifts = Tensor::from_vec(shifts, n_train, job.device)?;
+            let first_step = step;
+            let mut pending = PendingMetrics::default();
+            for start in (0..n_train).step_by(bs) {
+                lr = learning_rate(cfg, step, steps_per_epoch);
+                let n = bs.min(n_train - start);
+                let (x, y) = data.batch(&positions.narrow(0, start, n)?, &shifts.narrow(0, start, n)?)?;
+                let (loss, correct) = engine
+                    .step_on_device(job.arch, &x, &y, lr, cfg)
+                    .map_err(|e| name_the_setting(e, "train.batch_size", cfg.batch_size))?;
+                pending.push(&loss, &correct, n);
+                step += 1;
+                bar.inc(1);
             }
-            let shape = [chunk.len(), c, h, w];
-            if cfg.augment {
-                augment(&mut pixels, shape, &mut aug_rng);
+            // The epoch's one read: it waits for the device to finish the steps.
+            let losses = pending.read().map_err(|e| name_the_setting(e, "train.batch_size", cfg.batch_size))?;
+            for (k, (loss, errors, n)) in losses.into_iter().enumerate() {
+                if !loss.is_finite() {
+                    return Err(diverged(loss, first_step + k as u64));
+                }
+                acc.add(loss, errors, n);
             }
-            let (loss_value, errors) = engine
-                .step(job.arch, &pixels, shape, labels, lr, cfg, job.device)
-                .map_err(|e| name_the_setting(e, "train.batch_size", cfg.batch_size))?;
-            if !loss_value.is_finite() {
-                bail!(
-                    "training diverged: loss is {loss_value} at epoch {epoch}, step {step} (lr {lr:.3e}); lower train.lr"
-                );
+        } else {
+            for chunk in order.chunks(bs) {
+                lr = learning_rate(cfg, step, steps_per_epoch);
+                let mut pixels = Vec::with_capacity(chunk.len() * size);
+                let mut labels = Vec::with_capacity(chunk.len());
+                for &i in chunk {
+                    pixels.extend_from_slice(&job.train.images[i * size..(i + 1) * size]);
+                    labels.push(job.train.labels[i] as u32);
+                }
+                let shape = [chunk.len(), c, h, w];
+                if cfg.augment {
+                    augment(&mut pixels, shape, &mut aug_rng);
+                }
+                let (loss_value, errors) = engine
+                    .step(job.arch, &pixels, shape, labels, lr, cfg, job.device)
+                    .map_err(|e| name_the_setting(e, "train.batch_size", cfg.batch_size))?;
+                if !loss_value.is_finite() {
+                    return Err(diverged(loss_value, step));
+                }
+                acc.add(loss_value, errors, chunk.len());
+                step += 1;
+                bar.inc(1);
             }
-            acc.add(loss_value, errors, chunk.len());
-            step += 1;
-            bar.inc(1);
         }
         bar.finish_and_clear();
         let train_time = t0.elapsed().as_secs_f64();
@@ -558,6 +613,94 @@ mod tests {
             moved |= img != original;
         }
         assert!(moved);
+    }
+
+    /// The candle path trains from its device copy of the examples: batches gathered, augmented
+    /// and scaled by one op, losses read once an epoch. Fed the same batches from the host, one
+    /// upload and one read per step, it must end at the same bits, history included.
+    #[test]
+    fn training_from_resident_examples_equals_host_batches_step_by_step() {
+        use layerlab_pipeline::{Arch, ModelConfig};
+        let model = ModelConfig { arch: Arch::Fcn, depth: 2, width: 16, ..ModelConfig::default() };
+        let arch = Architecture::build(&model, [1, 12, 12], 10).unwrap();
+        let mut rng = random::rng(11);
+        let mut split = |n: usize| crate::data::Split {
+            images: (0..n * 144).map(|_| rng.next_u32() as u8).collect(),
+            labels: (0..n).map(|_| (rng.next_u32() % 10) as u8).collect(),
+            channels: 1,
+            height: 12,
+            width: 12,
+        };
+        let (train, test) = (split(20), split(10));
+        let cfg = TrainConfig {
+            epochs: 2,
+            batch_size: 8,
+            lr: 0.05,
+            augment: true,
+            weight_decay: 1e-3,
+            checkpoints: vec![2],
+            eval_batch_size: 4,
+            compute: ComputePath::Autograd,
+            ..cfg()
+        };
+        let (seed, dev) = (6, Device::Cpu);
+        let initial = arch.initial_state(seed, &dev).unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let job = TrainJob {
+            experiment: "resident",
+            seed,
+            arch: &arch,
+            cfg: &cfg,
+            train: &train,
+            test: &test,
+            out_dir: out.path(),
+            key: "k",
+            config_hash: "h",
+            checkpoint_epochs: &[2],
+            table_metadata: Vec::new(),
+            device: &dev,
+        };
+        let summary = run(&job, initial.clone()).unwrap();
+        let (trained, _) =
+            checkpoint::load(&paths::checkpoint_in(&out.path().join("checkpoints"), 2), &arch, &dev).unwrap();
+
+        let mut engine = Engine::new(&arch, &initial, None, &dev, ComputePath::Autograd).unwrap();
+        let (mut step, mut losses) = (0, Vec::new());
+        for epoch in 1..=2 {
+            let mut aug_rng = random::augment_rng(seed, epoch);
+            let mut acc = Accumulator::default();
+            for chunk in random::epoch_order(20, seed, epoch).chunks(8) {
+                let mut pixels: Vec<u8> = chunk.iter().flat_map(|&i| train.images[i * 144..][..144].to_vec()).collect();
+                let labels = chunk.iter().map(|&i| train.labels[i] as u32).collect();
+                augment(&mut pixels, [chunk.len(), 1, 12, 12], &mut aug_rng);
+                let lr = learning_rate(&cfg, step, 3);
+                let (loss, errors) =
+                    engine.step(&arch, &pixels, [chunk.len(), 1, 12, 12], labels, lr, &cfg, &dev).unwrap();
+                acc.add(loss, errors, chunk.len());
+                step += 1;
+            }
+            losses.push(acc.metrics());
+        }
+        let host = engine.state(&dev).unwrap();
+        let bits = |t: &Tensor| {
+            t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        };
+        for (name, t) in &host {
+            assert_eq!(bits(t), bits(&trained[name]), "{name}: resident training differs from host batches");
+        }
+        for (record, m) in summary.history[1..].iter().zip(&losses) {
+            assert_eq!(record.train_loss, Some(m.loss), "epoch {}", record.epoch);
+            assert_eq!(record.train_error, Some(m.error), "epoch {}", record.epoch);
+        }
+        // And the test metrics are those of an evaluation from host batches.
+        let host_test =
+            eval::evaluate(&arch, &host, &EvalSet::new(&test, (0..10).collect(), 4), &dev, ComputePath::Fast).unwrap();
+        assert!(
+            (summary.history[2].test_loss - host_test.loss).abs() < 1e-6,
+            "{} {}",
+            summary.history[2].test_loss,
+            host_test.loss
+        );
     }
 
     #[test]

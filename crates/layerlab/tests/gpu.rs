@@ -3,14 +3,17 @@
 //! pass by skipping, so that the ordinary test run (and CI, which has no GPU) can build them.
 //!
 //! What they hold the GPU path to: the same training step as the CPU's (same initial bytes, same
-//! batch, weights within 1e-4 relative), the same bytes from two GPU runs, and evaluation within
-//! rounding of the CPU's.
+//! batch, weights within 1e-4 relative), the same bytes from two GPU runs, evaluation within
+//! rounding of the CPU's, and the CPU's bits from the kernels that do no arithmetic beyond
+//! single roundings (batch gather, ReLU, evaluation-mode BatchNorm).
 
 use candle_core::{DType, Device, Tensor};
 use layerlab::config::{ModelConfig, TrainConfig};
 use layerlab::device::{select, DeviceChoice, HAS_CUDA};
+use layerlab::kernels::pixels::Shift;
 use layerlab::model::{Architecture, BnMode, State};
 use layerlab::pipeline::{Arch, ComputePath};
+use layerlab::resident::ResidentSplit;
 use layerlab::train::Engine;
 use rand_core::RngCore;
 
@@ -151,6 +154,96 @@ fn evaluation_matches_the_cpu() {
         };
         let gap = relative_gap(&forward(&Device::Cpu), &forward(&gpu));
         assert!(gap <= 1e-4, "{}: logits differ by {gap:e} (relative)", arch.name);
+    }
+}
+
+/// Bits of a tensor, whatever its device.
+fn bits(t: &Tensor) -> Vec<u32> {
+    values(&t.to_device(&Device::Cpu).unwrap()).iter().map(|v| v.to_bits()).collect()
+}
+
+#[test]
+fn batches_gathered_on_the_gpu_are_the_cpus_bit_for_bit() {
+    let Some(gpu) = gpu("batches_gathered_on_the_gpu_are_the_cpus_bit_for_bit") else { return };
+    let mut rng = layerlab::random::rng(21);
+    let split = layerlab::data::Split {
+        images: (0..50 * 3 * 32 * 32).map(|_| rng.next_u32() as u8).collect(),
+        labels: (0..50).map(|_| (rng.next_u32() % 10) as u8).collect(),
+        channels: 3,
+        height: 32,
+        width: 32,
+    };
+    let held: Vec<usize> = (0..50).rev().collect();
+    let positions: Vec<u32> = (0..40).map(|_| rng.next_u32() % 50).collect();
+    let shifts: Vec<u32> = (0..40).map(|_| Shift::draw(&mut rng).packed()).collect();
+    let gather = |device: &Device| {
+        let data = ResidentSplit::upload(&split, &held, device).unwrap();
+        let p = Tensor::new(positions.as_slice(), device).unwrap();
+        let s = Tensor::new(shifts.as_slice(), device).unwrap();
+        let (x, y) = data.batch(&p, &s).unwrap();
+        (bits(&x), y.to_device(&Device::Cpu).unwrap().to_vec1::<u32>().unwrap())
+    };
+    let (cpu, on_gpu) = (gather(&Device::Cpu), gather(&gpu));
+    assert!(cpu.0 == on_gpu.0, "the gathered images differ");
+    assert_eq!(cpu.1, on_gpu.1, "the gathered labels differ");
+}
+
+#[test]
+fn relu_and_evaluation_batch_norm_kernels_give_the_cpus_bits() {
+    let Some(gpu) = gpu("relu_and_evaluation_batch_norm_kernels_give_the_cpus_bits") else { return };
+    let mut rng = layerlab::random::rng(22);
+    let mut v: Vec<f32> = (0..4 * 6 * 5 * 5).map(|_| (rng.next_u32() as f32 / u32::MAX as f32) * 4.0 - 2.0).collect();
+    v[0] = -0.0;
+    v[1] = 0.0;
+    let x = Tensor::from_vec(v, (4, 6, 5, 5), &Device::Cpu).unwrap();
+    let scale = Tensor::new(&[0.5f32, -1.25, 2.0, 0.0, 1.0, -0.75], &Device::Cpu).unwrap();
+    let shift = Tensor::new(&[0.1f32, -0.2, 0.0, 0.3, -1.0, 0.25], &Device::Cpu).unwrap();
+    let on = |t: &Tensor| t.to_device(&gpu).unwrap();
+    let relu = layerlab::kernels::layers::relu;
+    assert!(bits(&relu(&x).unwrap()) == bits(&relu(&on(&x)).unwrap()), "ReLU forward");
+    for r in [false, true] {
+        let cpu = layerlab::kernels::norm::affine_no_grad(&x, &scale, &shift, r).unwrap();
+        let g = layerlab::kernels::norm::affine_no_grad(&on(&x), &on(&scale), &on(&shift), r).unwrap();
+        assert!(bits(&cpu) == bits(&g), "evaluation BatchNorm, relu {r}");
+    }
+    // The ReLU's gradient, through candle's backward pass on each device.
+    let grad = |device: &Device| {
+        let var = candle_core::Var::from_tensor(&x.to_device(device).unwrap()).unwrap();
+        let weights = x.to_device(device).unwrap().sin().unwrap();
+        let loss = (relu(var.as_tensor()).unwrap() * weights).unwrap().sum_all().unwrap();
+        bits(loss.backward().unwrap().get(var.as_tensor()).unwrap())
+    };
+    assert!(grad(&Device::Cpu) == grad(&gpu), "ReLU gradient");
+}
+
+/// The one-launch SGD update of 40 tensors (two launches of the kernel's 32), Nesterov and weight
+/// decay on, against candle's ops on the CPU: the same bits.
+#[test]
+fn the_sgd_kernel_updates_every_tensor_as_the_cpu_does() {
+    let Some(gpu) = gpu("the_sgd_kernel_updates_every_tensor_as_the_cpu_does") else { return };
+    let mut rng = layerlab::random::rng(23);
+    let mut random = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.next_u32() as f32 / u32::MAX as f32 - 0.5).collect() };
+    let sizes: Vec<usize> = (0..40).map(|k| 1 + k * 37 % 3001).collect();
+    let tensors: Vec<(String, Vec<f32>, Vec<f32>, Vec<f32>)> =
+        sizes.iter().enumerate().map(|(k, &n)| (format!("t{k}"), random(n), random(n), random(n))).collect();
+    let sgd = layerlab::sgd::Sgd { momentum: 0.9, weight_decay: 5e-4, nesterov: true };
+    let update = |device: &Device| {
+        let t = |v: &Vec<f32>| Tensor::from_vec(v.clone(), v.len(), device).unwrap();
+        let vars: Vec<candle_core::Var> =
+            tensors.iter().map(|(_, p, _, _)| candle_core::Var::from_tensor(&t(p)).unwrap()).collect();
+        let grads: Vec<Tensor> = tensors.iter().map(|(_, _, _, g)| t(g)).collect();
+        let mut momentum = tensors.iter().map(|(name, _, m, _)| (name.clone(), t(m).copy().unwrap())).collect();
+        let updates: Vec<(&str, &candle_core::Var, &Tensor)> =
+            tensors.iter().zip(&vars).zip(&grads).map(|(((name, ..), v), g)| (name.as_str(), v, g)).collect();
+        sgd.update_vars(0.05, &updates, &mut momentum).unwrap();
+        let p: Vec<Vec<u32>> = vars.iter().map(|v| bits(v.as_tensor())).collect();
+        let m: Vec<Vec<u32>> = tensors.iter().map(|(name, ..)| bits(&momentum[name])).collect();
+        (p, m)
+    };
+    let (cpu, on_gpu) = (update(&Device::Cpu), update(&gpu));
+    for k in 0..sizes.len() {
+        assert!(cpu.0[k] == on_gpu.0[k], "tensor {k} ({} values): parameters differ", sizes[k]);
+        assert!(cpu.1[k] == on_gpu.1[k], "tensor {k}: momentum buffers differ");
     }
 }
 

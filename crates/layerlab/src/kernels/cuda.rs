@@ -1,8 +1,8 @@
 //! layerlab's own CUDA kernels (the `cuda` feature), compiled once per process by NVRTC (which
 //! candle's CUDA backend loads anyway) for whatever GPU the binary meets:
 //!
-//! - the SGD update ([`sgd_update`]): one kernel per parameter tensor, updating the parameter and
-//!   its momentum buffer in place. Written as candle tensor ops
+//! - the SGD update ([`sgd_update_all`]): one kernel over all parameter tensors (32 per launch),
+//!   updating each parameter and its momentum buffer in place. Written as candle tensor ops
 //!   ([`crate::sgd::Sgd::update_tensors`]) one update is six kernels and as many fresh buffers,
 //!   then a copy into the `Var`; a small network's step is bound by such launches. The kernel does
 //!   the same f32 operations in the same order as the CPU's [`crate::sgd::Sgd::update_slices`],
@@ -11,65 +11,23 @@
 //! - the 2×2 max-pool, forward and input gradient ([`max_pool2`], [`max_pool2_grad`]), with the
 //!   CPU kernel's rule: each gradient goes to the first maximum of its window. candle's own
 //!   max-pool gradient multiplies by the share of a window's values that are its maximum instead
-//!   of dividing by their count, so a unique maximum gets a quarter of its gradient.
+//!   of dividing by their count, so a unique maximum gets a quarter of its gradient;
+//! - ReLU, forward and input gradient ([`relu`], [`relu_grad`]): one kernel each way, where
+//!   candle's backward is four;
+//! - evaluation-mode BatchNorm as one per-channel scale and shift, with its ReLU
+//!   ([`channel_affine`]);
+//! - BatchNorm's running statistics after a training step ([`running_stats`]), one kernel;
+//! - the batch gather ([`gather_batch`]): a training or evaluation batch made on the GPU from the
+//!   dataset's u8 images held there (`kernels::pixels` has the rule and the CPU reference).
 
 use std::sync::OnceLock;
 
-use candle_core::{bail, CpuStorage, CudaStorage, InplaceOp3, Layout, Shape, Tensor};
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::{bail, CudaStorage, Layout, Shape, Tensor};
+use cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
 
 use crate::sgd::Sgd;
 
-const SOURCE: &str = r#"
-__device__ int first_max(const float v[4]) {
-    int best = 0;
-    for (int k = 1; k < 4; k++) {
-        if (v[k] > v[best] || (isnan(v[k]) && !isnan(v[best]))) best = k;
-    }
-    return best;
-}
-
-// x [planes, h, w] -> y [planes, h/2, w/2]; one thread per output value.
-extern "C" __global__ void max_pool2_forward(const float* x, float* y, unsigned int planes,
-                                             unsigned int h, unsigned int w) {
-    unsigned int ho = h / 2, wo = w / 2;
-    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= planes * ho * wo) return;
-    unsigned int p = i / (ho * wo), r = i % (ho * wo), oy = r / wo, ox = r % wo;
-    const float* t = x + (size_t)p * h * w + (size_t)(2 * oy) * w + 2 * ox;
-    float v[4] = {t[0], t[1], t[w], t[w + 1]};
-    y[i] = v[first_max(v)];
-}
-
-// The input gradient dx [planes, h, w] from x and the output gradient g; one thread per input
-// value, zero off its window's first maximum and on the odd edges the pool dropped.
-extern "C" __global__ void max_pool2_backward(const float* x, const float* g, float* dx,
-                                              unsigned int planes, unsigned int h, unsigned int w) {
-    unsigned int ho = h / 2, wo = w / 2;
-    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= planes * h * w) return;
-    unsigned int p = i / (h * w), r = i % (h * w), iy = r / w, ix = r % w;
-    unsigned int oy = iy / 2, ox = ix / 2;
-    if (oy >= ho || ox >= wo) { dx[i] = 0.0f; return; }
-    const float* t = x + (size_t)p * h * w + (size_t)(2 * oy) * w + 2 * ox;
-    float v[4] = {t[0], t[1], t[w], t[w + 1]};
-    int at = (int)((iy % 2) * 2 + (ix % 2));
-    dx[i] = first_max(v) == at ? g[(size_t)p * ho * wo + (size_t)oy * wo + ox] : 0.0f;
-}
-
-extern "C" __global__ void sgd_update(float* p, float* m, const float* g, unsigned int n,
-                                      float lr, float mu, float wd, int nesterov) {
-    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    float pi = p[i];
-    float gi = g[i];
-    if (wd > 0.0f) gi = __fadd_rn(gi, __fmul_rn(pi, wd));
-    float mi = __fadd_rn(__fmul_rn(m[i], mu), gi);
-    m[i] = mi;
-    float step = nesterov ? __fadd_rn(gi, __fmul_rn(mi, mu)) : mi;
-    p[i] = __fsub_rn(pi, __fmul_rn(step, lr));
-}
-"#;
+const SOURCE: &str = include_str!("cuda.cu");
 
 /// Off: the SGD update runs as candle tensor ops, to cross-check its kernel in the GPU tests.
 pub static SGD_ENABLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
@@ -82,83 +40,96 @@ fn ptx() -> candle_core::Result<&'static str> {
         PTX.get_or_init(|| cudarc::nvrtc::compile_ptx(SOURCE).map(|p| p.to_src()).map_err(|e| format!("{e:?}")));
     match compiled {
         Ok(ptx) => Ok(ptx),
-        Err(e) => bail!("cannot compile the SGD update kernel with NVRTC: {e}"),
+        Err(e) => bail!("cannot compile layerlab's CUDA kernels with NVRTC: {e}"),
     }
 }
 
-/// `p`, `m` and `g` are f32 tensors of one shape on one GPU, `p` and `m` contiguous with their
-/// own storage (a `Var` and a momentum buffer). Updates `p` and `m` in place.
-pub fn sgd_update(sgd: &Sgd, lr: f64, p: &Tensor, m: &Tensor, g: &Tensor) -> candle_core::Result<()> {
-    if p.dims() != m.dims() || p.dims() != g.dims() {
-        bail!(
-            "SGD update: parameter {:?}, momentum {:?} and gradient {:?} differ in shape",
-            p.dims(),
-            m.dims(),
-            g.dims()
-        )
-    }
-    let op = Update { lr: lr as f32, mu: sgd.momentum as f32, wd: sgd.weight_decay as f32, nesterov: sgd.nesterov };
-    p.inplace_op3(m, &g.contiguous()?, &op)
+/// Tensors per launch of `sgd_update_all` (its `SGD_TENSORS`): the table of pointers is passed
+/// by value, and kernel parameters are limited to 4 KB.
+const SGD_TENSORS: usize = 32;
+
+/// The kernel's table of tensors, laid out as its `SgdTable`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct SgdTable {
+    p: [u64; SGD_TENSORS],
+    m: [u64; SGD_TENSORS],
+    g: [u64; SGD_TENSORS],
+    n: [u32; SGD_TENSORS],
+    count: u32,
 }
 
-struct Update {
-    lr: f32,
-    mu: f32,
-    wd: f32,
-    nesterov: bool,
+// SAFETY: plain old data, laid out as the kernel's struct (pointers as 64-bit addresses).
+unsafe impl cudarc::driver::DeviceRepr for SgdTable {}
+
+/// The device address of a contiguous f32 tensor's first value on a GPU.
+fn address(t: &Tensor, what: &str) -> candle_core::Result<u64> {
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cuda(s) = &*storage else { bail!("SGD update: the {what} is not on a GPU") };
+    if !layout.is_contiguous() || t.dtype() != candle_core::DType::F32 {
+        bail!("SGD update: the {what} must be contiguous f32")
+    }
+    let slice = s.as_cuda_slice::<f32>()?;
+    let stream = s.device.cuda_stream();
+    let (ptr, _sync) = slice.device_ptr(&stream);
+    Ok(ptr + 4 * layout.start_offset() as u64)
 }
 
-impl InplaceOp3 for Update {
-    fn name(&self) -> &'static str {
-        "sgd-update"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &mut CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<()> {
-        bail!("the CUDA SGD update was given CPU tensors")
-    }
-
-    fn cuda_fwd(
-        &self,
-        p: &mut CudaStorage,
-        lp: &Layout,
-        m: &CudaStorage,
-        lm: &Layout,
-        g: &CudaStorage,
-        lg: &Layout,
-    ) -> candle_core::Result<()> {
-        if !(lp.is_contiguous() && lm.is_contiguous() && lg.is_contiguous()) {
-            bail!("SGD update: every operand must be contiguous")
+/// The SGD update of every (parameter, momentum buffer, gradient) triple, each three f32
+/// tensors of one shape on one GPU, parameters and buffers updated in place: one launch per 32
+/// tensors, where a kernel per tensor made a small network's step wait on launches.
+///
+/// The parameters and buffers are written through their addresses, not through candle: candle
+/// runs every op of a device on its one stream, in order, so no other kernel sees them
+/// half-written, and the tensors (`Var`s and buffers of their own) share their memory with no
+/// other tensor.
+pub fn sgd_update_all(sgd: &Sgd, lr: f64, updates: &[(&Tensor, &Tensor, &Tensor)]) -> candle_core::Result<()> {
+    let Some((first, _, _)) = updates.first() else { return Ok(()) };
+    let candle_core::Device::Cuda(dev) = first.device() else { bail!("the CUDA SGD update was given CPU tensors") };
+    let func = dev.get_or_load_custom_func("sgd_update_all", MODULE, ptx()?)?;
+    let (lr, mu, wd, nesterov) = (lr as f32, sgd.momentum as f32, sgd.weight_decay as f32, sgd.nesterov as i32);
+    // Gradients that are views get a contiguous copy, kept alive until the launch is queued.
+    let grads = updates.iter().map(|(_, _, g)| g.contiguous()).collect::<candle_core::Result<Vec<_>>>()?;
+    for (chunk, grads) in updates.chunks(SGD_TENSORS).zip(grads.chunks(SGD_TENSORS)) {
+        let mut table = SgdTable {
+            p: [0; SGD_TENSORS],
+            m: [0; SGD_TENSORS],
+            g: [0; SGD_TENSORS],
+            n: [0; SGD_TENSORS],
+            count: chunk.len() as u32,
+        };
+        let mut largest = 1;
+        for (k, ((p, m, _), g)) in chunk.iter().zip(grads).enumerate() {
+            if p.dims() != m.dims() || p.dims() != g.dims() {
+                bail!(
+                    "SGD update: parameter {:?}, momentum {:?} and gradient {:?} differ in shape",
+                    p.dims(),
+                    m.dims(),
+                    g.dims()
+                )
+            }
+            table.p[k] = address(p, "parameter")?;
+            table.m[k] = address(m, "momentum buffer")?;
+            table.g[k] = address(g, "gradient")?;
+            table.n[k] = p.elem_count() as u32;
+            largest = largest.max(p.elem_count());
         }
-        let n = lp.shape().elem_count();
-        let dev = p.device.clone();
-        let func = dev.get_or_load_custom_func("sgd_update", MODULE, ptx()?)?;
-        let (m, g) = (f32_values(m, lm)?, f32_values(g, lg)?);
-        let po = lp.start_offset();
-        let mut p = p.as_cuda_slice_mut::<f32>()?.slice_mut(po..po + n);
-        let (count, nesterov) = (n as u32, self.nesterov as i32);
+        let config = LaunchConfig {
+            grid_dim: ((largest.div_ceil(256)).min(1024) as u32, chunk.len() as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
         let mut launch = func.builder();
-        launch.arg(&mut p);
-        // The momentum buffer is written through the op's second operand: candle runs every op of
-        // a device on its one stream, in order, so no other kernel sees it half-written.
-        launch.arg(&m);
-        launch.arg(&g);
-        launch.arg(&count);
-        launch.arg(&self.lr);
-        launch.arg(&self.mu);
-        launch.arg(&self.wd);
+        launch.arg(&table);
+        launch.arg(&lr);
+        launch.arg(&mu);
+        launch.arg(&wd);
         launch.arg(&nesterov);
-        // SAFETY: the arguments match the kernel's signature; all three buffers hold `n` f32s.
-        unsafe { launch.launch(LaunchConfig::for_num_elems(count)) }.map_err(candle_core::Error::wrap)?;
-        Ok(())
+        // SAFETY: the arguments match the kernel's signature; each address holds `n` f32s of a
+        // live tensor (the caller's, or `grads`, which outlives the launch's queuing).
+        unsafe { launch.launch(config) }.map_err(candle_core::Error::wrap)?;
     }
+    Ok(())
 }
 
 /// The contiguous f32 values of a storage, from its layout's offset: how every GPU op of ours
@@ -221,4 +192,195 @@ pub fn max_pool2_grad(
     unsafe { launch.launch(LaunchConfig::for_num_elems((n * c * h * w).max(1) as u32)) }
         .map_err(candle_core::Error::wrap)?;
     Ok((CudaStorage::wrap_cuda_slice(dx, dev), xl.shape().clone()))
+}
+
+/// The CUDA side of [`super::pixels::Gather`]: u8 images [N, c, h, w], u32 positions [n] and
+/// packed shifts [n], all on one GPU.
+pub fn gather_batch(
+    images: &CudaStorage,
+    li: &Layout,
+    positions: &CudaStorage,
+    lp: &Layout,
+    shifts: &CudaStorage,
+    ls: &Layout,
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    let [count, c, h, w, n] = super::pixels::Gather::dims(li, lp, ls)?;
+    let images = images.as_cuda_slice::<u8>()?.slice(li.start_offset()..li.start_offset() + count * c * h * w);
+    let dev = positions.device.clone();
+    let shifts = shifts.as_cuda_slice::<u32>()?.slice(ls.start_offset()..ls.start_offset() + n);
+    let positions = positions.as_cuda_slice::<u32>()?.slice(lp.start_offset()..lp.start_offset() + n);
+    let total = n * c * h * w;
+    // SAFETY: the kernel writes every value.
+    let mut out = unsafe { dev.alloc::<f32>(total)? };
+    let (n32, c32, h32, w32) = (n as u32, c as u32, h as u32, w as u32);
+    let func = dev.get_or_load_custom_func("gather_batch", MODULE, ptx()?)?;
+    let mut launch = func.builder();
+    launch.arg(&images);
+    launch.arg(&positions);
+    launch.arg(&shifts);
+    launch.arg(&mut out);
+    launch.arg(&n32);
+    launch.arg(&c32);
+    launch.arg(&h32);
+    launch.arg(&w32);
+    // SAFETY: the arguments match the kernel's signature and the buffers' sizes. Positions are
+    // not checked against N here (that would read them back): `resident` makes them from the
+    // examples it holds.
+    unsafe { launch.launch(LaunchConfig::for_num_elems(total.max(1) as u32)) }.map_err(candle_core::Error::wrap)?;
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((n, c, h, w))))
+}
+
+/// `max(x, 0)` of a contiguous f32 tensor's values (`super::layers`' ReLU op on a GPU).
+pub fn relu(s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+    let x = f32_values(s, l)?;
+    let n = l.shape().elem_count();
+    let dev = s.device.clone();
+    // SAFETY: the kernel writes every value.
+    let mut y = unsafe { dev.alloc::<f32>(n)? };
+    let n32 = n as u32;
+    let func = dev.get_or_load_custom_func("relu_forward", MODULE, ptx()?)?;
+    let mut launch = func.builder();
+    launch.arg(&x);
+    launch.arg(&mut y);
+    launch.arg(&n32);
+    // SAFETY: the arguments match the kernel's signature and the buffers' sizes.
+    unsafe { launch.launch(LaunchConfig::for_num_elems(n.max(1) as u32)) }.map_err(candle_core::Error::wrap)?;
+    Ok((CudaStorage::wrap_cuda_slice(y, dev), l.shape().clone()))
+}
+
+/// The ReLU's input gradient from its output `ys` and the output gradient `gs`.
+pub fn relu_grad(
+    ys: &CudaStorage,
+    yl: &Layout,
+    gs: &CudaStorage,
+    gl: &Layout,
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    if yl.dims() != gl.dims() {
+        bail!("ReLU gradient {:?} does not fit output {:?}", gl.dims(), yl.dims())
+    }
+    let (y, g) = (f32_values(ys, yl)?, f32_values(gs, gl)?);
+    let n = yl.shape().elem_count();
+    let dev = ys.device.clone();
+    // SAFETY: the kernel writes every value.
+    let mut dx = unsafe { dev.alloc::<f32>(n)? };
+    let n32 = n as u32;
+    let func = dev.get_or_load_custom_func("relu_backward", MODULE, ptx()?)?;
+    let mut launch = func.builder();
+    launch.arg(&y);
+    launch.arg(&g);
+    launch.arg(&mut dx);
+    launch.arg(&n32);
+    // SAFETY: the arguments match the kernel's signature and the buffers' sizes.
+    unsafe { launch.launch(LaunchConfig::for_num_elems(n.max(1) as u32)) }.map_err(candle_core::Error::wrap)?;
+    Ok((CudaStorage::wrap_cuda_slice(dx, dev), yl.shape().clone()))
+}
+
+/// Evaluation-mode BatchNorm of `xs` [n, c, h, w] with per-channel `scale` and `shift` [c], and a
+/// ReLU when `relu` (`super::norm`'s affine op on a GPU): one pass where candle's ops make four.
+pub fn channel_affine(
+    xs: &CudaStorage,
+    xl: &Layout,
+    scale: &CudaStorage,
+    sl: &Layout,
+    shift: &CudaStorage,
+    tl: &Layout,
+    relu: bool,
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    let &[_, c, h, w] = xl.dims() else { bail!("BatchNorm wants [n, c, h, w], got {:?}", xl.dims()) };
+    let (x, a, b) = (f32_values(xs, xl)?, f32_values(scale, sl)?, f32_values(shift, tl)?);
+    let total = xl.shape().elem_count();
+    let dev = xs.device.clone();
+    // SAFETY: the kernel writes every value.
+    let mut y = unsafe { dev.alloc::<f32>(total)? };
+    let (total32, c32, hw32, relu32) = (total as u32, c as u32, (h * w).max(1) as u32, relu as i32);
+    let func = dev.get_or_load_custom_func("channel_affine", MODULE, ptx()?)?;
+    let mut launch = func.builder();
+    launch.arg(&x);
+    launch.arg(&a);
+    launch.arg(&b);
+    launch.arg(&mut y);
+    launch.arg(&total32);
+    launch.arg(&c32);
+    launch.arg(&hw32);
+    launch.arg(&relu32);
+    // SAFETY: the arguments match the kernel's signature and the buffers' sizes.
+    unsafe { launch.launch(LaunchConfig::for_num_elems(total.max(1) as u32)) }.map_err(candle_core::Error::wrap)?;
+    Ok((CudaStorage::wrap_cuda_slice(y, dev), xl.shape().clone()))
+}
+
+/// `max(y, 0)` over a buffer in place (`relu_forward`'s rule), queued on `dev`'s stream.
+pub fn relu_in_place(dev: &candle_core::CudaDevice, y: &mut cudarc::driver::CudaSlice<f32>) -> candle_core::Result<()> {
+    let n = y.len();
+    let n32 = n as u32;
+    let func = dev.get_or_load_custom_func("relu_in_place", MODULE, ptx()?)?;
+    let mut launch = func.builder();
+    launch.arg(y);
+    launch.arg(&n32);
+    // SAFETY: the arguments match the kernel's signature; the buffer holds `n` f32s.
+    unsafe { launch.launch(LaunchConfig::for_num_elems(n.max(1) as u32)) }.map_err(candle_core::Error::wrap)?;
+    Ok(())
+}
+
+/// BatchNorm's running statistics after a training step, PyTorch's rule with `momentum`:
+/// r ← r · (1 − momentum) + batch · momentum, for the running mean and the running variance [c]
+/// each, from the step's `batch` statistics [2c] (the mean, then the unbiased variance). One
+/// kernel, where candle's ops took six, and the result as one [2c] tensor: the new mean, then
+/// the new variance.
+pub fn running_stats(mean: &Tensor, var: &Tensor, batch: &Tensor, momentum: f64) -> candle_core::Result<Tensor> {
+    mean.contiguous()?.apply_op3_no_bwd(&var.contiguous()?, &batch.contiguous()?, &RunningStats { momentum })
+}
+
+struct RunningStats {
+    momentum: f64,
+}
+
+impl candle_core::CustomOp3 for RunningStats {
+    fn name(&self) -> &'static str {
+        "layerlab-running-stats"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, Shape)> {
+        bail!("{} runs on a GPU only", self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        ms: &CudaStorage,
+        ml: &Layout,
+        vs: &CudaStorage,
+        vl: &Layout,
+        bs: &CudaStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let c = ml.shape().elem_count();
+        if vl.shape().elem_count() != c || bl.shape().elem_count() != 2 * c {
+            bail!("running statistics: mean {:?}, variance {:?}, batch {:?}", ml.dims(), vl.dims(), bl.dims())
+        }
+        let (m, v, b) = (f32_values(ms, ml)?, f32_values(vs, vl)?, f32_values(bs, bl)?);
+        let dev = ms.device.clone();
+        // SAFETY: the kernel writes every value.
+        let mut out = unsafe { dev.alloc::<f32>(2 * c)? };
+        let (c32, keep, take) = (c as u32, (1.0 - self.momentum) as f32, self.momentum as f32);
+        let func = dev.get_or_load_custom_func("running_stats", MODULE, ptx()?)?;
+        let mut launch = func.builder();
+        launch.arg(&m);
+        launch.arg(&v);
+        launch.arg(&b);
+        launch.arg(&mut out);
+        launch.arg(&c32);
+        launch.arg(&keep);
+        launch.arg(&take);
+        // SAFETY: the arguments match the kernel's signature and the buffers' sizes.
+        unsafe { launch.launch(LaunchConfig::for_num_elems((2 * c).max(1) as u32)) }
+            .map_err(candle_core::Error::wrap)?;
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(2 * c)))
+    }
 }

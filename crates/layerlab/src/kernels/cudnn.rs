@@ -22,6 +22,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::rc::Rc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{bail, CpuStorage, CudaDevice, CudaStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use cudarc::cudnn::{result, sys};
@@ -552,27 +553,54 @@ pub fn batch_norm_applies(x: &Tensor) -> bool {
 }
 
 /// Training-mode BatchNorm of `x` [n, c, h, w] with `weight` and `bias` [c] through cuDNN
-/// (spatial mode, whose backward pass has no atomics): the output, with gradients to all three,
-/// and the batch mean and biased variance [c] it normalised with (no gradient).
+/// (spatial mode, whose backward pass has no atomics), followed by a ReLU when `relu`: the
+/// output, with gradients to all three, and the batch statistics it normalised with, as one
+/// [2c] tensor with no gradient: the mean, then the unbiased variance (what running statistics
+/// take).
 ///
 /// As candle ops this is about a dozen kernels forward and twenty backward per layer; here one
-/// each way. The op's single output packs `y` and the two statistics; `y` is a view of it.
+/// each way (two with the ReLU). The op's output is `y` itself, so candle's backward pass meets
+/// one node per layer. (An earlier version packed `y` and the statistics into one output and
+/// viewed `y` out of it; candle's backward then built a zero-padded copy of every BatchNorm
+/// gradient, and gave the view and the packed tensor each their own zero tensor to add into.)
 pub fn batch_norm_train(
     x: &Tensor,
     weight: &Tensor,
     bias: &Tensor,
     eps: f64,
-) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-    let (n, c, h, w) = x.dims4()?;
-    let values = n * c * h * w;
-    let packed = x.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, BatchNormTrain { eps })?;
-    let y = packed.narrow(0, 0, values)?.reshape((n, c, h, w))?;
-    let mean = packed.narrow(0, values, c)?.detach();
-    // cuDNN gives the unbiased variance (what the running statistics take); the caller wants the
-    // biased one, as the CPU's op gives it.
-    let count = (n * h * w) as f64;
-    let var = (packed.narrow(0, values + c, c)?.detach() * ((count - 1.0) / count))?;
-    Ok((y, mean, var))
+    relu: bool,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let c = x.dims4()?.1;
+    let stats = Arc::new(Mutex::new(None));
+    let op = BatchNormTrain { eps, relu, stats: stats.clone() };
+    let y = x.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)?;
+    let stats = x.apply_op1_no_bwd(&Kept { stats, len: 2 * c })?;
+    Ok((y, stats))
+}
+
+/// The batch statistics a [`BatchNormTrain`] forward pass left, as the output of an op of their
+/// own (the one way to make a tensor of GPU memory written by another op). The operand is
+/// ignored.
+struct Kept {
+    stats: Arc<Mutex<Option<CudaStorage>>>,
+    len: usize,
+}
+
+impl candle_core::CustomOp1 for Kept {
+    fn name(&self) -> &'static str {
+        "cudnn-batch-norm-stats"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        bail!("{} runs on a GPU only", self.name())
+    }
+
+    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        match self.stats.lock().expect("BatchNorm statistics lock").take() {
+            Some(stats) => Ok((stats, Shape::from(self.len))),
+            None => bail!("BatchNorm statistics taken before the forward pass made them"),
+        }
+    }
 }
 
 /// A cuDNN tensor descriptor, destroyed on drop.
@@ -596,9 +624,12 @@ impl Drop for Descriptor {
 
 const SPATIAL: sys::cudnnBatchNormMode_t = sys::cudnnBatchNormMode_t::CUDNN_BATCHNORM_SPATIAL;
 
-/// (x, weight, bias) → [y (n·c·h·w values) | batch mean (c) | unbiased batch variance (c)].
+/// (x, weight, bias) → y [n, c, h, w] (after a ReLU when `relu`); the batch mean and unbiased
+/// batch variance (c each) go to `stats`.
 struct BatchNormTrain {
     eps: f64,
+    relu: bool,
+    stats: Arc<Mutex<Option<CudaStorage>>>,
 }
 
 impl CustomOp3 for BatchNormTrain {
@@ -632,9 +663,11 @@ impl CustomOp3 for BatchNormTrain {
         let (x, w, b) = (f32_values(xs, xl)?, f32_values(ws, wl)?, f32_values(bs, bl)?);
         let dev = xs.device.clone();
         let stream = dev.cuda_stream();
+        // SAFETY: cuDNN writes every value of y (beta = 0).
+        let mut y: CudaSlice<f32> = unsafe { dev.alloc::<f32>(values)? };
         // The statistics are written as running averages with factor 1 (old · 0 + new): they
         // must start as numbers, not whatever the memory held.
-        let mut out: CudaSlice<f32> = dev.alloc_zeros::<f32>(values + 2 * c)?;
+        let mut stats: CudaSlice<f32> = dev.alloc_zeros::<f32>(2 * c)?;
         let (xd, pd) = (Descriptor::nchw(dims)?, Descriptor::nchw([1, c, 1, 1])?);
         let handle = handle(&dev)?;
         let (one, zero) = (1f32, 0f32);
@@ -642,12 +675,12 @@ impl CustomOp3 for BatchNormTrain {
             let (x_ptr, _g1) = x.device_ptr(&stream);
             let (w_ptr, _g2) = w.device_ptr(&stream);
             let (b_ptr, _g3) = b.device_ptr(&stream);
-            let (o_ptr, _g4) = out.device_ptr_mut(&stream);
-            let y = o_ptr as *mut c_void;
-            let mean = (o_ptr + 4 * values as u64) as *mut c_void;
-            let var = (o_ptr + 4 * (values + c) as u64) as *mut c_void;
-            // SAFETY: the descriptors describe these contiguous f32 buffers; `out` holds y and
-            // both statistics at the offsets given.
+            let (y_ptr, _g4) = y.device_ptr_mut(&stream);
+            let (s_ptr, _g5) = stats.device_ptr_mut(&stream);
+            let mean = s_ptr as *mut c_void;
+            let var = (s_ptr + 4 * c as u64) as *mut c_void;
+            // SAFETY: the descriptors describe these contiguous f32 buffers; `stats` holds both
+            // statistics at the offsets given.
             let status = unsafe {
                 sys::cudnnBatchNormalizationForwardTraining(
                     handle.0,
@@ -657,7 +690,7 @@ impl CustomOp3 for BatchNormTrain {
                     xd.0,
                     x_ptr as *const c_void,
                     xd.0,
-                    y,
+                    y_ptr as *mut c_void,
                     pd.0,
                     w_ptr as *const c_void,
                     b_ptr as *const c_void,
@@ -671,7 +704,11 @@ impl CustomOp3 for BatchNormTrain {
             };
             check(status.result(), "BatchNorm forward")?;
         }
-        Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(values + 2 * c)))
+        if self.relu {
+            super::cuda::relu_in_place(&dev, &mut y)?;
+        }
+        *self.stats.lock().expect("BatchNorm statistics lock") = Some(CudaStorage::wrap_cuda_slice(stats, dev.clone()));
+        Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from(dims.to_vec())))
     }
 
     fn bwd(
@@ -679,12 +716,13 @@ impl CustomOp3 for BatchNormTrain {
         x: &Tensor,
         w: &Tensor,
         _b: &Tensor,
-        _packed: &Tensor,
+        y: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (n, c, h, wd) = x.dims4()?;
         let values = n * c * h * wd;
-        let dy = grad.narrow(0, 0, values)?.contiguous()?;
+        // Through the ReLU first: the gradient where its output was positive.
+        let dy = if self.relu { super::layers::relu_grad(y, grad)? } else { grad.contiguous()? };
         let packed = x.apply_op3_no_bwd(&dy, w, &BatchNormGrad { eps: self.eps })?;
         let dx = packed.narrow(0, 0, values)?.reshape((n, c, h, wd))?;
         let dw = packed.narrow(0, values, c)?;

@@ -5,9 +5,8 @@
 //! max-pool gradient is scaled wrongly (a unique maximum receives a quarter of the gradient, four
 //! tied maxima the whole gradient each). These ops follow PyTorch: the max-pool gradient goes to
 //! the first maximum of each window (row-major, NaN counting as the maximum) and the ReLU
-//! gradient passes where the output is positive. On a GPU (the `cuda` feature) the max-pool op
-//! runs CUDA kernels with the same rule (`kernels::cuda`); other devices and dtypes, and the GPU's
-//! ReLU, keep candle's ops.
+//! gradient passes where the output is positive. On a GPU (the `cuda` feature) both ops run CUDA
+//! kernels with the same rules (`kernels::cuda`); other devices and dtypes keep candle's ops.
 
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -26,9 +25,18 @@ fn fast(x: &Tensor) -> bool {
 pub fn relu(x: &Tensor) -> candle_core::Result<Tensor> {
     if fast(x) {
         x.apply_op1(Relu)
+    } else if cfg!(feature = "cuda") && x.device().is_cuda() && x.dtype() == DType::F32 {
+        // One kernel each way: candle's ReLU backward is four kernels, each with its own buffer.
+        x.contiguous()?.apply_op1(Relu)
     } else {
         x.relu()
     }
+}
+
+/// The ReLU's input gradient from its output `y` and the output gradient (no gradient of its
+/// own): for ops with a ReLU folded in.
+pub(crate) fn relu_grad(y: &Tensor, grad: &Tensor) -> candle_core::Result<Tensor> {
+    y.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &ReluGrad)
 }
 
 /// 2×2 max-pooling with stride 2 over [n, c, h, w] (odd edges dropped), with PyTorch's gradient.
@@ -103,8 +111,17 @@ impl CustomOp1 for Relu {
         Ok((CpuStorage::F32(relu_values(&x)), l.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::relu(s, l)
+    }
+
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(res.apply_op2_no_bwd(grad, &ReluGrad)?))
+        Ok(Some(relu_grad(res, grad)?))
     }
 }
 
@@ -128,6 +145,17 @@ impl CustomOp2 for ReluGrad {
         }
         let (y, grad) = (f32_data(s1, l1)?, f32_data(s2, l2)?);
         Ok((CpuStorage::F32(relu_grad_values(&y, &grad)), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::relu_grad(s1, l1, s2, l2)
     }
 }
 

@@ -5,11 +5,12 @@
 //! - [`conv2d`]: convolution, forward and both gradients: direct AVX-512 kernels for same-size
 //!   3×3 layers, im2col + gemm for the rest;
 //! - [`norm`]: BatchNorm in training and evaluation mode, fused;
-//! - [`layers`]: ReLU, 2×2 max-pooling and the bias gradient.
+//! - [`layers`]: ReLU, 2×2 max-pooling and the bias gradient;
+//! - [`pixels`]: a batch gathered from u8 images by position, augmented and scaled.
 //!
-//! With the `cuda` feature, for f32 tensors on a GPU: `cudnn` (convolution and training-mode
-//! BatchNorm through cuDNN) and `cuda` (the SGD update and the max-pool, as CUDA kernels of our own
-//! compiled by NVRTC).
+//! With the `cuda` feature, for tensors on a GPU: `cudnn` (convolution and training-mode
+//! BatchNorm through cuDNN) and `cuda` (the SGD update, ReLU, the max-pool and the batch gather,
+//! as CUDA kernels of our own compiled by NVRTC).
 //!
 //! Every kernel splits its work into pieces whose size depends only on the shapes, so results do
 //! not depend on the thread count.
@@ -29,6 +30,7 @@ pub mod cudnn;
 pub mod gemm;
 pub mod layers;
 pub mod norm;
+pub mod pixels;
 
 pub use conv2d::{conv2d, conv2d_bias, conv2d_candle, conv2d_grad_input, conv2d_grad_weight};
 

@@ -539,6 +539,23 @@ impl CustomOp3 for Affine {
         let y = affine(&x, c, hw, &scale, &shift, self.relu);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (_, c, _) = dims(l1)?;
+        if l2.shape().elem_count() != c || l3.shape().elem_count() != c {
+            bail!("BatchNorm scale {:?} and shift {:?} do not fit {c} channels", l2.dims(), l3.dims())
+        }
+        super::cuda::channel_affine(s1, l1, s2, l2, s3, l3, self.relu)
+    }
 }
 
 #[cfg(test)]

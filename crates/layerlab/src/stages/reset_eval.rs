@@ -8,11 +8,11 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 
 use crate::data;
-use crate::eval::Metrics;
+use crate::eval::{EvalSet, Metrics};
 use crate::model::{Architecture, State};
 use crate::progress;
 use crate::random;
-use crate::reset::{self, Calibration, EvalSet, Variant, VariantLabel};
+use crate::reset::{self, Variant, VariantLabel};
 use crate::stages::snapshot::load_checkpoints;
 use crate::stages::StageContext;
 use crate::table::{provenance, with_device, Column, Table};
@@ -62,18 +62,14 @@ pub fn run(ctx: &StageContext, seed: u64) -> Result<Outcome> {
 
     let n_test = exp.train.test_examples.map_or(test_split.len(), |n| (n as usize).min(test_split.len()));
     let eval_batch = exp.train.eval_batch_size as usize;
-    let test_set = EvalSet { split: &test_split, indices: (0..n_test).collect(), batch: eval_batch };
+    let test_set = EvalSet::new(&test_split, (0..n_test).collect(), eval_batch);
     let subset = random::train_subset(train_split.len(), seed, exp.reset.train_subset as usize);
-    let train_set = EvalSet { split: &train_split, indices: subset, batch: eval_batch };
+    let train_set = EvalSet::new(&train_split, subset, eval_batch);
+    // The first `recalibrate_batches` training batches of the calibration order.
+    let batch_size = exp.train.batch_size as usize;
     let cal_order = random::calibration_order(train_split.len(), seed);
-    let calibration = Calibration {
-        split: &train_split,
-        batches: cal_order
-            .chunks(exp.train.batch_size as usize)
-            .take(exp.reset.recalibrate_batches as usize)
-            .map(<[usize]>::to_vec)
-            .collect(),
-    };
+    let cal_examples = cal_order.into_iter().take(exp.reset.recalibrate_batches as usize * batch_size).collect();
+    let calibration = EvalSet::new(&train_split, cal_examples, batch_size);
 
     // Baseline: the trained network itself.
     let mut rows = Vec::new();

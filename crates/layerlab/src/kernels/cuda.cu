@@ -1,0 +1,133 @@
+// layerlab's own CUDA kernels, compiled at run time by NVRTC (`kernels/cuda.rs` says what each
+// is for and launches it). CI compiles this file with nvcc (`nvcc -ptx`), so that a syntax error
+// is found without a GPU. Every floating-point operation that must match the CPU's bits is
+// rounded on its own (`__fmul_rn`, `__fadd_rn`, `__fdiv_rn`: never contracted into a fused
+// multiply-add).
+__device__ int first_max(const float v[4]) {
+    int best = 0;
+    for (int k = 1; k < 4; k++) {
+        if (v[k] > v[best] || (isnan(v[k]) && !isnan(v[best]))) best = k;
+    }
+    return best;
+}
+
+// x [planes, h, w] -> y [planes, h/2, w/2]; one thread per output value.
+extern "C" __global__ void max_pool2_forward(const float* x, float* y, unsigned int planes,
+                                             unsigned int h, unsigned int w) {
+    unsigned int ho = h / 2, wo = w / 2;
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= planes * ho * wo) return;
+    unsigned int p = i / (ho * wo), r = i % (ho * wo), oy = r / wo, ox = r % wo;
+    const float* t = x + (size_t)p * h * w + (size_t)(2 * oy) * w + 2 * ox;
+    float v[4] = {t[0], t[1], t[w], t[w + 1]};
+    y[i] = v[first_max(v)];
+}
+
+// The input gradient dx [planes, h, w] from x and the output gradient g; one thread per input
+// value, zero off its window's first maximum and on the odd edges the pool dropped.
+extern "C" __global__ void max_pool2_backward(const float* x, const float* g, float* dx,
+                                              unsigned int planes, unsigned int h, unsigned int w) {
+    unsigned int ho = h / 2, wo = w / 2;
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= planes * h * w) return;
+    unsigned int p = i / (h * w), r = i % (h * w), iy = r / w, ix = r % w;
+    unsigned int oy = iy / 2, ox = ix / 2;
+    if (oy >= ho || ox >= wo) { dx[i] = 0.0f; return; }
+    const float* t = x + (size_t)p * h * w + (size_t)(2 * oy) * w + 2 * ox;
+    float v[4] = {t[0], t[1], t[w], t[w + 1]};
+    int at = (int)((iy % 2) * 2 + (ix % 2));
+    dx[i] = first_max(v) == at ? g[(size_t)p * ho * wo + (size_t)oy * wo + ox] : 0.0f;
+}
+
+// The SGD update of up to SGD_TENSORS parameter tensors at once: blockIdx.y picks the tensor,
+// blocks along x stride over its values.
+#define SGD_TENSORS 32
+struct SgdTable {
+    float* p[SGD_TENSORS];
+    float* m[SGD_TENSORS];
+    const float* g[SGD_TENSORS];
+    unsigned int n[SGD_TENSORS];
+    unsigned int count;
+};
+
+extern "C" __global__ void sgd_update_all(SgdTable t, float lr, float mu, float wd, int nesterov) {
+    unsigned int k = blockIdx.y;
+    if (k >= t.count) return;
+    float* p = t.p[k];
+    float* m = t.m[k];
+    const float* g = t.g[k];
+    for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < t.n[k]; i += gridDim.x * blockDim.x) {
+        float pi = p[i];
+        float gi = g[i];
+        if (wd > 0.0f) gi = __fadd_rn(gi, __fmul_rn(pi, wd));
+        float mi = __fadd_rn(__fmul_rn(m[i], mu), gi);
+        m[i] = mi;
+        float step = nesterov ? __fadd_rn(gi, __fmul_rn(mi, mu)) : mi;
+        p[i] = __fsub_rn(pi, __fmul_rn(step, lr));
+    }
+}
+
+// The batch images[positions[b]] [n, c, h, w] under each image's packed shift, scaled to
+// p / 255: `kernels::pixels`'s rule. One thread per output value.
+extern "C" __global__ void gather_batch(const unsigned char* images, const unsigned int* positions,
+                                        const unsigned int* shifts, float* out, unsigned int n,
+                                        unsigned int c, unsigned int h, unsigned int w) {
+    unsigned int plane = h * w, size = c * plane;
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n * size) return;
+    unsigned int b = i / size, r = i % size, ch = r / plane, y = (r % plane) / w, x = r % w;
+    unsigned int s = shifts[b];
+    int dy = (int)(s & 0xff) - 4, dx = (int)((s >> 8) & 0xff) - 4;
+    int sx = (int)(((s >> 16) & 1) ? w - 1 - x : x) + dx;
+    int sy = (int)y + dy;
+    float v = 0.0f;
+    if (sx >= 0 && sy >= 0 && sx < (int)w && sy < (int)h) {
+        v = __fdiv_rn((float)images[(size_t)positions[b] * size + (size_t)ch * plane + (size_t)sy * w + sx], 255.0f);
+    }
+    out[i] = v;
+}
+
+// Evaluation-mode BatchNorm as x * scale[ch] + shift[ch] over [n, c, hw], then max(y, 0) when
+// `relu`: the CPU's `norm::affine`, each operation rounded on its own.
+extern "C" __global__ void channel_affine(const float* x, const float* scale, const float* shift,
+                                          float* y, unsigned int total, unsigned int c,
+                                          unsigned int hw, int relu) {
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= total) return;
+    unsigned int ch = (i / hw) % c;
+    float v = __fadd_rn(__fmul_rn(x[i], scale[ch]), shift[ch]);
+    y[i] = relu ? fmaxf(v, 0.0f) : v;
+}
+
+// Running statistics after a training step: out = [mean' | var'] with r' = r * keep + batch * take
+// for r the running mean (then variance) and batch the step's [mean | unbiased variance].
+extern "C" __global__ void running_stats(const float* mean, const float* var, const float* batch,
+                                         float* out, unsigned int c, float keep, float take) {
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= 2 * c) return;
+    float r = i < c ? mean[i] : var[i - c];
+    out[i] = __fadd_rn(__fmul_rn(r, keep), __fmul_rn(batch[i], take));
+}
+
+// max(x, 0) as the CPU's `relu_values` computes it (NaN and -0.0 pass through).
+extern "C" __global__ void relu_forward(const float* x, float* y, unsigned int n) {
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float v = x[i];
+    y[i] = v < 0.0f ? 0.0f : v;
+}
+
+// max(y, 0) in place, for ops with a ReLU folded in.
+extern "C" __global__ void relu_in_place(float* y, unsigned int n) {
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float v = y[i];
+    y[i] = v < 0.0f ? 0.0f : v;
+}
+
+// The ReLU's input gradient from its output y: g where y > 0, else +0.0 (`relu_grad_values`).
+extern "C" __global__ void relu_backward(const float* y, const float* g, float* dx, unsigned int n) {
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    dx[i] = y[i] > 0.0f ? g[i] : 0.0f;
+}
