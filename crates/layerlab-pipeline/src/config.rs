@@ -93,8 +93,9 @@ section! {
         /// Evaluate on the first N test examples only; absent: the whole test set.
         test_examples: Option<u32> = None,
         eval_batch_size: u32 = 1000,
-        /// How fully connected networks are computed on the CPU: `fast` (layerlab's own path) or
-        /// `autograd` (candle's, to cross-check a result). Other networks always use autograd.
+        /// How networks are computed on the CPU: `fast` (layerlab's own paths for fully connected
+        /// and convolutional networks) or `autograd` (candle's ops, the path a GPU takes, to
+        /// cross-check a result). A GPU always takes candle's path.
         /// Left out of the key's JSON at its default, so that keys made before it existed hold.
         #[serde(skip_serializing_if = "ComputePath::is_fast")]
         compute: ComputePath = ComputePath::Fast,

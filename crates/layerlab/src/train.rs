@@ -394,6 +394,7 @@ pub fn run(job: &TrainJob<'_>, initial: State) -> Result<TrainSummary> {
     let resident = match &engine {
         Engine::Autograd(_) => Some(
             ResidentSplit::upload(job.train, &(0..n_train).collect::<Vec<_>>(), job.device)
+                .map_err(|e| name_the_setting(e, "train.train_examples", n_train as u32))
                 .context("uploading the training examples")?,
         ),
         _ => None,
