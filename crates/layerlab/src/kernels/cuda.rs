@@ -230,22 +230,35 @@ pub fn gather_batch(
     Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((n, c, h, w))))
 }
 
+/// Kernel `name(inputs..., out, n)` over `n` values, one thread each: its output buffer.
+fn elementwise(
+    dev: &candle_core::CudaDevice,
+    name: &str,
+    inputs: &[&cudarc::driver::CudaView<'_, f32>],
+    n: usize,
+) -> candle_core::Result<cudarc::driver::CudaSlice<f32>> {
+    // SAFETY: the kernel writes every value.
+    let mut out = unsafe { dev.alloc::<f32>(n)? };
+    let n32 = n as u32;
+    let func = dev.get_or_load_custom_func(name, MODULE, ptx()?)?;
+    {
+        let mut launch = func.builder();
+        for x in inputs {
+            launch.arg(*x);
+        }
+        launch.arg(&mut out);
+        launch.arg(&n32);
+        // SAFETY: the caller names a kernel taking these inputs, then the output and the count;
+        // every buffer holds `n` f32s.
+        unsafe { launch.launch(LaunchConfig::for_num_elems(n.max(1) as u32)) }.map_err(candle_core::Error::wrap)?;
+    }
+    Ok(out)
+}
+
 /// `max(x, 0)` of a contiguous f32 tensor's values (`super::layers`' ReLU op on a GPU).
 pub fn relu(s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
-    let x = f32_values(s, l)?;
-    let n = l.shape().elem_count();
-    let dev = s.device.clone();
-    // SAFETY: the kernel writes every value.
-    let mut y = unsafe { dev.alloc::<f32>(n)? };
-    let n32 = n as u32;
-    let func = dev.get_or_load_custom_func("relu_forward", MODULE, ptx()?)?;
-    let mut launch = func.builder();
-    launch.arg(&x);
-    launch.arg(&mut y);
-    launch.arg(&n32);
-    // SAFETY: the arguments match the kernel's signature and the buffers' sizes.
-    unsafe { launch.launch(LaunchConfig::for_num_elems(n.max(1) as u32)) }.map_err(candle_core::Error::wrap)?;
-    Ok((CudaStorage::wrap_cuda_slice(y, dev), l.shape().clone()))
+    let y = elementwise(&s.device, "relu_forward", &[&f32_values(s, l)?], l.shape().elem_count())?;
+    Ok((CudaStorage::wrap_cuda_slice(y, s.device.clone()), l.shape().clone()))
 }
 
 /// The ReLU's input gradient from its output `ys` and the output gradient `gs`.
@@ -259,20 +272,8 @@ pub fn relu_grad(
         bail!("ReLU gradient {:?} does not fit output {:?}", gl.dims(), yl.dims())
     }
     let (y, g) = (f32_values(ys, yl)?, f32_values(gs, gl)?);
-    let n = yl.shape().elem_count();
-    let dev = ys.device.clone();
-    // SAFETY: the kernel writes every value.
-    let mut dx = unsafe { dev.alloc::<f32>(n)? };
-    let n32 = n as u32;
-    let func = dev.get_or_load_custom_func("relu_backward", MODULE, ptx()?)?;
-    let mut launch = func.builder();
-    launch.arg(&y);
-    launch.arg(&g);
-    launch.arg(&mut dx);
-    launch.arg(&n32);
-    // SAFETY: the arguments match the kernel's signature and the buffers' sizes.
-    unsafe { launch.launch(LaunchConfig::for_num_elems(n.max(1) as u32)) }.map_err(candle_core::Error::wrap)?;
-    Ok((CudaStorage::wrap_cuda_slice(dx, dev), yl.shape().clone()))
+    let dx = elementwise(&ys.device, "relu_backward", &[&y, &g], yl.shape().elem_count())?;
+    Ok((CudaStorage::wrap_cuda_slice(dx, ys.device.clone()), yl.shape().clone()))
 }
 
 /// Evaluation-mode BatchNorm of `xs` [n, c, h, w] with per-channel `scale` and `shift` [c], and a
