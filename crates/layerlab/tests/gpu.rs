@@ -224,7 +224,9 @@ fn the_sgd_kernel_updates_every_tensor_as_the_cpu_does() {
     let mut rng = layerlab::random::rng(23);
     let mut random = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.next_u32() as f32 / u32::MAX as f32 - 0.5).collect() };
     let sizes: Vec<usize> = (0..40).map(|k| 1 + k * 37 % 3001).collect();
-    let tensors: Vec<(String, Vec<f32>, Vec<f32>, Vec<f32>)> =
+    // (name, parameter, momentum, gradient) of each tensor.
+    type Values = (String, Vec<f32>, Vec<f32>, Vec<f32>);
+    let tensors: Vec<Values> =
         sizes.iter().enumerate().map(|(k, &n)| (format!("t{k}"), random(n), random(n), random(n))).collect();
     let sgd = layerlab::sgd::Sgd { momentum: 0.9, weight_decay: 5e-4, nesterov: true };
     let update = |device: &Device| {
@@ -241,8 +243,8 @@ fn the_sgd_kernel_updates_every_tensor_as_the_cpu_does() {
         (p, m)
     };
     let (cpu, on_gpu) = (update(&Device::Cpu), update(&gpu));
-    for k in 0..sizes.len() {
-        assert!(cpu.0[k] == on_gpu.0[k], "tensor {k} ({} values): parameters differ", sizes[k]);
+    for (k, n) in sizes.iter().enumerate() {
+        assert!(cpu.0[k] == on_gpu.0[k], "tensor {k} ({n} values): parameters differ");
         assert!(cpu.1[k] == on_gpu.1[k], "tensor {k}: momentum buffers differ");
     }
 }
