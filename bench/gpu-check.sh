@@ -13,6 +13,10 @@
 # gaps (where GPU training steps part from the CPU's, kernel by kernel) and survey (every cuDNN
 # algorithm of every convolution, timed, to $OUT/cudnn-survey.jsonl). Each has a time limit, so that
 # one slow check cannot eat the others' time; everything goes to $OUT/gpu-check.log.
+#
+# Settings: BENCH_WIDTHS (bench: "0.25 1"), FCN_EPOCHS (fcn: 40, the protocol), GPU_CHECK_DEVICE
+# (resume: cuda). For the issue's targets in one call of about 8 minutes:
+#   BENCH_WIDTHS=1 bash bench/gpu-check.sh tests resume bench fcn vgg
 set -uo pipefail
 
 out=${OUT:?set OUT to the folder for results}
@@ -114,8 +118,9 @@ for check in "${checks[@]}"; do
     wc -l "$out/cudnn-survey.jsonl"
     ;;
   bench)
-    # layerlab then PyTorch, each network at width 0.25 (the shipped experiments) and 1 (the paper's).
-    for width in 0.25 1; do
+    # layerlab then PyTorch, each network at width 0.25 (the shipped experiments) and 1 (the
+    # paper's, where the issue's targets are); BENCH_WIDTHS=1 for the targets alone.
+    for width in ${BENCH_WIDTHS:-0.25 1}; do
       for arch in vgg11 resnet18; do
         step "bench $arch width $width"
         timeout 90 "$bin/layerlab-bench" cnn --arch $arch --width-mult $width --device cuda --steps 10 --repeats 3
