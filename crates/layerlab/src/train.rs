@@ -418,75 +418,16 @@ pub fn run(job: &TrainJob<'_>, initial: State) -> Result<TrainSummary> {
         tracing::info!("epoch 0: test error {:.4} (initialization)", m.error);
     }
 
-    let [c, h, w] = [job.train.channels, job.train.height, job.train.width];
-    let size = c * h * w;
     let mut train_seconds = 0.0;
     let mut trained_examples = 0usize;
     for epoch in start_epoch.max(1)..=cfg.epochs {
         let t0 = Instant::now();
-        let order = random::epoch_order(n_train, job.seed, epoch);
-        let mut aug_rng = random::augment_rng(job.seed, epoch);
         let bar = progress::bar(steps_per_epoch, &format!("epoch {epoch}/{}", cfg.epochs));
-        let mut acc = Accumulator::default();
-        let mut lr = 0.0;
-        let diverged = |loss: f64, step: u64| {
-            let lr = learning_rate(cfg, step, steps_per_epoch);
-            anyhow!("training diverged: loss is {loss} at epoch {epoch}, step {step} (lr {lr:.3e}); lower train.lr")
+        let plan = EpochPlan { job, epoch, order: random::epoch_order(n_train, job.seed, epoch), steps_per_epoch };
+        let (acc, lr) = match &resident {
+            Some(data) => plan.steps_on_device(&mut engine, data, &mut step, &bar)?,
+            None => plan.steps_from_host(&mut engine, &mut step, &bar)?,
         };
-        if let Some(data) = &resident {
-            // The epoch's order and augmentation go up once; each step takes its slice of them.
-            let shifts: Vec<u32> = order
-                .iter()
-                .map(|_| if cfg.augment { Shift::draw(&mut aug_rng) } else { Shift::NONE }.packed())
-                .collect();
-            let positions: Vec<u32> = order.iter().map(|&i| i as u32).collect();
-            let positions = Tensor::from_vec(positions, n_train, job.device)?;
-            let shifts = Tensor::from_vec(shifts, n_train, job.device)?;
-            let first_step = step;
-            let mut pending = PendingMetrics::default();
-            for start in (0..n_train).step_by(bs) {
-                lr = learning_rate(cfg, step, steps_per_epoch);
-                let n = bs.min(n_train - start);
-                let (x, y) = data.batch(&positions.narrow(0, start, n)?, &shifts.narrow(0, start, n)?)?;
-                let (loss, correct) = engine
-                    .step_on_device(job.arch, &x, &y, lr, cfg)
-                    .map_err(|e| name_the_setting(e, "train.batch_size", cfg.batch_size))?;
-                pending.push(&loss, &correct, n);
-                step += 1;
-                bar.inc(1);
-            }
-            // The epoch's one read: it waits for the device to finish the steps.
-            let losses = pending.read().map_err(|e| name_the_setting(e, "train.batch_size", cfg.batch_size))?;
-            for (k, (loss, errors, n)) in losses.into_iter().enumerate() {
-                if !loss.is_finite() {
-                    return Err(diverged(loss, first_step + k as u64));
-                }
-                acc.add(loss, errors, n);
-            }
-        } else {
-            for chunk in order.chunks(bs) {
-                lr = learning_rate(cfg, step, steps_per_epoch);
-                let mut pixels = Vec::with_capacity(chunk.len() * size);
-                let mut labels = Vec::with_capacity(chunk.len());
-                for &i in chunk {
-                    pixels.extend_from_slice(&job.train.images[i * size..(i + 1) * size]);
-                    labels.push(job.train.labels[i] as u32);
-                }
-                let shape = [chunk.len(), c, h, w];
-                if cfg.augment {
-                    augment(&mut pixels, shape, &mut aug_rng);
-                }
-                let (loss_value, errors) = engine
-                    .step(job.arch, &pixels, shape, labels, lr, cfg, job.device)
-                    .map_err(|e| name_the_setting(e, "train.batch_size", cfg.batch_size))?;
-                if !loss_value.is_finite() {
-                    return Err(diverged(loss_value, step));
-                }
-                acc.add(loss_value, errors, chunk.len());
-                step += 1;
-                bar.inc(1);
-            }
-        }
         bar.finish_and_clear();
         let train_time = t0.elapsed().as_secs_f64();
         train_seconds += train_time;
@@ -527,6 +468,107 @@ pub fn run(job: &TrainJob<'_>, initial: State) -> Result<TrainSummary> {
     }
     let examples_per_second = if train_seconds > 0.0 { trained_examples as f64 / train_seconds } else { 0.0 };
     Ok(TrainSummary { history, resumed_from, examples_per_second })
+}
+
+/// One epoch's steps: the examples in `order`, augmented from the epoch's stream.
+struct EpochPlan<'a> {
+    job: &'a TrainJob<'a>,
+    epoch: u32,
+    order: Vec<usize>,
+    steps_per_epoch: u64,
+}
+
+impl EpochPlan<'_> {
+    fn learning_rate(&self, step: u64) -> f64 {
+        learning_rate(self.job.cfg, step, self.steps_per_epoch)
+    }
+
+    fn diverged(&self, loss: f64, step: u64) -> anyhow::Error {
+        let lr = self.learning_rate(step);
+        anyhow!("training diverged: loss is {loss} at epoch {}, step {step} (lr {lr:.3e}); lower train.lr", self.epoch)
+    }
+
+    fn step_failed(&self, e: anyhow::Error) -> anyhow::Error {
+        name_the_setting(e, "train.batch_size", self.job.cfg.batch_size)
+    }
+
+    /// The steps of the candle path, from the examples held on its device: the epoch's order
+    /// and augmentation go up once, each step gathers its batch there, and the losses come back
+    /// in one read at the end. The batches' mean losses and errors, and the last step's rate.
+    fn steps_on_device(
+        &self,
+        engine: &mut Engine,
+        data: &ResidentSplit,
+        step: &mut u64,
+        bar: &indicatif::ProgressBar,
+    ) -> Result<(Accumulator, f64)> {
+        let (job, cfg, n) = (self.job, self.job.cfg, self.order.len());
+        let mut aug_rng = random::augment_rng(job.seed, self.epoch);
+        let shifts: Vec<u32> = self
+            .order
+            .iter()
+            .map(|_| if cfg.augment { Shift::draw(&mut aug_rng) } else { Shift::NONE }.packed())
+            .collect();
+        let positions: Vec<u32> = self.order.iter().map(|&i| i as u32).collect();
+        let positions = Tensor::from_vec(positions, n, job.device)?;
+        let shifts = Tensor::from_vec(shifts, n, job.device)?;
+        let (first_step, mut lr) = (*step, 0.0);
+        let mut pending = PendingMetrics::default();
+        for start in (0..n).step_by(cfg.batch_size as usize) {
+            lr = self.learning_rate(*step);
+            let len = (cfg.batch_size as usize).min(n - start);
+            let (x, y) = data.batch(&positions.narrow(0, start, len)?, &shifts.narrow(0, start, len)?)?;
+            let (loss, correct) = engine.step_on_device(job.arch, &x, &y, lr, cfg).map_err(|e| self.step_failed(e))?;
+            pending.push(&loss, &correct, len);
+            *step += 1;
+            bar.inc(1);
+        }
+        // The epoch's one read: it waits for the device to finish the steps.
+        let mut acc = Accumulator::default();
+        for (k, (loss, errors, len)) in pending.read().map_err(|e| self.step_failed(e))?.into_iter().enumerate() {
+            if !loss.is_finite() {
+                return Err(self.diverged(loss, first_step + k as u64));
+            }
+            acc.add(loss, errors, len);
+        }
+        Ok((acc, lr))
+    }
+
+    /// The steps of the CPU's fast paths, each batch gathered and augmented on the host.
+    fn steps_from_host(
+        &self,
+        engine: &mut Engine,
+        step: &mut u64,
+        bar: &indicatif::ProgressBar,
+    ) -> Result<(Accumulator, f64)> {
+        let (job, cfg) = (self.job, self.job.cfg);
+        let [c, h, w] = [job.train.channels, job.train.height, job.train.width];
+        let size = c * h * w;
+        let mut aug_rng = random::augment_rng(job.seed, self.epoch);
+        let (mut acc, mut lr) = (Accumulator::default(), 0.0);
+        for chunk in self.order.chunks(cfg.batch_size as usize) {
+            lr = self.learning_rate(*step);
+            let mut pixels = Vec::with_capacity(chunk.len() * size);
+            let mut labels = Vec::with_capacity(chunk.len());
+            for &i in chunk {
+                pixels.extend_from_slice(&job.train.images[i * size..(i + 1) * size]);
+                labels.push(job.train.labels[i] as u32);
+            }
+            let shape = [chunk.len(), c, h, w];
+            if cfg.augment {
+                augment(&mut pixels, shape, &mut aug_rng);
+            }
+            let (loss, errors) =
+                engine.step(job.arch, &pixels, shape, labels, lr, cfg, job.device).map_err(|e| self.step_failed(e))?;
+            if !loss.is_finite() {
+                return Err(self.diverged(loss, *step));
+            }
+            acc.add(loss, errors, chunk.len());
+            *step += 1;
+            bar.inc(1);
+        }
+        Ok((acc, lr))
+    }
 }
 
 fn write_history(path: &Path, history: &[EpochRecord], job: &TrainJob<'_>) -> Result<()> {
