@@ -3,6 +3,7 @@
 // correctly rounded intrinsics as single IEEE operations (the build turns contraction off).
 #include <cmath>
 #include <cstddef>
+#include <cstring>
 #include <math.h>
 
 struct Dim3 {
@@ -19,6 +20,11 @@ static inline float __fsub_rn(float a, float b) { return a - b; }
 static inline float __fmul_rn(float a, float b) { return a * b; }
 static inline float __fdiv_rn(float a, float b) { return a / b; }
 using std::isnan;
+static inline float __int_as_float(unsigned int bits) {
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
 
 #include "cuda.cu"
 

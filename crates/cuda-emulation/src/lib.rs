@@ -54,6 +54,9 @@ extern "C" {
         keep: f32,
         take: f32,
     );
+    pub fn cross_entropy_rows(x: *const f32, labels: *const u32, loss: *mut f32, right: *mut u32, n: u32, k: u32);
+    pub fn cross_entropy_sum(loss: *const f32, right: *const u32, out: *mut f32, n: u32);
+    pub fn cross_entropy_grad(x: *const f32, labels: *const u32, g: *const f32, dx: *mut f32, n: u32, k: u32);
     pub fn relu_forward(x: *const f32, y: *mut f32, n: u32);
     pub fn relu_in_place(y: *mut f32, n: u32);
     pub fn relu_backward(y: *const f32, g: *const f32, dx: *mut f32, n: u32);

@@ -174,3 +174,26 @@ fn max_pool_forward_and_gradient_are_the_cpu_ops() {
     });
     assert_eq!(bits(&dx), bits(&gradient(&x, &weights, |t| layers::max_pool2(t).unwrap())));
 }
+
+#[test]
+fn cross_entropy_kernels_are_the_cpu_ops() {
+    use layerlab::kernels::loss::{forward_values, grad_values};
+    let (n, k) = (37usize, 10usize);
+    let x: Vec<f32> = random(n * k, 12).iter().map(|v| v * 3.0).collect();
+    let mut rng = layerlab::random::rng(13);
+    let labels: Vec<u32> = (0..n).map(|_| rng.next_u32() % k as u32).collect();
+    let (mut loss, mut right, mut out) = (vec![0f32; n], vec![0u32; n], vec![0f32; 2]);
+    emu::for_num_elems(n, || unsafe {
+        emu::cross_entropy_rows(x.as_ptr(), labels.as_ptr(), loss.as_mut_ptr(), right.as_mut_ptr(), n as u32, k as u32)
+    });
+    emu::launch((1, 1), 1, || unsafe {
+        emu::cross_entropy_sum(loss.as_ptr(), right.as_ptr(), out.as_mut_ptr(), n as u32)
+    });
+    assert_eq!(bits(&out), bits(&forward_values(&x, &labels, k)));
+    let g = [0.75f32, 0.0];
+    let mut dx = vec![0f32; n * k];
+    emu::for_num_elems(n * k, || unsafe {
+        emu::cross_entropy_grad(x.as_ptr(), labels.as_ptr(), g.as_ptr(), dx.as_mut_ptr(), n as u32, k as u32)
+    });
+    assert_eq!(bits(&dx), bits(&grad_values(&x, &labels, k, 0.75)));
+}

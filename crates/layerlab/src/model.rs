@@ -372,6 +372,9 @@ pub fn loss_and_errors(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, usiz
 /// Mean cross-entropy and the number of right argmax predictions (an f32 scalar), both left on
 /// the logits' device.
 pub fn loss_and_correct(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, Tensor)> {
+    if crate::kernels::loss::applies(logits, labels) {
+        return Ok(crate::kernels::loss::loss_and_correct(logits, labels)?);
+    }
     let loss = candle_nn::loss::cross_entropy(logits, labels)?;
     let predicted = logits.argmax(D::Minus1)?;
     let correct = predicted.eq(&labels.to_dtype(DType::U32)?)?.to_dtype(DType::F32)?.sum_all()?;

@@ -131,3 +131,56 @@ extern "C" __global__ void relu_backward(const float* y, const float* g, float* 
     if (i >= n) return;
     dx[i] = y[i] > 0.0f ? g[i] : 0.0f;
 }
+
+// Softmax cross-entropy, one thread per row: the row's loss and whether its first maximum is at
+// its label (`kernels::loss::row_loss`, the same operations in the same order).
+extern "C" __global__ void cross_entropy_rows(const float* x, const unsigned int* labels, float* loss,
+                                              unsigned int* right, unsigned int n, unsigned int k) {
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const float* row = x + (size_t)i * k;
+    unsigned int best = 0;
+    float max = __int_as_float(0xff800000);  // -infinity
+    for (unsigned int c = 0; c < k; c++) {
+        if (row[c] > max) { best = c; max = row[c]; }
+    }
+    float sum = 0.0f;
+    for (unsigned int c = 0; c < k; c++) sum = __fadd_rn(sum, expf(__fsub_rn(row[c], max)));
+    float log_sum = logf(sum);
+    loss[i] = __fsub_rn(log_sum, __fsub_rn(row[labels[i]], max));
+    right[i] = best == labels[i] ? 1u : 0u;
+}
+
+// The rows' losses summed in order in double by one thread, as `kernels::loss::forward_values`:
+// out = [mean loss, right predictions]. A few thousand additions at most: one thread keeps the
+// order fixed, so the sum is the same every run.
+extern "C" __global__ void cross_entropy_sum(const float* loss, const unsigned int* right, float* out,
+                                             unsigned int n) {
+    if (blockIdx.x * blockDim.x + threadIdx.x != 0) return;
+    double s = 0.0;
+    unsigned int r = 0;
+    for (unsigned int i = 0; i < n; i++) {
+        s += (double)loss[i];
+        r += right[i];
+    }
+    out[0] = (float)(s / (double)(n > 0 ? n : 1));
+    out[1] = (float)r;
+}
+
+// The logits' gradient, one thread per value: (softmax(x) - onehot(label)) * (g[0] * (1 / n))
+// (`kernels::loss::grad_values`).
+extern "C" __global__ void cross_entropy_grad(const float* x, const unsigned int* labels, const float* g,
+                                              float* dx, unsigned int n, unsigned int k) {
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n * k) return;
+    unsigned int r = i / k, c = i % k;
+    const float* row = x + (size_t)r * k;
+    float max = __int_as_float(0xff800000);
+    for (unsigned int j = 0; j < k; j++) max = row[j] > max ? row[j] : max;
+    float sum = 0.0f;
+    for (unsigned int j = 0; j < k; j++) sum = __fadd_rn(sum, expf(__fsub_rn(row[j], max)));
+    float log_sum = logf(sum);
+    float p = expf(__fsub_rn(__fsub_rn(row[c], max), log_sum));
+    float scale = __fmul_rn(g[0], __fdiv_rn(1.0f, (float)(n > 0 ? n : 1)));
+    dx[i] = __fmul_rn(__fsub_rn(p, c == labels[r] ? 1.0f : 0.0f), scale);
+}

@@ -16,6 +16,8 @@
 //!   candle's backward is four;
 //! - evaluation-mode BatchNorm as one per-channel scale and shift, with its ReLU
 //!   ([`channel_affine`]);
+//! - softmax cross-entropy with the count of right predictions, forward and backward
+//!   ([`cross_entropy`], [`cross_entropy_grad`]; `kernels::loss` has the rule);
 //! - BatchNorm's running statistics after a training step ([`running_stats`]), one kernel;
 //! - the batch gather ([`gather_batch`]): a training or evaluation batch made on the GPU from the
 //!   dataset's u8 images held there (`kernels::pixels` has the rule and the CPU reference).
@@ -384,4 +386,82 @@ impl candle_core::CustomOp3 for RunningStats {
             .map_err(candle_core::Error::wrap)?;
         Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(2 * c)))
     }
+}
+
+/// The labels [n] of a contiguous u32 tensor, from its layout's offset.
+fn u32_values<'a>(s: &'a CudaStorage, l: &Layout, n: usize) -> candle_core::Result<cudarc::driver::CudaView<'a, u32>> {
+    if !l.is_contiguous() {
+        bail!("layerlab's GPU ops take contiguous tensors")
+    }
+    Ok(s.as_cuda_slice::<u32>()?.slice(l.start_offset()..l.start_offset() + n))
+}
+
+/// `super::loss`'s forward op on a GPU: logits [n, k] (f32) and labels [n] (u32) → [mean loss,
+/// right predictions]. Labels are not checked against k here (that would read them back):
+/// datasets are checked when they are loaded.
+pub fn cross_entropy(
+    xs: &CudaStorage,
+    xl: &Layout,
+    ys: &CudaStorage,
+    yl: &Layout,
+    n: usize,
+    k: usize,
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    let (x, y) = (f32_values(xs, xl)?, u32_values(ys, yl, n)?);
+    let dev = xs.device.clone();
+    // SAFETY: the kernels write every value.
+    let (mut loss, mut right, mut out) =
+        unsafe { (dev.alloc::<f32>(n.max(1))?, dev.alloc::<u32>(n.max(1))?, dev.alloc::<f32>(2)?) };
+    let (n32, k32) = (n as u32, k as u32);
+    let rows = dev.get_or_load_custom_func("cross_entropy_rows", MODULE, ptx()?)?;
+    let mut launch = rows.builder();
+    launch.arg(&x);
+    launch.arg(&y);
+    launch.arg(&mut loss);
+    launch.arg(&mut right);
+    launch.arg(&n32);
+    launch.arg(&k32);
+    // SAFETY: the arguments match the kernel's signature and the buffers' sizes.
+    unsafe { launch.launch(LaunchConfig::for_num_elems(n.max(1) as u32)) }.map_err(candle_core::Error::wrap)?;
+    let sum = dev.get_or_load_custom_func("cross_entropy_sum", MODULE, ptx()?)?;
+    let mut launch = sum.builder();
+    launch.arg(&loss);
+    launch.arg(&right);
+    launch.arg(&mut out);
+    launch.arg(&n32);
+    // SAFETY: as above; one thread does the sum.
+    unsafe { launch.launch(LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1, 1, 1), shared_mem_bytes: 0 }) }
+        .map_err(candle_core::Error::wrap)?;
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(2)))
+}
+
+/// `super::loss`'s backward op on a GPU: the logits' gradient [n, k] from the logits, the labels
+/// and the gradient of the forward op's output (its first value, the loss's).
+#[allow(clippy::too_many_arguments)]
+pub fn cross_entropy_grad(
+    xs: &CudaStorage,
+    xl: &Layout,
+    ys: &CudaStorage,
+    yl: &Layout,
+    gs: &CudaStorage,
+    gl: &Layout,
+    n: usize,
+    k: usize,
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    let (x, y, g) = (f32_values(xs, xl)?, u32_values(ys, yl, n)?, f32_values(gs, gl)?);
+    let dev = xs.device.clone();
+    // SAFETY: the kernel writes every value.
+    let mut dx = unsafe { dev.alloc::<f32>((n * k).max(1))? };
+    let (n32, k32) = (n as u32, k as u32);
+    let func = dev.get_or_load_custom_func("cross_entropy_grad", MODULE, ptx()?)?;
+    let mut launch = func.builder();
+    launch.arg(&x);
+    launch.arg(&y);
+    launch.arg(&g);
+    launch.arg(&mut dx);
+    launch.arg(&n32);
+    launch.arg(&k32);
+    // SAFETY: the arguments match the kernel's signature and the buffers' sizes.
+    unsafe { launch.launch(LaunchConfig::for_num_elems((n * k).max(1) as u32)) }.map_err(candle_core::Error::wrap)?;
+    Ok((CudaStorage::wrap_cuda_slice(dx, dev), xl.shape().clone()))
 }

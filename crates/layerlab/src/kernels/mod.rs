@@ -6,7 +6,8 @@
 //!   3×3 layers, im2col + gemm for the rest;
 //! - [`norm`]: BatchNorm in training and evaluation mode, fused;
 //! - [`layers`]: ReLU, 2×2 max-pooling and the bias gradient;
-//! - [`pixels`]: a batch gathered from u8 images by position, augmented and scaled.
+//! - [`pixels`]: a batch gathered from u8 images by position, augmented and scaled;
+//! - [`loss`]: softmax cross-entropy with the count of right predictions, fused.
 //!
 //! With the `cuda` feature, for tensors on a GPU: `cudnn` (convolution and training-mode
 //! BatchNorm through cuDNN) and `cuda` (the SGD update, ReLU, the max-pool and the batch gather,
@@ -29,6 +30,7 @@ pub mod cuda;
 pub mod cudnn;
 pub mod gemm;
 pub mod layers;
+pub mod loss;
 pub mod norm;
 pub mod pixels;
 
