@@ -151,10 +151,11 @@ pub fn evaluate(
         }
         return Ok(acc.metrics());
     }
+    let state = arch.for_evaluation(state)?;
     let mut pending = PendingMetrics::default();
     for batch in set.device_batches(device)? {
         let (x, y, n) = batch?;
-        let logits = arch.forward(state, &x, BnMode::Eval)?;
+        let logits = arch.forward(&state, &x, BnMode::Eval)?;
         let (loss, correct) = loss_and_correct(&logits, &y)?;
         pending.push(&loss, &correct, n);
     }

@@ -171,6 +171,34 @@ impl Architecture {
         self.forward_range(state, x, 0, self.layers.len(), bn)
     }
 
+    /// `state` with every BatchNorm's evaluation-mode factors (a scale and a shift per channel,
+    /// from its running statistics) added, for many forward passes in `BnMode::Eval`: the same
+    /// values each pass would compute, so the same outputs, without a few small ops per layer and
+    /// batch (kernel launches, on a GPU). Evaluation and the reset grid prepare each state once.
+    pub fn for_evaluation(&self, state: &State) -> Result<State> {
+        fn batch_norms<'l>(layers: &'l [Layer], out: &mut Vec<&'l str>) {
+            for layer in layers {
+                match layer {
+                    Layer::BatchNorm { name } => out.push(name),
+                    Layer::Residual { main, shortcut } => {
+                        batch_norms(main, out);
+                        batch_norms(shortcut, out);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let mut names = Vec::new();
+        batch_norms(&self.layers, &mut names);
+        let mut prepared = state.clone();
+        for name in names {
+            let (scale, shift) = eval_factors(state, name)?;
+            prepared.insert(format!("{name}{EVAL_SCALE}"), scale);
+            prepared.insert(format!("{name}{EVAL_SHIFT}"), shift);
+        }
+        Ok(prepared)
+    }
+
     /// Runs top-level layers `from .. to` only (prefix reuse feeds a cached activation at `from`).
     pub fn forward_range(
         &self,
@@ -261,7 +289,20 @@ fn batch_norm(name: &str, state: &State, x: &Tensor, bn: &mut BnMode<'_>, relu: 
         return gpu_batch_norm_train(name, x, (weight_c, bias_c), (running_mean, running_var), bn, relu);
     }
     let (mean, var) = match bn {
-        BnMode::Eval => (running_mean.reshape((1, (), 1, 1))?, running_var.reshape((1, (), 1, 1))?),
+        BnMode::Eval => {
+            // With no gradient to carry, one pass of our own on the CPU and on a GPU.
+            let one_pass =
+                fused || (cfg!(feature = "cuda") && x.device().is_cuda() && x.dtype() == DType::F32 && x.rank() == 4);
+            if one_pass && !x.track_op() && !weight_c.track_op() && !bias_c.track_op() {
+                let prepared = (state.get(&format!("{name}{EVAL_SCALE}")), state.get(&format!("{name}{EVAL_SHIFT}")));
+                let (scale, shift) = match prepared {
+                    (Some(scale), Some(shift)) => (scale.clone(), shift.clone()),
+                    _ => eval_factors(state, name)?,
+                };
+                return Ok(norm::affine_no_grad(&x.contiguous()?, &scale, &shift, relu)?);
+            }
+            (running_mean.reshape((1, (), 1, 1))?, running_var.reshape((1, (), 1, 1))?)
+        }
         BnMode::Train(_) | BnMode::Calibrate(_) => {
             let (n, _, h, w) = x.dims4()?;
             let count = (n * h * w) as f64;
@@ -301,16 +342,25 @@ fn batch_norm(name: &str, state: &State, x: &Tensor, bn: &mut BnMode<'_>, relu: 
         }
     };
     let inv_std = (var + BN_EPS)?.sqrt()?.recip()?;
-    // With no gradient to carry (evaluation), one pass of our own on the CPU and on a GPU.
-    let one_pass =
-        fused || (cfg!(feature = "cuda") && x.device().is_cuda() && x.dtype() == DType::F32 && x.rank() == 4);
-    if one_pass && !x.track_op() && !weight.track_op() && !bias.track_op() {
-        let scale = inv_std.broadcast_mul(&weight)?.flatten_all()?;
-        let shift = (bias.flatten_all()? - (mean.flatten_all()? * &scale)?)?;
-        return Ok(norm::affine_no_grad(&x.contiguous()?, &scale, &shift, relu)?);
-    }
     let y = x.broadcast_sub(&mean)?.broadcast_mul(&(inv_std.broadcast_mul(&weight))?)?.broadcast_add(&bias)?;
     Ok(if relu { layers::relu(&y)? } else { y })
+}
+
+/// Names of the evaluation factors [`Architecture::for_evaluation`] adds for BatchNorm `name`.
+const EVAL_SCALE: &str = ".eval_scale";
+const EVAL_SHIFT: &str = ".eval_shift";
+
+/// Evaluation-mode BatchNorm `name` of `state` as a per-channel scale and shift [c]:
+/// y = x · scale + shift, with scale = weight / √(running_var + ε) and shift = bias − running_mean · scale.
+fn eval_factors(state: &State, name: &str) -> Result<(Tensor, Tensor)> {
+    let channels =
+        |suffix: &str| -> Result<Tensor> { Ok(get(state, &format!("{name}.{suffix}"))?.reshape((1, (), 1, 1))?) };
+    let (weight, bias) = (channels("weight")?, channels("bias")?);
+    let (mean, var) = (channels("running_mean")?, channels("running_var")?);
+    let inv_std = (var + BN_EPS)?.sqrt()?.recip()?;
+    let scale = inv_std.broadcast_mul(&weight)?.flatten_all()?;
+    let shift = (bias.flatten_all()? - (mean.flatten_all()? * &scale)?)?;
+    Ok((scale, shift))
 }
 
 /// Whether training-mode BatchNorm of `x` runs through cuDNN ([`crate::kernels::cudnn`]).
@@ -643,6 +693,41 @@ mod tests {
         assert_eq!(a.units[1].tensors[0].name, "features.4.weight");
         assert_eq!(a.units[8].tensors[0].shape, vec![10, 128]);
         assert!(a.units[0].has_batch_norm());
+    }
+
+    /// Evaluation factors prepared once give the outputs computed per batch, bit for bit, and
+    /// a changed running statistic is not hidden by them (they are taken from the state given).
+    #[test]
+    fn prepared_evaluation_factors_change_no_output() {
+        for name in ["vgg11", "resnet18"] {
+            let mut c = cfg(name);
+            c.width_mult = 0.125;
+            let a = Architecture::build(&c, [3, 32, 32], 10).unwrap();
+            let mut state = a.initial_state(3, &Device::Cpu).unwrap();
+            // Running statistics away from their initial zeros and ones (small means, variances
+            // between 0.5 and 1.2, so that the ReLUs pass something).
+            for (k, t) in state.iter_mut() {
+                let ramp = || Tensor::arange(1f32, t.elem_count() as f32 + 1.0, &Device::Cpu).unwrap();
+                if k.ends_with("running_mean") {
+                    *t = (ramp() * 1e-3).unwrap();
+                } else if k.ends_with("running_var") {
+                    *t = (ramp() * 1e-2).unwrap().affine(1.0, 0.5).unwrap();
+                }
+            }
+            let x = Tensor::rand(0f32, 1f32, (2, 3, 32, 32), &Device::Cpu).unwrap();
+            let bits = |t: Tensor| {
+                t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            };
+            let prepared = a.for_evaluation(&state).unwrap();
+            assert!(prepared.len() > state.len(), "{name}: no factors were prepared");
+            let plain = bits(a.forward(&state, &x, BnMode::Eval).unwrap());
+            assert_eq!(bits(a.forward(&prepared, &x, BnMode::Eval).unwrap()), plain, "{name}");
+            let moved: State = state
+                .iter()
+                .map(|(k, t)| (k.clone(), if k.ends_with("running_var") { (t * 2.0).unwrap() } else { t.clone() }))
+                .collect();
+            assert_ne!(bits(a.forward(&a.for_evaluation(&moved).unwrap(), &x, BnMode::Eval).unwrap()), plain, "{name}");
+        }
     }
 
     #[test]

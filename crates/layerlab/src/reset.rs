@@ -189,6 +189,8 @@ pub fn evaluate_variants(
     if cnn_fast(arch, device, path) {
         return evaluate_cnn_variants(arch, trained, entry, variants, sets, calibration, on_progress);
     }
+    // The candle path below evaluates each state prepared once (`Architecture::for_evaluation`).
+    let trained = &arch.for_evaluation(trained)?;
     if let Some(cal) = calibration {
         let mut prefixes = Vec::new();
         for batch in cal.device_batches(device)? {
@@ -220,13 +222,14 @@ pub fn evaluate_variants(
         }
         return Ok(results);
     }
+    let prepared = variants.iter().map(|v| arch.for_evaluation(&v.state)).collect::<Result<Vec<_>>>()?;
     for set in sets {
         let mut pending: Vec<PendingMetrics> = variants.iter().map(|_| PendingMetrics::default()).collect();
         for batch in set.device_batches(device)? {
             let (x, y, n) = batch?;
             let prefix = arch.forward_range(trained, &x, 0, entry, BnMode::Eval)?;
-            for (v, p) in variants.iter().zip(pending.iter_mut()) {
-                let logits = arch.forward_range(&v.state, &prefix, entry, arch.layers.len(), BnMode::Eval)?;
+            for (state, p) in prepared.iter().zip(pending.iter_mut()) {
+                let logits = arch.forward_range(state, &prefix, entry, arch.layers.len(), BnMode::Eval)?;
                 let (loss, correct) = loss_and_correct(&logits, &y)?;
                 p.push(&loss, &correct, n);
             }
