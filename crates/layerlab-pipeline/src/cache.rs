@@ -371,6 +371,16 @@ mod tests {
     }
 
     #[test]
+    fn tf32_is_in_the_train_key_only_when_on() {
+        let (off, on) = (pipeline(""), pipeline("tf32 = true"));
+        let (a_off, a_on) = (&off.experiments[0], &on.experiments[0]);
+        assert!(!train_key(a_off, 0).config.to_string().contains("tf32"), "a key made before tf32 existed must hold");
+        assert!(train_key(a_on, 0).config.to_string().contains("\"tf32\":true"));
+        assert_ne!(train_key(a_off, 0).key, train_key(a_on, 0).key);
+        assert_eq!(pipeline("tf32 = false").experiments[0].train, a_off.train);
+    }
+
+    #[test]
     fn stamp_freshness_names_what_changed() {
         let dir = std::env::temp_dir().join(format!("layerlab-stamp-{}", std::process::id()));
         let p1 = pipeline("");

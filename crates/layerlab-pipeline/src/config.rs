@@ -99,7 +99,16 @@ section! {
         /// Left out of the key's JSON at its default, so that keys made before it existed hold.
         #[serde(skip_serializing_if = "ComputePath::is_fast")]
         compute: ComputePath = ComputePath::Fast,
+        /// On a GPU: let matrix products (cuBLAS) and convolutions (cuDNN) use TF32, which rounds
+        /// their inputs to 10-bit mantissas, for speed. Off: f32 throughout, as on the CPU. No
+        /// effect on the CPU. In the key (left out at its default, so that earlier keys hold).
+        #[serde(skip_serializing_if = "is_false")]
+        tf32: bool = false,
     }
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 section! {

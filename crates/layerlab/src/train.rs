@@ -624,6 +624,7 @@ mod tests {
             test_examples: None,
             eval_batch_size: 1000,
             compute: ComputePath::Fast,
+            tf32: false,
         }
     }
 

@@ -5,7 +5,7 @@
 //! a naive `conv_transpose2d` kernel, one thread per input value. And it lets cuDNN pick TF32
 //! kernels for f32 data on Ampere and later, which round products to 10-bit mantissas. Here:
 //!
-//! - f32 arithmetic only (`CUDNN_FMA_MATH`), as on the CPU;
+//! - f32 arithmetic only (`CUDNN_FMA_MATH`), as on the CPU, unless `train.tf32` allows TF32;
 //! - deterministic algorithms only (cuDNN's atomics-based gradient kernels are not), chosen by a
 //!   fixed rule on the shape rather than by timing them, so that two runs on the same GPU model
 //!   and cuDNN version give the same bytes. The rule ([`Plan::new`]) comes from timing every
@@ -165,7 +165,10 @@ impl Plan {
             check(result::set_filter4d_descriptor(plan.w, F32, NCHW, g.w), "weight descriptor")?;
             let cross = sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION;
             check(result::set_convolution2d_descriptor(plan.conv, p, p, s, s, 1, 1, cross, F32), "convolution")?;
-            check(result::set_convolution_math_type(plan.conv, sys::cudnnMathType_t::CUDNN_FMA_MATH), "math type")?;
+            // FMA math keeps cuDNN in f32; default math lets it use TF32 tensor cores.
+            let math =
+                if tf32() { sys::cudnnMathType_t::CUDNN_DEFAULT_MATH } else { sys::cudnnMathType_t::CUDNN_FMA_MATH };
+            check(result::set_convolution_math_type(plan.conv, math), "math type")?;
         }
         let (k, stride, c) = (g.w[2], g.stride, g.x[1]);
         let plane = g.x[2] * g.x[3];
@@ -288,14 +291,25 @@ fn workspace(plan: &Plan, algo: Algo) -> candle_core::Result<usize> {
     made(size, "workspace size")
 }
 
-/// An algorithm that ran in the heuristics, gives the same bytes every time, and computes in f32.
+/// An algorithm that ran in the heuristics, gives the same bytes every time, and computes in f32
+/// (or uses tensor cores, where [`TF32`] allows it).
 fn usable(status: sys::cudnnStatus_t, determinism: sys::cudnnDeterminism_t, math: sys::cudnnMathType_t) -> bool {
     status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS
         && determinism == sys::cudnnDeterminism_t::CUDNN_DETERMINISTIC
-        && !matches!(
-            math,
-            sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH | sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION
-        )
+        && (tf32()
+            || !matches!(
+                math,
+                sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH
+                    | sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION
+            ))
+}
+
+/// On: convolutions may use TF32 (`train.tf32`, set through [`crate::device::allow_tf32`] before
+/// the first convolution; plans made before a change keep their math).
+pub static TF32: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn tf32() -> bool {
+    TF32.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Which of the three passes a [`CudnnConv`] op runs.

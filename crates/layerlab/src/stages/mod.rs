@@ -76,9 +76,17 @@ pub fn load_pipeline(config: &std::path::Path, data_dir: Option<PathBuf>) -> Res
 }
 
 impl StageContext {
-    /// The device `--device` resolves to, and its description for stamps and tables.
+    /// The device `--device` resolves to, and its description for stamps and tables; the
+    /// experiment's `train.tf32` applied to it (and said in the description when it acts).
     pub fn compute_device(&self) -> Result<(candle_core::Device, String)> {
-        let (device, description) = crate::device::select(self.device)?;
+        let (device, mut description) = crate::device::select(self.device)?;
+        let tf32 = self.experiment.train.tf32;
+        crate::device::allow_tf32(tf32);
+        if tf32 && device.is_cuda() {
+            description.push_str(", TF32 allowed");
+        } else if tf32 {
+            tracing::warn!("train.tf32 = true has no effect on the CPU: it computes in f32");
+        }
         tracing::info!("computing on {description} (--device {})", self.device);
         Ok((device, description))
     }
