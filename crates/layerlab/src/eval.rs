@@ -3,13 +3,13 @@
 use std::cell::OnceCell;
 
 use anyhow::Result;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use crate::cnn::{Activations, CnnForward};
 use crate::data::Split;
 use crate::mlp::{MlpForward, MlpPlan};
 use crate::model::{loss_and_correct, push_scaled_pixels, Architecture, BnMode, State};
-use crate::resident::{PendingMetrics, ResidentSplit};
+use crate::resident::ResidentSplit;
 use layerlab_pipeline::ComputePath;
 
 /// Mean loss and error rate over a set of examples.
@@ -122,6 +122,49 @@ impl Accumulator {
     }
 }
 
+/// The mean losses and correct counts of batches, as scalar tensors on their device, read back in
+/// one transfer. The values are the ones a per-batch read gives, summed in the same order, so
+/// metrics are the same bits either way.
+#[derive(Default)]
+pub struct PendingMetrics {
+    losses: Vec<Tensor>,
+    correct: Vec<Tensor>,
+    examples: Vec<usize>,
+}
+
+impl PendingMetrics {
+    /// A batch of `examples`: its mean loss (f32 scalar) and its correct count (f32 scalar).
+    pub fn push(&mut self, loss: &Tensor, correct: &Tensor, examples: usize) {
+        self.losses.push(loss.detach());
+        self.correct.push(correct.detach());
+        self.examples.push(examples);
+    }
+
+    /// Each batch's mean loss, errors and examples, in the order they were pushed.
+    pub fn read(&self) -> Result<Vec<(f64, usize, usize)>> {
+        if self.losses.is_empty() {
+            return Ok(Vec::new());
+        }
+        let both = Tensor::stack(&[Tensor::stack(&self.losses, 0)?, Tensor::stack(&self.correct, 0)?], 0)?;
+        let both = both.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        Ok(self
+            .examples
+            .iter()
+            .zip(both[0].iter().zip(&both[1]))
+            .map(|(&n, (&loss, &correct))| (loss as f64, n - correct as usize, n))
+            .collect())
+    }
+
+    /// The mean loss and error over every batch.
+    pub fn metrics(&self) -> Result<Metrics> {
+        let mut acc = Accumulator::default();
+        for (loss, errors, n) in self.read()? {
+            acc.add(loss, errors, n);
+        }
+        Ok(acc.metrics())
+    }
+}
+
 /// Evaluates `state` on the examples of `set`.
 pub fn evaluate(
     arch: &Architecture,
@@ -160,4 +203,23 @@ pub fn evaluate(
         pending.push(&loss, &correct, n);
     }
     pending.metrics()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pending_metrics_equal_the_per_batch_reads() {
+        let batches = [(0.75f32, 3.0f32, 4usize), (1.5, 0.0, 2), (0.125, 5.0, 5)];
+        let mut pending = PendingMetrics::default();
+        let mut acc = Accumulator::default();
+        for (loss, correct, n) in batches {
+            pending.push(&Tensor::new(loss, &Device::Cpu).unwrap(), &Tensor::new(correct, &Device::Cpu).unwrap(), n);
+            acc.add(loss as f64, n - correct as usize, n);
+        }
+        assert_eq!(pending.read().unwrap(), vec![(0.75, 1, 4), (1.5, 2, 2), (0.125, 0, 5)]);
+        assert_eq!(pending.metrics().unwrap(), acc.metrics());
+        assert_eq!(PendingMetrics::default().metrics().unwrap().examples, 0);
+    }
 }

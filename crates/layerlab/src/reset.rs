@@ -12,10 +12,9 @@ use candle_core::{Device, Tensor};
 
 use crate::cnn::{Activations, CnnForward};
 use crate::data::Split;
-use crate::eval::{batch_activations, batch_f32, cnn_fast, fast_plan, Accumulator, EvalSet, Metrics};
+use crate::eval::{batch_activations, batch_f32, cnn_fast, fast_plan, Accumulator, EvalSet, Metrics, PendingMetrics};
 use crate::mlp::MlpForward;
 use crate::model::{loss_and_correct, Architecture, BnMode, State, Unit};
-use crate::resident::PendingMetrics;
 use layerlab_pipeline::{BnStats, ComputePath, Experiment, ResetConfig, ResetMode};
 
 /// The name a BatchNorm setting has in the tables: `reset.bn_stats`'s, or `none` for a network

@@ -1,7 +1,7 @@
 //! Datasets held on the compute device, for the candle path (a GPU, or `train.compute =
 //! "autograd"`): examples uploaded once, batches gathered there by position
-//! ([`crate::kernels::pixels`]), and each batch's loss and correct count left there until an
-//! epoch or an evaluation ends ([`PendingMetrics`]).
+//! ([`crate::kernels::pixels`]). Each batch's loss and correct count stay there too, until an
+//! epoch or an evaluation ends ([`crate::eval::PendingMetrics`]).
 //!
 //! Why: on a GPU, every copy from pageable host memory and every scalar read makes the host wait
 //! for the GPU's queue to drain. Uploading each batch and reading each step's loss did that three
@@ -9,10 +9,9 @@
 //! Now a training epoch uploads its order and augmentation once, and reads its losses once.
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
 use crate::data::Split;
-use crate::eval::{Accumulator, Metrics};
 use crate::kernels::pixels::{Gather, Shift};
 
 /// Some examples of a split, in a chosen order, as u8 images [N, c, h, w] and u32 labels [N] on
@@ -65,49 +64,6 @@ impl ResidentSplit {
         let positions = Tensor::arange(0u32, n as u32, self.device())?;
         let shifts = Tensor::full(Shift::NONE.packed(), n, self.device())?;
         Ok((positions, shifts))
-    }
-}
-
-/// The mean losses and correct counts of batches, as scalar tensors on their device, read back in
-/// one transfer. The values are the ones a per-batch read gives, summed in the same order, so
-/// metrics are the same bits either way.
-#[derive(Default)]
-pub struct PendingMetrics {
-    losses: Vec<Tensor>,
-    correct: Vec<Tensor>,
-    examples: Vec<usize>,
-}
-
-impl PendingMetrics {
-    /// A batch of `examples`: its mean loss (f32 scalar) and its correct count (f32 scalar).
-    pub fn push(&mut self, loss: &Tensor, correct: &Tensor, examples: usize) {
-        self.losses.push(loss.detach());
-        self.correct.push(correct.detach());
-        self.examples.push(examples);
-    }
-
-    /// Each batch's mean loss, errors and examples, in the order they were pushed.
-    pub fn read(&self) -> Result<Vec<(f64, usize, usize)>> {
-        if self.losses.is_empty() {
-            return Ok(Vec::new());
-        }
-        let both = Tensor::stack(&[Tensor::stack(&self.losses, 0)?, Tensor::stack(&self.correct, 0)?], 0)?;
-        let both = both.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-        Ok(self
-            .examples
-            .iter()
-            .zip(both[0].iter().zip(&both[1]))
-            .map(|(&n, (&loss, &correct))| (loss as f64, n - correct as usize, n))
-            .collect())
-    }
-
-    /// The mean loss and error over every batch.
-    pub fn metrics(&self) -> Result<Metrics> {
-        let mut acc = Accumulator::default();
-        for (loss, errors, n) in self.read()? {
-            acc.add(loss, errors, n);
-        }
-        Ok(acc.metrics())
     }
 }
 
@@ -172,19 +128,5 @@ mod tests {
         let shifts = Tensor::new(&[0u32, 0], &Device::Cpu).unwrap();
         let err = data.batch(&positions, &shifts).unwrap_err();
         assert!(format!("{err:#}").contains("position 2 is past the 2 images"), "{err:#}");
-    }
-
-    #[test]
-    fn pending_metrics_equal_the_per_batch_reads() {
-        let batches = [(0.75f32, 3.0f32, 4usize), (1.5, 0.0, 2), (0.125, 5.0, 5)];
-        let mut pending = PendingMetrics::default();
-        let mut acc = Accumulator::default();
-        for (loss, correct, n) in batches {
-            pending.push(&Tensor::new(loss, &Device::Cpu).unwrap(), &Tensor::new(correct, &Device::Cpu).unwrap(), n);
-            acc.add(loss as f64, n - correct as usize, n);
-        }
-        assert_eq!(pending.read().unwrap(), vec![(0.75, 1, 4), (1.5, 2, 2), (0.125, 0, 5)]);
-        assert_eq!(pending.metrics().unwrap(), acc.metrics());
-        assert_eq!(PendingMetrics::default().metrics().unwrap().examples, 0);
     }
 }
