@@ -15,6 +15,7 @@ use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
 use crate::kernels::gemm::matmul;
+use crate::kernels::loss::RowSoftmax;
 use crate::model::{Architecture, Layer, State};
 use crate::sgd::Sgd;
 use layerlab_pipeline::TrainConfig;
@@ -224,23 +225,11 @@ pub(crate) fn cross_entropy(
     let mut errors = 0;
     for (b, (row, &label)) in logits.chunks_exact(classes).zip(labels).enumerate() {
         let label = label as usize;
-        let (mut best, mut max) = (0, f32::NEG_INFINITY);
-        for (c, &v) in row.iter().enumerate() {
-            if v > max {
-                (best, max) = (c, v);
-            }
-        }
-        errors += usize::from(best != label);
-        let sum: f32 = row.iter().map(|&v| (v - max).exp()).sum();
-        let log_sum = sum.ln();
-        loss += f64::from(log_sum - (row[label] - max));
+        let softmax = RowSoftmax::of(row);
+        errors += usize::from(softmax.best != label);
+        loss += f64::from(softmax.loss(row, label));
         if let Some(g) = grad.as_deref_mut() {
-            let g = &mut g[b * classes..(b + 1) * classes];
-            let scale = 1.0 / batch as f32;
-            for (c, (gv, &v)) in g.iter_mut().zip(row).enumerate() {
-                let p = (v - max - log_sum).exp();
-                *gv = (p - if c == label { 1.0 } else { 0.0 }) * scale;
-            }
+            softmax.grad(row, label, 1.0 / batch as f32, &mut g[b * classes..(b + 1) * classes]);
         }
     }
     (loss / batch.max(1) as f64, errors)

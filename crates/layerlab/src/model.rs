@@ -640,10 +640,11 @@ fn spec(name: String, shape: Vec<usize>, init: Init, trainable: bool) -> TensorS
     TensorSpec { name, shape, init, trainable }
 }
 
-/// Appends u8 pixels to `out` as the networks' f32 inputs (pixels / 255). Every path (candle
-/// tensors and the fully connected fast path) scales through here, so they see the same values.
+/// Appends u8 pixels to `out` as the networks' f32 inputs (pixels / 255, by
+/// [`crate::kernels::pixels::scaled`], the rule the device-side batch gather follows too), so that
+/// every path sees the same values.
 pub fn push_scaled_pixels(pixels: &[u8], out: &mut Vec<f32>) {
-    out.extend(pixels.iter().map(|&p| p as f32 / 255.0));
+    out.extend(pixels.iter().map(|&p| crate::kernels::pixels::scaled(p)));
 }
 
 /// Turns u8 images [n, c, h, w] into f32 pixels / 255 on `device`.

@@ -4,9 +4,9 @@
 //! Why: candle's `cross_entropy` is a log-softmax and a gather, about ten ops forward and twice
 //! that backward, and counting right predictions took four more; on a GPU each is a kernel launch
 //! and a fresh buffer, which bound the fully connected network's step. The arithmetic is the
-//! fully connected fast path's (`mlp::cross_entropy`): per row, the maximum, the sum of
-//! `exp(x − max)` in order, `ln` of it, the row's loss `ln_sum − (x[label] − max)` in f32; the
-//! rows' losses summed in f64 in order. The CUDA kernels (`cross_entropy_*` in `cuda.cu`) do the
+//! fast paths' (`mlp::cross_entropy`; both take it from [`RowSoftmax`]): per row, the maximum,
+//! the sum of `exp(x − max)` in order, `ln` of it, the row's loss `ln_sum − (x[label] − max)` in
+//! f32; the rows' losses summed in f64 in order. The CUDA kernels (`cross_entropy_*` in `cuda.cu`) do the
 //! same operations; `crates/cuda-emulation` holds them to these functions bit for bit on the CPU.
 
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
@@ -29,36 +29,54 @@ pub fn applies(logits: &Tensor, labels: &Tensor) -> bool {
         && labels.rank() == 1
 }
 
-/// One row's loss and whether its first maximum is at `label`.
-#[inline]
-pub fn row_loss(row: &[f32], label: usize) -> (f32, bool) {
-    let (mut best, mut max) = (0, f32::NEG_INFINITY);
-    for (c, &v) in row.iter().enumerate() {
-        if v > max {
-            (best, max) = (c, v);
-        }
-    }
-    let log_sum = row_log_sum(row, max);
-    (log_sum - (row[label] - max), best == label)
+/// One row of logits through the softmax: where its first maximum is, the maximum, and
+/// `ln Σ exp(x − max)` summed in order. The one home of this arithmetic on the CPU: the op here
+/// and the fast paths' [`crate::mlp::cross_entropy`] both take it from here.
+pub(crate) struct RowSoftmax {
+    pub best: usize,
+    pub max: f32,
+    pub log_sum: f32,
 }
 
-/// `ln Σ exp(x − max)` over a row, summed in order.
-#[inline]
-fn row_log_sum(row: &[f32], max: f32) -> f32 {
-    let mut sum = 0f32;
-    for &v in row {
-        sum += (v - max).exp();
+impl RowSoftmax {
+    #[inline]
+    pub(crate) fn of(row: &[f32]) -> RowSoftmax {
+        let (mut best, mut max) = (0, f32::NEG_INFINITY);
+        for (c, &v) in row.iter().enumerate() {
+            if v > max {
+                (best, max) = (c, v);
+            }
+        }
+        let mut sum = 0f32;
+        for &v in row {
+            sum += (v - max).exp();
+        }
+        RowSoftmax { best, max, log_sum: sum.ln() }
     }
-    sum.ln()
+
+    /// The row's loss against `label`.
+    #[inline]
+    pub(crate) fn loss(&self, row: &[f32], label: usize) -> f32 {
+        self.log_sum - (row[label] - self.max)
+    }
+
+    /// The row's gradient into `d`: `(softmax(x) − onehot(label)) · scale`.
+    #[inline]
+    pub(crate) fn grad(&self, row: &[f32], label: usize, scale: f32, d: &mut [f32]) {
+        for (c, (d, &v)) in d.iter_mut().zip(row).enumerate() {
+            let p = (v - self.max - self.log_sum).exp();
+            *d = (p - if c == label { 1.0 } else { 0.0 }) * scale;
+        }
+    }
 }
 
 /// [mean loss, right predictions] of `logits` ([n, k] row-major) against `labels`.
 pub fn forward_values(logits: &[f32], labels: &[u32], k: usize) -> [f32; 2] {
     let (mut loss, mut correct) = (0f64, 0u32);
     for (row, &label) in logits.chunks_exact(k.max(1)).zip(labels) {
-        let (l, right) = row_loss(row, label as usize);
-        loss += f64::from(l);
-        correct += u32::from(right);
+        let softmax = RowSoftmax::of(row);
+        loss += f64::from(softmax.loss(row, label as usize));
+        correct += u32::from(softmax.best == label as usize);
     }
     [(loss / labels.len().max(1) as f64) as f32, correct as f32]
 }
@@ -69,12 +87,7 @@ pub fn grad_values(logits: &[f32], labels: &[u32], k: usize, g: f32) -> Vec<f32>
     let scale = g * (1.0 / labels.len().max(1) as f32);
     let mut dx = vec![0f32; logits.len()];
     for ((row, d), &label) in logits.chunks_exact(k.max(1)).zip(dx.chunks_exact_mut(k.max(1))).zip(labels) {
-        let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
-        let log_sum = row_log_sum(row, max);
-        for (c, (d, &v)) in d.iter_mut().zip(row).enumerate() {
-            let p = (v - max - log_sum).exp();
-            *d = (p - if c == label as usize { 1.0 } else { 0.0 }) * scale;
-        }
+        RowSoftmax::of(row).grad(row, label as usize, scale, d);
     }
     dx
 }
