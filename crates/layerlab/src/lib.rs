@@ -5,6 +5,7 @@
 //! `docs/modules.md` maps each concept to the module that owns it.
 
 pub mod aggregate;
+pub mod backward;
 pub mod checkpoint;
 pub mod cnn;
 pub mod data;

@@ -10,8 +10,9 @@ use std::collections::BTreeMap;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 
+use crate::backward::{self, Extra, Saved};
 use crate::init::{self, Init};
-use crate::kernels::{layers, norm};
+use crate::kernels::{layers, norm, KeptOp3};
 use crate::random;
 use layerlab_pipeline::{Arch, ModelConfig, WeightInit};
 
@@ -47,6 +48,23 @@ pub enum Layer {
         main: Vec<Layer>,
         shortcut: Vec<Layer>,
     },
+}
+
+impl Layer {
+    /// What error messages call the layer: its tensors' name, or its kind.
+    pub fn label(&self) -> String {
+        match self {
+            Layer::Linear { name } | Layer::Conv { name, .. } | Layer::BatchNorm { name } => name.clone(),
+            Layer::Pad(p) => format!("pad {p}"),
+            Layer::Flatten => "flatten".into(),
+            Layer::Relu => "relu".into(),
+            Layer::MaxPool2 => "max-pool".into(),
+            Layer::GlobalAvgPool => "global average pool".into(),
+            Layer::Residual { main, .. } => {
+                format!("residual block from {}", main.first().map_or_else(|| "its input".into(), Layer::label))
+            }
+        }
+    }
 }
 
 /// How one tensor of a unit is shaped and drawn.
@@ -208,7 +226,37 @@ impl Architecture {
         to: usize,
         mut bn: BnMode<'_>,
     ) -> Result<Tensor> {
-        apply_all(&self.layers[from..to], state, x, &mut bn)
+        apply_all(&self.layers[from..to], state, x, &mut bn, None)
+    }
+
+    /// One training step's forward and backward pass without candle's autograd graph (see
+    /// [`crate::backward`]): the mean loss and the number of right predictions (f32 scalars left
+    /// on the device) and every trainable tensor's gradient, by name. The updated running
+    /// statistics are pushed to `bn_updates`, as [`BnMode::Train`] does. `state` holds plain
+    /// tensors (not `Var`s: nothing builds a graph); `upstream` is the loss op's output gradient,
+    /// [1, 0] as f32 on the device (made once by the caller).
+    pub fn loss_and_gradients(
+        &self,
+        state: &State,
+        x: &Tensor,
+        labels: &Tensor,
+        upstream: &Tensor,
+        bn_updates: &mut Vec<(String, Tensor)>,
+    ) -> Result<(Tensor, Tensor, BTreeMap<String, Tensor>)> {
+        let mut tape = Vec::new();
+        let logits = apply_all(&self.layers, state, x, &mut BnMode::Train(bn_updates), Some(&mut tape))?;
+        if !crate::kernels::loss::applies(&logits, labels) {
+            bail!(
+                "the taped backward pass wants f32 logits and u32 labels, got {:?} and {:?}",
+                logits.dtype(),
+                labels.dtype()
+            )
+        }
+        let (loss, correct) = crate::kernels::loss::loss_and_correct(&logits, labels)?;
+        let grad = crate::kernels::loss::logits_grad(&logits, labels, upstream)?;
+        let mut grads = BTreeMap::new();
+        backward::backward(&tape, state, grad, false, &mut grads)?;
+        Ok((loss, correct, grads))
     }
 }
 
@@ -231,24 +279,43 @@ fn get<'s>(state: &'s State, name: &str) -> Result<&'s Tensor> {
 }
 
 /// Runs `layers` in order. A BatchNorm followed by a ReLU runs as one op (see
-/// [`norm::train`]); the result is the same as running them one by one.
-fn apply_all(layers: &[Layer], state: &State, x: &Tensor, bn: &mut BnMode<'_>) -> Result<Tensor> {
+/// [`norm::train`]); the result is the same as running them one by one. With a `tape`, each
+/// layer's input, output and (for BatchNorm) op are kept on it for [`backward::backward`].
+fn apply_all<'l>(
+    layers: &'l [Layer],
+    state: &State,
+    x: &Tensor,
+    bn: &mut BnMode<'_>,
+    mut tape: Option<&mut Vec<Saved<'l>>>,
+) -> Result<Tensor> {
     let mut x = x.clone();
     let mut i = 0;
     while i < layers.len() {
         if let (Layer::BatchNorm { name }, Some(Layer::Relu)) = (&layers[i], layers.get(i + 1)) {
-            x = batch_norm(name, state, &x, bn, true)?;
+            let (y, op) = batch_norm(name, state, &x, bn, true)?;
+            if let Some(tape) = tape.as_deref_mut() {
+                let extra = op.map_or(Extra::None, |op| Extra::BatchNorm { op });
+                tape.push(Saved { layer: &layers[i], input: x, output: y.clone(), extra });
+            }
+            x = y;
             i += 2;
             continue;
         }
-        x = apply(&layers[i], state, &x, bn)?;
+        x = apply(&layers[i], state, &x, bn, tape.as_deref_mut())?;
         i += 1;
     }
     Ok(x)
 }
 
-fn apply(layer: &Layer, state: &State, x: &Tensor, bn: &mut BnMode<'_>) -> Result<Tensor> {
-    Ok(match layer {
+fn apply<'l>(
+    layer: &'l Layer,
+    state: &State,
+    x: &Tensor,
+    bn: &mut BnMode<'_>,
+    tape: Option<&mut Vec<Saved<'l>>>,
+) -> Result<Tensor> {
+    let mut extra = Extra::None;
+    let y = match layer {
         Layer::Pad(p) => x.pad_with_zeros(2, *p, *p)?.pad_with_zeros(3, *p, *p)?,
         Layer::Flatten => x.flatten_from(1)?,
         Layer::Linear { name } => {
@@ -265,20 +332,40 @@ fn apply(layer: &Layer, state: &State, x: &Tensor, bn: &mut BnMode<'_>) -> Resul
                 crate::kernels::conv2d(x, w, *padding, *stride)?
             }
         }
-        Layer::BatchNorm { name } => batch_norm(name, state, x, bn, false)?,
+        Layer::BatchNorm { name } => {
+            let (y, op) = batch_norm(name, state, x, bn, false)?;
+            if let Some(op) = op {
+                extra = Extra::BatchNorm { op };
+            }
+            y
+        }
         Layer::Relu => layers::relu(x)?,
         Layer::MaxPool2 => layers::max_pool2(x)?,
         Layer::GlobalAvgPool => x.mean(D::Minus1)?.mean(D::Minus1)?,
         Layer::Residual { main, shortcut } => {
-            let m = apply_all(main, state, x, bn)?;
-            let s = apply_all(shortcut, state, x, bn)?;
+            let (mut main_tape, mut shortcut_tape) = (Vec::new(), Vec::new());
+            let taped = tape.is_some();
+            let m = apply_all(main, state, x, bn, taped.then_some(&mut main_tape))?;
+            let s = apply_all(shortcut, state, x, bn, taped.then_some(&mut shortcut_tape))?;
+            extra = Extra::Residual { main: main_tape, shortcut: shortcut_tape };
             layers::relu(&(m + s)?)?
         }
-    })
+    };
+    if let Some(tape) = tape {
+        tape.push(Saved { layer, input: x.clone(), output: y.clone(), extra });
+    }
+    Ok(y)
 }
 
-/// BatchNorm `name` over `x`, followed by a ReLU when `relu`.
-fn batch_norm(name: &str, state: &State, x: &Tensor, bn: &mut BnMode<'_>, relu: bool) -> Result<Tensor> {
+/// BatchNorm `name` over `x`, followed by a ReLU when `relu`; in training mode, with its op when
+/// it ran as one (for [`backward::backward`]).
+fn batch_norm(
+    name: &str,
+    state: &State,
+    x: &Tensor,
+    bn: &mut BnMode<'_>,
+    relu: bool,
+) -> Result<(Tensor, Option<KeptOp3>)> {
     let (weight_c, bias_c) = (get(state, &format!("{name}.weight"))?, get(state, &format!("{name}.bias"))?);
     let (weight, bias) = (weight_c.reshape((1, (), 1, 1))?, bias_c.reshape((1, (), 1, 1))?);
     // f32 on the CPU: fused ops (crate::kernels::norm) instead of a dozen candle passes.
@@ -286,7 +373,8 @@ fn batch_norm(name: &str, state: &State, x: &Tensor, bn: &mut BnMode<'_>, relu: 
     let running_mean = get(state, &format!("{name}.running_mean"))?;
     let running_var = get(state, &format!("{name}.running_var"))?;
     if !matches!(bn, BnMode::Eval) && gpu_batch_norm(x) {
-        return gpu_batch_norm_train(name, x, (weight_c, bias_c), (running_mean, running_var), bn, relu);
+        let (y, op) = gpu_batch_norm_train(name, x, (weight_c, bias_c), (running_mean, running_var), bn, relu)?;
+        return Ok((y, Some(op)));
     }
     let (mean, var) = match bn {
         BnMode::Eval => {
@@ -299,7 +387,7 @@ fn batch_norm(name: &str, state: &State, x: &Tensor, bn: &mut BnMode<'_>, relu: 
                     (Some(scale), Some(shift)) => (scale.clone(), shift.clone()),
                     _ => eval_factors(state, name)?,
                 };
-                return Ok(norm::affine_no_grad(&x.contiguous()?, &scale, &shift, relu)?);
+                return Ok((norm::affine_no_grad(&x.contiguous()?, &scale, &shift, relu)?, None));
             }
             (running_mean.reshape((1, (), 1, 1))?, running_var.reshape((1, (), 1, 1))?)
         }
@@ -310,8 +398,8 @@ fn batch_norm(name: &str, state: &State, x: &Tensor, bn: &mut BnMode<'_>, relu: 
             // running statistics alike.
             let mut fused_out = None;
             let (mean, var) = if fused {
-                let (y, stats) = norm::train(x, weight_c, bias_c, BN_EPS, relu)?;
-                fused_out = Some(y);
+                let (y, stats, op) = norm::train(x, weight_c, bias_c, BN_EPS, relu)?;
+                fused_out = Some((y, op));
                 (stats.get(0)?.reshape((1, (), 1, 1))?, stats.get(1)?.reshape((1, (), 1, 1))?)
             } else {
                 let mean = x.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?;
@@ -335,15 +423,15 @@ fn batch_norm(name: &str, state: &State, x: &Tensor, bn: &mut BnMode<'_>, relu: 
                 }
                 BnMode::Eval => unreachable!("handled above"),
             }
-            if let Some(y) = fused_out {
-                return Ok(y);
+            if let Some((y, op)) = fused_out {
+                return Ok((y, Some(op)));
             }
             (mean, var)
         }
     };
     let inv_std = (var + BN_EPS)?.sqrt()?.recip()?;
     let y = x.broadcast_sub(&mean)?.broadcast_mul(&(inv_std.broadcast_mul(&weight))?)?.broadcast_add(&bias)?;
-    Ok(if relu { layers::relu(&y)? } else { y })
+    Ok((if relu { layers::relu(&y)? } else { y }, None))
 }
 
 /// Names of the evaluation factors [`Architecture::for_evaluation`] adds for BatchNorm `name`.
@@ -385,9 +473,9 @@ fn gpu_batch_norm_train(
     (running_mean, running_var): (&Tensor, &Tensor),
     bn: &mut BnMode<'_>,
     relu: bool,
-) -> Result<Tensor> {
+) -> Result<(Tensor, KeptOp3)> {
     use crate::kernels::{cuda, cudnn};
-    let (y, batch) = cudnn::batch_norm_train(x, weight, bias, BN_EPS, relu)?;
+    let (y, batch, op) = cudnn::batch_norm_train(x, weight, bias, BN_EPS, relu)?;
     let c = weight.elem_count();
     let (mean_name, var_name) = (format!("{name}.running_mean"), format!("{name}.running_var"));
     let pushed = match bn {
@@ -398,7 +486,7 @@ fn gpu_batch_norm_train(
     let (list, values) = pushed;
     list.push((mean_name, values.narrow(0, 0, c)?));
     list.push((var_name, values.narrow(0, c, c)?));
-    Ok(y)
+    Ok((y, op))
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -409,7 +497,7 @@ fn gpu_batch_norm_train(
     _: (&Tensor, &Tensor),
     _: &mut BnMode<'_>,
     _: bool,
-) -> Result<Tensor> {
+) -> Result<(Tensor, KeptOp3)> {
     unreachable!("gpu_batch_norm is false without CUDA")
 }
 
@@ -705,23 +793,28 @@ mod tests {
             c.width_mult = 0.125;
             let a = Architecture::build(&c, [3, 32, 32], 10).unwrap();
             let mut state = a.initial_state(3, &Device::Cpu).unwrap();
-            // Running statistics away from their initial zeros and ones (small means, variances
+            // Running statistics away from their initial zeros and ones (tiny means, variances
             // between 0.5 and 1.2, so that the ReLUs pass something).
             for (k, t) in state.iter_mut() {
                 let ramp = || Tensor::arange(1f32, t.elem_count() as f32 + 1.0, &Device::Cpu).unwrap();
                 if k.ends_with("running_mean") {
-                    *t = (ramp() * 1e-3).unwrap();
+                    *t = (ramp() * 1e-5).unwrap();
                 } else if k.ends_with("running_var") {
                     *t = (ramp() * 1e-2).unwrap().affine(1.0, 0.5).unwrap();
                 }
             }
-            let x = Tensor::rand(0f32, 1f32, (2, 3, 32, 32), &Device::Cpu).unwrap();
+            // A fixed input (an unseeded one left ResNet's last ReLUs dead now and then, every
+            // logit the classifier's bias, and the last assertion below failing).
+            let mut rng = random::rng(5);
+            let pixels: Vec<f32> = (0..2 * 3 * 32 * 32).map(|_| random::unit_f64(&mut rng) as f32).collect();
+            let x = Tensor::from_vec(pixels, (2, 3, 32, 32), &Device::Cpu).unwrap();
             let bits = |t: Tensor| {
                 t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>()
             };
             let prepared = a.for_evaluation(&state).unwrap();
             assert!(prepared.len() > state.len(), "{name}: no factors were prepared");
             let plain = bits(a.forward(&state, &x, BnMode::Eval).unwrap());
+            assert_ne!(plain[..10], plain[10..], "{name}: both images give the same logits (dead activations)");
             assert_eq!(bits(a.forward(&prepared, &x, BnMode::Eval).unwrap()), plain, "{name}");
             let moved: State = state
                 .iter()

@@ -117,10 +117,18 @@ pub struct Optimizer {
     momentum: BTreeMap<String, Tensor>,
     /// BatchNorm running statistics and other non-trained tensors.
     buffers: BTreeMap<String, Tensor>,
+    /// Gradients from [`crate::backward`] (a GPU's steps) rather than candle's autograd; with
+    /// the loss op's output gradient, made once on the device.
+    taped: Option<Tensor>,
 }
 
 impl Optimizer {
-    fn new(arch: &Architecture, state: &State, momentum: Option<BTreeMap<String, Tensor>>) -> Result<Optimizer> {
+    fn new(
+        arch: &Architecture,
+        state: &State,
+        momentum: Option<BTreeMap<String, Tensor>>,
+        device: &Device,
+    ) -> Result<Optimizer> {
         let mut params = Vec::new();
         let mut buffers = BTreeMap::new();
         let mut buf = BTreeMap::new();
@@ -140,7 +148,13 @@ impl Optimizer {
                 buffers.insert(spec.name.clone(), t.clone());
             }
         }
-        Ok(Optimizer { params, momentum: buf, buffers })
+        let taped = if crate::backward::used_on(device) { Some(Optimizer::upstream(device)?) } else { None };
+        Ok(Optimizer { params, momentum: buf, buffers, taped })
+    }
+
+    /// The loss op's output gradient for the loss alone: [1, 0].
+    fn upstream(device: &Device) -> Result<Tensor> {
+        Ok(Tensor::new(&[1f32, 0.0], device)?)
     }
 
     fn state(&self) -> State {
@@ -156,12 +170,15 @@ impl Optimizer {
         self.state().into_iter().map(|(k, v)| (k, v.detach())).collect()
     }
 
-    fn step(&mut self, grads: &candle_core::backprop::GradStore, lr: f64, cfg: &TrainConfig) -> Result<()> {
-        let updates: Vec<(&str, &Var, &Tensor)> = self
-            .params
-            .iter()
-            .filter_map(|(name, var)| grads.get(var.as_tensor()).map(|g| (name.as_str(), var, g)))
-            .collect();
+    /// The SGD update of every parameter that has a gradient in `grad_of`.
+    fn step<'g>(
+        &mut self,
+        grad_of: impl Fn(&str, &Var) -> Option<&'g Tensor>,
+        lr: f64,
+        cfg: &TrainConfig,
+    ) -> Result<()> {
+        let updates: Vec<(&str, &Var, &Tensor)> =
+            self.params.iter().filter_map(|(name, var)| grad_of(name, var).map(|g| (name.as_str(), var, g))).collect();
         Sgd::of(cfg).update_vars(lr, &updates, &mut self.momentum)
     }
 }
@@ -190,8 +207,17 @@ impl Engine {
             None if crate::eval::cnn_fast(arch, device, path) => {
                 Ok(Engine::Cnn(CnnTrainer::new(arch, state, momentum.as_ref())?))
             }
-            None => Ok(Engine::Autograd(Optimizer::new(arch, state, momentum)?)),
+            None => Ok(Engine::Autograd(Optimizer::new(arch, state, momentum, device)?)),
         }
+    }
+
+    /// Takes the candle path's gradients from [`crate::backward`] on any device (a GPU's
+    /// engine does by default): for tests on the CPU.
+    #[cfg(test)]
+    pub(crate) fn use_taped_backward(&mut self, device: &Device) -> Result<()> {
+        let Engine::Autograd(opt) = self else { bail!("only the candle path has a backward pass to choose") };
+        opt.taped = Some(Optimizer::upstream(device)?);
+        Ok(())
     }
 
     /// The weights and buffers, detached from any graph.
@@ -260,10 +286,21 @@ impl Engine {
             bail!("step_on_device is the candle path's; this engine runs on the CPU's fast path")
         };
         let mut bn_updates = Vec::new();
-        let logits = arch.forward(&opt.state(), x, BnMode::Train(&mut bn_updates))?;
-        let (loss, correct) = loss_and_correct(&logits, y)?;
-        let grads = loss.backward()?;
-        opt.step(&grads, lr, cfg)?;
+        let (loss, correct) = match &opt.taped {
+            Some(upstream) => {
+                let (loss, correct, grads) =
+                    arch.loss_and_gradients(&opt.detached_state(), x, y, upstream, &mut bn_updates)?;
+                opt.step(|name, _| grads.get(name), lr, cfg)?;
+                (loss, correct)
+            }
+            None => {
+                let logits = arch.forward(&opt.state(), x, BnMode::Train(&mut bn_updates))?;
+                let (loss, correct) = loss_and_correct(&logits, y)?;
+                let grads = loss.backward()?;
+                opt.step(|_, var| grads.get(var.as_tensor()), lr, cfg)?;
+                (loss, correct)
+            }
+        };
         for (name, t) in bn_updates {
             opt.buffers.insert(name, t.detach());
         }

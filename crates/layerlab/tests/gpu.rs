@@ -126,6 +126,32 @@ fn training_steps_match_the_cpu() {
     }
 }
 
+/// The GPU's training steps take their gradients from `layerlab::backward` (a tape, no candle
+/// graph); with it switched off they come from candle's autograd, through the same kernels. Both
+/// give the same weights, value for value (a zero's sign aside), after two steps.
+#[test]
+fn the_taped_backward_pass_gives_candles_autograd_values() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let Some(gpu) = gpu("the_taped_backward_pass_gives_candles_autograd_values") else { return };
+    for (arch, input) in networks() {
+        let initial = arch.initial_state(7, &Device::Cpu).unwrap();
+        let taped = trained(&arch, input, &initial, &gpu, 2);
+        layerlab::backward::ENABLED.store(false, Relaxed);
+        let autograd = trained(&arch, input, &initial, &gpu, 2);
+        layerlab::backward::ENABLED.store(true, Relaxed);
+        let differing: Vec<String> = taped
+            .iter()
+            .filter_map(|(name, t)| {
+                let (a, b) = (values(t), values(&autograd[name]));
+                let n = a.iter().zip(&b).filter(|(x, y)| x != y).count();
+                (n > 0)
+                    .then(|| format!("{name}: {n} of {} values (relative gap {:.1e})", a.len(), relative_gap(&b, &a)))
+            })
+            .collect();
+        assert!(differing.is_empty(), "{}, taped against autograd:\n{}", arch.name, differing.join("\n"));
+    }
+}
+
 #[test]
 fn two_gpu_runs_give_the_same_bytes() {
     let Some(gpu) = gpu("two_gpu_runs_give_the_same_bytes") else { return };

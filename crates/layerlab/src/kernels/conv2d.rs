@@ -53,6 +53,53 @@ pub fn conv2d_bias(x: &Tensor, weight: &Tensor, bias: &Tensor, padding: usize, s
     Ok(conv2d(x, weight, padding, stride)?.broadcast_add(&bias.reshape((1, (), 1, 1))?)?)
 }
 
+/// The gradients of [`conv2d`] (`bias` `None`) or [`conv2d_bias`] at input `x`, from the
+/// output's gradient `grad`: the input's (only when `need_input`: the images entering the first
+/// layer need none), the weight's and the bias's. The same kernels, called the same way, as the
+/// backward pass candle's autograd runs for those ops on the same device, so the same values:
+/// this is the convolution's step of [`crate::backward`].
+pub fn conv2d_backward(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    grad: &Tensor,
+    (padding, stride): (usize, usize),
+    need_input: bool,
+) -> Result<(Option<Tensor>, Tensor, Option<Tensor>)> {
+    let fast = fast_path_applies(x, weight, padding, stride);
+    let grad_bias = match bias {
+        None => None,
+        // The fused op's (`Conv2d` as a CustomOp3): one pass of our own.
+        Some(b) if fast && b.dtype() == DType::F32 && b.device().is_cpu() => {
+            Some(grad.apply_op1_no_bwd(&layers::ChannelSum)?.reshape(b.shape())?)
+        }
+        // A broadcast add's, as candle computes it: a sum over the dimensions it broadcast.
+        Some(b) => {
+            let dims = [0, 2, 3].into_iter().filter(|&d| grad.dims().get(d) != Some(&1)).collect::<Vec<_>>();
+            Some(grad.sum_keepdim(dims)?.reshape(b.shape())?)
+        }
+    };
+    let (_, _, h, w) = x.dims4()?;
+    let k = weight.dim(2)?;
+    #[cfg(feature = "cuda")]
+    if super::cudnn::applies(x, weight) {
+        let grad = grad.contiguous()?;
+        let grad_x =
+            if need_input { Some(super::cudnn::grad_input(&grad, weight, padding, stride, (h, w))?) } else { None };
+        return Ok((grad_x, super::cudnn::grad_weight(x, &grad, padding, stride, k)?, grad_bias));
+    }
+    if !fast {
+        anyhow::bail!(
+            "the convolution of {:?} by {:?} runs as candle's own op, whose gradient only candle's autograd computes",
+            x.dims(),
+            weight.dims()
+        )
+    }
+    let grad = grad.contiguous()?;
+    let grad_x = if need_input { Some(conv2d_grad_input(&grad, weight, padding, stride, (h, w))?) } else { None };
+    Ok((grad_x, conv2d_grad_weight(x, &grad, padding, stride, k)?, grad_bias))
+}
+
 /// The input gradient of [`conv2d`] alone: `grad` [n, cout, ho, wo] and `weight` [cout, cin, k, k]
 /// to [n, cin, h, w], for an input of `h` × `w`. Timed by `layerlab-bench profile`.
 pub fn conv2d_grad_input(

@@ -150,8 +150,9 @@ pub fn max_pool2(s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorag
     let (ho, wo) = (h / 2, w / 2);
     let x = f32_values(s, l)?;
     let dev = s.device.clone();
-    // SAFETY: the kernel writes every value.
-    let mut y = unsafe { dev.alloc::<f32>(n * c * ho * wo)? };
+    // SAFETY: the kernel writes every value. (Every buffer here holds at least one value: an
+    // allocation of none fails on CUDA, where the CPU op returns an empty tensor.)
+    let mut y = unsafe { dev.alloc::<f32>((n * c * ho * wo).max(1))? };
     let (planes, h32, w32) = ((n * c) as u32, h as u32, w as u32);
     let func = dev.get_or_load_custom_func("max_pool2_forward", MODULE, ptx()?)?;
     let mut launch = func.builder();
@@ -180,7 +181,7 @@ pub fn max_pool2_grad(
     let (x, g) = (f32_values(xs, xl)?, f32_values(gs, gl)?);
     let dev = xs.device.clone();
     // SAFETY: the kernel writes every value.
-    let mut dx = unsafe { dev.alloc::<f32>(n * c * h * w)? };
+    let mut dx = unsafe { dev.alloc::<f32>((n * c * h * w).max(1))? };
     let (planes, h32, w32) = ((n * c) as u32, h as u32, w as u32);
     let func = dev.get_or_load_custom_func("max_pool2_backward", MODULE, ptx()?)?;
     let mut launch = func.builder();
@@ -213,7 +214,7 @@ pub fn gather_batch(
     let positions = positions.as_cuda_slice::<u32>()?.slice(lp.start_offset()..lp.start_offset() + n);
     let total = n * c * h * w;
     // SAFETY: the kernel writes every value.
-    let mut out = unsafe { dev.alloc::<f32>(total)? };
+    let mut out = unsafe { dev.alloc::<f32>(total.max(1))? };
     let (n32, c32, h32, w32) = (n as u32, c as u32, h as u32, w as u32);
     let func = dev.get_or_load_custom_func("gather_batch", MODULE, ptx()?)?;
     let mut launch = func.builder();
@@ -240,7 +241,7 @@ fn elementwise(
     n: usize,
 ) -> candle_core::Result<cudarc::driver::CudaSlice<f32>> {
     // SAFETY: the kernel writes every value.
-    let mut out = unsafe { dev.alloc::<f32>(n)? };
+    let mut out = unsafe { dev.alloc::<f32>(n.max(1))? };
     let n32 = n as u32;
     let func = dev.get_or_load_custom_func(name, MODULE, ptx()?)?;
     {
@@ -294,7 +295,7 @@ pub fn channel_affine(
     let total = xl.shape().elem_count();
     let dev = xs.device.clone();
     // SAFETY: the kernel writes every value.
-    let mut y = unsafe { dev.alloc::<f32>(total)? };
+    let mut y = unsafe { dev.alloc::<f32>(total.max(1))? };
     let (total32, c32, hw32, relu32) = (total as u32, c as u32, (h * w).max(1) as u32, relu as i32);
     let func = dev.get_or_load_custom_func("channel_affine", MODULE, ptx()?)?;
     let mut launch = func.builder();
@@ -370,7 +371,7 @@ impl candle_core::CustomOp3 for RunningStats {
         let (m, v, b) = (f32_values(ms, ml)?, f32_values(vs, vl)?, f32_values(bs, bl)?);
         let dev = ms.device.clone();
         // SAFETY: the kernel writes every value.
-        let mut out = unsafe { dev.alloc::<f32>(2 * c)? };
+        let mut out = unsafe { dev.alloc::<f32>((2 * c).max(1))? };
         let (c32, keep, take) = (c as u32, (1.0 - self.momentum) as f32, self.momentum as f32);
         let func = dev.get_or_load_custom_func("running_stats", MODULE, ptx()?)?;
         let mut launch = func.builder();

@@ -370,8 +370,12 @@ impl CustomOp2 for CudnnConv {
             Pass::GradInput { .. } => (g.x, plan.grad_input.1),
             Pass::GradWeight { .. } => (g.w, plan.grad_weight.1),
         };
+        // cuDNN is told the shapes; a gradient of another shape would be read out of bounds.
         if matches!(self.pass, Pass::GradInput { .. }) && d1 != g.y().map(|v| v as usize) {
             bail!("cuDNN input gradient: gradient {d1:?} does not match the output {:?}", g.y())
+        }
+        if matches!(self.pass, Pass::GradWeight { .. }) && d2 != g.y().map(|v| v as usize) {
+            bail!("cuDNN weight gradient: gradient {d2:?} does not match the output {:?}", g.y())
         }
         let out_dims = out_dims.map(|v| v as usize);
         let algo = match self.pass {
@@ -380,7 +384,7 @@ impl CustomOp2 for CudnnConv {
             Pass::GradWeight { .. } => Algo::GradWeight(plan.grad_weight.0),
         };
         // SAFETY: every value of `out` is written by cuDNN (beta = 0) before anyone reads it.
-        let mut out: CudaSlice<f32> = unsafe { dev.alloc::<f32>(out_dims.iter().product())? };
+        let mut out: CudaSlice<f32> = unsafe { dev.alloc::<f32>(out_dims.iter().product::<usize>().max(1))? };
         run(&dev, &plan, algo, &a, &b, &mut out, workspace_bytes)?;
         Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(out_dims.to_vec())))
     }
@@ -570,7 +574,7 @@ pub fn batch_norm_applies(x: &Tensor) -> bool {
 /// (spatial mode, whose backward pass has no atomics), followed by a ReLU when `relu`: the
 /// output, with gradients to all three, and the batch statistics it normalised with, as one
 /// [2c] tensor with no gradient: the mean, then the unbiased variance (what running statistics
-/// take).
+/// take); and the op, for a backward pass without candle's graph ([`crate::backward`]).
 ///
 /// As candle ops this is about a dozen kernels forward and twenty backward per layer; here one
 /// each way (two with the ReLU). The op's output is `y` itself, so candle's backward pass meets
@@ -583,13 +587,13 @@ pub fn batch_norm_train(
     bias: &Tensor,
     eps: f64,
     relu: bool,
-) -> candle_core::Result<(Tensor, Tensor)> {
+) -> candle_core::Result<(Tensor, Tensor, super::KeptOp3)> {
     let c = x.dims4()?.1;
     let stats = Arc::new(Mutex::new(None));
-    let op = BatchNormTrain { eps, relu, stats: stats.clone() };
-    let y = x.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)?;
+    let op: super::KeptOp3 = Arc::new(Box::new(BatchNormTrain { eps, relu, stats: stats.clone() }));
+    let y = x.contiguous()?.apply_op3_arc(&weight.contiguous()?, &bias.contiguous()?, op.clone())?;
     let stats = x.apply_op1_no_bwd(&Kept { stats, len: 2 * c })?;
-    Ok((y, stats))
+    Ok((y, stats, op))
 }
 
 /// The batch statistics a [`BatchNormTrain`] forward pass left, as the output of an op of their
@@ -674,11 +678,14 @@ impl CustomOp3 for BatchNormTrain {
     ) -> candle_core::Result<(CudaStorage, Shape)> {
         let dims = dims4(xl.dims())?;
         let (c, values) = (dims[1], dims.iter().product::<usize>());
+        if wl.shape().elem_count() != c || bl.shape().elem_count() != c {
+            bail!("BatchNorm: weight {:?} and bias {:?} for {c} channels", wl.dims(), bl.dims())
+        }
         let (x, w, b) = (f32_values(xs, xl)?, f32_values(ws, wl)?, f32_values(bs, bl)?);
         let dev = xs.device.clone();
         let stream = dev.cuda_stream();
         // SAFETY: cuDNN writes every value of y (beta = 0).
-        let mut y: CudaSlice<f32> = unsafe { dev.alloc::<f32>(values)? };
+        let mut y: CudaSlice<f32> = unsafe { dev.alloc::<f32>(values.max(1))? };
         // The statistics are written as running averages with factor 1 (old · 0 + new): they
         // must start as numbers, not whatever the memory held.
         let mut stats: CudaSlice<f32> = dev.alloc_zeros::<f32>(2 * c)?;
@@ -781,6 +788,9 @@ impl CustomOp3 for BatchNormGrad {
         let (c, values) = (dims[1], dims.iter().product::<usize>());
         if gl.shape().elem_count() != values {
             bail!("BatchNorm gradient: {} values for an input of {dims:?}", gl.shape().elem_count())
+        }
+        if wl.shape().elem_count() != c {
+            bail!("BatchNorm gradient: weight {:?} for {c} channels", wl.dims())
         }
         let (x, g, w) = (f32_values(xs, xl)?, f32_values(gs, gl)?, f32_values(ws, wl)?);
         let dev = xs.device.clone();

@@ -51,6 +51,19 @@ pub fn max_pool2(x: &Tensor) -> candle_core::Result<Tensor> {
     }
 }
 
+/// The input gradient of [`max_pool2`] at input `x` (as its backward pass computes it: each
+/// output's gradient to the first maximum of its window).
+pub(crate) fn max_pool2_grad(x: &Tensor, grad: &Tensor) -> candle_core::Result<Tensor> {
+    if !(fast(x) || (cfg!(feature = "cuda") && x.device().is_cuda() && x.dtype() == DType::F32)) || x.rank() != 4 {
+        bail!(
+            "max-pool gradient: {:?} {:?} is pooled by candle's own op, whose gradient only candle's autograd computes",
+            x.dtype(),
+            x.dims()
+        )
+    }
+    x.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &MaxPool2Grad)
+}
+
 /// Sum over n, h and w of an [n, c, h, w] tensor: [c] (no gradient).
 pub(super) struct ChannelSum;
 

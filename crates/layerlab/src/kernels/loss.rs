@@ -18,6 +18,13 @@ pub fn loss_and_correct(logits: &Tensor, labels: &Tensor) -> candle_core::Result
     Ok((out.get(0)?, out.get(1)?.detach()))
 }
 
+/// The gradient of [`loss_and_correct`]'s loss with respect to `logits`, for an upstream
+/// gradient `upstream` of the op's packed [loss, count] output ([1, 0] for the loss itself): its
+/// backward pass, called without candle's graph ([`crate::backward`]).
+pub fn logits_grad(logits: &Tensor, labels: &Tensor, upstream: &Tensor) -> candle_core::Result<Tensor> {
+    logits.contiguous()?.apply_op3_no_bwd(&labels.contiguous()?, &upstream.contiguous()?, &CrossEntropyGrad)
+}
+
 /// Whether [`loss_and_correct`] takes these operands: f32 logits [n, k] and u32 labels [n], on
 /// the CPU or (with the `cuda` feature) a GPU.
 pub fn applies(logits: &Tensor, labels: &Tensor) -> bool {

@@ -34,7 +34,11 @@ pub mod loss;
 pub mod norm;
 pub mod pixels;
 
-pub use conv2d::{conv2d, conv2d_bias, conv2d_candle, conv2d_grad_input, conv2d_grad_weight};
+pub use conv2d::{conv2d, conv2d_backward, conv2d_bias, conv2d_candle, conv2d_grad_input, conv2d_grad_weight};
+
+/// A custom op kept after its forward pass so that its backward pass can be called without
+/// candle's autograd graph (see [`crate::backward`]): the same object candle's graph would hold.
+pub type KeptOp3 = std::sync::Arc<Box<dyn candle_core::CustomOp3 + Send + Sync>>;
 
 /// Runs `f` compiled for AVX2 when the CPU has it (and as it is otherwise).
 ///

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{built_in_pieces, f32_data, kept_or_zero, vectorized, Piece};
+use super::{built_in_pieces, f32_data, kept_or_zero, vectorized, KeptOp3, Piece};
 
 /// Whether the fused ops handle this activation tensor.
 pub fn applies(x: &Tensor) -> bool {
@@ -28,22 +28,24 @@ pub fn batch_stats(x: &Tensor) -> candle_core::Result<Tensor> {
 /// statistics it normalised with, as [`batch_stats`] gives them (a [2, c] tensor, no gradient),
 /// computed once: the forward pass keeps them for the backward pass, so neither pass recomputes
 /// them. The ReLU inside the op saves a separate node, whose gradient candle would accumulate
-/// into a fresh zero tensor.
+/// into a fresh zero tensor. The op itself comes back too, for a backward pass without candle's
+/// graph ([`crate::backward`]).
 pub fn train(
     x: &Tensor,
     weight: &Tensor,
     bias: &Tensor,
     eps: f64,
     relu: bool,
-) -> candle_core::Result<(Tensor, Tensor)> {
+) -> candle_core::Result<(Tensor, Tensor, KeptOp3)> {
     let kept = Arc::new(Mutex::new(None));
-    let y = x.apply_op3(weight, bias, Train { eps, relu, kept: kept.clone() })?;
+    let op: KeptOp3 = Arc::new(Box::new(Train { eps, relu, kept: kept.clone() }));
+    let y = x.apply_op3_arc(weight, bias, op.clone())?;
     let Some(k) = kept.lock().expect("BatchNorm statistics lock").clone() else {
         bail!("BatchNorm forward pass kept no statistics")
     };
     let stats = k.stats.iter().map(|s| s.0 as f32).chain(k.stats.iter().map(|s| s.1 as f32)).collect::<Vec<_>>();
     let c = k.stats.len();
-    Ok((y, Tensor::from_vec(stats, (2, c), x.device())?))
+    Ok((y, Tensor::from_vec(stats, (2, c), x.device())?, op))
 }
 
 /// `x · scale + shift` per channel, then a ReLU when `relu`, without gradient (evaluation-mode
@@ -666,7 +668,7 @@ mod tests {
         }
         // Some outputs are clipped, or the test proves nothing about the mask.
         assert!(fused[0].flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().filter(|v| **v == 0.0).count() > 10);
-        let (_, kept) = train(&x, &weight, &bias, 1e-5, true).unwrap();
+        let (_, kept, _) = train(&x, &weight, &bias, 1e-5, true).unwrap();
         let direct = batch_stats(&x).unwrap();
         assert!(
             kept.flatten_all().unwrap().to_vec1::<f32>().unwrap()
