@@ -6,6 +6,9 @@
 //! batch, weights within 1e-4 relative), the same bytes from two GPU runs, evaluation within
 //! rounding of the CPU's, and the CPU's bits from the kernels that do no arithmetic beyond
 //! single roundings (batch gather, ReLU, evaluation-mode BatchNorm).
+//!
+//! Two need no GPU and run in CI's CUDA build: the kernels' source compiles with NVRTC, and a
+//! count too large for the kernels' 32-bit indices is refused.
 
 use candle_core::{DType, Device, Tensor};
 use layerlab::config::{ModelConfig, TrainConfig};
@@ -272,6 +275,40 @@ fn the_sgd_kernel_updates_every_tensor_as_the_cpu_does() {
     for (k, n) in sizes.iter().enumerate() {
         assert!(cpu.0[k] == on_gpu.0[k], "tensor {k} ({n} values): parameters differ");
         assert!(cpu.1[k] == on_gpu.1[k], "tensor {k}: momentum buffers differ");
+    }
+}
+
+/// layerlab's CUDA source compiles with NVRTC as it does at run time on a GPU, and the PTX has
+/// an entry for every kernel in the source. NVRTC is a compiler library, so this needs no GPU:
+/// CI runs this test alone, with the toolkit's libraries on `LD_LIBRARY_PATH` (`.ci/run`);
+/// `nvcc` alone is a different compiler, with the toolkit's headers included.
+#[cfg(feature = "cuda")]
+#[test]
+fn the_cuda_kernels_compile_with_nvrtc() {
+    use layerlab::kernels::cuda;
+    let ptx = cuda::ptx().unwrap();
+    let kernels: Vec<&str> =
+        cuda::SOURCE.split("__global__ void ").skip(1).map(|rest| rest.split('(').next().unwrap().trim()).collect();
+    assert!(kernels.len() >= 10, "found only {kernels:?} in the source");
+    for name in &kernels {
+        assert!(ptx.contains(&format!(".entry {name}(")), "no PTX entry for kernel {name}");
+    }
+    eprintln!("NVRTC compiled {} kernels: {}", kernels.len(), kernels.join(", "));
+}
+
+/// A kernel's count past what 32-bit indices reach is an error naming the setting to lower, not a
+/// count that wraps and leaves most of a tensor unwritten. Needs no GPU either.
+#[cfg(feature = "cuda")]
+#[test]
+fn kernel_counts_past_32_bits_are_refused() {
+    use layerlab::kernels::cuda::{launch_count, MAX_VALUES};
+    assert_eq!(launch_count(MAX_VALUES).unwrap() as usize, MAX_VALUES);
+    // The last index of a grid rounded up to whole blocks of 1024, and one more stride of the SGD
+    // kernel's grid-stride loop (at most 1024 blocks of 256), stay below 2^32.
+    assert!(MAX_VALUES + 1024 < u32::MAX as usize && MAX_VALUES + 1024 * 256 < u32::MAX as usize);
+    for too_many in [MAX_VALUES + 1, 1 << 32, (1 << 32) + 5] {
+        let said = launch_count(too_many).unwrap_err().to_string();
+        assert!(said.contains(&too_many.to_string()) && said.contains("train.batch_size"), "{said}");
     }
 }
 

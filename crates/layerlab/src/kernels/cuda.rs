@@ -29,14 +29,17 @@ use cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
 
 use crate::sgd::Sgd;
 
-const SOURCE: &str = include_str!("cuda.cu");
+/// The CUDA source of every kernel here.
+pub const SOURCE: &str = include_str!("cuda.cu");
 
 /// Off: the SGD update runs as candle tensor ops, to cross-check its kernel in the GPU tests.
 pub static SGD_ENABLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 
 const MODULE: &str = "layerlab";
 
-fn ptx() -> candle_core::Result<&'static str> {
+/// [`SOURCE`] compiled by NVRTC to PTX, once per process. NVRTC is a compiler library: this
+/// needs no GPU (a test runs it in CI).
+pub fn ptx() -> candle_core::Result<&'static str> {
     static PTX: OnceLock<Result<String, String>> = OnceLock::new();
     let compiled =
         PTX.get_or_init(|| cudarc::nvrtc::compile_ptx(SOURCE).map(|p| p.to_src()).map_err(|e| format!("{e:?}")));
@@ -44,6 +47,23 @@ fn ptx() -> candle_core::Result<&'static str> {
         Ok(ptx) => Ok(ptx),
         Err(e) => bail!("cannot compile layerlab's CUDA kernels with NVRTC: {e}"),
     }
+}
+
+/// The most values one launch of ours covers. The kernels index values with 32-bit integers, and
+/// an index past the end of a launch (a grid rounded up to whole blocks, or a grid-stride loop's
+/// last stride) must not wrap around: 2^20 below 2^32 leaves room for both.
+pub const MAX_VALUES: usize = u32::MAX as usize - (1 << 20);
+
+/// `n` values as a kernel's 32-bit count, or an error when there are more than [`MAX_VALUES`]:
+/// past it a count would wrap and the kernel silently cover only part of its tensor.
+pub fn launch_count(n: usize) -> candle_core::Result<u32> {
+    if n > MAX_VALUES {
+        bail!(
+            "a tensor of {n} values is more than layerlab's CUDA kernels cover in one launch ({MAX_VALUES}): \
+             lower train.batch_size or train.eval_batch_size"
+        )
+    }
+    Ok(n as u32)
 }
 
 /// Tensors per launch of `sgd_update_all` (its `SGD_TENSORS`): the table of pointers is passed
@@ -113,7 +133,7 @@ pub fn sgd_update_all(sgd: &Sgd, lr: f64, updates: &[(&Tensor, &Tensor, &Tensor)
             table.p[k] = address(p, "parameter")?;
             table.m[k] = address(m, "momentum buffer")?;
             table.g[k] = address(g, "gradient")?;
-            table.n[k] = p.elem_count() as u32;
+            table.n[k] = launch_count(p.elem_count())?;
             largest = largest.max(p.elem_count());
         }
         let config = LaunchConfig {
@@ -153,6 +173,7 @@ pub fn max_pool2(s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorag
     // SAFETY: the kernel writes every value. (Every buffer here holds at least one value: an
     // allocation of none fails on CUDA, where the CPU op returns an empty tensor.)
     let mut y = unsafe { dev.alloc::<f32>((n * c * ho * wo).max(1))? };
+    let outputs = launch_count(n * c * ho * wo)?;
     let (planes, h32, w32) = ((n * c) as u32, h as u32, w as u32);
     let func = dev.get_or_load_custom_func("max_pool2_forward", MODULE, ptx()?)?;
     let mut launch = func.builder();
@@ -162,8 +183,7 @@ pub fn max_pool2(s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorag
     launch.arg(&h32);
     launch.arg(&w32);
     // SAFETY: the arguments match the kernel's signature and the buffers' sizes.
-    unsafe { launch.launch(LaunchConfig::for_num_elems((n * c * ho * wo).max(1) as u32)) }
-        .map_err(candle_core::Error::wrap)?;
+    unsafe { launch.launch(LaunchConfig::for_num_elems(outputs.max(1))) }.map_err(candle_core::Error::wrap)?;
     Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from((n, c, ho, wo))))
 }
 
@@ -182,6 +202,7 @@ pub fn max_pool2_grad(
     let dev = xs.device.clone();
     // SAFETY: the kernel writes every value.
     let mut dx = unsafe { dev.alloc::<f32>((n * c * h * w).max(1))? };
+    let inputs = launch_count(n * c * h * w)?;
     let (planes, h32, w32) = ((n * c) as u32, h as u32, w as u32);
     let func = dev.get_or_load_custom_func("max_pool2_backward", MODULE, ptx()?)?;
     let mut launch = func.builder();
@@ -192,8 +213,7 @@ pub fn max_pool2_grad(
     launch.arg(&h32);
     launch.arg(&w32);
     // SAFETY: the arguments match the kernel's signature and the buffers' sizes.
-    unsafe { launch.launch(LaunchConfig::for_num_elems((n * c * h * w).max(1) as u32)) }
-        .map_err(candle_core::Error::wrap)?;
+    unsafe { launch.launch(LaunchConfig::for_num_elems(inputs.max(1))) }.map_err(candle_core::Error::wrap)?;
     Ok((CudaStorage::wrap_cuda_slice(dx, dev), xl.shape().clone()))
 }
 
@@ -215,6 +235,7 @@ pub fn gather_batch(
     let total = n * c * h * w;
     // SAFETY: the kernel writes every value.
     let mut out = unsafe { dev.alloc::<f32>(total.max(1))? };
+    let total32 = launch_count(total)?;
     let (n32, c32, h32, w32) = (n as u32, c as u32, h as u32, w as u32);
     let func = dev.get_or_load_custom_func("gather_batch", MODULE, ptx()?)?;
     let mut launch = func.builder();
@@ -229,7 +250,7 @@ pub fn gather_batch(
     // SAFETY: the arguments match the kernel's signature and the buffers' sizes. Positions are
     // not checked against N here (that would read them back): `resident` makes them from the
     // examples it holds.
-    unsafe { launch.launch(LaunchConfig::for_num_elems(total.max(1) as u32)) }.map_err(candle_core::Error::wrap)?;
+    unsafe { launch.launch(LaunchConfig::for_num_elems(total32.max(1))) }.map_err(candle_core::Error::wrap)?;
     Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((n, c, h, w))))
 }
 
@@ -240,9 +261,9 @@ fn elementwise(
     inputs: &[&cudarc::driver::CudaView<'_, f32>],
     n: usize,
 ) -> candle_core::Result<cudarc::driver::CudaSlice<f32>> {
+    let n32 = launch_count(n)?;
     // SAFETY: the kernel writes every value.
     let mut out = unsafe { dev.alloc::<f32>(n.max(1))? };
-    let n32 = n as u32;
     let func = dev.get_or_load_custom_func(name, MODULE, ptx()?)?;
     {
         let mut launch = func.builder();
@@ -253,7 +274,7 @@ fn elementwise(
         launch.arg(&n32);
         // SAFETY: the caller names a kernel taking these inputs, then the output and the count;
         // every buffer holds `n` f32s.
-        unsafe { launch.launch(LaunchConfig::for_num_elems(n.max(1) as u32)) }.map_err(candle_core::Error::wrap)?;
+        unsafe { launch.launch(LaunchConfig::for_num_elems(n32.max(1))) }.map_err(candle_core::Error::wrap)?;
     }
     Ok(out)
 }
@@ -296,7 +317,7 @@ pub fn channel_affine(
     let dev = xs.device.clone();
     // SAFETY: the kernel writes every value.
     let mut y = unsafe { dev.alloc::<f32>(total.max(1))? };
-    let (total32, c32, hw32, relu32) = (total as u32, c as u32, (h * w).max(1) as u32, relu as i32);
+    let (total32, c32, hw32, relu32) = (launch_count(total)?, c as u32, (h * w).max(1) as u32, relu as i32);
     let func = dev.get_or_load_custom_func("channel_affine", MODULE, ptx()?)?;
     let mut launch = func.builder();
     launch.arg(&x);
@@ -308,20 +329,19 @@ pub fn channel_affine(
     launch.arg(&hw32);
     launch.arg(&relu32);
     // SAFETY: the arguments match the kernel's signature and the buffers' sizes.
-    unsafe { launch.launch(LaunchConfig::for_num_elems(total.max(1) as u32)) }.map_err(candle_core::Error::wrap)?;
+    unsafe { launch.launch(LaunchConfig::for_num_elems(total32.max(1))) }.map_err(candle_core::Error::wrap)?;
     Ok((CudaStorage::wrap_cuda_slice(y, dev), xl.shape().clone()))
 }
 
 /// `max(y, 0)` over a buffer in place (`relu_forward`'s rule), queued on `dev`'s stream.
 pub fn relu_in_place(dev: &candle_core::CudaDevice, y: &mut cudarc::driver::CudaSlice<f32>) -> candle_core::Result<()> {
-    let n = y.len();
-    let n32 = n as u32;
+    let n32 = launch_count(y.len())?;
     let func = dev.get_or_load_custom_func("relu_in_place", MODULE, ptx()?)?;
     let mut launch = func.builder();
     launch.arg(y);
     launch.arg(&n32);
     // SAFETY: the arguments match the kernel's signature; the buffer holds `n` f32s.
-    unsafe { launch.launch(LaunchConfig::for_num_elems(n.max(1) as u32)) }.map_err(candle_core::Error::wrap)?;
+    unsafe { launch.launch(LaunchConfig::for_num_elems(n32.max(1))) }.map_err(candle_core::Error::wrap)?;
     Ok(())
 }
 
@@ -372,7 +392,8 @@ impl candle_core::CustomOp3 for RunningStats {
         let dev = ms.device.clone();
         // SAFETY: the kernel writes every value.
         let mut out = unsafe { dev.alloc::<f32>((2 * c).max(1))? };
-        let (c32, keep, take) = (c as u32, (1.0 - self.momentum) as f32, self.momentum as f32);
+        let (values, c32) = (launch_count(2 * c)?, c as u32);
+        let (keep, take) = ((1.0 - self.momentum) as f32, self.momentum as f32);
         let func = dev.get_or_load_custom_func("running_stats", MODULE, ptx()?)?;
         let mut launch = func.builder();
         launch.arg(&m);
@@ -383,8 +404,7 @@ impl candle_core::CustomOp3 for RunningStats {
         launch.arg(&keep);
         launch.arg(&take);
         // SAFETY: the arguments match the kernel's signature and the buffers' sizes.
-        unsafe { launch.launch(LaunchConfig::for_num_elems((2 * c).max(1) as u32)) }
-            .map_err(candle_core::Error::wrap)?;
+        unsafe { launch.launch(LaunchConfig::for_num_elems(values.max(1))) }.map_err(candle_core::Error::wrap)?;
         Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(2 * c)))
     }
 }
@@ -413,7 +433,7 @@ pub fn cross_entropy(
     // SAFETY: the kernels write every value.
     let (mut loss, mut right, mut out) =
         unsafe { (dev.alloc::<f32>(n.max(1))?, dev.alloc::<u32>(n.max(1))?, dev.alloc::<f32>(2)?) };
-    let (n32, k32) = (n as u32, k as u32);
+    let (n32, k32) = (launch_count(n)?, k as u32);
     let rows = dev.get_or_load_custom_func("cross_entropy_rows", MODULE, ptx()?)?;
     let mut launch = rows.builder();
     launch.arg(&x);
@@ -423,7 +443,7 @@ pub fn cross_entropy(
     launch.arg(&n32);
     launch.arg(&k32);
     // SAFETY: the arguments match the kernel's signature and the buffers' sizes.
-    unsafe { launch.launch(LaunchConfig::for_num_elems(n.max(1) as u32)) }.map_err(candle_core::Error::wrap)?;
+    unsafe { launch.launch(LaunchConfig::for_num_elems(n32.max(1))) }.map_err(candle_core::Error::wrap)?;
     let sum = dev.get_or_load_custom_func("cross_entropy_sum", MODULE, ptx()?)?;
     let mut launch = sum.builder();
     launch.arg(&loss);
@@ -453,7 +473,7 @@ pub fn cross_entropy_grad(
     let dev = xs.device.clone();
     // SAFETY: the kernel writes every value.
     let mut dx = unsafe { dev.alloc::<f32>((n * k).max(1))? };
-    let (n32, k32) = (n as u32, k as u32);
+    let (values, n32, k32) = (launch_count(n * k)?, n as u32, k as u32);
     let func = dev.get_or_load_custom_func("cross_entropy_grad", MODULE, ptx()?)?;
     let mut launch = func.builder();
     launch.arg(&x);
@@ -463,6 +483,6 @@ pub fn cross_entropy_grad(
     launch.arg(&n32);
     launch.arg(&k32);
     // SAFETY: the arguments match the kernel's signature and the buffers' sizes.
-    unsafe { launch.launch(LaunchConfig::for_num_elems((n * k).max(1) as u32)) }.map_err(candle_core::Error::wrap)?;
+    unsafe { launch.launch(LaunchConfig::for_num_elems(values.max(1))) }.map_err(candle_core::Error::wrap)?;
     Ok((CudaStorage::wrap_cuda_slice(dx, dev), xl.shape().clone()))
 }
