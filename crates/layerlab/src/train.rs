@@ -220,7 +220,10 @@ impl Engine {
         Ok(())
     }
 
-    /// The weights and buffers, detached from any graph.
+    /// The weights and buffers, detached from any graph. On the candle path they share the
+    /// `Var`s' memory, which the next step's SGD update writes in place (on a GPU through raw
+    /// addresses, see `kernels::cuda::sgd_update_all`): read them, or copy them, before the next
+    /// step. Every caller here does (a checkpoint, an evaluation, the resume file).
     pub fn state(&self, device: &Device) -> Result<State> {
         match self {
             Engine::Autograd(opt) => Ok(opt.detached_state()),

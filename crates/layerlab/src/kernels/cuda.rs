@@ -103,8 +103,9 @@ fn address(t: &Tensor, what: &str) -> candle_core::Result<u64> {
 ///
 /// The parameters and buffers are written through their addresses, not through candle: candle
 /// runs every op of a device on its one stream, in order, so no other kernel sees them
-/// half-written, and the tensors (`Var`s and buffers of their own) share their memory with no
-/// other tensor.
+/// half-written. Tensors that share a `Var`'s memory (`train::Engine::state`'s, as candle's
+/// `detach` shares it) see the update, as they would `Var::set`'s on the CPU: their callers read
+/// them before the next step.
 pub fn sgd_update_all(sgd: &Sgd, lr: f64, updates: &[(&Tensor, &Tensor, &Tensor)]) -> candle_core::Result<()> {
     let Some((first, _, _)) = updates.first() else { return Ok(()) };
     let candle_core::Device::Cuda(dev) = first.device() else { bail!("the CUDA SGD update was given CPU tensors") };
