@@ -141,6 +141,9 @@ impl Runner<'_> {
     }
 }
 
+/// A job with its 1-based place in the plan and its command line.
+type Numbered<'a> = (usize, &'a Job, Command);
+
 /// Runs every job that is not fresh: datasets first, then each (experiment, seed) chain of train →
 /// snapshot → reset-eval, up to `parallel` chains at once, then the aggregates (a sweep's after
 /// its points').
@@ -170,7 +173,8 @@ fn execute(
     let runner = Runner { layout, force, total: jobs.len(), ran: AtomicUsize::new(0) };
     // Command lines are made here, as the shell cannot be shared with the workers.
     let mut fetches = Vec::new();
-    let mut chains: BTreeMap<(String, u64), Vec<(usize, &Job, Command)>> = BTreeMap::new();
+    // Each experiment and seed's chain: train, snapshot, reset-eval, run in order.
+    let mut chains: BTreeMap<(String, u64), Vec<Numbered<'_>>> = BTreeMap::new();
     let mut aggregates = Vec::new();
     for (i, job) in jobs.iter().enumerate() {
         let argv = job.argv(&bins, config, layout, device);

@@ -384,7 +384,7 @@ fn profile(arch_name: &str, width_mult: f64, batch: usize, repeats: usize, dev: 
                 "input grad" => conv2d_grad_input(&grad, &weight, l.padding, l.stride, (h, w)),
                 _ => conv2d_grad_weight(&x, &grad, l.padding, l.stride, k),
             };
-            let ms = 1e3 * timed(repeats * 4, || Ok(run().map(drop).and_then(|()| Ok(dev.synchronize()?))?))?;
+            let ms = 1e3 * timed(repeats * 4, || run().map(drop).and_then(|()| Ok(dev.synchronize()?)))?;
             println!(
                 "{}",
                 json!({"layer": l.name, "shape": [batch, c, h, w], "out_channels": l.weight[0], "pass": pass, "ms": ms})

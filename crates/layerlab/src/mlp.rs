@@ -104,7 +104,7 @@ impl Params {
         };
         Ok(Params { weight: read("weight", d.outputs * d.inputs)?, bias: read("bias", d.outputs)? })
     }
-    fn into_state(&self, d: &Dense, state: &mut State, device: &Device) -> Result<()> {
+    fn insert_into(&self, d: &Dense, state: &mut State, device: &Device) -> Result<()> {
         let w = Tensor::from_slice(&self.weight, (d.outputs, d.inputs), device)?;
         let b = Tensor::from_slice(&self.bias, d.outputs, device)?;
         state.insert(format!("{}.weight", d.name), w);
@@ -338,7 +338,7 @@ impl MlpTrainer {
     pub fn state(&self, device: &Device) -> Result<State> {
         let mut s = State::new();
         for (d, p) in self.plan.layers.iter().zip(&self.params) {
-            p.into_state(d, &mut s, device)?;
+            p.insert_into(d, &mut s, device)?;
         }
         Ok(s)
     }
@@ -347,7 +347,7 @@ impl MlpTrainer {
     pub fn momentum(&self, device: &Device) -> Result<BTreeMap<String, Tensor>> {
         let mut s = BTreeMap::new();
         for (d, p) in self.plan.layers.iter().zip(&self.momentum) {
-            p.into_state(d, &mut s, device)?;
+            p.insert_into(d, &mut s, device)?;
         }
         Ok(s)
     }

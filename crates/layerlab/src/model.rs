@@ -566,6 +566,7 @@ impl Builder {
     }
 
     /// A conv unit (entry at the current top-level layer), returning its conv layer.
+    #[allow(clippy::too_many_arguments)] // a convolution's shape: each argument is one of its sizes
     fn conv_layer(
         &mut self,
         unit: &str,

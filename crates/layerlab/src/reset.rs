@@ -174,6 +174,7 @@ pub struct Variant {
 /// computing the shared prefix once per batch. With `calibration` (training batches), each
 /// variant's BatchNorm statistics from `entry` on are recomputed first, as an average over those
 /// batches.
+#[allow(clippy::too_many_arguments)]
 pub fn evaluate_variants(
     arch: &Architecture,
     trained: &State,

@@ -26,7 +26,7 @@ pub fn safetensors_bytes(
     }
     let mut head = serde_json::Value::Object(header).to_string().into_bytes();
     // The format pads the header with spaces to a multiple of 8 bytes.
-    while head.len() % 8 != 0 {
+    while !head.len().is_multiple_of(8) {
         head.push(b' ');
     }
     let mut out = Vec::with_capacity(8 + head.len() + offset);

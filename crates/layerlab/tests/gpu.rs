@@ -303,9 +303,6 @@ fn the_cuda_kernels_compile_with_nvrtc() {
 fn kernel_counts_past_32_bits_are_refused() {
     use layerlab::kernels::cuda::{launch_count, MAX_VALUES};
     assert_eq!(launch_count(MAX_VALUES).unwrap() as usize, MAX_VALUES);
-    // The last index of a grid rounded up to whole blocks of 1024, and one more stride of the SGD
-    // kernel's grid-stride loop (at most 1024 blocks of 256), stay below 2^32.
-    assert!(MAX_VALUES + 1024 < u32::MAX as usize && MAX_VALUES + 1024 * 256 < u32::MAX as usize);
     for too_many in [MAX_VALUES + 1, 1 << 32, (1 << 32) + 5] {
         let said = launch_count(too_many).unwrap_err().to_string();
         assert!(said.contains(&too_many.to_string()) && said.contains("train.batch_size"), "{said}");

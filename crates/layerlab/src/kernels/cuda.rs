@@ -53,6 +53,9 @@ pub fn ptx() -> candle_core::Result<&'static str> {
 /// an index past the end of a launch (a grid rounded up to whole blocks, or a grid-stride loop's
 /// last stride) must not wrap around: 2^20 below 2^32 leaves room for both.
 pub const MAX_VALUES: usize = u32::MAX as usize - (1 << 20);
+// The widest overshoot: a grid rounded up by one block of 1024, or the SGD kernel's grid-stride
+// loop taking one more stride (at most 1024 blocks of 256 threads).
+const _: () = assert!(MAX_VALUES + 1024 * 256 < u32::MAX as usize);
 
 /// `n` values as a kernel's 32-bit count, or an error when there are more than [`MAX_VALUES`]:
 /// past it a count would wrap and the kernel silently cover only part of its tensor.
