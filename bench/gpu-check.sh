@@ -9,6 +9,7 @@
 #
 # Checks (default: all, in this order): tests, resume, bench, quick, fcn, profile; on request also
 # no-gpu (a CUDA build with no GPU visible: CPU under `auto`, a clear refusal under `cuda`),
+# autograd (bench's layerlab side with training steps through candle's autograd, not the tape),
 # vgg and resnet (the shipped experiments, three seeds, docs/gpu.toml),
 # gaps (where GPU training steps part from the CPU's, kernel by kernel) and survey (every cuDNN
 # algorithm of every convolution, timed, to $OUT/cudnn-survey.jsonl). Each has a time limit, so that
@@ -123,8 +124,20 @@ for check in "${checks[@]}"; do
     for width in ${BENCH_WIDTHS:-0.25 1}; do
       for arch in vgg11 resnet18; do
         step "bench $arch width $width"
-        timeout 90 "$bin/layerlab-bench" cnn --arch $arch --width-mult $width --device cuda --steps 10 --repeats 3
+        # A training step through layerlab's tape (backward.rs); should it fail on this GPU, the
+        # same step through candle's autograd, so that the call still measures something.
+        timeout 90 "$bin/layerlab-bench" cnn --arch $arch --width-mult $width --device cuda --steps 10 --repeats 3 ||
+          timeout 90 "$bin/layerlab-bench" cnn --arch $arch --width-mult $width --device cuda --steps 10 --repeats 3 --autograd
         timeout 90 python3 bench/pytorch_bench.py ${arch%%[0-9]*} --width $width --device cuda --steps 10 --repeats 3
+      done
+    done
+    ;;
+  autograd)
+    # What the tape saves: training steps through candle's autograd, same kernels otherwise.
+    for width in ${BENCH_WIDTHS:-0.25 1}; do
+      for arch in vgg11 resnet18; do
+        step "bench $arch width $width, candle's autograd"
+        timeout 90 "$bin/layerlab-bench" cnn --arch $arch --width-mult $width --device cuda --steps 10 --repeats 3 --autograd
       done
     done
     ;;

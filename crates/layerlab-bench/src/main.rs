@@ -53,6 +53,11 @@ enum Command {
         /// Where to compute: cpu, cuda or cuda:N (a GPU needs a binary built with `--features cuda`).
         #[arg(long, default_value = "cpu")]
         device: layerlab::device::DeviceChoice,
+        /// On a GPU, take each training step's gradients from candle's autograd instead of
+        /// layerlab's tape (`layerlab::backward`): what the tape saves, measured, and a way on if
+        /// the tape fails on a GPU.
+        #[arg(long)]
+        autograd: bool,
     },
     /// Milliseconds of each convolution's forward pass, input gradient and weight gradient, then
     /// of a whole training step (`bench/pytorch_bench.py profile` prints PyTorch's), then of each
@@ -123,9 +128,16 @@ fn main() -> std::process::ExitCode {
 
 fn run(flags: Flags) -> Result<()> {
     match flags.command {
-        Command::Cnn { arch, width_mult, batch, eval_batch, steps, repeats, device } => {
+        Command::Cnn { arch, width_mult, batch, eval_batch, steps, repeats, device, autograd } => {
             let (device, description) = layerlab::device::select(device)?;
             eprintln!("computing on {description}");
+            if autograd {
+                if !device.is_cuda() {
+                    bail!("--autograd is for a GPU: the CPU trains on its fast path")
+                }
+                layerlab::backward::ENABLED.store(false, std::sync::atomic::Ordering::Relaxed);
+                eprintln!("training steps through candle's autograd, not layerlab's tape");
+            }
             cnn(&arch, width_mult, batch, eval_batch, steps, repeats, &device)
         }
         Command::Profile { arch, width_mult, batch, repeats, device } => {
@@ -420,6 +432,8 @@ fn cnn(
     dev: &Device,
 ) -> Result<()> {
     let (arch, label) = bench_arch(arch_name, width_mult)?;
+    // A GPU's steps through candle's autograd (`--autograd`) are another workload than the tape's.
+    let label = if dev.is_cuda() && !layerlab::backward::used_on(dev) { format!("{label}-autograd") } else { label };
     let (t, engine) = train_step_seconds(&arch, batch, steps, repeats, dev)?;
     emit(&label, "train throughput", (batch * steps) as f64 / t, "images/s", Some(train_flops(&arch)?));
 

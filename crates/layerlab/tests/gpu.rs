@@ -20,16 +20,34 @@ use layerlab::resident::ResidentSplit;
 use layerlab::train::Engine;
 use rand_core::RngCore;
 
+/// The GPU, held by one test at a time: some tests switch layerlab's GPU kernels off and back on
+/// (process-wide switches such as `backward::ENABLED`), and a test running beside them would
+/// train with the switch off. So `cargo test` needs no `--test-threads 1` to be right.
+struct Gpu {
+    device: Device,
+    _turn: std::sync::MutexGuard<'static, ()>,
+}
+
+impl std::ops::Deref for Gpu {
+    type Target = Device;
+    fn deref(&self) -> &Device {
+        &self.device
+    }
+}
+
 /// The GPU, or `None` with the reason printed.
-fn gpu(test: &str) -> Option<Device> {
+fn gpu(test: &str) -> Option<Gpu> {
+    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
     if !HAS_CUDA {
         eprintln!("SKIPPED {test}: this build has no CUDA (run `cargo xtask test --gpu`)");
         return None;
     }
+    // A test that failed while holding the GPU poisons the lock; the others still run.
+    let turn = TURN.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     match select(DeviceChoice::Cuda(0)) {
         Ok((device, description)) => {
             eprintln!("{test}: on {description}");
-            Some(device)
+            Some(Gpu { device, _turn: turn })
         }
         Err(why) => {
             eprintln!("SKIPPED {test}: no GPU visible ({why:#})");
@@ -311,7 +329,7 @@ fn kernel_counts_past_32_bits_are_refused() {
 
 #[test]
 fn auto_picks_the_gpu() {
-    let Some(_) = gpu("auto_picks_the_gpu") else { return };
+    let Some(_gpu) = gpu("auto_picks_the_gpu") else { return };
     let (device, description) = select(DeviceChoice::Auto).unwrap();
     assert!(device.is_cuda(), "auto chose {description} with a GPU visible");
     assert!(description.starts_with("cuda:0"), "{description}");
