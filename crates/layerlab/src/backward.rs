@@ -31,8 +31,17 @@ pub static ENABLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBoo
 /// Whether training steps on `device` take their gradients from here: on a GPU (where candle's
 /// overhead per node is launches), unless [`ENABLED`] is off. The CPU's training runs on the fast
 /// paths ([`crate::mlp`], [`crate::cnn`]); its candle path stays candle's autograd, the reference.
+///
+/// The tape calls the gradients of layerlab's own GPU convolution and BatchNorm ops; with either
+/// switched off (the GPU tests' cross-checks) those layers are candle's ops, whose gradients only
+/// candle's autograd computes, so the step is autograd's.
 pub fn used_on(device: &candle_core::Device) -> bool {
-    device.is_cuda() && ENABLED.load(std::sync::atomic::Ordering::Relaxed)
+    use std::sync::atomic::Ordering::Relaxed;
+    #[cfg(feature = "cuda")]
+    let own_ops = kernels::cudnn::ENABLED.load(Relaxed) && kernels::cudnn::BATCH_NORM_ENABLED.load(Relaxed);
+    #[cfg(not(feature = "cuda"))]
+    let own_ops = true;
+    device.is_cuda() && ENABLED.load(Relaxed) && own_ops
 }
 
 /// What one layer of a forward pass keeps for its gradient.

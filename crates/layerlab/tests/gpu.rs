@@ -263,6 +263,21 @@ fn relu_and_evaluation_batch_norm_kernels_give_the_cpus_bits() {
     assert!(grad(&Device::Cpu) == grad(&gpu), "ReLU gradient");
 }
 
+/// A batch of one at a 1×1 BatchNorm (one value per channel): the batch statistics are the values
+/// and a variance of 0, as the CPU's rule gives (cuDNN's unbiased variance divides by N − 1 = 0),
+/// and the output is the bias.
+#[cfg(feature = "cuda")]
+#[test]
+fn batch_norm_over_one_value_per_channel_has_a_variance_of_zero() {
+    let Some(gpu) = gpu("batch_norm_over_one_value_per_channel_has_a_variance_of_zero") else { return };
+    let channels = |v: [f32; 3]| Tensor::new(&v, &gpu).unwrap();
+    let x = channels([0.5, -1.25, 2.0]).reshape((1, 3, 1, 1)).unwrap();
+    let (weight, bias) = (channels([1.5, 0.5, 2.0]), channels([0.25, -0.75, 1.0]));
+    let (y, stats, _) = layerlab::kernels::cudnn::batch_norm_train(&x, &weight, &bias, 1e-5, false).unwrap();
+    assert_eq!(stats.to_vec1::<f32>().unwrap(), [0.5, -1.25, 2.0, 0.0, 0.0, 0.0]);
+    assert_eq!(y.flatten_all().unwrap().to_vec1::<f32>().unwrap(), [0.25, -0.75, 1.0]);
+}
+
 /// The one-launch SGD update of 40 tensors (two launches of the kernel's 32), Nesterov and weight
 /// decay on, against candle's ops on the CPU: the same bits.
 #[test]
@@ -336,7 +351,8 @@ fn auto_picks_the_gpu() {
 }
 
 /// Where the GPU's training steps part from the CPU's, tensor by tensor, with each of layerlab's
-/// GPU kernels on and off (`cargo xtask test --gpu -- --ignored`).
+/// GPU kernels on and off (`cargo xtask test --gpu -- --ignored`). With cuDNN's convolution or
+/// BatchNorm off, the steps are candle's autograd (`backward::used_on`).
 #[cfg(feature = "cuda")]
 #[test]
 #[ignore]

@@ -725,6 +725,11 @@ impl CustomOp3 for BatchNormTrain {
             };
             check(status.result(), "BatchNorm forward")?;
         }
+        if values == c {
+            // One value per channel (a batch of one at 1×1): the unbiased variance's N/(N−1)
+            // would divide by zero; the CPU's rule (`model.rs`) gives the biased variance, 0.
+            stream.memset_zeros(&mut stats.slice_mut(c..2 * c)).map_err(candle_core::Error::wrap)?;
+        }
         if self.relu {
             super::cuda::relu_in_place(&dev, &mut y)?;
         }
