@@ -68,6 +68,21 @@ section! {
     }
 }
 
+impl ModelConfig {
+    /// The `[model]` keys that `arch` reads; the others hold their values unused (`depth` and
+    /// `width` are the FCN's, `width_mult` the CNNs', `batch_norm` VGG's). The report lists only
+    /// these; the cache key keeps every key, so that old keys hold.
+    pub fn keys_read(&self) -> &'static [&'static str] {
+        match self.arch {
+            Arch::Fcn => &["arch", "depth", "width", "pad_to", "init"],
+            Arch::Vgg11 | Arch::Vgg13 | Arch::Vgg16 | Arch::Vgg19 => {
+                &["arch", "width_mult", "batch_norm", "pad_to", "init"]
+            }
+            Arch::Resnet18 | Arch::Resnet34 => &["arch", "width_mult", "pad_to", "init"],
+        }
+    }
+}
+
 section! {
     /// Training: optimizer, schedule, checkpoints.
     TrainConfig / PartialTrain {
@@ -782,6 +797,29 @@ checkpoints = [0, 1]
                 "{name}"
             );
         }
+    }
+
+    #[test]
+    fn every_model_key_is_read_by_some_architecture_and_each_named_key_exists() {
+        let keys = |m: &ModelConfig| -> Vec<String> {
+            serde_json::to_value(m).unwrap().as_object().unwrap().keys().cloned().collect()
+        };
+        let mut read = std::collections::BTreeSet::new();
+        for &arch in Arch::ALL {
+            let m = ModelConfig { arch, ..ModelConfig::default() };
+            let all = keys(&m);
+            for k in m.keys_read() {
+                assert!(all.iter().any(|a| a == k), "{arch:?} reads '{k}', which [model] lacks");
+                read.insert(k.to_string());
+            }
+        }
+        assert_eq!(read.into_iter().collect::<Vec<_>>(), {
+            let mut all = keys(&ModelConfig::default());
+            all.sort();
+            all
+        });
+        let fcn = ModelConfig::default().keys_read();
+        assert!(!fcn.contains(&"batch_norm") && !fcn.contains(&"width_mult"));
     }
 
     #[test]

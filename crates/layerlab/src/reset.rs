@@ -5,10 +5,10 @@
 //! unit are the trained network's. They are computed once per batch and fed to every variant of
 //! that unit (every checkpoint τ and every draw).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::{Device, Tensor, TensorId};
 
 use crate::cnn::{Activations, CnnForward};
 use crate::data::Split;
@@ -287,17 +287,164 @@ pub fn entry_layer(units: &[&Unit]) -> usize {
     units.iter().map(|u| u.entry_layer).min().unwrap_or(0)
 }
 
+/// What fixes a variant's metrics: the tensors its state holds (by identity, in name order) and
+/// the layer its BatchNorm statistics are recalibrated from, where that recomputes any.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct VariantKey {
+    tensors: Vec<TensorId>,
+    recalibrated_from: Option<usize>,
+}
+
+impl VariantKey {
+    fn of(arch: &Architecture, state: &State, recalibrate_from: Option<usize>) -> VariantKey {
+        let recalibrated_from = recalibrate_from.filter(|&entry| recalibration_recomputes_statistics(arch, entry));
+        VariantKey { tensors: state.values().map(Tensor::id).collect(), recalibrated_from }
+    }
+}
+
+/// Whether recalibrating from layer `entry` on changes any running statistics: whether a unit
+/// with BatchNorm is computed from there on.
+fn recalibration_recomputes_statistics(arch: &Architecture, entry: usize) -> bool {
+    arch.units.iter().any(|u| u.entry_layer >= entry && u.has_batch_norm())
+}
+
+/// The reset grid's evaluations, each distinct variant computed once.
+///
+/// Variants repeat: a unit reset to the final checkpoint is the trained network; a unit without
+/// BatchNorm gives the same network under `with-layer` and `keep`, and under `recalibrate` too
+/// when no BatchNorm follows it. A variant whose state holds the same tensors as one already
+/// evaluated (and is recalibrated from the same layer, where recalibration changes anything)
+/// takes that one's metrics. They are the same bits: the same tensors through the same kernels,
+/// and prefix reuse gives the full forward pass's bits (tested below).
+pub struct GridEvaluator<'a> {
+    arch: &'a Architecture,
+    trained: &'a State,
+    sets: &'a [&'a EvalSet<'a>],
+    calibration: &'a EvalSet<'a>,
+    device: &'a Device,
+    path: ComputePath,
+    prefix_reuse: bool,
+    known: HashMap<VariantKey, Vec<Metrics>>,
+    /// Variants evaluated.
+    pub computed: usize,
+    /// Variants given the metrics of an identical one.
+    pub reused: usize,
+}
+
+impl<'a> GridEvaluator<'a> {
+    /// An evaluator of `trained`'s variants on `sets` (each variant's metrics come one per set),
+    /// recalibrating on `calibration` where a variant asks for it.
+    pub fn new(
+        arch: &'a Architecture,
+        trained: &'a State,
+        sets: &'a [&'a EvalSet<'a>],
+        calibration: &'a EvalSet<'a>,
+        device: &'a Device,
+        path: ComputePath,
+        prefix_reuse: bool,
+    ) -> GridEvaluator<'a> {
+        GridEvaluator {
+            arch,
+            trained,
+            sets,
+            calibration,
+            device,
+            path,
+            prefix_reuse,
+            known: HashMap::new(),
+            computed: 0,
+            reused: 0,
+        }
+    }
+
+    /// The trained network's metrics, one per set.
+    pub fn baseline(&mut self) -> Result<Vec<Metrics>> {
+        let variant = Variant { state: self.trained.clone() };
+        let key = VariantKey::of(self.arch, &variant.state, None);
+        let metrics = self.run(self.arch.layers.len(), vec![variant], None)?.remove(0);
+        self.computed += 1;
+        self.known.insert(key, metrics.clone());
+        Ok(metrics)
+    }
+
+    /// The metrics (one per set) of each of `group`'s variants, per BatchNorm setting, in the
+    /// order given. Recalibration, under `recalibrate`, starts at the group's first unit.
+    pub fn evaluate(
+        &mut self,
+        group: &Group<'_>,
+        settings: Vec<(Option<BnStats>, Vec<Variant>)>,
+    ) -> Result<Vec<Vec<Vec<Metrics>>>> {
+        let entry = entry_layer(&group.units);
+        let mut keys = Vec::with_capacity(settings.len());
+        let mut queued = HashSet::new();
+        // Variants to compute: as they are, and recalibrated first.
+        let (mut plain, mut recalibrated) = (Vec::new(), Vec::new());
+        for (bn, variants) in settings {
+            let recalibrate_from = (bn == Some(BnStats::Recalibrate)).then_some(entry);
+            let mut setting = Vec::with_capacity(variants.len());
+            for variant in variants {
+                let key = VariantKey::of(self.arch, &variant.state, recalibrate_from);
+                if self.known.contains_key(&key) || !queued.insert(key.clone()) {
+                    self.reused += 1;
+                } else if key.recalibrated_from.is_some() {
+                    recalibrated.push((key.clone(), variant));
+                } else {
+                    plain.push((key.clone(), variant));
+                }
+                setting.push(key);
+            }
+            keys.push(setting);
+        }
+        let plain_entry = if self.prefix_reuse { entry } else { 0 };
+        for (entry, list, calibration) in [(plain_entry, plain, None), (entry, recalibrated, Some(self.calibration))] {
+            if list.is_empty() {
+                continue;
+            }
+            let (list_keys, variants): (Vec<_>, Vec<_>) = list.into_iter().unzip();
+            let metrics = self.run(entry, variants, calibration)?;
+            self.computed += list_keys.len();
+            self.known.extend(list_keys.into_iter().zip(metrics));
+        }
+        Ok(keys.iter().map(|setting| setting.iter().map(|k| self.known[k].clone()).collect()).collect())
+    }
+
+    /// [`evaluate_variants`], its metrics per variant (one per set).
+    fn run(
+        &self,
+        entry: usize,
+        mut variants: Vec<Variant>,
+        calibration: Option<&EvalSet<'_>>,
+    ) -> Result<Vec<Vec<Metrics>>> {
+        let per_set = evaluate_variants(
+            self.arch,
+            self.trained,
+            entry,
+            &mut variants,
+            self.sets,
+            calibration,
+            self.device,
+            self.path,
+            || {},
+        )?;
+        Ok((0..variants.len()).map(|i| per_set.iter().map(|set| set[i]).collect()).collect())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use layerlab_pipeline::ModelConfig;
 
     fn arch(name: &str) -> Architecture {
+        arch_at_width(name, 0.125)
+    }
+
+    fn arch_at_width(name: &str, width_mult: f64) -> Architecture {
         let cfg = ModelConfig {
             arch: name.parse().unwrap(),
             depth: 2,
             width: 16,
-            width_mult: 0.125,
+            width_mult,
             batch_norm: true,
             pad_to: 32,
             init: layerlab_pipeline::WeightInit::Pytorch,
@@ -487,5 +634,83 @@ mod tests {
             [label(ResetMode::Rerandomize, None, Some(0)), label(ResetMode::Rerandomize, None, Some(1))]
         );
         assert!(groups(&a, &sets, &modes(&["joint"])).unwrap().iter().all(|g| g.single.is_none()));
+    }
+
+    /// The grid's evaluator against each BatchNorm setting's variants evaluated together, as
+    /// reset-eval did before repeats were found: the same metrics bit for bit, with the repeats
+    /// computed once (the count is the rule's, worked out by hand below). VGG-11-BN's last units
+    /// only, at width 1/16 and on the fast path, to keep the test short; the evaluator does not look at the path.
+    #[test]
+    fn identical_variants_are_evaluated_once_with_the_metrics_of_each() {
+        let split = Split {
+            images: (0..8 * 784).map(|i| (i * 11 % 241) as u8).collect(),
+            labels: (0..8).map(|i| (i * 7 % 10) as u8).collect(),
+            channels: 1,
+            height: 28,
+            width: 28,
+        };
+        let a = arch_at_width("vgg11", 0.0625);
+        // Trained running statistics unlike the initial zeros and ones, so that `keep` and
+        // `with-layer` differ wherever a unit has BatchNorm.
+        let mut trained = a.initial_state(1, &Device::Cpu).unwrap();
+        for (name, t) in trained.clone() {
+            if name.ends_with(".running_mean") {
+                trained.insert(name, (t + 0.05).unwrap());
+            } else if name.ends_with(".running_var") {
+                trained.insert(name, (t * 1.5).unwrap());
+            }
+        }
+        let checkpoints: BTreeMap<u32, State> = [
+            (0, a.initial_state(2, &Device::Cpu).unwrap()),
+            (1, a.initial_state(3, &Device::Cpu).unwrap()),
+            (2, trained.clone()),
+        ]
+        .into_iter()
+        .collect();
+        let settings = ResetConfig { modes: ResetMode::ALL.to_vec(), draws: 2, ..ResetConfig::default() };
+        let (test, train) = (EvalSet::new(&split, (0..5).collect(), 3), EvalSet::new(&split, (3..8).collect(), 5));
+        let calibration = EvalSet::new(&split, (0..6).collect(), 3);
+        let sets = [&test, &train];
+        let path = ComputePath::Fast;
+        let mut grid = GridEvaluator::new(&a, &trained, &sets, &calibration, &Device::Cpu, path, true);
+        let baseline = grid.baseline().unwrap();
+        assert_eq!(baseline, sets.map(|s| crate::eval::evaluate(&a, &trained, s, &Device::Cpu, path).unwrap()));
+
+        let joint = [("last".to_string(), vec!["conv8".to_string()])];
+        let last_units = ["conv7", "conv8", "fc", "last"];
+        let mut total = 0;
+        for group in groups(&a, &joint, &settings.modes).unwrap().iter().filter(|g| last_units.contains(&&*g.name)) {
+            // One draw per unit and index, shared by the settings, as reset-eval does.
+            let mut drawn = BTreeMap::new();
+            let mut per_setting = Vec::new();
+            for bn in [Some(BnStats::WithLayer), Some(BnStats::Keep), Some(BnStats::Recalibrate)] {
+                let draw = |u: &Unit, d: u32| -> Result<State> {
+                    Ok(drawn.entry(d).or_insert_with(|| u.draw(1000 + d as u64, &Device::Cpu).unwrap()).clone())
+                };
+                per_setting.push((bn, variants(group, bn, &trained, &checkpoints, &settings, draw).unwrap().0));
+            }
+            let together: Vec<Vec<Vec<Metrics>>> = per_setting
+                .iter()
+                .map(|(bn, vs)| {
+                    let cal = (*bn == Some(BnStats::Recalibrate)).then_some(&calibration);
+                    let mut copies: Vec<Variant> = vs.iter().map(|v| Variant { state: v.state.clone() }).collect();
+                    let entry = entry_layer(&group.units);
+                    let m = evaluate_variants(&a, &trained, entry, &mut copies, &sets, cal, &Device::Cpu, path, || {})
+                        .unwrap();
+                    (0..vs.len()).map(|i| m.iter().map(|set| set[i]).collect()).collect()
+                })
+                .collect();
+            total += per_setting.iter().map(|(_, vs)| vs.len()).sum::<usize>();
+            let got = grid.evaluate(group, per_setting).unwrap();
+            assert_eq!(got, together, "{}", group.name);
+        }
+        // 3 checkpoints (the last is the trained network), 2 draws. Under `with-layer` and `keep`
+        // every group's final checkpoint repeats the baseline (4 groups), and `last`'s other two
+        // repeat conv8's; under `keep` fc (no BatchNorm) repeats its 4 others from `with-layer`;
+        // under `recalibrate` fc's 5 repeat `with-layer`'s (nothing after it has BatchNorm) and
+        // `last`'s 3 repeat conv8's.
+        assert!(!a.unit("fc").unwrap().has_batch_norm() && a.unit("conv8").unwrap().has_batch_norm());
+        assert_eq!(grid.reused, (4 + 2) + (4 + 2 + 4) + (5 + 3));
+        assert_eq!(grid.computed + grid.reused, total + 1);
     }
 }

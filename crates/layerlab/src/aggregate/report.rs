@@ -93,7 +93,12 @@ pub fn render(r: &ReportInput) -> String {
     }
 
     let _ = writeln!(w, "## Settings\n");
-    let _ = writeln!(w, "- **Model**: {}", settings_line(&json(&exp.model)));
+    // Only the keys this architecture reads: an FCN's line saying `batch_norm = true` misleads.
+    let mut model = json(&exp.model);
+    if let Value::Object(map) = &mut model {
+        map.retain(|k, _| exp.model.keys_read().contains(&k.as_str()));
+    }
+    let _ = writeln!(w, "- **Model**: {}", settings_line(&model));
     let _ = writeln!(w, "- **Training**: {}", settings_line(&json(&exp.train)));
     let _ = writeln!(w, "- **Resets**: {}", settings_line(&json(&exp.reset)));
     let _ = writeln!(

@@ -442,6 +442,9 @@ mod tests {
         ] {
             assert!(md.contains(needle), "report lacks {needle:?}:\n{md}");
         }
+        let model = md.lines().find(|l| l.starts_with("- **Model**")).unwrap();
+        assert!(model.contains("arch = fcn") && model.contains("depth = "), "{model}");
+        assert!(!model.contains("batch_norm") && !model.contains("width_mult"), "an FCN's report lists {model}");
         roxmltree::Document::parse(&std::fs::read_to_string(out.join("heatmap.svg")).unwrap()).unwrap();
 
         // A second run with nothing changed does nothing.

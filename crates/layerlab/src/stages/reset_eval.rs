@@ -12,7 +12,7 @@ use crate::eval::{EvalSet, Metrics};
 use crate::model::{Architecture, State};
 use crate::progress;
 use crate::random;
-use crate::reset::{self, Variant, VariantLabel};
+use crate::reset::{self, VariantLabel};
 use crate::stages::snapshot::load_checkpoints;
 use crate::stages::StageContext;
 use crate::table::{provenance, with_device, Column, Table};
@@ -21,7 +21,12 @@ use layerlab_pipeline::{BnStats, Experiment};
 
 pub enum Outcome {
     UpToDate,
-    Written { rows: usize, seconds: f64 },
+    /// `reused`: rows that repeat another variant's network, given its metrics (not computed).
+    Written {
+        rows: usize,
+        reused: usize,
+        seconds: f64,
+    },
 }
 
 /// One row of `results.parquet`.
@@ -71,20 +76,20 @@ pub fn run(ctx: &StageContext, seed: u64) -> Result<Outcome> {
     let cal_examples = cal_order.into_iter().take(exp.reset.recalibrate_batches as usize * batch_size).collect();
     let calibration = EvalSet::new(&train_split, cal_examples, batch_size);
 
-    // Baseline: the trained network itself.
-    let mut rows = Vec::new();
-    let base = reset::evaluate_variants(
+    let eval_sets = [&test_set, &train_set];
+    let mut grid = reset::GridEvaluator::new(
         &arch,
         trained,
-        arch.layers.len(),
-        &mut [Variant { state: trained.clone() }],
-        &[&test_set, &train_set],
-        None,
+        &eval_sets,
+        &calibration,
         &dev,
         exp.train.compute,
-        || {},
-    )?;
-    rows.push(ResultRow {
+        exp.reset.prefix_reuse,
+    );
+
+    // Baseline: the trained network itself.
+    let base = grid.baseline()?;
+    let mut rows = vec![ResultRow {
         mode: "baseline",
         unit: None,
         unit_index: None,
@@ -92,40 +97,43 @@ pub fn run(ctx: &StageContext, seed: u64) -> Result<Outcome> {
         source_epoch: None,
         draw: None,
         bn_stats: if arch.has_batch_norm() { "trained" } else { "none" },
-        test: base[0][0],
-        train: base[1][0],
-    });
-    tracing::info!("baseline test error {:.4}", base[0][0].error);
+        test: base[0],
+        train: base[1],
+    }];
+    tracing::info!("baseline test error {:.4}", base[0].error);
 
+    // Group by group, every BatchNorm setting at once (so that a variant repeated across settings
+    // is computed once, and a draw made once); the rows come setting by setting.
     let groups = reset::groups(&arch, &sets, &exp.reset.modes)?;
+    let mut rows_by_setting: Vec<Vec<ResultRow>> = vec![Vec::new(); bn_settings.len()];
     let bar = progress::bar((groups.len() * bn_settings.len()) as u64, "reset-eval");
-    for &bn in &bn_settings {
-        for group in &groups {
-            let (name, units) = (&group.name, &group.units);
-            let (mut variants, labels) =
+    for group in &groups {
+        let (name, units) = (&group.name, &group.units);
+        let mut drawn: BTreeMap<(usize, u32), State> = BTreeMap::new();
+        let mut settings = Vec::with_capacity(bn_settings.len());
+        let mut labels = Vec::with_capacity(bn_settings.len());
+        for &bn in &bn_settings {
+            let (variants, setting_labels) =
                 reset::variants(group, bn, trained, &checkpoints, &exp.reset, |unit, draw| {
-                    unit.draw(random::rerandomize_seed(&exp.name, seed, &unit.name, draw), &dev)
+                    if let Some(state) = drawn.get(&(unit.index, draw)) {
+                        return Ok(state.clone());
+                    }
+                    let state = unit.draw(random::rerandomize_seed(&exp.name, seed, &unit.name, draw), &dev)?;
+                    drawn.insert((unit.index, draw), state.clone());
+                    Ok(state)
                 })?;
-            // Recalibration starts at the first reset unit whatever the setting, so that turning
-            // reuse off never changes which statistics are recomputed.
-            let recalibrate = bn == Some(BnStats::Recalibrate);
-            let reuse = exp.reset.prefix_reuse || recalibrate;
-            let entry = if reuse { reset::entry_layer(units) } else { 0 };
-            let cal = recalibrate.then_some(&calibration);
-            let metrics = reset::evaluate_variants(
-                &arch,
-                trained,
-                entry,
-                &mut variants,
-                &[&test_set, &train_set],
-                cal,
-                &dev,
-                exp.train.compute,
-                || {},
-            )
-            .with_context(|| format!("evaluating resets of {name}"))?;
-            let unit_names = units.iter().map(|u| u.name.as_str()).collect::<Vec<_>>().join(",");
-            for (i, VariantLabel { mode, source_epoch, draw }) in labels.into_iter().enumerate() {
+            settings.push((bn, variants));
+            labels.push(setting_labels);
+        }
+        let reused_before = grid.reused;
+        let metrics = grid.evaluate(group, settings).with_context(|| format!("evaluating resets of {name}"))?;
+        let unit_names = units.iter().map(|u| u.name.as_str()).collect::<Vec<_>>().join(",");
+        let mut evaluations = 0;
+        for ((rows, &bn), (labels, metrics)) in
+            rows_by_setting.iter_mut().zip(&bn_settings).zip(labels.into_iter().zip(metrics))
+        {
+            evaluations += labels.len();
+            for (VariantLabel { mode, source_epoch, draw }, m) in labels.into_iter().zip(metrics) {
                 rows.push(ResultRow {
                     mode: mode.name(),
                     unit: Some(name.clone()),
@@ -134,22 +142,24 @@ pub fn run(ctx: &StageContext, seed: u64) -> Result<Outcome> {
                     source_epoch,
                     draw,
                     bn_stats: reset::bn_label(bn),
-                    test: metrics[0][i],
-                    train: metrics[1][i],
+                    test: m[0],
+                    train: m[1],
                 });
             }
-            bar.inc(1);
-            if !progress::interactive() {
-                tracing::info!("{name} ({}): {} evaluations", reset::bn_label(bn), metrics[0].len());
-            }
+        }
+        bar.inc(bn_settings.len() as u64);
+        if !progress::interactive() {
+            let reused = grid.reused - reused_before;
+            tracing::info!("{name}: {evaluations} evaluations, {reused} of them repeats of another");
         }
     }
+    rows.extend(rows_by_setting.into_iter().flatten());
     bar.finish_and_clear();
     Stamp::remove(&out_dir)?;
     write_results(&out_dir.join("results.parquet"), &rows, exp, &arch, seed, &key, &device_name)?;
     let seconds = t0.elapsed().as_secs_f64();
     Stamp::write_on(&out_dir, &key, seconds, Some(&device_name))?;
-    Ok(Outcome::Written { rows: rows.len(), seconds })
+    Ok(Outcome::Written { rows: rows.len(), reused: grid.reused, seconds })
 }
 
 /// Writes `results.parquet`.
@@ -193,8 +203,8 @@ pub fn describe(ctx: &StageContext, seed: u64) -> Result<String> {
     let name = &ctx.experiment.name;
     Ok(match run(ctx, seed)? {
         Outcome::UpToDate => format!("reset-eval {name} seed {seed}: up to date"),
-        Outcome::Written { rows, seconds } => {
-            format!("reset-eval {name} seed {seed}: {rows} evaluations in {seconds:.1} s")
+        Outcome::Written { rows, reused, seconds } => {
+            format!("reset-eval {name} seed {seed}: {rows} evaluations in {seconds:.1} s ({reused} of them repeats, computed once)")
         }
     })
 }
