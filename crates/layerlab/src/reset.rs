@@ -435,6 +435,18 @@ mod tests {
     use super::*;
     use layerlab_pipeline::ModelConfig;
 
+    /// `examples` 28×28 one-channel images of made-up pixels (pixel i is i·step mod modulus) and
+    /// labels (example i has i·label_step mod 10).
+    fn images_28x28(examples: usize, step: usize, modulus: usize, label_step: usize) -> Split {
+        Split {
+            images: (0..examples * 784).map(|i| (i * step % modulus) as u8).collect(),
+            labels: (0..examples).map(|i| (i * label_step % 10) as u8).collect(),
+            channels: 1,
+            height: 28,
+            width: 28,
+        }
+    }
+
     fn arch(name: &str) -> Architecture {
         arch_at_width(name, 0.125)
     }
@@ -479,13 +491,7 @@ mod tests {
     /// (with BatchNorm, under each setting that changes what a variant holds).
     #[test]
     fn prefix_reuse_gives_the_full_forward_result_bit_for_bit() {
-        let split = Split {
-            images: (0..12 * 784).map(|i| (i * 7 % 251) as u8).collect(),
-            labels: (0..12).map(|i| (i % 10) as u8).collect(),
-            channels: 1,
-            height: 28,
-            width: 28,
-        };
+        let split = images_28x28(12, 7, 251, 1);
         let cases = [
             ("fcn", "fc2", ComputePath::Fast),
             ("fcn", "fc2", ComputePath::Autograd),
@@ -538,13 +544,7 @@ mod tests {
     /// agree to float rounding.
     #[test]
     fn the_cnn_fast_path_agrees_with_candles_ops() {
-        let split = Split {
-            images: (0..16 * 784).map(|i| (i * 13 % 253) as u8).collect(),
-            labels: (0..16).map(|i| (i * 3 % 10) as u8).collect(),
-            channels: 1,
-            height: 28,
-            width: 28,
-        };
+        let split = images_28x28(16, 13, 253, 3);
         let calibration = EvalSet::new(&split, (0..14).collect(), 7);
         for (name, unit_name) in [("vgg11", "conv3"), ("resnet18", "layer2.0.shortcut")] {
             let a = arch(name);
@@ -642,13 +642,7 @@ mod tests {
     /// only, at width 1/16 and on the fast path, to keep the test short; the evaluator does not look at the path.
     #[test]
     fn identical_variants_are_evaluated_once_with_the_metrics_of_each() {
-        let split = Split {
-            images: (0..8 * 784).map(|i| (i * 11 % 241) as u8).collect(),
-            labels: (0..8).map(|i| (i * 7 % 10) as u8).collect(),
-            channels: 1,
-            height: 28,
-            width: 28,
-        };
+        let split = images_28x28(8, 11, 241, 7);
         let a = arch_at_width("vgg11", 0.0625);
         // Trained running statistics unlike the initial zeros and ones, so that `keep` and
         // `with-layer` differ wherever a unit has BatchNorm.
