@@ -325,8 +325,6 @@ pub struct GridEvaluator<'a> {
     path: ComputePath,
     prefix_reuse: bool,
     known: HashMap<VariantKey, Vec<Metrics>>,
-    /// Variants evaluated.
-    pub computed: usize,
     /// Variants given the metrics of an identical one.
     pub reused: usize,
 }
@@ -343,18 +341,7 @@ impl<'a> GridEvaluator<'a> {
         path: ComputePath,
         prefix_reuse: bool,
     ) -> GridEvaluator<'a> {
-        GridEvaluator {
-            arch,
-            trained,
-            sets,
-            calibration,
-            device,
-            path,
-            prefix_reuse,
-            known: HashMap::new(),
-            computed: 0,
-            reused: 0,
-        }
+        GridEvaluator { arch, trained, sets, calibration, device, path, prefix_reuse, known: HashMap::new(), reused: 0 }
     }
 
     /// The trained network's metrics, one per set.
@@ -362,7 +349,6 @@ impl<'a> GridEvaluator<'a> {
         let variant = Variant { state: self.trained.clone() };
         let key = VariantKey::of(self.arch, &variant.state, None);
         let metrics = self.run(self.arch.layers.len(), vec![variant], None)?.remove(0);
-        self.computed += 1;
         self.known.insert(key, metrics.clone());
         Ok(metrics)
     }
@@ -402,7 +388,6 @@ impl<'a> GridEvaluator<'a> {
             }
             let (list_keys, variants): (Vec<_>, Vec<_>) = list.into_iter().unzip();
             let metrics = self.run(entry, variants, calibration)?;
-            self.computed += list_keys.len();
             self.known.extend(list_keys.into_iter().zip(metrics));
         }
         Ok(keys.iter().map(|setting| setting.iter().map(|k| self.known[k].clone()).collect()).collect())
@@ -426,8 +411,14 @@ impl<'a> GridEvaluator<'a> {
             self.path,
             || {},
         )?;
-        Ok((0..variants.len()).map(|i| per_set.iter().map(|set| set[i]).collect()).collect())
+        Ok(per_variant(&per_set))
     }
+}
+
+/// [`evaluate_variants`]'s metrics (per set, then per variant) per variant, then per set.
+fn per_variant(per_set: &[Vec<Metrics>]) -> Vec<Vec<Metrics>> {
+    let variants = per_set.first().map_or(0, Vec::len);
+    (0..variants).map(|i| per_set.iter().map(|set| set[i]).collect()).collect()
 }
 
 #[cfg(test)]
@@ -639,7 +630,8 @@ mod tests {
     /// The grid's evaluator against each BatchNorm setting's variants evaluated together, as
     /// reset-eval did before repeats were found: the same metrics bit for bit, with the repeats
     /// computed once (the count is the rule's, worked out by hand below). VGG-11-BN's last units
-    /// only, at width 1/16 and on the fast path, to keep the test short; the evaluator does not look at the path.
+    /// only, at width 1/16 and on the fast path, to keep the test short; the evaluator does not
+    /// look at the path.
     #[test]
     fn identical_variants_are_evaluated_once_with_the_metrics_of_each() {
         let split = images_28x28(8, 11, 241, 7);
@@ -690,7 +682,7 @@ mod tests {
                     let entry = entry_layer(&group.units);
                     let m = evaluate_variants(&a, &trained, entry, &mut copies, &sets, cal, &Device::Cpu, path, || {})
                         .unwrap();
-                    (0..vs.len()).map(|i| m.iter().map(|set| set[i]).collect()).collect()
+                    per_variant(&m)
                 })
                 .collect();
             let got = grid.evaluate(group, per_setting).unwrap();
