@@ -63,6 +63,34 @@ pub fn allow_tf32(on: bool) {
     let _ = on;
 }
 
+/// What the GPU's libraries say when its memory runs out: the driver's error (candle's buffers,
+/// our kernels' and cuDNN's workspaces), and cuDNN's and cuBLAS's own allocation failures. A
+/// host allocation failure (`..._HOST_ALLOCATION_FAILED`) is not among them.
+const OUT_OF_GPU_MEMORY: [&str; 4] = [
+    "CUDA_ERROR_OUT_OF_MEMORY",
+    "CUDNN_STATUS_ALLOC_FAILED",
+    "CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED",
+    "CUBLAS_STATUS_ALLOC_FAILED",
+];
+
+/// Whether `e` (anywhere in its chain) is the GPU running out of memory.
+pub fn is_out_of_gpu_memory(e: &anyhow::Error) -> bool {
+    let said = format!("{e:#}");
+    OUT_OF_GPU_MEMORY.iter().any(|code| said.contains(code))
+}
+
+/// `e` with the settings to lower said first when it is the GPU running out of memory, and
+/// unchanged otherwise: the driver's code alone does not tell a user which setting asked for too
+/// much. `settings`: each setting that sizes the failed work, with its value.
+pub fn name_memory_settings(e: anyhow::Error, settings: &[(&str, u32)]) -> anyhow::Error {
+    if !is_out_of_gpu_memory(&e) {
+        return e;
+    }
+    let values: Vec<String> = settings.iter().map(|(name, value)| format!("{name} = {value}")).collect();
+    let names: Vec<&str> = settings.iter().map(|(name, _)| *name).collect();
+    e.context(format!("{} does not fit in the GPU's memory: lower {}", values.join(" or "), names.join(" or ")))
+}
+
 /// The device a choice resolves to, and a description of it.
 pub fn select(choice: DeviceChoice) -> Result<(Device, String)> {
     match choice {
@@ -167,6 +195,30 @@ pub fn describe_cpu() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn out_of_memory_names_the_settings_and_other_errors_pass_unchanged() {
+        for code in OUT_OF_GPU_MEMORY {
+            let oom = anyhow::anyhow!("cuDNN convolution: CudnnError({code})").context("training step 3");
+            assert!(is_out_of_gpu_memory(&oom), "{code}");
+            let said = format!("{:#}", name_memory_settings(oom, &[("train.batch_size", 4096)]));
+            assert!(
+                said.starts_with("train.batch_size = 4096 does not fit in the GPU's memory: lower train.batch_size:"),
+                "{said}"
+            );
+            assert!(said.contains(code), "the driver's words are kept: {said}");
+        }
+        let two = anyhow::anyhow!("DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")");
+        let said =
+            format!("{:#}", name_memory_settings(two, &[("train.eval_batch_size", 1000), ("train.batch_size", 128)]));
+        assert!(said.starts_with("train.eval_batch_size = 1000 or train.batch_size = 128 does not fit"), "{said}");
+        assert!(said.contains("lower train.eval_batch_size or train.batch_size"), "{said}");
+        for other in ["shape mismatch", "CUDNN_STATUS_INTERNAL_ERROR_HOST_ALLOCATION_FAILED"] {
+            let e = anyhow::anyhow!("{other}");
+            assert!(!is_out_of_gpu_memory(&e), "{other}");
+            assert_eq!(format!("{:#}", name_memory_settings(e, &[("train.batch_size", 8)])), other);
+        }
+    }
 
     #[test]
     fn choices_parse_and_print_back() {

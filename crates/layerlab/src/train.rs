@@ -557,7 +557,9 @@ impl EpochPlan<'_> {
         for start in (0..n).step_by(cfg.batch_size as usize) {
             lr = self.learning_rate(*step);
             let len = (cfg.batch_size as usize).min(n - start);
-            let (x, y) = data.batch(&positions.narrow(0, start, len)?, &shifts.narrow(0, start, len)?)?;
+            let (x, y) = data
+                .batch(&positions.narrow(0, start, len)?, &shifts.narrow(0, start, len)?)
+                .map_err(|e| self.step_failed(e))?;
             let (loss, correct) = engine.step_on_device(job.arch, &x, &y, lr, cfg).map_err(|e| self.step_failed(e))?;
             pending.push(&loss, &correct, len);
             *step += 1;
@@ -630,14 +632,9 @@ fn write_history(path: &Path, history: &[EpochRecord], job: &TrainJob<'_>) -> Re
         .write(path, &job.table_metadata)
 }
 
-/// A GPU's out-of-memory error (CUDA's `CUDA_ERROR_OUT_OF_MEMORY`, from candle, cuDNN or our
-/// kernels) said as the setting to change, rather than as a driver error alone.
+/// A GPU's out-of-memory error said as the setting to change, rather than as a driver error alone.
 fn name_the_setting(e: anyhow::Error, setting: &str, value: u32) -> anyhow::Error {
-    if format!("{e:#}").contains("OUT_OF_MEMORY") {
-        e.context(format!("{setting} = {value} does not fit in the GPU's memory: lower {setting}"))
-    } else {
-        e
-    }
+    crate::device::name_memory_settings(e, &[(setting, value)])
 }
 
 #[cfg(test)]
@@ -819,15 +816,5 @@ mod tests {
         };
         assert_eq!(bits(&back), bits(&history));
         assert_eq!(back, history);
-    }
-
-    #[test]
-    fn out_of_memory_names_the_setting_and_other_errors_pass_unchanged() {
-        let oom = anyhow::anyhow!("DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")");
-        let said = format!("{:#}", name_the_setting(oom, "train.batch_size", 4096));
-        assert!(said.starts_with("train.batch_size = 4096 does not fit in the GPU's memory"), "{said}");
-        assert!(said.contains("CUDA_ERROR_OUT_OF_MEMORY"), "{said}");
-        let other = format!("{:#}", name_the_setting(anyhow::anyhow!("shape mismatch"), "train.batch_size", 8));
-        assert_eq!(other, "shape mismatch");
     }
 }

@@ -7,8 +7,8 @@
 //! rounding of the CPU's, and the CPU's bits from the kernels that do no arithmetic beyond
 //! single roundings (batch gather, ReLU, evaluation-mode BatchNorm).
 //!
-//! Two need no GPU and run in CI's CUDA build: the kernels' source compiles with NVRTC, and a
-//! count too large for the kernels' 32-bit indices is refused.
+//! Three need no GPU and run in CI's CUDA build: the kernels' source compiles with NVRTC, and a
+//! count too large for the kernels' 32-bit indices, or a tensor too large for cuDNN, is refused.
 
 use candle_core::{DType, Device, Tensor};
 use layerlab::config::{ModelConfig, TrainConfig};
@@ -340,6 +340,100 @@ fn kernel_counts_past_32_bits_are_refused() {
         let said = launch_count(too_many).unwrap_err().to_string();
         assert!(said.contains(&too_many.to_string()) && said.contains("train.batch_size"), "{said}");
     }
+}
+
+/// A tensor past what cuDNN's descriptors take (2^31 − 1 values) is an error naming the settings
+/// to lower, not cuDNN's `NOT_SUPPORTED`. Needs no GPU.
+#[cfg(feature = "cuda")]
+#[test]
+fn tensors_past_what_cudnn_takes_are_refused() {
+    use layerlab::kernels::cudnn::{descriptor_dims, MAX_TENSOR_VALUES};
+    // VGG-11's first activation at width 1 on 32×32 images, 65,536 values an image.
+    assert_eq!(descriptor_dims([32_767, 64, 32, 32]).unwrap(), [32_767, 64, 32, 32]);
+    assert_eq!(descriptor_dims([MAX_TENSOR_VALUES, 1, 1, 1]).unwrap(), [i32::MAX, 1, 1, 1]);
+    for too_many in [[32_768, 64, 32, 32], [MAX_TENSOR_VALUES + 1, 1, 1, 1], [usize::MAX / 2, 4, 1, 1]] {
+        let said = descriptor_dims(too_many).unwrap_err().to_string();
+        assert!(said.contains(&format!("{too_many:?}")) && said.contains("train.batch_size"), "{said}");
+    }
+}
+
+/// A training batch too large for the GPU's memory stops `train` with an error naming
+/// `train.batch_size`, keeps what was already written (the initial checkpoint), and leaves the
+/// GPU as it was: a run after it gives the bytes of the same run made before it. The card is
+/// first filled with 1 GiB buffers until the driver refuses one and two are given back, so that
+/// the batch is too large whatever the card's size (VGG-11-BN at width 1 needs over 6 GiB for one
+/// step on 8,192 images of 32×32).
+#[test]
+fn a_batch_too_large_for_the_gpus_memory_names_the_setting() {
+    use layerlab::data::Split;
+    use layerlab::train::{run, TrainJob};
+    let test = "a_batch_too_large_for_the_gpus_memory_names_the_setting";
+    let Some(gpu) = gpu(test) else { return };
+    let model = ModelConfig { arch: Arch::Vgg11, width_mult: 1.0, batch_norm: true, ..ModelConfig::default() };
+    let arch = Architecture::build(&model, [3, 32, 32], 10).unwrap();
+    let split = |n: usize, seed: u64| {
+        let (images, labels, _) = batch(n, [3, 32, 32], seed);
+        Split { images, labels: labels.into_iter().map(|l| l as u8).collect(), channels: 3, height: 32, width: 32 }
+    };
+    let (train, test_split) = (split(8192, 1), split(256, 2));
+    let train_run = |batch_size: u32, train_examples: u32, out: &std::path::Path| {
+        let cfg = TrainConfig {
+            epochs: 1,
+            batch_size,
+            eval_batch_size: 256,
+            train_examples: Some(train_examples),
+            checkpoints: vec![0, 1],
+            ..train_cfg()
+        };
+        let job = TrainJob {
+            experiment: "oom",
+            seed: 3,
+            arch: &arch,
+            cfg: &cfg,
+            train: &train,
+            test: &test_split,
+            out_dir: out,
+            key: "k",
+            config_hash: "h",
+            checkpoint_epochs: &[0, 1],
+            table_metadata: Vec::new(),
+            device: &gpu,
+        };
+        run(&job, arch.initial_state(3, &gpu).unwrap())
+    };
+    let checkpoint = |out: &std::path::Path, epoch: u32| {
+        std::fs::read(layerlab::paths::checkpoint_in(&out.join("checkpoints"), epoch)).unwrap()
+    };
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    // Before: a small run (which also loads the kernels and makes the libraries' handles).
+    train_run(64, 512, dirs[0].path()).unwrap();
+
+    let mut ballast = Vec::new();
+    let refused = loop {
+        match Tensor::zeros(1usize << 30, DType::U8, &gpu) {
+            Ok(buffer) => ballast.push(buffer),
+            Err(e) => break e,
+        }
+        assert!(ballast.len() < 4096, "4 TiB allocated without a refusal");
+    };
+    let refused = anyhow::Error::from(refused);
+    assert!(layerlab::device::is_out_of_gpu_memory(&refused), "not read as the GPU's memory running out: {refused:#}");
+    ballast.truncate(ballast.len().saturating_sub(2));
+    let too_large = train_run(8192, 8192, dirs[1].path());
+    let filled = ballast.len();
+    drop(ballast);
+
+    let said = format!("{:#}", too_large.expect_err("a step of 8,192 images in 2–3 GiB"));
+    eprintln!("{test}: {filled} GiB held; train said: {said}");
+    assert!(
+        said.contains("train.batch_size = 8192 does not fit in the GPU's memory: lower train.batch_size"),
+        "{said}"
+    );
+    assert!(!checkpoint(dirs[1].path(), 0).is_empty(), "the initial checkpoint is kept");
+
+    // After: the small run again, to the same bytes.
+    train_run(64, 512, dirs[2].path()).unwrap();
+    assert!(checkpoint(dirs[0].path(), 1) == checkpoint(dirs[2].path(), 1), "the run after the refusal differs");
 }
 
 #[test]

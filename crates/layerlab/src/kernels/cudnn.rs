@@ -46,18 +46,39 @@ impl Geometry {
         if wc != c || kh != kw || h + 2 * padding < kh || wd + 2 * padding < kw || stride == 0 {
             bail!("cuDNN convolution: input {x:?} and weight {w:?} (padding {padding}, stride {stride}) do not fit")
         }
-        let i = |v: usize| v as i32;
+        let out = |size: usize| (size + 2 * padding - kh) / stride + 1;
+        // The output is checked too: it can hold more values than the input (3 → 64 channels).
+        descriptor_dims([n, m, out(h), out(wd)])?;
         Ok(Geometry {
-            x: [i(n), i(c), i(h), i(wd)],
-            w: [i(m), i(c), i(kh), i(kw)],
-            padding: i(padding),
-            stride: i(stride),
+            x: descriptor_dims([n, c, h, wd])?,
+            w: descriptor_dims([m, c, kh, kw])?,
+            padding: i32::try_from(padding).map_err(|_| candle_core::Error::Msg(format!("padding {padding}")))?,
+            stride: i32::try_from(stride).map_err(|_| candle_core::Error::Msg(format!("stride {stride}")))?,
         })
     }
 
     fn y(&self) -> [i32; 4] {
         let out = |size: i32| (size + 2 * self.padding - self.w[2]) / self.stride + 1;
         [self.x[0], self.w[0], out(self.x[2]), out(self.x[3])]
+    }
+}
+
+/// The most values a tensor given to cuDNN may hold: its descriptors take `int` sizes, and past
+/// 2^31 − 1 values cuDNN refuses the tensor (`CUDNN_STATUS_NOT_SUPPORTED` or `BAD_PARAM`), an
+/// error that names no setting. Half of what our own kernels cover ([`super::cuda::MAX_VALUES`]).
+pub const MAX_TENSOR_VALUES: usize = i32::MAX as usize;
+
+/// `dims` as a cuDNN descriptor's sizes, or an error naming the settings to lower when the tensor
+/// holds more than [`MAX_TENSOR_VALUES`] values. VGG-11 at width 1 on 32×32 images reaches it at a
+/// batch of 32,768 (its first activation has 65,536 values an image).
+pub fn descriptor_dims(dims: [usize; 4]) -> candle_core::Result<[i32; 4]> {
+    match dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d)) {
+        Some(values) if values <= MAX_TENSOR_VALUES => Ok(dims.map(|d| d as i32)),
+        values => bail!(
+            "a tensor of shape {dims:?} ({} values) is more than cuDNN takes in one call ({MAX_TENSOR_VALUES}): \
+             lower train.batch_size or train.eval_batch_size",
+            values.map_or("over 2^64".to_string(), |v| v.to_string())
+        ),
     }
 }
 
@@ -626,9 +647,10 @@ struct Descriptor(sys::cudnnTensorDescriptor_t);
 
 impl Descriptor {
     fn nchw(dims: [usize; 4]) -> candle_core::Result<Descriptor> {
+        let dims = descriptor_dims(dims)?;
         let d = Descriptor(made(result::create_tensor_descriptor(), "descriptor")?);
         // SAFETY: a descriptor just made.
-        check(unsafe { result::set_tensor4d_descriptor(d.0, NCHW, F32, dims.map(|v| v as i32)) }, "descriptor")?;
+        check(unsafe { result::set_tensor4d_descriptor(d.0, NCHW, F32, dims) }, "descriptor")?;
         Ok(d)
     }
 }

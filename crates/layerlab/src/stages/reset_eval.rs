@@ -8,6 +8,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 
 use crate::data;
+use crate::device;
 use crate::eval::{EvalSet, Metrics};
 use crate::model::{Architecture, State};
 use crate::progress;
@@ -76,6 +77,14 @@ pub fn run(ctx: &StageContext, seed: u64) -> Result<Outcome> {
     let cal_examples = cal_order.into_iter().take(exp.reset.recalibrate_batches as usize * batch_size).collect();
     let calibration = EvalSet::new(&train_split, cal_examples, batch_size);
 
+    // What sizes the grid's memory on a GPU, said when it runs out: the evaluation batches and,
+    // when recalibrating, the calibration batches' prefixes (all kept at once).
+    let mut memory_settings = vec![("train.eval_batch_size", exp.train.eval_batch_size)];
+    if bn_settings.contains(&Some(BnStats::Recalibrate)) {
+        memory_settings.push(("reset.recalibrate_batches", exp.reset.recalibrate_batches));
+    }
+    let named = |e| device::name_memory_settings(e, &memory_settings);
+
     let eval_sets = [&test_set, &train_set];
     let mut grid = reset::GridEvaluator::new(
         &arch,
@@ -88,7 +97,7 @@ pub fn run(ctx: &StageContext, seed: u64) -> Result<Outcome> {
     );
 
     // Baseline: the trained network itself.
-    let base = grid.baseline()?;
+    let base = grid.baseline().map_err(named)?;
     let mut rows = vec![ResultRow {
         mode: "baseline",
         unit: None,
@@ -126,7 +135,8 @@ pub fn run(ctx: &StageContext, seed: u64) -> Result<Outcome> {
             labels.push(setting_labels);
         }
         let reused_before = grid.reused;
-        let metrics = grid.evaluate(group, settings).with_context(|| format!("evaluating resets of {name}"))?;
+        let metrics =
+            grid.evaluate(group, settings).map_err(named).with_context(|| format!("evaluating resets of {name}"))?;
         let unit_names = units.iter().map(|u| u.name.as_str()).collect::<Vec<_>>().join(",");
         let mut evaluations = 0;
         for ((rows, &bn), (labels, metrics)) in
