@@ -103,12 +103,12 @@ for check in "${checks[@]}"; do
   case $check in
   tests)
     step "GPU tests"
-    timeout 180 "$bin/gpu-tests" --nocapture --test-threads 1
+    LAYERLAB_GPU_REQUIRED=1 timeout 180 "$bin/gpu-tests" --nocapture --test-threads 1
     echo "exit $?"
     ;;
   gaps)
     step "GPU against CPU, each GPU kernel on and off"
-    timeout 120 "$bin/gpu-tests" --ignored gaps_by_kernel --nocapture --test-threads 1
+    LAYERLAB_GPU_REQUIRED=1 timeout 120 "$bin/gpu-tests" --ignored gaps_by_kernel --nocapture --test-threads 1
     ;;
   survey)
     step "cuDNN algorithms"

@@ -66,12 +66,9 @@ pub fn allow_tf32(on: bool) {
 /// What the GPU's libraries say when its memory runs out: the driver's error (candle's buffers,
 /// our kernels' and cuDNN's workspaces), and cuDNN's and cuBLAS's own allocation failures. A
 /// host allocation failure (`..._HOST_ALLOCATION_FAILED`) is not among them.
-const OUT_OF_GPU_MEMORY: [&str; 4] = [
-    "CUDA_ERROR_OUT_OF_MEMORY",
-    "CUDNN_STATUS_ALLOC_FAILED",
-    "CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED",
-    "CUBLAS_STATUS_ALLOC_FAILED",
-];
+/// (cuDNN 9's `CUDNN_STATUS_ALLOC_FAILED` is another name of the host's, and prints as it.)
+const OUT_OF_GPU_MEMORY: [&str; 3] =
+    ["CUDA_ERROR_OUT_OF_MEMORY", "CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED", "CUBLAS_STATUS_ALLOC_FAILED"];
 
 /// Whether `e` (anywhere in its chain) is the GPU running out of memory.
 pub fn is_out_of_gpu_memory(e: &anyhow::Error) -> bool {
@@ -140,6 +137,30 @@ fn keep_freed_memory(cuda: &candle_core::CudaDevice) -> Result<()> {
         let attribute = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD;
         sys::cuMemPoolSetAttribute(pool, attribute, &mut threshold as *mut u64 as *mut std::ffi::c_void).result()?;
     }
+    Ok(())
+}
+
+/// Gives the memory that freed buffers left in the device's pool (kept there by
+/// `keep_freed_memory`) back to the driver, once the device's queued work is done. Allocations
+/// that do not come from the pool (a new cuBLAS or cuDNN handle, a module loaded, another
+/// process) cannot use what the pool keeps. No effect on the CPU.
+pub fn release_freed_memory(device: &Device) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = device {
+        use cudarc::driver::sys;
+        let context = cuda.cuda_stream().context().clone();
+        if !context.has_async_alloc() {
+            return Ok(());
+        }
+        device.synchronize()?;
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        // SAFETY: the context's device's default pool, the one candle allocates from.
+        unsafe {
+            sys::cuDeviceGetDefaultMemPool(&mut pool, context.cu_device()).result()?;
+            sys::cuMemPoolTrimTo(pool, 0).result()?;
+        }
+    }
+    let _ = device;
     Ok(())
 }
 

@@ -72,8 +72,10 @@ pub const MAX_TENSOR_VALUES: usize = i32::MAX as usize;
 /// holds more than [`MAX_TENSOR_VALUES`] values. VGG-11 at width 1 on 32×32 images reaches it at a
 /// batch of 32,768 (its first activation has 65,536 values an image).
 pub fn descriptor_dims(dims: [usize; 4]) -> candle_core::Result<[i32; 4]> {
+    // Each size on its own too: with a size of 0 the product says nothing of the others.
+    let sizes_fit = dims.iter().all(|&d| d <= MAX_TENSOR_VALUES);
     match dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d)) {
-        Some(values) if values <= MAX_TENSOR_VALUES => Ok(dims.map(|d| d as i32)),
+        Some(values) if values <= MAX_TENSOR_VALUES && sizes_fit => Ok(dims.map(|d| d as i32)),
         values => bail!(
             "a tensor of shape {dims:?} ({} values) is more than cuDNN takes in one call ({MAX_TENSOR_VALUES}): \
              lower train.batch_size or train.eval_batch_size",

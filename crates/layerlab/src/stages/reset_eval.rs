@@ -82,6 +82,7 @@ pub fn run(ctx: &StageContext, seed: u64) -> Result<Outcome> {
     let mut memory_settings = vec![("train.eval_batch_size", exp.train.eval_batch_size)];
     if bn_settings.contains(&Some(BnStats::Recalibrate)) {
         memory_settings.push(("reset.recalibrate_batches", exp.reset.recalibrate_batches));
+        memory_settings.push(("train.batch_size", exp.train.batch_size));
     }
     let named = |e| device::name_memory_settings(e, &memory_settings);
 
