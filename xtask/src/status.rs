@@ -100,14 +100,12 @@ impl flags::Test {
             // One test binary, built with CUDA; each test prints why it skips when no GPU is visible.
             // Where nvidia-smi lists a GPU, a test that cannot open it fails instead of skipping.
             let gpu_listed = cmd!(sh, "nvidia-smi -L").quiet().ignore_stderr().read().is_ok_and(|l| l.contains("GPU"));
-            if gpu_listed {
-                println!("nvidia-smi lists a GPU: a GPU test that cannot open it fails (LAYERLAB_GPU_REQUIRED)");
-            }
             let mut test = cmd!(
                 sh,
                 "cargo test --release -p layerlab --features cuda --test gpu {args...} -- --nocapture --test-threads 1"
             );
             if gpu_listed {
+                println!("nvidia-smi lists a GPU: a GPU test that cannot open it fails (LAYERLAB_GPU_REQUIRED)");
                 test = test.env("LAYERLAB_GPU_REQUIRED", "1");
             }
             test.run()?;

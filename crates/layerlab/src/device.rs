@@ -119,24 +119,33 @@ fn cuda_device(n: usize) -> Result<(Device, String)> {
     Ok((device, description))
 }
 
+/// The stream-ordered pool candle allocates from on `cuda`'s device (the device's default
+/// pool), or `None` where the device has no such pool (candle then allocates directly).
+#[cfg(feature = "cuda")]
+fn default_pool(cuda: &candle_core::CudaDevice) -> Result<Option<cudarc::driver::sys::CUmemoryPool>> {
+    let context = cuda.cuda_stream().context().clone();
+    if !context.has_async_alloc() {
+        return Ok(None);
+    }
+    let mut pool = std::ptr::null_mut();
+    // SAFETY: the context's device; the call writes one pool handle.
+    unsafe { cudarc::driver::sys::cuDeviceGetDefaultMemPool(&mut pool, context.cu_device()).result()? };
+    Ok(Some(pool))
+}
+
 /// Keeps the memory that buffers free in the stream-ordered pool candle allocates from. By
 /// default the pool hands it back to the driver at every synchronization (each step reads its
 /// loss), so the next step's buffers would be mapped afresh.
 #[cfg(feature = "cuda")]
 fn keep_freed_memory(cuda: &candle_core::CudaDevice) -> Result<()> {
     use cudarc::driver::sys;
-    let context = cuda.cuda_stream().context().clone();
-    if !context.has_async_alloc() {
-        return Ok(());
-    }
-    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let Some(pool) = default_pool(cuda)? else { return Ok(()) };
     let mut threshold = u64::MAX;
-    // SAFETY: the context's device; the attribute takes a u64.
+    let attribute = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD;
+    // SAFETY: the device's pool; the attribute takes a u64.
     unsafe {
-        sys::cuDeviceGetDefaultMemPool(&mut pool, context.cu_device()).result()?;
-        let attribute = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD;
-        sys::cuMemPoolSetAttribute(pool, attribute, &mut threshold as *mut u64 as *mut std::ffi::c_void).result()?;
-    }
+        sys::cuMemPoolSetAttribute(pool, attribute, &mut threshold as *mut u64 as *mut std::ffi::c_void).result()?
+    };
     Ok(())
 }
 
@@ -147,19 +156,13 @@ fn keep_freed_memory(cuda: &candle_core::CudaDevice) -> Result<()> {
 pub fn release_freed_memory(device: &Device) -> Result<()> {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(cuda) = device {
-        use cudarc::driver::sys;
-        let context = cuda.cuda_stream().context().clone();
-        if !context.has_async_alloc() {
-            return Ok(());
-        }
-        device.synchronize()?;
-        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
-        // SAFETY: the context's device's default pool, the one candle allocates from.
-        unsafe {
-            sys::cuDeviceGetDefaultMemPool(&mut pool, context.cu_device()).result()?;
-            sys::cuMemPoolTrimTo(pool, 0).result()?;
+        if let Some(pool) = default_pool(cuda)? {
+            device.synchronize()?;
+            // SAFETY: the device's pool, with its queued work done.
+            unsafe { cudarc::driver::sys::cuMemPoolTrimTo(pool, 0).result()? };
         }
     }
+    #[cfg(not(feature = "cuda"))]
     let _ = device;
     Ok(())
 }

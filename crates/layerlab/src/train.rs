@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::checkpoint::{self, CheckpointMeta};
 use crate::cnn::CnnTrainer;
 use crate::data::Split;
+use crate::device;
 use crate::eval::{self, Accumulator, EvalSet, PendingMetrics};
 use crate::kernels::pixels::{source_pixel, Shift};
 use crate::mlp::MlpTrainer;
@@ -428,13 +429,13 @@ pub fn run(job: &TrainJob<'_>, initial: State) -> Result<TrainSummary> {
     let test_set = EvalSet::new(job.test, (0..n_test).collect(), cfg.eval_batch_size as usize);
     let test_metrics = |state: &State| {
         eval::evaluate(job.arch, state, &test_set, job.device, cfg.compute)
-            .map_err(|e| name_the_setting(e, "train.eval_batch_size", cfg.eval_batch_size))
+            .map_err(|e| device::name_memory_settings(e, &[("train.eval_batch_size", cfg.eval_batch_size)]))
     };
     // The candle path trains from a copy of the training examples on its device.
     let resident = match &engine {
         Engine::Autograd(_) => Some(
             ResidentSplit::upload(job.train, &(0..n_train).collect::<Vec<_>>(), job.device)
-                .map_err(|e| name_the_setting(e, "train.train_examples", n_train as u32))
+                .map_err(|e| device::name_memory_settings(e, &[("train.train_examples", n_train as u32)]))
                 .context("uploading the training examples")?,
         ),
         _ => None,
@@ -529,7 +530,7 @@ impl EpochPlan<'_> {
     }
 
     fn step_failed(&self, e: anyhow::Error) -> anyhow::Error {
-        name_the_setting(e, "train.batch_size", self.job.cfg.batch_size)
+        device::name_memory_settings(e, &[("train.batch_size", self.job.cfg.batch_size)])
     }
 
     /// The steps of the candle path, from the examples held on its device: the epoch's order
@@ -630,11 +631,6 @@ fn write_history(path: &Path, history: &[EpochRecord], job: &TrainJob<'_>) -> Re
         .nullable("train_seconds", col_f(&|r| r.train_seconds))
         .col("seconds", col_f(&|r| Some(r.seconds)))
         .write(path, &job.table_metadata)
-}
-
-/// A GPU's out-of-memory error said as the setting to change, rather than as a driver error alone.
-fn name_the_setting(e: anyhow::Error, setting: &str, value: u32) -> anyhow::Error {
-    crate::device::name_memory_settings(e, &[(setting, value)])
 }
 
 #[cfg(test)]

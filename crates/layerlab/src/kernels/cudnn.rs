@@ -46,15 +46,16 @@ impl Geometry {
         if wc != c || kh != kw || h + 2 * padding < kh || wd + 2 * padding < kw || stride == 0 {
             bail!("cuDNN convolution: input {x:?} and weight {w:?} (padding {padding}, stride {stride}) do not fit")
         }
-        let out = |size: usize| (size + 2 * padding - kh) / stride + 1;
-        // The output is checked too: it can hold more values than the input (3 → 64 channels).
-        descriptor_dims([n, m, out(h), out(wd)])?;
-        Ok(Geometry {
+        // Padding and stride come from the architecture (at most 1 and 2).
+        let g = Geometry {
             x: descriptor_dims([n, c, h, wd])?,
             w: descriptor_dims([m, c, kh, kw])?,
-            padding: i32::try_from(padding).map_err(|_| candle_core::Error::Msg(format!("padding {padding}")))?,
-            stride: i32::try_from(stride).map_err(|_| candle_core::Error::Msg(format!("stride {stride}")))?,
-        })
+            padding: padding as i32,
+            stride: stride as i32,
+        };
+        // The output is checked too: it can hold more values than the input (3 → 64 channels).
+        descriptor_dims(g.y().map(|v| v as usize))?;
+        Ok(g)
     }
 
     fn y(&self) -> [i32; 4] {
@@ -65,7 +66,8 @@ impl Geometry {
 
 /// The most values a tensor given to cuDNN may hold: its descriptors take `int` sizes, and past
 /// 2^31 − 1 values cuDNN refuses the tensor (`CUDNN_STATUS_NOT_SUPPORTED` or `BAD_PARAM`), an
-/// error that names no setting. Half of what our own kernels cover ([`super::cuda::MAX_VALUES`]).
+/// error that names no setting. About half of what our own kernels cover
+/// ([`super::cuda::MAX_VALUES`]).
 pub const MAX_TENSOR_VALUES: usize = i32::MAX as usize;
 
 /// `dims` as a cuDNN descriptor's sizes, or an error naming the settings to lower when the tensor
