@@ -6,7 +6,7 @@ use candle_core::{Device, Tensor, Var};
 use cuda_emulation as emu;
 use layerlab::kernels::pixels::{gather_values, Shift};
 use layerlab::kernels::{layers, norm};
-use layerlab::sgd::Sgd;
+use layerlab::optim::{Optimizer, Sgd, StepAt};
 use rand_core::RngCore;
 
 fn random(n: usize, seed: u64) -> Vec<f32> {
@@ -132,7 +132,7 @@ fn sgd_update_all_is_the_cpu_update_for_every_tensor() {
         let (mut p_cpu, mut m_cpu) = (p.clone(), m.clone());
         let sgd = Sgd { momentum: 0.9, weight_decay: 5e-4, nesterov };
         for k in 0..sizes.len() {
-            sgd.update_slices(0.05, &mut p_cpu[k], &mut m_cpu[k], &g[k]);
+            sgd.update_slices(StepAt { lr: 0.05, number: 1 }, &mut p_cpu[k], &mut [&mut m_cpu[k]], &g[k]);
         }
         let mut table = emu::SgdTable { p: [0; 32], m: [0; 32], g: [0; 32], n: [0; 32], count: sizes.len() as u32 };
         for k in 0..sizes.len() {

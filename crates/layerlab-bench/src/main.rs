@@ -12,13 +12,14 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use clap::{Parser, Subcommand};
-use layerlab::config::{ModelConfig, TrainConfig};
+use layerlab::config::ModelConfig;
 use layerlab::kernels::{conv2d, conv2d_grad_input, conv2d_grad_weight};
 
 use layerlab::cnn::{Activations, CnnForward};
+use layerlab::exec::Trainer;
 use layerlab::model::{push_scaled_pixels, Architecture, Layer};
+use layerlab::optim::{Sgd, StepAt};
 use layerlab::table::{Column, ReadTable, Table};
-use layerlab::train::Engine;
 use rand_core::RngCore;
 use serde_json::{json, Value};
 
@@ -315,38 +316,40 @@ fn bench_arch(arch_name: &str, width_mult: f64) -> Result<(Architecture, String)
 }
 
 /// Seconds of `steps` training steps at `batch` on random images (median of `repeats`), and the
-/// engine that ran them.
+/// trainer that ran them.
 fn train_step_seconds(
     arch: &Architecture,
     batch: usize,
     steps: usize,
     repeats: usize,
     dev: &Device,
-) -> Result<(f64, Engine)> {
+) -> Result<(f64, Box<dyn Trainer>)> {
     let state = arch.initial_state(0, dev)?;
-    let mut engine = Engine::new(arch, &state, None, dev, layerlab::pipeline::ComputePath::Fast)?;
+    let executor = layerlab::exec::choose(arch, dev, layerlab::pipeline::ComputePath::Fast);
+    let sgd = Sgd { momentum: 0.9, weight_decay: 5e-4, nesterov: false };
+    let mut trainer = executor.trainer(&state, Box::new(sgd), None)?;
     let t = timed(repeats, || {
-        train_steps(&mut engine, arch, batch, steps, dev)?;
+        train_steps(trainer.as_mut(), batch, steps, dev)?;
         // A GPU queues work: the time counts once it is done.
         Ok(dev.synchronize()?)
     })?;
-    Ok((t, engine))
+    Ok((t, trainer))
 }
 
 /// `steps` SGD steps (momentum 0.9, weight decay 5e-4) on one fixed batch of random images.
 /// The candle path (a GPU) gets the batch on its device once and reads the loss after the last
 /// step only, as `train` does with its resident dataset (and PyTorch's side of the bench).
-fn train_steps(engine: &mut Engine, arch: &Architecture, batch: usize, steps: usize, dev: &Device) -> Result<()> {
-    let train_cfg = TrainConfig { momentum: 0.9, weight_decay: 5e-4, ..TrainConfig::default() };
+fn train_steps(trainer: &mut dyn Trainer, batch: usize, steps: usize, dev: &Device) -> Result<()> {
+    let at = StepAt { lr: 0.01, number: 1 };
     let mut rng = layerlab::random::rng(1);
     let pixels: Vec<u8> = (0..batch * 3 * 32 * 32).map(|_| rng.next_u32() as u8).collect();
     let labels: Vec<u32> = (0..batch).map(|_| rng.next_u32() % 10).collect();
-    if let Engine::Autograd(_) = engine {
+    if trainer.steps_on_device() {
         let x = layerlab::model::images_to_tensor(&pixels, [batch, 3, 32, 32], dev)?;
         let y = Tensor::from_vec(labels, batch, dev)?;
         let mut last = None;
         for _ in 0..steps {
-            last = Some(engine.step_on_device(arch, &x, &y, 0.01, &train_cfg)?.0);
+            last = Some(trainer.step_on_device(&x, &y, at)?.0);
         }
         if let Some(loss) = last {
             let loss = loss.to_scalar::<f32>()?;
@@ -357,7 +360,7 @@ fn train_steps(engine: &mut Engine, arch: &Architecture, batch: usize, steps: us
         return Ok(());
     }
     for _ in 0..steps {
-        let (loss, _) = engine.step(arch, &pixels, [batch, 3, 32, 32], labels.clone(), 0.01, &train_cfg, dev)?;
+        let (loss, _) = trainer.step(&pixels, [batch, 3, 32, 32], &labels, at)?;
         if !loss.is_finite() {
             bail!("loss became {loss}");
         }
@@ -403,17 +406,12 @@ fn profile(arch_name: &str, width_mult: f64, batch: usize, repeats: usize, dev: 
             );
         }
     }
-    let (t, mut engine) = train_step_seconds(&arch, batch, 1, repeats * 4, &dev)?;
+    let (t, mut trainer) = train_step_seconds(&arch, batch, 1, repeats * 4, &dev)?;
     println!("{}", json!({"layer": "whole step", "pass": "train", "ms": 1e3 * t}));
     // Then where a whole step's time goes, by kind of layer, over as many more steps.
-    if let Engine::Cnn(trainer) = &mut engine {
-        trainer.time_layers();
-    }
-    train_steps(&mut engine, &arch, batch, repeats * 4, &dev)?;
-    if let Some(times) = match &engine {
-        Engine::Cnn(trainer) => trainer.layer_times(),
-        _ => None,
-    } {
+    trainer.time_layers();
+    train_steps(trainer.as_mut(), batch, repeats * 4, &dev)?;
+    if let Some(times) = trainer.layer_times() {
         for ((kind, pass), seconds) in &times.seconds {
             let ms = 1e3 * seconds / times.steps.max(1) as f64;
             println!("{}", json!({"layer": kind, "pass": format!("{pass}, in a step"), "ms": ms}));
@@ -434,10 +432,10 @@ fn cnn(
     let (arch, label) = bench_arch(arch_name, width_mult)?;
     // A GPU's steps through candle's autograd (`--autograd`) are another workload than the tape's.
     let label = if dev.is_cuda() && !layerlab::backward::used_on(dev) { format!("{label}-autograd") } else { label };
-    let (t, engine) = train_step_seconds(&arch, batch, steps, repeats, dev)?;
+    let (t, trainer) = train_step_seconds(&arch, batch, steps, repeats, dev)?;
     emit(&label, "train throughput", (batch * steps) as f64 / t, "images/s", Some(train_flops(&arch)?));
 
-    let trained = engine.state(dev)?;
+    let trained = trainer.state()?;
     let mut rng = layerlab::random::rng(2);
     let eval_pixels: Vec<u8> = (0..eval_batch * 3 * 32 * 32).map(|_| rng.next_u32() as u8).collect();
     if !dev.is_cpu() {

@@ -180,11 +180,13 @@ fn layer_backward(
 #[cfg(test)]
 mod tests {
     use candle_core::{Device, Var};
-    use layerlab_pipeline::{Arch, ComputePath, ModelConfig, TrainConfig};
+    use layerlab_pipeline::{Arch, ModelConfig};
 
     use super::*;
+    use crate::exec::candle::CandleTrainer;
+    use crate::exec::Trainer;
     use crate::model::{loss_and_correct, Architecture, BnMode};
-    use crate::train::Engine;
+    use crate::optim::{Sgd, StepAt};
 
     /// Networks covering every layer kind: an FCN (linear, flatten), VGG-11 with and without
     /// BatchNorm on padded 20×20 images (pad, convolution with bias, max-pool, BatchNorm with its
@@ -276,28 +278,29 @@ mod tests {
     #[test]
     fn training_with_the_taped_pass_equals_training_with_autograd() {
         let dev = Device::Cpu;
-        let cfg = TrainConfig { momentum: 0.9, weight_decay: 5e-4, nesterov: true, ..TrainConfig::default() };
+        let sgd = || Box::new(Sgd { momentum: 0.9, weight_decay: 5e-4, nesterov: true });
         for (what, arch) in networks().into_iter().filter(|(w, _)| *w != "vgg11") {
             let state = arch.initial_state(11, &dev).unwrap();
-            let mut taped = Engine::new(&arch, &state, None, &dev, ComputePath::Autograd).unwrap();
-            taped.use_taped_backward(&dev).unwrap();
-            let mut autograd = Engine::new(&arch, &state, None, &dev, ComputePath::Autograd).unwrap();
+            let mut taped = CandleTrainer::new(&arch, &state, sgd(), None, &dev).unwrap();
+            taped.use_taped_backward().unwrap();
+            let mut autograd = CandleTrainer::new(&arch, &state, sgd(), None, &dev).unwrap();
             for step in 0..3 {
                 let (x, y) = batch(&arch, 20 + step, 5);
-                let a = taped.step_on_device(&arch, &x, &y, 0.05, &cfg).unwrap();
-                let b = autograd.step_on_device(&arch, &x, &y, 0.05, &cfg).unwrap();
+                let at = StepAt { lr: 0.05, number: step + 1 };
+                let a = taped.step_on_device(&x, &y, at).unwrap();
+                let b = autograd.step_on_device(&x, &y, at).unwrap();
                 assert_eq!((values(&a.0), values(&a.1)), (values(&b.0), values(&b.1)), "{what} step {step}");
             }
             for (kind, ours, theirs) in [
-                ("weights", taped.state(&dev).unwrap(), autograd.state(&dev).unwrap()),
-                ("momentum", taped.momentum(&dev).unwrap(), autograd.momentum(&dev).unwrap()),
+                ("weights", taped.state().unwrap(), autograd.state().unwrap()),
+                ("momentum", taped.optimizer_state().unwrap(), autograd.optimizer_state().unwrap()),
             ] {
                 assert_eq!(ours.keys().collect::<Vec<_>>(), theirs.keys().collect::<Vec<_>>());
                 for (name, t) in &ours {
                     assert!(values(t) == values(&theirs[name]), "{what}: {kind} {name} differ");
                 }
             }
-            let moved = taped.state(&dev).unwrap();
+            let moved = taped.state().unwrap();
             assert!(moved.iter().any(|(k, v)| values(v) != values(&state[k])), "{what}: no weight changed");
         }
     }

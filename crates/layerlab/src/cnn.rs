@@ -28,8 +28,7 @@ use crate::kernels::gemm::matmul;
 use crate::kernels::{layers, norm};
 use crate::mlp::cross_entropy;
 use crate::model::{Architecture, Layer, State, TensorSpec, BN_EPS, BN_MOMENTUM};
-use crate::sgd::Sgd;
-use layerlab_pipeline::TrainConfig;
+use crate::optim::{state_key, update_in_pieces, Optimizer, OptimizerState, StepAt};
 
 /// Values of an elementwise pass handed to one task.
 const VALUES_PER_TASK: usize = 1 << 14;
@@ -97,11 +96,12 @@ impl Weights for BTreeMap<String, Vec<f32>> {
     }
 }
 
-/// One trained tensor: its values, momentum buffer and last gradient.
+/// One trained tensor: its values, the optimizer's buffers and its last gradient.
 struct Param {
     shape: Vec<usize>,
     value: Vec<f32>,
-    momentum: Vec<f32>,
+    /// In the order of [`Optimizer::buffers`].
+    buffers: Vec<Vec<f32>>,
     grad: Vec<f32>,
 }
 
@@ -109,6 +109,7 @@ struct Param {
 pub struct CnnTrainer {
     arch: Architecture,
     params: BTreeMap<String, Param>,
+    optimizer: Box<dyn Optimizer>,
     /// BatchNorm running statistics: values and shape.
     buffers: BTreeMap<String, (Vec<f32>, Vec<usize>)>,
     /// Where the steps' time goes, once [`CnnTrainer::time_layers`] switched it on.
@@ -160,18 +161,6 @@ mod kind {
     pub(super) const RESIDUAL: &str = "residual sum + relu";
 }
 
-/// Whether the CNN fast path trains `arch`: a network with convolutions, on the CPU.
-pub fn applies(arch: &Architecture, device: &Device) -> bool {
-    fn has_conv(layers: &[Layer]) -> bool {
-        layers.iter().any(|l| match l {
-            Layer::Conv { .. } => true,
-            Layer::Residual { main, shortcut } => has_conv(main) || has_conv(shortcut),
-            _ => false,
-        })
-    }
-    device.is_cpu() && has_conv(&arch.layers)
-}
-
 fn values(t: &Tensor, what: &str) -> Result<Vec<f32>> {
     t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>().with_context(|| format!("cannot read {what}"))
 }
@@ -192,8 +181,14 @@ fn state_values<'s>(
 }
 
 impl CnnTrainer {
-    /// From a state (and, when resuming, the momentum buffers by tensor name).
-    pub fn new(arch: &Architecture, state: &State, momentum: Option<&BTreeMap<String, Tensor>>) -> Result<CnnTrainer> {
+    /// From a state, with `optimizer` (and, when resuming, its buffers by
+    /// [`crate::optim::state_key`]).
+    pub fn new(
+        arch: &Architecture,
+        state: &State,
+        optimizer: Box<dyn Optimizer>,
+        resumed: Option<&OptimizerState>,
+    ) -> Result<CnnTrainer> {
         let mut params = BTreeMap::new();
         let mut buffers = BTreeMap::new();
         for entry in state_values(arch, state) {
@@ -202,20 +197,22 @@ impl CnnTrainer {
                 buffers.insert(spec.name.clone(), (value, spec.shape.clone()));
                 continue;
             }
-            let momentum = match momentum {
-                Some(m) => values(
-                    m.get(&spec.name).with_context(|| format!("the resume file lacks momentum for {}", spec.name))?,
-                    &spec.name,
-                )?,
-                None => vec![0.0; value.len()],
-            };
-            if momentum.len() != value.len() {
-                bail!("the momentum of {} has {} values, expected {}", spec.name, momentum.len(), value.len());
+            let mut kept = Vec::with_capacity(optimizer.buffers().len());
+            for buffer in optimizer.buffers() {
+                let key = state_key(buffer, &spec.name);
+                let values = match resumed {
+                    Some(r) => values(r.get(&key).with_context(|| format!("the resume file lacks {key}"))?, &key)?,
+                    None => vec![0.0; value.len()],
+                };
+                if values.len() != value.len() {
+                    bail!("{key} has {} values, expected {}", values.len(), value.len());
+                }
+                kept.push(values);
             }
             let grad = vec![0.0; value.len()];
-            params.insert(spec.name.clone(), Param { shape: spec.shape.clone(), value, momentum, grad });
+            params.insert(spec.name.clone(), Param { shape: spec.shape.clone(), value, buffers: kept, grad });
         }
-        Ok(CnnTrainer { arch: arch.clone(), params, buffers, times: None })
+        Ok(CnnTrainer { arch: arch.clone(), params, optimizer, buffers, times: None })
     }
 
     /// The weights and running statistics as tensors by state_dict name.
@@ -230,11 +227,13 @@ impl CnnTrainer {
         Ok(s)
     }
 
-    /// The momentum buffers as tensors by state_dict name.
-    pub fn momentum(&self, device: &Device) -> Result<BTreeMap<String, Tensor>> {
-        let mut s = BTreeMap::new();
+    /// The optimizer's buffers as tensors by [`crate::optim::state_key`].
+    pub fn optimizer_state(&self, device: &Device) -> Result<OptimizerState> {
+        let mut s = OptimizerState::new();
         for (name, p) in &self.params {
-            s.insert(name.clone(), Tensor::from_vec(p.momentum.clone(), p.shape.clone(), device)?);
+            for (buffer, values) in self.optimizer.buffers().iter().zip(&p.buffers) {
+                s.insert(state_key(buffer, name), Tensor::from_vec(values.clone(), p.shape.clone(), device)?);
+            }
         }
         Ok(s)
     }
@@ -256,16 +255,9 @@ impl CnnTrainer {
         self.buffers.get(name).map(|(v, _)| v.as_slice()).with_context(|| format!("tensor '{name}' is missing"))
     }
 
-    /// One SGD step on a batch `x` [n, c, h, w] (f32, already scaled); returns the batch's mean
-    /// loss and errors before the update. A non-finite loss leaves the weights as they were.
-    pub fn step(
-        &mut self,
-        x: Vec<f32>,
-        dims: [usize; 4],
-        labels: &[u32],
-        lr: f64,
-        cfg: &TrainConfig,
-    ) -> Result<(f64, usize)> {
+    /// One training step on a batch `x` [n, c, h, w] (f32, already scaled); returns the batch's
+    /// mean loss and errors before the update. A non-finite loss leaves the weights as they were.
+    pub fn step(&mut self, x: Vec<f32>, dims: [usize; 4], labels: &[u32], at: StepAt) -> Result<(f64, usize)> {
         if x.len() != dims.iter().product::<usize>() || labels.len() != dims[0] {
             bail!("a batch of {} labels and {} values does not fit the shape {dims:?}", labels.len(), x.len());
         }
@@ -284,7 +276,7 @@ impl CnnTrainer {
             return Ok((loss, errors));
         }
         self.backward(tape, grad)?;
-        self.update(lr, cfg);
+        self.update(at);
         if let Some(t) = &mut self.times {
             t.steps += 1;
         }
@@ -434,11 +426,11 @@ impl CnnTrainer {
         Ok(dy)
     }
 
-    /// The SGD update ([`crate::sgd`]) of every trained tensor, in fixed pieces run in parallel.
-    fn update(&mut self, lr: f64, cfg: &TrainConfig) {
-        let sgd = Sgd::of(cfg);
+    /// The optimizer's update ([`crate::optim`]) of every trained tensor, in fixed pieces run in parallel.
+    fn update(&mut self, at: StepAt) {
+        let opt = self.optimizer.as_ref();
         for p in self.params.values_mut() {
-            sgd.update_in_pieces(lr, &mut p.value, &mut p.momentum, &p.grad);
+            update_in_pieces(opt, at, &mut p.value, &mut p.buffers, &p.grad);
         }
     }
 }
@@ -681,9 +673,10 @@ fn record(tape: &mut Option<&mut Vec<Saved>>, saved: impl FnOnce() -> Saved) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::exec::{candle::Candle, Executor};
     use crate::model::push_scaled_pixels;
-    use crate::train::Engine;
-    use layerlab_pipeline::{Arch, ComputePath, ModelConfig};
+    use crate::optim::Sgd;
+    use layerlab_pipeline::{Arch, ModelConfig};
 
     /// VGG needs 32×32 images (five 2×2 poolings); ResNet runs on 16×16 ones.
     fn size(a: Arch) -> usize {
@@ -706,8 +699,12 @@ mod tests {
         (pixels, labels)
     }
 
-    fn cfg(nesterov: bool) -> TrainConfig {
-        TrainConfig { momentum: 0.9, weight_decay: 5e-4, nesterov, ..TrainConfig::default() }
+    fn sgd(nesterov: bool) -> Box<Sgd> {
+        Box::new(Sgd { momentum: 0.9, weight_decay: 5e-4, nesterov })
+    }
+
+    fn at(lr: f64) -> StepAt {
+        StepAt { lr, number: 1 }
     }
 
     fn flat(s: &State) -> BTreeMap<String, Vec<f32>> {
@@ -723,20 +720,21 @@ mod tests {
         {
             let arch = arch(a, bn);
             let state = arch.initial_state(3, &dev).unwrap();
-            let mut ours = CnnTrainer::new(&arch, &state, None).unwrap();
-            let mut theirs = Engine::new(&arch, &state, None, &dev, ComputePath::Autograd).unwrap();
+            let mut ours = CnnTrainer::new(&arch, &state, sgd(nesterov), None).unwrap();
+            let candle = Candle { arch: &arch, device: dev.clone() };
+            let mut theirs = candle.trainer(&state, sgd(nesterov), None).unwrap();
             for step in 0..3 {
                 let (pixels, labels) = batch(10 + step, 12, size(a));
                 let mut x = Vec::new();
                 push_scaled_pixels(&pixels, &mut x);
                 let dims = [12, 3, size(a), size(a)];
-                let (l1, e1) = ours.step(x, dims, &labels, 0.05, &cfg(nesterov)).unwrap();
-                let (l2, e2) = theirs.step(&arch, &pixels, dims, labels.clone(), 0.05, &cfg(nesterov), &dev).unwrap();
+                let (l1, e1) = ours.step(x, dims, &labels, at(0.05)).unwrap();
+                let (l2, e2) = theirs.step(&pixels, dims, &labels, at(0.05)).unwrap();
                 assert!((l1 - l2).abs() < 1e-4 * l2.abs().max(1.0), "{a:?} step {step}: loss {l1} vs {l2}");
                 assert_eq!(e1, e2, "{a:?} step {step}: errors");
             }
-            let (s1, s2) = (flat(&ours.state(&dev).unwrap()), flat(&theirs.state(&dev).unwrap()));
-            let (m1, m2) = (flat(&ours.momentum(&dev).unwrap()), flat(&theirs.momentum(&dev).unwrap()));
+            let (s1, s2) = (flat(&ours.state(&dev).unwrap()), flat(&theirs.state().unwrap()));
+            let (m1, m2) = (flat(&ours.optimizer_state(&dev).unwrap()), flat(&theirs.optimizer_state().unwrap()));
             assert_eq!(s1.keys().collect::<Vec<_>>(), s2.keys().collect::<Vec<_>>());
             for (what, x, y) in [("weights", &s1, &s2), ("momentum", &m1, &m2)] {
                 for (name, a_v) in x {
@@ -762,14 +760,14 @@ mod tests {
         let run = |threads: usize| {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
             pool.install(|| {
-                let mut t = CnnTrainer::new(&arch, &state, None).unwrap();
+                let mut t = CnnTrainer::new(&arch, &state, sgd(true), None).unwrap();
                 for step in 0..2 {
                     let (pixels, labels) = batch(20 + step, 9, 16);
                     let mut x = Vec::new();
                     push_scaled_pixels(&pixels, &mut x);
-                    t.step(x, [9, 3, 16, 16], &labels, 0.1, &cfg(true)).unwrap();
+                    t.step(x, [9, 3, 16, 16], &labels, at(0.1)).unwrap();
                 }
-                (flat(&t.state(&dev).unwrap()), flat(&t.momentum(&dev).unwrap()))
+                (flat(&t.state(&dev).unwrap()), flat(&t.optimizer_state(&dev).unwrap()))
             })
         };
         let one = run(1);
@@ -787,15 +785,15 @@ mod tests {
             let (pixels, labels) = batch(seed, 6, 32);
             let mut x = Vec::new();
             push_scaled_pixels(&pixels, &mut x);
-            t.step(x, [6, 3, 32, 32], &labels, 0.1, &cfg(false)).unwrap();
+            t.step(x, [6, 3, 32, 32], &labels, at(0.1)).unwrap();
         };
-        let mut straight = CnnTrainer::new(&arch, &state, None).unwrap();
+        let mut straight = CnnTrainer::new(&arch, &state, sgd(false), None).unwrap();
         step(&mut straight, 1);
         step(&mut straight, 2);
-        let mut first = CnnTrainer::new(&arch, &state, None).unwrap();
+        let mut first = CnnTrainer::new(&arch, &state, sgd(false), None).unwrap();
         step(&mut first, 1);
-        let (s, m) = (first.state(&dev).unwrap(), first.momentum(&dev).unwrap());
-        let mut resumed = CnnTrainer::new(&arch, &s, Some(&m)).unwrap();
+        let (s, m) = (first.state(&dev).unwrap(), first.optimizer_state(&dev).unwrap());
+        let mut resumed = CnnTrainer::new(&arch, &s, sgd(false), Some(&m)).unwrap();
         step(&mut resumed, 2);
         assert!(flat(&resumed.state(&dev).unwrap()) == flat(&straight.state(&dev).unwrap()));
     }
@@ -809,15 +807,17 @@ mod tests {
         for a in [Arch::Vgg11, Arch::Resnet18] {
             let arch = arch(a, true);
             let state = arch.initial_state(9, &dev).unwrap();
-            let (mut plain, mut timed) =
-                (CnnTrainer::new(&arch, &state, None).unwrap(), CnnTrainer::new(&arch, &state, None).unwrap());
+            let (mut plain, mut timed) = (
+                CnnTrainer::new(&arch, &state, sgd(false), None).unwrap(),
+                CnnTrainer::new(&arch, &state, sgd(false), None).unwrap(),
+            );
             timed.time_layers();
             for step in 0..2 {
                 for t in [&mut plain, &mut timed] {
                     let (pixels, labels) = batch(30 + step, 4, size(a));
                     let mut x = Vec::new();
                     push_scaled_pixels(&pixels, &mut x);
-                    t.step(x, [4, 3, size(a), size(a)], &labels, 0.1, &cfg(false)).unwrap();
+                    t.step(x, [4, 3, size(a), size(a)], &labels, at(0.1)).unwrap();
                 }
             }
             assert!(flat(&plain.state(&dev).unwrap()) == flat(&timed.state(&dev).unwrap()), "{a:?}");

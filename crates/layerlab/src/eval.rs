@@ -1,16 +1,15 @@
-//! Runs a network over a split in evaluation mode and returns loss and error.
+//! What a measurement is taken on ([`EvalSet`]: a test set, a train subset, calibration
+//! batches) and what it gives ([`Metrics`]): loss and error, accumulated over batches on the host
+//! ([`Accumulator`]) or read from the device once ([`PendingMetrics`]). The executors
+//! ([`crate::exec`]) compute them.
 
 use std::cell::OnceCell;
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 
-use crate::cnn::{Activations, CnnForward};
 use crate::data::Split;
-use crate::mlp::{MlpForward, MlpPlan};
-use crate::model::{loss_and_correct, push_scaled_pixels, Architecture, BnMode, State};
 use crate::resident::ResidentSplit;
-use layerlab_pipeline::ComputePath;
 
 /// Mean loss and error rate over a set of examples.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -66,40 +65,6 @@ impl<'a> EvalSet<'a> {
             Ok((x, y, n))
         }))
     }
-}
-
-/// The fully connected fast path's plan, when it applies (see [`crate::mlp`]): where training,
-/// evaluation and the reset grid choose their compute path (with [`cnn_fast`] for training
-/// convolutional networks).
-pub fn fast_plan(arch: &Architecture, device: &Device, path: ComputePath) -> Option<MlpPlan> {
-    if device.is_cpu() && path == ComputePath::Fast {
-        MlpPlan::of(arch)
-    } else {
-        None
-    }
-}
-
-/// Whether a network runs on the CNN fast path (see [`crate::cnn`]): networks with convolutions on
-/// the CPU under `train.compute = "fast"`. Training, evaluation and the reset grid alike.
-pub fn cnn_fast(arch: &Architecture, device: &Device, path: ComputePath) -> bool {
-    path == ComputePath::Fast && crate::cnn::applies(arch, device)
-}
-
-/// One batch as f32 inputs (pixels / 255, into `x`) and its labels.
-pub fn batch_f32(split: &Split, indices: &[usize], x: &mut Vec<f32>) -> Vec<u32> {
-    let size = split.image_size();
-    x.clear();
-    for &i in indices {
-        push_scaled_pixels(&split.images[i * size..(i + 1) * size], x);
-    }
-    indices.iter().map(|&i| split.labels[i] as u32).collect()
-}
-
-/// One batch as the CNN fast path's input activations, and its labels.
-pub fn batch_activations(split: &Split, indices: &[usize]) -> Result<(Activations, Vec<u32>)> {
-    let mut x = Vec::with_capacity(indices.len() * split.image_size());
-    let labels = batch_f32(split, indices, &mut x);
-    Ok((Activations::input(x, split.batch_dims(indices.len()))?, labels))
 }
 
 /// Sums loss × count and errors over batches, so that the result is a mean over examples.
@@ -163,46 +128,6 @@ impl PendingMetrics {
         }
         Ok(acc.metrics())
     }
-}
-
-/// Evaluates `state` on the examples of `set`.
-pub fn evaluate(
-    arch: &Architecture,
-    state: &State,
-    set: &EvalSet<'_>,
-    device: &Device,
-    path: ComputePath,
-) -> Result<Metrics> {
-    let mut acc = Accumulator::default();
-    let (split, batch) = (set.split, set.batch);
-    if let Some(plan) = fast_plan(arch, device, path) {
-        let mut net = MlpForward::new(&plan, state)?;
-        let mut x = Vec::new();
-        for chunk in set.indices.chunks(batch) {
-            let labels = batch_f32(split, chunk, &mut x);
-            let (loss, errors) = net.loss_and_errors(&x, &labels);
-            acc.add(loss, errors, chunk.len());
-        }
-        return Ok(acc.metrics());
-    }
-    if cnn_fast(arch, device, path) {
-        let net = CnnForward::new(arch, state)?;
-        for chunk in set.indices.chunks(batch) {
-            let (input, labels) = batch_activations(split, chunk)?;
-            let (loss, errors) = net.loss_and_errors_from(&input, &labels, 0)?;
-            acc.add(loss, errors, chunk.len());
-        }
-        return Ok(acc.metrics());
-    }
-    let state = arch.for_evaluation(state)?;
-    let mut pending = PendingMetrics::default();
-    for batch in set.device_batches(device)? {
-        let (x, y, n) = batch?;
-        let logits = arch.forward(&state, &x, BnMode::Eval)?;
-        let (loss, correct) = loss_and_correct(&logits, &y)?;
-        pending.push(&loss, &correct, n);
-    }
-    pending.metrics()
 }
 
 #[cfg(test)]

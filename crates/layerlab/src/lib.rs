@@ -6,21 +6,23 @@
 
 pub mod aggregate;
 pub mod backward;
+pub mod batches;
 pub mod checkpoint;
 pub mod cnn;
 pub mod data;
 pub mod device;
 pub mod eval;
+pub mod exec;
 pub mod init;
 pub mod kernels;
 pub mod mlp;
 pub mod model;
+pub mod optim;
 pub mod progress;
 pub mod random;
 pub mod reset;
 pub mod resident;
 pub mod safetensors_io;
-pub mod sgd;
 pub mod stages;
 pub mod table;
 pub mod train;

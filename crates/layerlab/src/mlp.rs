@@ -8,8 +8,6 @@
 //! the same as the general path (`model::Architecture::forward` + `loss.backward()` + the SGD of
 //! `train.rs`); `tests::matches_candle_autograd` checks the two against each other.
 
-use std::collections::BTreeMap;
-
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
@@ -17,8 +15,7 @@ use rayon::prelude::*;
 use crate::kernels::gemm::matmul;
 use crate::kernels::loss::RowSoftmax;
 use crate::model::{Architecture, Layer, State};
-use crate::sgd::Sgd;
-use layerlab_pipeline::TrainConfig;
+use crate::optim::{state_key, update_in_pieces, Optimizer, OptimizerState, StepAt};
 
 /// One Linear layer of the plan.
 #[derive(Debug, Clone)]
@@ -93,8 +90,12 @@ impl Params {
         Params { weight: vec![0.0; d.outputs * d.inputs], bias: vec![0.0; d.outputs] }
     }
     fn from_state(d: &Dense, state: &State, what: &str) -> Result<Params> {
+        Params::from_state_named(d, state, what, |t| t.to_string())
+    }
+    /// From the tensors `key(tensor name)` of `state`.
+    fn from_state_named(d: &Dense, state: &State, what: &str, key: impl Fn(&str) -> String) -> Result<Params> {
         let read = |suffix: &str, len: usize| -> Result<Vec<f32>> {
-            let name = format!("{}.{suffix}", d.name);
+            let name = key(&format!("{}.{suffix}", d.name));
             let t = state.get(&name).with_context(|| format!("{what} lacks tensor '{name}'"))?;
             let v = t.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
             if v.len() != len {
@@ -295,12 +296,15 @@ impl MlpForward {
     }
 }
 
-/// Training state of the fast path: weights, momentum buffers, gradients and activations, all
-/// allocated once.
+/// Training state of the fast path: weights, the optimizer and its buffers, gradients and
+/// activations, all allocated once.
 pub struct MlpTrainer {
     plan: MlpPlan,
     params: Vec<Params>,
-    momentum: Vec<Params>,
+    optimizer: Box<dyn Optimizer>,
+    /// Per layer, the optimizer's buffers of its weight and of its bias (in the order of
+    /// [`Optimizer::buffers`]).
+    buffers: Vec<(Vec<Vec<f32>>, Vec<Vec<f32>>)>,
     grads: Vec<Params>,
     /// Output of every layer (after its ReLU), [batch × outputs].
     activations: Vec<Vec<f32>>,
@@ -310,23 +314,37 @@ pub struct MlpTrainer {
 }
 
 impl MlpTrainer {
-    /// From a state (and, when resuming, the momentum buffers by tensor name).
-    pub fn new(plan: &MlpPlan, state: &State, momentum: Option<&BTreeMap<String, Tensor>>) -> Result<MlpTrainer> {
+    /// From a state, with `optimizer` (and, when resuming, its buffers by
+    /// [`crate::optim::state_key`]).
+    pub fn new(
+        plan: &MlpPlan,
+        state: &State,
+        optimizer: Box<dyn Optimizer>,
+        resumed: Option<&OptimizerState>,
+    ) -> Result<MlpTrainer> {
         let params: Vec<Params> =
             plan.layers.iter().map(|d| Params::from_state(d, state, "the weights")).collect::<Result<_>>()?;
-        let momentum = match momentum {
-            Some(m) => plan
-                .layers
-                .iter()
-                .map(|d| Params::from_state(d, m, "the resume file's momentum"))
-                .collect::<Result<_>>()?,
-            None => plan.layers.iter().map(Params::zeros).collect(),
-        };
+        let mut buffers = Vec::with_capacity(plan.layers.len());
+        for d in &plan.layers {
+            let mut of_layer = (Vec::new(), Vec::new());
+            for buffer in optimizer.buffers() {
+                let p = match resumed {
+                    Some(r) => {
+                        Params::from_state_named(d, r, "the resume file's optimizer state", |t| state_key(buffer, t))?
+                    }
+                    None => Params::zeros(d),
+                };
+                of_layer.0.push(p.weight);
+                of_layer.1.push(p.bias);
+            }
+            buffers.push(of_layer);
+        }
         let grads = plan.layers.iter().map(Params::zeros).collect();
         Ok(MlpTrainer {
             plan: plan.clone(),
             params,
-            momentum,
+            optimizer,
+            buffers,
             grads,
             activations: vec![Vec::new(); plan.layers.len()],
             delta: [Vec::new(), Vec::new()],
@@ -343,18 +361,24 @@ impl MlpTrainer {
         Ok(s)
     }
 
-    /// The momentum buffers as tensors by state_dict name.
-    pub fn momentum(&self, device: &Device) -> Result<BTreeMap<String, Tensor>> {
-        let mut s = BTreeMap::new();
-        for (d, p) in self.plan.layers.iter().zip(&self.momentum) {
-            p.insert_into(d, &mut s, device)?;
+    /// The optimizer's buffers as tensors by [`crate::optim::state_key`].
+    pub fn optimizer_state(&self, device: &Device) -> Result<OptimizerState> {
+        let mut s = OptimizerState::new();
+        for (d, (weight, bias)) in self.plan.layers.iter().zip(&self.buffers) {
+            for ((buffer, w), b) in self.optimizer.buffers().iter().zip(weight).zip(bias) {
+                s.insert(
+                    state_key(buffer, &format!("{}.weight", d.name)),
+                    Tensor::from_slice(w, (d.outputs, d.inputs), device)?,
+                );
+                s.insert(state_key(buffer, &format!("{}.bias", d.name)), Tensor::from_slice(b, d.outputs, device)?);
+            }
         }
         Ok(s)
     }
 
     /// One SGD step on a batch [batch × inputs] (f32, already scaled); returns the batch's mean
     /// loss and errors before the update.
-    pub fn step(&mut self, x: &[f32], labels: &[u32], lr: f64, cfg: &TrainConfig) -> Result<(f64, usize)> {
+    pub fn step(&mut self, x: &[f32], labels: &[u32], at: StepAt) -> Result<(f64, usize)> {
         let batch = labels.len();
         if x.len() != batch * self.plan.inputs() {
             bail!("a batch of {batch} examples has {} input values, expected {}", x.len(), batch * self.plan.inputs());
@@ -410,16 +434,16 @@ impl MlpTrainer {
                 std::mem::swap(delta, delta_below);
             }
         }
-        self.update(lr, cfg);
+        self.update(at);
         Ok((loss, errors))
     }
 
-    /// The SGD update ([`crate::sgd`]) over every buffer, in fixed pieces run in parallel.
-    fn update(&mut self, lr: f64, cfg: &TrainConfig) {
-        let sgd = Sgd::of(cfg);
-        for ((p, m), g) in self.params.iter_mut().zip(&mut self.momentum).zip(&self.grads) {
-            sgd.update_in_pieces(lr, &mut p.weight, &mut m.weight, &g.weight);
-            sgd.update_in_pieces(lr, &mut p.bias, &mut m.bias, &g.bias);
+    /// The optimizer's update ([`crate::optim`]) of every tensor, in fixed pieces run in parallel.
+    fn update(&mut self, at: StepAt) {
+        let opt = self.optimizer.as_ref();
+        for ((p, (weight, bias)), g) in self.params.iter_mut().zip(&mut self.buffers).zip(&self.grads) {
+            update_in_pieces(opt, at, &mut p.weight, weight, &g.weight);
+            update_in_pieces(opt, at, &mut p.bias, bias, &g.bias);
         }
     }
 }
@@ -428,6 +452,9 @@ impl MlpTrainer {
 mod tests {
     use super::*;
     use crate::model::{images_to_tensor, loss_and_errors, BnMode};
+    use std::collections::BTreeMap;
+
+    use crate::optim::Sgd;
     use candle_core::Var;
     use layerlab_pipeline::ModelConfig;
 
@@ -436,8 +463,8 @@ mod tests {
         Architecture::build(&cfg, [1, 4, 4], 3).unwrap()
     }
 
-    fn train_cfg(nesterov: bool, weight_decay: f64) -> TrainConfig {
-        TrainConfig { momentum: 0.9, nesterov, weight_decay, ..TrainConfig::default() }
+    fn sgd(nesterov: bool, weight_decay: f64) -> Sgd {
+        Sgd { momentum: 0.9, nesterov, weight_decay }
     }
 
     #[test]
@@ -458,9 +485,9 @@ mod tests {
         for (width, nesterov, wd, batch) in [(7, false, 0.0, 6), (7, true, 5e-3, 6), (100, true, 5e-3, 37)] {
             let arch = fcn(2, width);
             let plan = MlpPlan::of(&arch).unwrap();
-            let cfg = train_cfg(nesterov, wd);
+            let sgd = sgd(nesterov, wd);
             let state = arch.initial_state(3, &dev).unwrap();
-            let mut fast = MlpTrainer::new(&plan, &state, None).unwrap();
+            let mut fast = MlpTrainer::new(&plan, &state, Box::new(sgd), None).unwrap();
             let vars: BTreeMap<String, Var> =
                 state.iter().map(|(k, v)| (k.clone(), Var::from_tensor(v).unwrap())).collect();
             let mut momentum: BTreeMap<String, Tensor> =
@@ -470,7 +497,8 @@ mod tests {
                 let labels: Vec<u32> = (0..batch as u32).map(|i| (i + step) % 3).collect();
                 let x = images_to_tensor(&pixels, [batch, 1, 4, 4], &dev).unwrap();
                 let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-                let (fast_loss, fast_errors) = fast.step(&xs, &labels, 0.1, &cfg).unwrap();
+                let at = StepAt { lr: 0.1, number: step as u64 + 1 };
+                let (fast_loss, fast_errors) = fast.step(&xs, &labels, at).unwrap();
 
                 let current: State = vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
                 let logits = arch.forward(&current, &x, BnMode::Eval).unwrap();
@@ -482,19 +510,20 @@ mod tests {
                 // The autograd path's SGD on candle's gradients.
                 for (name, var) in &vars {
                     let g = grads.get(var.as_tensor()).unwrap();
-                    let (p, b) = Sgd::of(&cfg).update_tensors(0.1, var.as_tensor(), &momentum[name], g).unwrap();
+                    let (p, b) = sgd.update_tensors(at, var.as_tensor(), &[momentum[name].clone()], g).unwrap();
                     var.set(&p).unwrap();
-                    momentum.insert(name.clone(), b);
+                    momentum.insert(name.clone(), b[0].clone());
                 }
             }
             let got = fast.state(&dev).unwrap();
-            let got_m = fast.momentum(&dev).unwrap();
+            let got_m = fast.optimizer_state(&dev).unwrap();
             for (name, var) in &vars {
                 let diff = |a: &Tensor, b: &Tensor| {
                     (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
                 };
                 assert!(diff(&got[name], var.as_tensor()) < 1e-5, "{name} differs");
-                assert!(diff(&got_m[name], &momentum[name]) < 1e-5, "momentum of {name} differs");
+                let m = &got_m[&state_key(Sgd::MOMENTUM, name)];
+                assert!(diff(m, &momentum[name]) < 1e-5, "momentum of {name} differs");
             }
         }
     }
@@ -510,12 +539,12 @@ mod tests {
         let on = |threads: usize| {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
             pool.install(|| {
-                let mut t = MlpTrainer::new(&plan, &state, None).unwrap();
+                let mut t = MlpTrainer::new(&plan, &state, Box::new(sgd(true, 1e-3)), None).unwrap();
                 for step in 0..3u32 {
                     let x: Vec<f32> =
                         (0..batch * 16).map(|i| ((i as u32 * 29 + step * 7) % 97) as f32 / 97.0).collect();
                     let labels: Vec<u32> = (0..batch as u32).map(|i| (i * 3 + step) % 3).collect();
-                    t.step(&x, &labels, 0.05, &train_cfg(true, 1e-3)).unwrap();
+                    t.step(&x, &labels, StepAt { lr: 0.05, number: step as u64 + 1 }).unwrap();
                 }
                 let s = t.state(&Device::Cpu).unwrap();
                 s.values()

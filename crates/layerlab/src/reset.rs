@@ -8,14 +8,12 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor, TensorId};
+use candle_core::{Tensor, TensorId};
 
-use crate::cnn::{Activations, CnnForward};
-use crate::data::Split;
-use crate::eval::{batch_activations, batch_f32, cnn_fast, fast_plan, Accumulator, EvalSet, Metrics, PendingMetrics};
-use crate::mlp::MlpForward;
-use crate::model::{loss_and_correct, Architecture, BnMode, State, Unit};
-use layerlab_pipeline::{BnStats, ComputePath, Experiment, ResetConfig, ResetMode};
+use crate::eval::{EvalSet, Metrics};
+use crate::exec::Executor;
+use crate::model::{Architecture, State, Unit};
+use layerlab_pipeline::{BnStats, Experiment, ResetConfig, ResetMode};
 
 /// The name a BatchNorm setting has in the tables: `reset.bn_stats`'s, or `none` for a network
 /// without BatchNorm (which is evaluated under no setting, `None`).
@@ -43,28 +41,6 @@ pub fn reset_units(base: &State, units: &[&Unit], source: &State, bn: Option<BnS
         }
     }
     Ok(out)
-}
-
-/// Running statistics recomputed as a cumulative average over calibration batches (PyTorch's
-/// `momentum=None`), for every BatchNorm in layers `from..`.
-fn recalibrate(arch: &Architecture, state: &mut State, prefixes: &[Tensor], from: usize) -> Result<()> {
-    let mut sums: BTreeMap<String, Tensor> = BTreeMap::new();
-    for x in prefixes {
-        let mut updates = Vec::new();
-        arch.forward_range(state, x, from, arch.layers.len(), BnMode::Calibrate(&mut updates))?;
-        for (name, t) in updates {
-            let entry = match sums.remove(&name) {
-                Some(s) => (s + t)?,
-                None => t,
-            };
-            sums.insert(name, entry);
-        }
-    }
-    let n = prefixes.len().max(1) as f64;
-    for (name, sum) in sums {
-        state.insert(name, (sum / n)?);
-    }
-    Ok(())
 }
 
 /// The joint sets of an experiment: `all-but-first`, the configured ones, and the suffixes.
@@ -170,79 +146,10 @@ pub struct Variant {
     pub state: State,
 }
 
-/// Evaluates every variant (all sharing the trained weights before layer `entry`) on `set`,
-/// computing the shared prefix once per batch. With `calibration` (training batches), each
-/// variant's BatchNorm statistics from `entry` on are recomputed first, as an average over those
-/// batches.
-#[allow(clippy::too_many_arguments)]
+/// Evaluates every variant on `sets` with `executor` (see [`Executor::evaluate_variants`]):
+/// the metrics per set, then per variant.
 pub fn evaluate_variants(
-    arch: &Architecture,
-    trained: &State,
-    entry: usize,
-    variants: &mut [Variant],
-    sets: &[&EvalSet<'_>],
-    calibration: Option<&EvalSet<'_>>,
-    device: &Device,
-    path: ComputePath,
-    mut on_progress: impl FnMut(),
-) -> Result<Vec<Vec<Metrics>>> {
-    if cnn_fast(arch, device, path) {
-        return evaluate_cnn_variants(arch, trained, entry, variants, sets, calibration, on_progress);
-    }
-    // The candle path below evaluates each state prepared once (`Architecture::for_evaluation`).
-    let trained = &arch.for_evaluation(trained)?;
-    if let Some(cal) = calibration {
-        let mut prefixes = Vec::new();
-        for batch in cal.device_batches(device)? {
-            let (x, _, _) = batch?;
-            prefixes.push(arch.forward_range(trained, &x, 0, entry, BnMode::Eval)?);
-        }
-        for v in variants.iter_mut() {
-            recalibrate(arch, &mut v.state, &prefixes, entry)?;
-        }
-    }
-    let mut results = Vec::with_capacity(sets.len());
-    if let (Some(plan), None) = (fast_plan(arch, device, path), calibration) {
-        let from = plan.dense_before(entry);
-        let mut shared = MlpForward::new(&plan, trained)?;
-        let mut nets = variants.iter().map(|v| MlpForward::new(&plan, &v.state)).collect::<Result<Vec<_>>>()?;
-        let mut x = Vec::new();
-        for set in sets {
-            let mut accs = vec![Accumulator::default(); variants.len()];
-            for chunk in set.indices.chunks(set.batch) {
-                let labels = batch_f32(set.split, chunk, &mut x);
-                let prefix: &[f32] = if from == 0 { &x } else { shared.run(&x, chunk.len(), 0, from) };
-                for (net, acc) in nets.iter_mut().zip(accs.iter_mut()) {
-                    let (loss, errors) = net.loss_and_errors_from(prefix, &labels, from);
-                    acc.add(loss, errors, chunk.len());
-                }
-            }
-            results.push(accs.iter().map(Accumulator::metrics).collect());
-            on_progress();
-        }
-        return Ok(results);
-    }
-    let prepared = variants.iter().map(|v| arch.for_evaluation(&v.state)).collect::<Result<Vec<_>>>()?;
-    for set in sets {
-        let mut pending: Vec<PendingMetrics> = variants.iter().map(|_| PendingMetrics::default()).collect();
-        for batch in set.device_batches(device)? {
-            let (x, y, n) = batch?;
-            let prefix = arch.forward_range(trained, &x, 0, entry, BnMode::Eval)?;
-            for (state, p) in prepared.iter().zip(pending.iter_mut()) {
-                let logits = arch.forward_range(state, &prefix, entry, arch.layers.len(), BnMode::Eval)?;
-                let (loss, correct) = loss_and_correct(&logits, &y)?;
-                p.push(&loss, &correct, n);
-            }
-        }
-        results.push(pending.iter().map(PendingMetrics::metrics).collect::<Result<_>>()?);
-        on_progress();
-    }
-    Ok(results)
-}
-
-/// [`evaluate_variants`] on the CNN fast path ([`crate::cnn::CnnForward`]).
-fn evaluate_cnn_variants(
-    arch: &Architecture,
+    executor: &dyn Executor,
     trained: &State,
     entry: usize,
     variants: &mut [Variant],
@@ -250,36 +157,12 @@ fn evaluate_cnn_variants(
     calibration: Option<&EvalSet<'_>>,
     mut on_progress: impl FnMut(),
 ) -> Result<Vec<Vec<Metrics>>> {
-    let shared = CnnForward::new(arch, trained)?;
-    let mut nets = variants.iter().map(|v| CnnForward::new(arch, &v.state)).collect::<Result<Vec<_>>>()?;
-    let prefix = |split: &Split, indices: &[usize]| -> Result<(Activations, Vec<u32>)> {
-        let (input, labels) = batch_activations(split, indices)?;
-        Ok((shared.run(&input, 0, entry)?, labels))
-    };
-    if let Some(cal) = calibration {
-        let prefixes =
-            cal.indices.chunks(cal.batch).map(|b| Ok(prefix(cal.split, b)?.0)).collect::<Result<Vec<_>>>()?;
-        for (net, v) in nets.iter_mut().zip(variants.iter_mut()) {
-            for (name, values) in net.recalibrate(&prefixes, entry)? {
-                let shape = v.state.get(&name).with_context(|| format!("tensor '{name}' is missing"))?.shape().clone();
-                v.state.insert(name, Tensor::from_vec(values, shape, &Device::Cpu)?);
-            }
-        }
+    let mut states: Vec<State> = variants.iter_mut().map(|v| std::mem::take(&mut v.state)).collect();
+    let result = executor.evaluate_variants(trained, entry, &mut states, sets, calibration, &mut on_progress);
+    for (v, state) in variants.iter_mut().zip(states) {
+        v.state = state;
     }
-    let mut results = Vec::with_capacity(sets.len());
-    for set in sets {
-        let mut accs = vec![Accumulator::default(); variants.len()];
-        for chunk in set.indices.chunks(set.batch) {
-            let (p, labels) = prefix(set.split, chunk)?;
-            for (net, acc) in nets.iter().zip(accs.iter_mut()) {
-                let (loss, errors) = net.loss_and_errors_from(&p, &labels, entry)?;
-                acc.add(loss, errors, chunk.len());
-            }
-        }
-        results.push(accs.iter().map(Accumulator::metrics).collect());
-        on_progress();
-    }
-    Ok(results)
+    result
 }
 
 /// The first top-level layer touched by any of `units`.
@@ -321,8 +204,7 @@ pub struct GridEvaluator<'a> {
     trained: &'a State,
     sets: &'a [&'a EvalSet<'a>],
     calibration: &'a EvalSet<'a>,
-    device: &'a Device,
-    path: ComputePath,
+    executor: &'a dyn Executor,
     prefix_reuse: bool,
     known: HashMap<VariantKey, Vec<Metrics>>,
     /// Variants given the metrics of an identical one.
@@ -337,11 +219,10 @@ impl<'a> GridEvaluator<'a> {
         trained: &'a State,
         sets: &'a [&'a EvalSet<'a>],
         calibration: &'a EvalSet<'a>,
-        device: &'a Device,
-        path: ComputePath,
+        executor: &'a dyn Executor,
         prefix_reuse: bool,
     ) -> GridEvaluator<'a> {
-        GridEvaluator { arch, trained, sets, calibration, device, path, prefix_reuse, known: HashMap::new(), reused: 0 }
+        GridEvaluator { arch, trained, sets, calibration, executor, prefix_reuse, known: HashMap::new(), reused: 0 }
     }
 
     /// The trained network's metrics, one per set.
@@ -400,17 +281,8 @@ impl<'a> GridEvaluator<'a> {
         mut variants: Vec<Variant>,
         calibration: Option<&EvalSet<'_>>,
     ) -> Result<Vec<Vec<Metrics>>> {
-        let per_set = evaluate_variants(
-            self.arch,
-            self.trained,
-            entry,
-            &mut variants,
-            self.sets,
-            calibration,
-            self.device,
-            self.path,
-            || {},
-        )?;
+        let per_set =
+            evaluate_variants(self.executor, self.trained, entry, &mut variants, self.sets, calibration, || {})?;
         Ok(per_variant(&per_set))
     }
 }
@@ -424,6 +296,10 @@ fn per_variant(per_set: &[Vec<Metrics>]) -> Vec<Vec<Metrics>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::Split;
+    use crate::exec;
+    use candle_core::Device;
+    use layerlab_pipeline::ComputePath;
     use layerlab_pipeline::ModelConfig;
 
     /// `examples` 28×28 one-channel images of made-up pixels (pixel i is i·step mod modulus) and
@@ -501,30 +377,21 @@ mod tests {
                 if a.has_batch_norm() { vec![Some(BnStats::WithLayer), Some(BnStats::Keep)] } else { vec![None] };
             for bn in settings {
                 let variant = reset_units(&trained, &[unit], &source, bn).unwrap();
-                let full = crate::eval::evaluate(&a, &variant, &set, &Device::Cpu, path).unwrap();
+                let executor = exec::choose(&a, &Device::Cpu, path);
+                let full = executor.evaluate(&variant, &set).unwrap();
                 let mut variants = vec![Variant { state: variant }];
-                let got = evaluate_variants(
-                    &a,
-                    &trained,
-                    unit.entry_layer,
-                    &mut variants,
-                    &[&set],
-                    None,
-                    &Device::Cpu,
-                    path,
-                    || {},
-                )
-                .unwrap();
+                let got =
+                    evaluate_variants(&*executor, &trained, unit.entry_layer, &mut variants, &[&set], None, || {})
+                        .unwrap();
                 assert!(unit.entry_layer > 0, "{name}: {unit_name} should have a prefix to reuse");
                 assert_eq!(got[0][0].loss.to_bits(), full.loss.to_bits(), "{name} {path:?} {bn:?}");
                 assert_eq!(got[0][0], full, "{name} {path:?} {bn:?}");
             }
             // With nothing after the entry (reset-eval's baseline), the shared prefix is the output.
-            let trained_full = crate::eval::evaluate(&a, &trained, &set, &Device::Cpu, path).unwrap();
+            let executor = exec::choose(&a, &Device::Cpu, path);
+            let trained_full = executor.evaluate(&trained, &set).unwrap();
             let mut same = vec![Variant { state: trained.clone() }];
-            let got =
-                evaluate_variants(&a, &trained, a.layers.len(), &mut same, &[&set], None, &Device::Cpu, path, || {})
-                    .unwrap();
+            let got = evaluate_variants(&*executor, &trained, a.layers.len(), &mut same, &[&set], None, || {}).unwrap();
             assert_eq!(got[0][0], trained_full, "{name} {path:?}");
         }
     }
@@ -546,15 +413,14 @@ mod tests {
             let set = EvalSet::new(&split, (0..16).collect(), 7);
             let run = |path| {
                 let mut variants = vec![Variant { state: variant.clone() }];
+                let executor = exec::choose(&a, &Device::Cpu, path);
                 let m = evaluate_variants(
-                    &a,
+                    &*executor,
                     &trained,
                     unit.entry_layer,
                     &mut variants,
                     &[&set],
                     Some(&calibration),
-                    &Device::Cpu,
-                    path,
                     || {},
                 )
                 .unwrap();
@@ -657,10 +523,10 @@ mod tests {
         let (test, train) = (EvalSet::new(&split, (0..5).collect(), 3), EvalSet::new(&split, (3..8).collect(), 5));
         let calibration = EvalSet::new(&split, (0..6).collect(), 3);
         let sets = [&test, &train];
-        let path = ComputePath::Fast;
-        let mut grid = GridEvaluator::new(&a, &trained, &sets, &calibration, &Device::Cpu, path, true);
+        let executor = exec::choose(&a, &Device::Cpu, ComputePath::Fast);
+        let mut grid = GridEvaluator::new(&a, &trained, &sets, &calibration, &*executor, true);
         let baseline = grid.baseline().unwrap();
-        assert_eq!(baseline, sets.map(|s| crate::eval::evaluate(&a, &trained, s, &Device::Cpu, path).unwrap()));
+        assert_eq!(baseline, sets.map(|s| executor.evaluate(&trained, s).unwrap()));
 
         let joint = [("last".to_string(), vec!["conv8".to_string()])];
         let last_units = ["conv7", "conv8", "fc", "last"];
@@ -680,8 +546,7 @@ mod tests {
                     let cal = (*bn == Some(BnStats::Recalibrate)).then_some(&calibration);
                     let mut copies: Vec<Variant> = vs.iter().map(|v| Variant { state: v.state.clone() }).collect();
                     let entry = entry_layer(&group.units);
-                    let m = evaluate_variants(&a, &trained, entry, &mut copies, &sets, cal, &Device::Cpu, path, || {})
-                        .unwrap();
+                    let m = evaluate_variants(&*executor, &trained, entry, &mut copies, &sets, cal, || {}).unwrap();
                     per_variant(&m)
                 })
                 .collect();

@@ -70,8 +70,8 @@ impl ResidentSplit {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::batches::augment;
     use crate::kernels::pixels::gather_values;
-    use crate::train::augment;
     use rand_core::RngCore;
 
     fn split(n: usize) -> Split {

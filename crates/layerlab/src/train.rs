@@ -1,33 +1,30 @@
-//! Training: SGD with momentum and weight decay, learning-rate schedules, seeded data order and
-//! augmentation, checkpoints at chosen epochs, and exact resume after a kill.
+//! Training: the optimizer over an executor's steps, learning-rate schedules, seeded data order
+//! and augmentation, checkpoints at chosen epochs, and exact resume after a kill.
 //!
-//! The optimizer follows `torch.optim.SGD`: g ← ∇ + λθ; b ← μb + g; θ ← θ − η(g + μb if Nesterov
-//! else b). Its momentum buffers are saved with the weights each epoch (`resume.safetensors`), so a
-//! killed run continues from its last finished epoch and ends bit-identical to an unbroken one.
+//! The optimizer's buffers (SGD's momentum, see [`crate::optim`]) are saved with the weights each
+//! epoch (`resume.safetensors`), so a killed run continues from its last finished epoch and ends
+//! bit-identical to an unbroken one.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{anyhow, bail, Context, Result};
-use candle_core::{Device, Tensor, Var};
-use rand_core::RngCore;
+use anyhow::{anyhow, Context, Result};
+use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
+use crate::batches::EpochBatches;
 use crate::checkpoint::{self, CheckpointMeta};
-use crate::cnn::CnnTrainer;
 use crate::data::Split;
 use crate::device;
-use crate::eval::{self, Accumulator, EvalSet, PendingMetrics};
-use crate::kernels::pixels::{source_pixel, Shift};
-use crate::mlp::MlpTrainer;
-use crate::model::{images_to_tensor, loss_and_correct, push_scaled_pixels, Architecture, BnMode, State};
+use crate::eval::{Accumulator, EvalSet};
+use crate::exec::{self, Trainer};
+use crate::model::{Architecture, State};
+use crate::optim::{self, OptimizerState, StepAt};
 use crate::progress;
 use crate::random;
-use crate::resident::ResidentSplit;
-use crate::sgd::Sgd;
 use crate::table::{Column, Table};
-use layerlab_pipeline::{paths, ComputePath, Schedule, TrainConfig};
+use layerlab_pipeline::{paths, Schedule, TrainConfig};
 
 /// The learning rate at a step (0-based), following the configured schedule and warm-up.
 pub fn learning_rate(cfg: &TrainConfig, step: u64, steps_per_epoch: u64) -> f64 {
@@ -43,27 +40,6 @@ pub fn learning_rate(cfg: &TrainConfig, step: u64, steps_per_epoch: u64) -> f64 
         base * (step + 1) as f64 / warmup as f64
     } else {
         base
-    }
-}
-
-/// Random crop (zero padding 4) and horizontal flip of u8 images [n, c, h, w], in place: each
-/// image's [`Shift`] drawn from `rng` in turn, each pixel taken by [`source_pixel`] (the rule the
-/// batch gather of the candle path follows too).
-pub fn augment(pixels: &mut [u8], shape: [usize; 4], rng: &mut impl RngCore) {
-    let [n, c, h, w] = shape;
-    let size = c * h * w;
-    let mut scratch = vec![0u8; size];
-    for img in pixels.chunks_exact_mut(size).take(n) {
-        let shift = Shift::draw(rng);
-        for ch in 0..c {
-            let plane = &img[ch * h * w..][..h * w];
-            for y in 0..h {
-                for x in 0..w {
-                    scratch[ch * h * w + y * w + x] = source_pixel(y, x, h, w, shift).map_or(0, |i| plane[i]);
-                }
-            }
-        }
-        img.copy_from_slice(&scratch);
     }
 }
 
@@ -111,207 +87,6 @@ pub struct TrainSummary {
     pub examples_per_second: f64,
 }
 
-/// SGD over candle `Var`s, for the autograd path.
-pub struct Optimizer {
-    /// Trainable tensors, by name, in a fixed order.
-    params: Vec<(String, Var)>,
-    momentum: BTreeMap<String, Tensor>,
-    /// BatchNorm running statistics and other non-trained tensors.
-    buffers: BTreeMap<String, Tensor>,
-    /// Gradients from [`crate::backward`] (a GPU's steps) rather than candle's autograd; with
-    /// the loss op's output gradient, made once on the device.
-    taped: Option<Tensor>,
-}
-
-impl Optimizer {
-    fn new(
-        arch: &Architecture,
-        state: &State,
-        momentum: Option<BTreeMap<String, Tensor>>,
-        device: &Device,
-    ) -> Result<Optimizer> {
-        let mut params = Vec::new();
-        let mut buffers = BTreeMap::new();
-        let mut buf = BTreeMap::new();
-        for (_, spec) in arch.tensor_specs() {
-            let t = state.get(&spec.name).with_context(|| format!("missing tensor {}", spec.name))?;
-            if spec.trainable {
-                params.push((spec.name.clone(), Var::from_tensor(t)?));
-                let m = match &momentum {
-                    Some(m) => m
-                        .get(&spec.name)
-                        .with_context(|| format!("resume file lacks momentum for {}", spec.name))?
-                        .clone(),
-                    None => t.zeros_like()?,
-                };
-                buf.insert(spec.name.clone(), m);
-            } else {
-                buffers.insert(spec.name.clone(), t.clone());
-            }
-        }
-        let taped = if crate::backward::used_on(device) { Some(Optimizer::upstream(device)?) } else { None };
-        Ok(Optimizer { params, momentum: buf, buffers, taped })
-    }
-
-    /// The loss op's output gradient for the loss alone: [1, 0].
-    fn upstream(device: &Device) -> Result<Tensor> {
-        Ok(Tensor::new(&[1f32, 0.0], device)?)
-    }
-
-    fn state(&self) -> State {
-        let mut s: State = self.buffers.clone();
-        for (name, v) in &self.params {
-            s.insert(name.clone(), v.as_tensor().clone());
-        }
-        s
-    }
-
-    /// Plain tensors, detached from any graph.
-    fn detached_state(&self) -> State {
-        self.state().into_iter().map(|(k, v)| (k, v.detach())).collect()
-    }
-
-    /// The SGD update of every parameter that has a gradient in `grad_of`.
-    fn step<'g>(
-        &mut self,
-        grad_of: impl Fn(&str, &Var) -> Option<&'g Tensor>,
-        lr: f64,
-        cfg: &TrainConfig,
-    ) -> Result<()> {
-        let updates: Vec<(&str, &Var, &Tensor)> =
-            self.params.iter().filter_map(|(name, var)| grad_of(name, var).map(|g| (name.as_str(), var, g))).collect();
-        Sgd::of(cfg).update_vars(lr, &updates, &mut self.momentum)
-    }
-}
-
-/// How training steps are computed: the fast path for fully connected networks (see
-/// [`crate::mlp`]), the fast path for convolutional networks on the CPU (see [`crate::cnn`]), or
-/// candle autograd (other devices, and every network with `train.compute = "autograd"`).
-pub enum Engine {
-    Autograd(Optimizer),
-    Mlp { trainer: MlpTrainer, inputs: Vec<f32> },
-    Cnn(CnnTrainer),
-}
-
-impl Engine {
-    pub fn new(
-        arch: &Architecture,
-        state: &State,
-        momentum: Option<BTreeMap<String, Tensor>>,
-        device: &Device,
-        path: ComputePath,
-    ) -> Result<Engine> {
-        match crate::eval::fast_plan(arch, device, path) {
-            Some(plan) => {
-                Ok(Engine::Mlp { trainer: MlpTrainer::new(&plan, state, momentum.as_ref())?, inputs: Vec::new() })
-            }
-            None if crate::eval::cnn_fast(arch, device, path) => {
-                Ok(Engine::Cnn(CnnTrainer::new(arch, state, momentum.as_ref())?))
-            }
-            None => Ok(Engine::Autograd(Optimizer::new(arch, state, momentum, device)?)),
-        }
-    }
-
-    /// Takes the candle path's gradients from [`crate::backward`] on any device (a GPU's
-    /// engine does by default): for tests on the CPU.
-    #[cfg(test)]
-    pub(crate) fn use_taped_backward(&mut self, device: &Device) -> Result<()> {
-        let Engine::Autograd(opt) = self else { bail!("only the candle path has a backward pass to choose") };
-        opt.taped = Some(Optimizer::upstream(device)?);
-        Ok(())
-    }
-
-    /// The weights and buffers, detached from any graph. On the candle path they share the
-    /// `Var`s' memory, which the next step's SGD update writes in place (on a GPU through raw
-    /// addresses, see `kernels::cuda::sgd_update_all`): read them, or copy them, before the next
-    /// step. Every caller here does (a checkpoint, an evaluation, the resume file).
-    pub fn state(&self, device: &Device) -> Result<State> {
-        match self {
-            Engine::Autograd(opt) => Ok(opt.detached_state()),
-            Engine::Mlp { trainer, .. } => trainer.state(device),
-            Engine::Cnn(trainer) => trainer.state(device),
-        }
-    }
-
-    pub fn momentum(&self, device: &Device) -> Result<BTreeMap<String, Tensor>> {
-        match self {
-            Engine::Autograd(opt) => Ok(opt.momentum.clone()),
-            Engine::Mlp { trainer, .. } => trainer.momentum(device),
-            Engine::Cnn(trainer) => trainer.momentum(device),
-        }
-    }
-
-    /// One SGD step on u8 images [n, c, h, w]; the batch's mean loss and errors before the update.
-    #[allow(clippy::too_many_arguments)]
-    pub fn step(
-        &mut self,
-        arch: &Architecture,
-        pixels: &[u8],
-        shape: [usize; 4],
-        labels: Vec<u32>,
-        lr: f64,
-        cfg: &TrainConfig,
-        device: &Device,
-    ) -> Result<(f64, usize)> {
-        match self {
-            Engine::Mlp { trainer, inputs } => {
-                inputs.clear();
-                push_scaled_pixels(pixels, inputs);
-                trainer.step(inputs, &labels, lr, cfg)
-            }
-            Engine::Cnn(trainer) => {
-                let mut inputs = Vec::with_capacity(pixels.len());
-                push_scaled_pixels(pixels, &mut inputs);
-                trainer.step(inputs, shape, &labels, lr, cfg)
-            }
-            Engine::Autograd(_) => {
-                let x = images_to_tensor(pixels, shape, device)?;
-                let y = Tensor::from_vec(labels, shape[0], device)?;
-                let (loss, correct) = self.step_on_device(arch, &x, &y, lr, cfg)?;
-                Ok((loss.to_scalar::<f32>()? as f64, shape[0] - correct.to_scalar::<f32>()? as usize))
-            }
-        }
-    }
-
-    /// One SGD step of the candle path on a batch already on the device (inputs f32 [n, c, h, w],
-    /// labels u32 [n]): the batch's mean loss and correct count, as f32 scalars left on the
-    /// device. Nothing is read back, so a GPU's host can queue the next step at once. A
-    /// non-finite loss is the caller's to find when it reads the loss (the update is made anyway:
-    /// training stops there).
-    pub fn step_on_device(
-        &mut self,
-        arch: &Architecture,
-        x: &Tensor,
-        y: &Tensor,
-        lr: f64,
-        cfg: &TrainConfig,
-    ) -> Result<(Tensor, Tensor)> {
-        let Engine::Autograd(opt) = self else {
-            bail!("step_on_device is the candle path's; this engine runs on the CPU's fast path")
-        };
-        let mut bn_updates = Vec::new();
-        let (loss, correct) = match &opt.taped {
-            Some(upstream) => {
-                let (loss, correct, grads) =
-                    arch.loss_and_gradients(&opt.detached_state(), x, y, upstream, &mut bn_updates)?;
-                opt.step(|name, _| grads.get(name), lr, cfg)?;
-                (loss, correct)
-            }
-            None => {
-                let logits = arch.forward(&opt.state(), x, BnMode::Train(&mut bn_updates))?;
-                let (loss, correct) = loss_and_correct(&logits, y)?;
-                let grads = loss.backward()?;
-                opt.step(|_, var| grads.get(var.as_tensor()), lr, cfg)?;
-                (loss, correct)
-            }
-        };
-        for (name, t) in bn_updates {
-            opt.buffers.insert(name, t.detach());
-        }
-        Ok((loss.detach(), correct))
-    }
-}
-
 const RESUME_FILE: &str = "resume.safetensors";
 
 fn resume_path(out_dir: &Path) -> PathBuf {
@@ -322,26 +97,25 @@ struct ResumePoint {
     epoch: u32,
     step: u64,
     state: State,
-    momentum: BTreeMap<String, Tensor>,
+    optimizer: OptimizerState,
     history: Vec<EpochRecord>,
 }
 
+/// The resume file: the weights under `model/`, the optimizer's buffers under their
+/// [`crate::optim::state_key`] (`momentum/fc1.weight`), the epoch, step and history in the metadata.
 fn save_resume(
     path: &Path,
     key: &str,
-    engine: &Engine,
-    device: &Device,
+    trainer: &dyn Trainer,
     epoch: u32,
     step: u64,
     history: &[EpochRecord],
 ) -> Result<()> {
-    let mut tensors = BTreeMap::new();
-    for (k, v) in engine.state(device)? {
+    let mut tensors = std::collections::BTreeMap::new();
+    for (k, v) in trainer.state()? {
         tensors.insert(format!("model/{k}"), v);
     }
-    for (k, v) in engine.momentum(device)? {
-        tensors.insert(format!("momentum/{k}"), v);
-    }
+    tensors.extend(trainer.optimizer_state()?);
     let meta = HashMap::from([
         ("format".to_string(), "layerlab-resume-1".to_string()),
         ("key".to_string(), key.to_string()),
@@ -377,16 +151,19 @@ fn load_resume(path: &Path, key: &str, arch: &Architecture, device: &Device) -> 
     let step: u64 = meta.get("step").and_then(|e| e.parse().ok()).with_context(fault)?;
     let history = meta.get("history").and_then(|h| decode_history(h).ok()).with_context(fault)?;
     let mut state = State::new();
-    let mut momentum = BTreeMap::new();
+    let mut optimizer = OptimizerState::new();
     for (k, v) in tensors {
-        if let Some(name) = k.strip_prefix("model/") {
-            state.insert(name.to_string(), v);
-        } else if let Some(name) = k.strip_prefix("momentum/") {
-            momentum.insert(name.to_string(), v);
+        match k.strip_prefix("model/") {
+            Some(name) => {
+                state.insert(name.to_string(), v);
+            }
+            None => {
+                optimizer.insert(k, v);
+            }
         }
     }
     arch.check_state(&state).with_context(fault)?;
-    Ok(Some(ResumePoint { epoch, step, state, momentum, history }))
+    Ok(Some(ResumePoint { epoch, step, state, optimizer, history }))
 }
 
 /// Trains, writing checkpoints and `history.parquet` into `job.out_dir`.
@@ -399,12 +176,14 @@ pub fn run(job: &TrainJob<'_>, initial: State) -> Result<TrainSummary> {
     let ckpt_dir = job.out_dir.join("checkpoints");
     let resume = resume_path(job.out_dir);
 
-    let (mut engine, mut history, start_epoch, mut step, resumed_from) =
+    let executor = exec::choose(job.arch, job.device, cfg.compute);
+    let optimizer = || optim::from_settings(cfg);
+    let (mut trainer, mut history, start_epoch, mut step, resumed_from) =
         match load_resume(&resume, job.key, job.arch, job.device)? {
             Some(r) => {
                 tracing::info!("resuming {} seed {} after epoch {}", job.experiment, job.seed, r.epoch);
-                let engine = Engine::new(job.arch, &r.state, Some(r.momentum), job.device, job.cfg.compute)?;
-                (engine, r.history, r.epoch + 1, r.step, Some(r.epoch))
+                let trainer = executor.trainer(&r.state, optimizer(), Some(&r.optimizer))?;
+                (trainer, r.history, r.epoch + 1, r.step, Some(r.epoch))
             }
             None => {
                 // A fresh start: checkpoints of earlier settings must not mix with these.
@@ -412,7 +191,7 @@ pub fn run(job: &TrainJob<'_>, initial: State) -> Result<TrainSummary> {
                     std::fs::remove_dir_all(&ckpt_dir)
                         .with_context(|| format!("cannot clear {}", ckpt_dir.display()))?;
                 }
-                (Engine::new(job.arch, &initial, None, job.device, job.cfg.compute)?, Vec::new(), 0, 0, None)
+                (executor.trainer(&initial, optimizer(), None)?, Vec::new(), 0, 0, None)
             }
         };
     std::fs::create_dir_all(&ckpt_dir).with_context(|| format!("cannot create {}", ckpt_dir.display()))?;
@@ -428,21 +207,18 @@ pub fn run(job: &TrainJob<'_>, initial: State) -> Result<TrainSummary> {
 
     let test_set = EvalSet::new(job.test, (0..n_test).collect(), cfg.eval_batch_size as usize);
     let test_metrics = |state: &State| {
-        eval::evaluate(job.arch, state, &test_set, job.device, cfg.compute)
+        executor
+            .evaluate(state, &test_set)
             .map_err(|e| device::name_memory_settings(e, &[("train.eval_batch_size", cfg.eval_batch_size)]))
     };
-    // The candle path trains from a copy of the training examples on its device.
-    let resident = match &engine {
-        Engine::Autograd(_) => Some(
-            ResidentSplit::upload(job.train, &(0..n_train).collect::<Vec<_>>(), job.device)
-                .map_err(|e| device::name_memory_settings(e, &[("train.train_examples", n_train as u32)]))
-                .context("uploading the training examples")?,
-        ),
-        _ => None,
-    };
+    // candle's executor trains from a copy of the training examples on its device.
+    trainer
+        .prepare(job.train, n_train)
+        .map_err(|e| device::name_memory_settings(e, &[("train.train_examples", n_train as u32)]))
+        .context("uploading the training examples")?;
     if start_epoch == 0 {
         let t0 = Instant::now();
-        let state = engine.state(job.device)?;
+        let state = trainer.state()?;
         let m = test_metrics(&state)?;
         checkpoint::save(&paths::checkpoint_in(&ckpt_dir, 0), &state, &meta(0, 0))?;
         history.push(EpochRecord {
@@ -464,16 +240,13 @@ pub fn run(job: &TrainJob<'_>, initial: State) -> Result<TrainSummary> {
     for epoch in start_epoch.max(1)..=cfg.epochs {
         let t0 = Instant::now();
         let bar = progress::bar(steps_per_epoch, &format!("epoch {epoch}/{}", cfg.epochs));
-        let plan = EpochPlan { job, epoch, order: random::epoch_order(n_train, job.seed, epoch), steps_per_epoch };
-        let (acc, lr) = match &resident {
-            Some(data) => plan.steps_on_device(&mut engine, data, &mut step, &bar)?,
-            None => plan.steps_from_host(&mut engine, &mut step, &bar)?,
-        };
+        let plan = EpochPlan { job, epoch, steps_per_epoch };
+        let (acc, lr) = plan.run(trainer.as_mut(), n_train, &mut step, &bar)?;
         bar.finish_and_clear();
         let train_time = t0.elapsed().as_secs_f64();
         train_seconds += train_time;
         trained_examples += n_train;
-        let state = engine.state(job.device)?;
+        let state = trainer.state()?;
         let m = test_metrics(&state)?;
         let tm = acc.metrics();
         history.push(EpochRecord {
@@ -491,7 +264,7 @@ pub fn run(job: &TrainJob<'_>, initial: State) -> Result<TrainSummary> {
             checkpoint::save(&paths::checkpoint_in(&ckpt_dir, epoch), &state, &meta(epoch, step))?;
         }
         if epoch < cfg.epochs {
-            save_resume(&resume, job.key, &engine, job.device, epoch, step, &history)?;
+            save_resume(&resume, job.key, trainer.as_ref(), epoch, step, &history)?;
         }
         tracing::info!(
             "epoch {epoch}/{}: train loss {:.4} error {:.4}, test loss {:.4} error {:.4}, {:.0} ex/s",
@@ -511,11 +284,10 @@ pub fn run(job: &TrainJob<'_>, initial: State) -> Result<TrainSummary> {
     Ok(TrainSummary { history, resumed_from, examples_per_second })
 }
 
-/// One epoch's steps: the examples in `order`, augmented from the epoch's stream.
+/// One epoch's steps.
 struct EpochPlan<'a> {
     job: &'a TrainJob<'a>,
     epoch: u32,
-    order: Vec<usize>,
     steps_per_epoch: u64,
 }
 
@@ -533,83 +305,34 @@ impl EpochPlan<'_> {
         device::name_memory_settings(e, &[("train.batch_size", self.job.cfg.batch_size)])
     }
 
-    /// The steps of the candle path, from the examples held on its device: the epoch's order
-    /// and augmentation go up once, each step gathers its batch there, and the losses come back
-    /// in one read at the end. The batches' mean losses and errors, and the last step's rate.
-    fn steps_on_device(
+    /// The epoch's steps on the first `n_train` training examples in the epoch's order, each
+    /// augmented from the epoch's stream: the batches' mean losses and errors, and the last
+    /// step's rate. `step` counts on.
+    fn run(
         &self,
-        engine: &mut Engine,
-        data: &ResidentSplit,
-        step: &mut u64,
-        bar: &indicatif::ProgressBar,
-    ) -> Result<(Accumulator, f64)> {
-        let (job, cfg, n) = (self.job, self.job.cfg, self.order.len());
-        let mut aug_rng = random::augment_rng(job.seed, self.epoch);
-        let shifts: Vec<u32> = self
-            .order
-            .iter()
-            .map(|_| if cfg.augment { Shift::draw(&mut aug_rng) } else { Shift::NONE }.packed())
-            .collect();
-        let positions: Vec<u32> = self.order.iter().map(|&i| i as u32).collect();
-        let positions = Tensor::from_vec(positions, n, job.device)?;
-        let shifts = Tensor::from_vec(shifts, n, job.device)?;
-        let (first_step, mut lr) = (*step, 0.0);
-        let mut pending = PendingMetrics::default();
-        for start in (0..n).step_by(cfg.batch_size as usize) {
-            lr = self.learning_rate(*step);
-            let len = (cfg.batch_size as usize).min(n - start);
-            let (x, y) = data
-                .batch(&positions.narrow(0, start, len)?, &shifts.narrow(0, start, len)?)
-                .map_err(|e| self.step_failed(e))?;
-            let (loss, correct) = engine.step_on_device(job.arch, &x, &y, lr, cfg).map_err(|e| self.step_failed(e))?;
-            pending.push(&loss, &correct, len);
-            *step += 1;
-            bar.inc(1);
-        }
-        // The epoch's one read: it waits for the device to finish the steps.
-        let mut acc = Accumulator::default();
-        for (k, (loss, errors, len)) in pending.read().map_err(|e| self.step_failed(e))?.into_iter().enumerate() {
-            if !loss.is_finite() {
-                return Err(self.diverged(loss, first_step + k as u64));
-            }
-            acc.add(loss, errors, len);
-        }
-        Ok((acc, lr))
-    }
-
-    /// The steps of the CPU's fast paths, each batch gathered and augmented on the host.
-    fn steps_from_host(
-        &self,
-        engine: &mut Engine,
+        trainer: &mut dyn Trainer,
+        n_train: usize,
         step: &mut u64,
         bar: &indicatif::ProgressBar,
     ) -> Result<(Accumulator, f64)> {
         let (job, cfg) = (self.job, self.job.cfg);
-        let [c, h, w] = [job.train.channels, job.train.height, job.train.width];
-        let size = c * h * w;
         let mut aug_rng = random::augment_rng(job.seed, self.epoch);
-        let (mut acc, mut lr) = (Accumulator::default(), 0.0);
-        for chunk in self.order.chunks(cfg.batch_size as usize) {
-            lr = self.learning_rate(*step);
-            let mut pixels = Vec::with_capacity(chunk.len() * size);
-            let mut labels = Vec::with_capacity(chunk.len());
-            for &i in chunk {
-                pixels.extend_from_slice(&job.train.images[i * size..(i + 1) * size]);
-                labels.push(job.train.labels[i] as u32);
+        let order = random::epoch_order(n_train, job.seed, self.epoch);
+        let augmentation: Option<&mut dyn rand_core::RngCore> = if cfg.augment { Some(&mut aug_rng) } else { None };
+        let batches = EpochBatches::new(job.train, order, cfg.batch_size as usize, augmentation);
+        let first_step = *step;
+        let schedule = |s: u64| StepAt { lr: self.learning_rate(s), number: s + 1 };
+        let metrics =
+            trainer.epoch(&batches, first_step, &schedule, &mut || bar.inc(1)).map_err(|e| self.step_failed(e))?;
+        let mut acc = Accumulator::default();
+        for (k, m) in metrics.iter().enumerate() {
+            if !m.loss.is_finite() {
+                return Err(self.diverged(m.loss, first_step + k as u64));
             }
-            let shape = [chunk.len(), c, h, w];
-            if cfg.augment {
-                augment(&mut pixels, shape, &mut aug_rng);
-            }
-            let (loss, errors) =
-                engine.step(job.arch, &pixels, shape, labels, lr, cfg, job.device).map_err(|e| self.step_failed(e))?;
-            if !loss.is_finite() {
-                return Err(self.diverged(loss, *step));
-            }
-            acc.add(loss, errors, chunk.len());
-            *step += 1;
-            bar.inc(1);
+            acc.add(m.loss, m.errors, m.examples);
         }
+        *step += metrics.len() as u64;
+        let lr = if metrics.is_empty() { 0.0 } else { self.learning_rate(*step - 1) };
         Ok((acc, lr))
     }
 }
@@ -635,9 +358,12 @@ fn write_history(path: &Path, history: &[EpochRecord], job: &TrainJob<'_>) -> Re
 
 #[cfg(test)]
 mod tests {
-    use rand_core::SeedableRng;
+    use candle_core::Tensor;
+    use rand_core::{RngCore, SeedableRng};
 
     use super::*;
+    use crate::batches::augment;
+    use layerlab_pipeline::ComputePath;
 
     fn cfg() -> TrainConfig {
         TrainConfig {
@@ -674,22 +400,6 @@ mod tests {
         let w = TrainConfig { warmup_epochs: 1, ..cfg() };
         assert!((learning_rate(&w, 0, 10) - 0.01).abs() < 1e-12);
         assert_eq!(learning_rate(&w, 10, 10), 0.1);
-    }
-
-    #[test]
-    fn augmentation_keeps_pixels_and_shifts_them() {
-        let shape = [1, 1, 8, 8];
-        let original: Vec<u8> = (0..64).map(|v| v as u8 + 1).collect();
-        let mut r = random::rng(3);
-        let mut moved = false;
-        for _ in 0..20 {
-            let mut img = original.clone();
-            augment(&mut img, shape, &mut r);
-            // Every non-zero pixel is one of the originals.
-            assert!(img.iter().all(|&p| p == 0 || original.contains(&p)));
-            moved |= img != original;
-        }
-        assert!(moved);
     }
 
     /// The candle path trains from its device copy of the examples: batches gathered, augmented
@@ -741,24 +451,24 @@ mod tests {
         let (trained, _) =
             checkpoint::load(&paths::checkpoint_in(&out.path().join("checkpoints"), 2), &arch, &dev).unwrap();
 
-        let mut engine = Engine::new(&arch, &initial, None, &dev, ComputePath::Autograd).unwrap();
+        let candle = exec::candle::Candle { arch: &arch, device: dev.clone() };
+        let mut trainer = exec::Executor::trainer(&candle, &initial, optim::from_settings(&cfg), None).unwrap();
         let (mut step, mut losses) = (0, Vec::new());
         for epoch in 1..=2 {
             let mut aug_rng = random::augment_rng(seed, epoch);
             let mut acc = Accumulator::default();
             for chunk in random::epoch_order(20, seed, epoch).chunks(8) {
                 let mut pixels: Vec<u8> = chunk.iter().flat_map(|&i| train.images[i * 144..][..144].to_vec()).collect();
-                let labels = chunk.iter().map(|&i| train.labels[i] as u32).collect();
+                let labels: Vec<u32> = chunk.iter().map(|&i| train.labels[i] as u32).collect();
                 augment(&mut pixels, [chunk.len(), 1, 12, 12], &mut aug_rng);
-                let lr = learning_rate(&cfg, step, 3);
-                let (loss, errors) =
-                    engine.step(&arch, &pixels, [chunk.len(), 1, 12, 12], labels, lr, &cfg, &dev).unwrap();
+                let at = StepAt { lr: learning_rate(&cfg, step, 3), number: step + 1 };
+                let (loss, errors) = trainer.step(&pixels, [chunk.len(), 1, 12, 12], &labels, at).unwrap();
                 acc.add(loss, errors, chunk.len());
                 step += 1;
             }
             losses.push(acc.metrics());
         }
-        let host = engine.state(&dev).unwrap();
+        let host = trainer.state().unwrap();
         let bits = |t: &Tensor| {
             t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>()
         };
@@ -770,8 +480,9 @@ mod tests {
             assert_eq!(record.train_error, Some(m.error), "epoch {}", record.epoch);
         }
         // And the test metrics are those of an evaluation from host batches.
-        let host_test =
-            eval::evaluate(&arch, &host, &EvalSet::new(&test, (0..10).collect(), 4), &dev, ComputePath::Fast).unwrap();
+        let host_test = exec::choose(&arch, &dev, ComputePath::Fast)
+            .evaluate(&host, &EvalSet::new(&test, (0..10).collect(), 4))
+            .unwrap();
         assert!(
             (summary.history[2].test_loss - host_test.loss).abs() < 1e-6,
             "{} {}",

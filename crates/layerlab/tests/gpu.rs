@@ -17,7 +17,6 @@ use layerlab::kernels::pixels::Shift;
 use layerlab::model::{Architecture, BnMode, State};
 use layerlab::pipeline::{Arch, ComputePath};
 use layerlab::resident::ResidentSplit;
-use layerlab::train::Engine;
 use rand_core::RngCore;
 
 /// The GPU, held by one test at a time: some tests switch layerlab's GPU kernels off and back on
@@ -99,14 +98,16 @@ fn trained_on(
     path: ComputePath,
 ) -> State {
     let on_device: State = state.iter().map(|(k, v)| (k.clone(), v.to_device(device).unwrap())).collect();
-    let mut engine = Engine::new(arch, &on_device, None, device, path).unwrap();
     let cfg = train_cfg();
+    let executor = layerlab::exec::choose(arch, device, path);
+    let mut trainer = executor.trainer(&on_device, layerlab::optim::from_settings(&cfg), None).unwrap();
     for step in 0..steps {
         let (pixels, labels, shape) = batch(16, input, 100 + step);
-        let (loss, _) = engine.step(arch, &pixels, shape, labels, cfg.lr, &cfg, device).unwrap();
+        let at = layerlab::optim::StepAt { lr: cfg.lr, number: step + 1 };
+        let (loss, _) = trainer.step(&pixels, shape, &labels, at).unwrap();
         assert!(loss.is_finite(), "{}: loss {loss} at step {step}", arch.name);
     }
-    engine.state(device).unwrap().into_iter().map(|(k, v)| (k, v.to_device(&Device::Cpu).unwrap())).collect()
+    trainer.state().unwrap().into_iter().map(|(k, v)| (k, v.to_device(&Device::Cpu).unwrap())).collect()
 }
 
 fn values(t: &Tensor) -> Vec<f32> {
@@ -295,18 +296,20 @@ fn the_sgd_kernel_updates_every_tensor_as_the_cpu_does() {
     type Values = (String, Vec<f32>, Vec<f32>, Vec<f32>);
     let tensors: Vec<Values> =
         sizes.iter().enumerate().map(|(k, &n)| (format!("t{k}"), random(n), random(n), random(n))).collect();
-    let sgd = layerlab::sgd::Sgd { momentum: 0.9, weight_decay: 5e-4, nesterov: true };
+    let sgd = layerlab::optim::Sgd { momentum: 0.9, weight_decay: 5e-4, nesterov: true };
     let update = |device: &Device| {
         let t = |v: &Vec<f32>| Tensor::from_vec(v.clone(), v.len(), device).unwrap();
         let vars: Vec<candle_core::Var> =
             tensors.iter().map(|(_, p, _, _)| candle_core::Var::from_tensor(&t(p)).unwrap()).collect();
         let grads: Vec<Tensor> = tensors.iter().map(|(_, _, _, g)| t(g)).collect();
-        let mut momentum = tensors.iter().map(|(name, _, m, _)| (name.clone(), t(m).copy().unwrap())).collect();
+        let key = |name: &str| layerlab::optim::state_key("momentum", name);
+        let mut momentum = tensors.iter().map(|(name, _, m, _)| (key(name), t(m).copy().unwrap())).collect();
         let updates: Vec<(&str, &candle_core::Var, &Tensor)> =
             tensors.iter().zip(&vars).zip(&grads).map(|(((name, ..), v), g)| (name.as_str(), v, g)).collect();
-        sgd.update_vars(0.05, &updates, &mut momentum).unwrap();
+        let at = layerlab::optim::StepAt { lr: 0.05, number: 1 };
+        layerlab::optim::Optimizer::update_vars(&sgd, at, &updates, &mut momentum).unwrap();
         let p: Vec<Vec<u32>> = vars.iter().map(|v| bits(v.as_tensor())).collect();
-        let m: Vec<Vec<u32>> = tensors.iter().map(|(name, ..)| bits(&momentum[name])).collect();
+        let m: Vec<Vec<u32>> = tensors.iter().map(|(name, ..)| bits(&momentum[&key(name)])).collect();
         (p, m)
     };
     let (cpu, on_gpu) = (update(&Device::Cpu), update(&gpu));

@@ -5,7 +5,7 @@
 //! ([`crate::resident`]): no batch crosses the bus, and no copy from pageable host memory makes
 //! the host wait for the GPU at every step. The CPU op here is the reference the GPU kernel is
 //! tested against, and the path of candle autograd on the CPU (`train.compute = "autograd"`). The
-//! host-side augmentation of the fast paths ([`crate::train::augment`]) takes each pixel from the
+//! host-side augmentation of the fast paths ([`crate::batches::augment`]) takes each pixel from the
 //! same [`source_pixel`], so every path sees the same batch.
 
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Shape};

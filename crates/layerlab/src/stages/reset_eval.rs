@@ -10,6 +10,7 @@ use anyhow::{Context, Result};
 use crate::data;
 use crate::device;
 use crate::eval::{EvalSet, Metrics};
+use crate::exec;
 use crate::model::{Architecture, State};
 use crate::progress;
 use crate::random;
@@ -87,15 +88,9 @@ pub fn run(ctx: &StageContext, seed: u64) -> Result<Outcome> {
     let named = |e| device::name_memory_settings(e, &memory_settings);
 
     let eval_sets = [&test_set, &train_set];
-    let mut grid = reset::GridEvaluator::new(
-        &arch,
-        trained,
-        &eval_sets,
-        &calibration,
-        &dev,
-        exp.train.compute,
-        exp.reset.prefix_reuse,
-    );
+    let executor = exec::choose(&arch, &dev, exp.train.compute);
+    let mut grid =
+        reset::GridEvaluator::new(&arch, trained, &eval_sets, &calibration, &*executor, exp.reset.prefix_reuse);
 
     // Baseline: the trained network itself.
     let base = grid.baseline().map_err(named)?;
