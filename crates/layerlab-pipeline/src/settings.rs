@@ -113,6 +113,45 @@ named_enum! {
     }
 }
 
+/// The `mode` column of `results.parquet` and `summary.parquet`: the trained network itself, or
+/// one of the resets. Tables are read back into it, so a mode no code knows is refused where it
+/// is read, and a new [`ResetMode`] fails to compile wherever rows are told apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RowMode {
+    Baseline,
+    Reset(ResetMode),
+}
+
+impl RowMode {
+    pub const BASELINE: &'static str = "baseline";
+
+    /// Its name in the tables.
+    pub fn name(self) -> &'static str {
+        match self {
+            RowMode::Baseline => RowMode::BASELINE,
+            RowMode::Reset(mode) => mode.name(),
+        }
+    }
+}
+
+impl FromStr for RowMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<RowMode, String> {
+        if s == RowMode::BASELINE {
+            return Ok(RowMode::Baseline);
+        }
+        s.parse::<ResetMode>()
+            .map(RowMode::Reset)
+            .map_err(|_| format!("unknown mode '{s}' (known: {}, {})", RowMode::BASELINE, ResetMode::names()))
+    }
+}
+
+impl fmt::Display for RowMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 named_enum! {
     /// One of `reset.bn_stats`: what happens to a reset unit's BatchNorm running statistics.
     BnStats {
@@ -229,5 +268,15 @@ mod tests {
         assert!(err.contains("alexnet") && err.contains("resnet34"), "{err}");
         let err = serde_json::from_str::<Arch>("7").unwrap_err().to_string();
         assert!(err.contains("invalid type") && err.contains("one of fcn, vgg11"), "{err}");
+    }
+
+    #[test]
+    fn row_modes_read_back_what_they_write_and_refuse_the_rest() {
+        let all = std::iter::once(RowMode::Baseline).chain(ResetMode::ALL.iter().map(|&m| RowMode::Reset(m)));
+        for mode in all {
+            assert_eq!(mode.name().parse::<RowMode>().unwrap(), mode);
+        }
+        let err = "reinitialise".parse::<RowMode>().unwrap_err();
+        assert!(err.contains("reinitialise") && err.contains("baseline, reinit"), "{err}");
     }
 }

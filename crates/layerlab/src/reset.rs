@@ -88,12 +88,18 @@ pub fn groups<'a>(
     sets: &[(String, Vec<String>)],
     modes: &[ResetMode],
 ) -> Result<Vec<Group<'a>>> {
-    let on = |m: ResetMode| modes.contains(&m);
+    let (mut singles, mut joint) = (false, false);
+    for mode in modes {
+        match mode {
+            ResetMode::Reinit | ResetMode::Rerandomize => singles = true,
+            ResetMode::Joint => joint = true,
+        }
+    }
     let mut out = Vec::new();
-    if on(ResetMode::Reinit) || on(ResetMode::Rerandomize) {
+    if singles {
         out.extend(arch.units.iter().map(|u| Group { single: Some(u), name: u.name.clone(), units: vec![u] }));
     }
-    if on(ResetMode::Joint) {
+    if joint {
         for (name, units) in sets {
             let units = units.iter().map(|n| arch.unit(n)).collect::<Result<_>>()?;
             out.push(Group { single: None, name: name.clone(), units });
@@ -121,21 +127,26 @@ pub fn variants(
     settings: &ResetConfig,
     mut draw: impl FnMut(&Unit, u32) -> Result<State>,
 ) -> Result<(Vec<Variant>, Vec<VariantLabel>)> {
-    let on = |m: ResetMode| settings.modes.contains(&m);
     let mut variants = Vec::new();
     let mut labels = Vec::new();
-    if group.single.is_none() || on(ResetMode::Reinit) {
-        let mode = if group.single.is_some() { ResetMode::Reinit } else { ResetMode::Joint };
-        for (&epoch, source) in checkpoints {
-            variants.push(Variant { state: reset_units(trained, &group.units, source, bn)? });
-            labels.push(VariantLabel { mode, source_epoch: Some(epoch as i64), draw: None });
-        }
-    }
-    if let (Some(unit), true) = (group.single, on(ResetMode::Rerandomize)) {
-        for d in 0..settings.draws {
-            let source = draw(unit, d)?;
-            variants.push(Variant { state: reset_units(trained, &group.units, &source, bn)? });
-            labels.push(VariantLabel { mode: ResetMode::Rerandomize, source_epoch: None, draw: Some(d as i64) });
+    // In the order of `ResetMode::ALL`, the order of the rows; a mode contributes to a single
+    // unit's group or to a joint set's.
+    for &mode in ResetMode::ALL.iter().filter(|m| settings.modes.contains(m)) {
+        match (mode, group.single) {
+            (ResetMode::Reinit, Some(_)) | (ResetMode::Joint, None) => {
+                for (&epoch, source) in checkpoints {
+                    variants.push(Variant { state: reset_units(trained, &group.units, source, bn)? });
+                    labels.push(VariantLabel { mode, source_epoch: Some(epoch as i64), draw: None });
+                }
+            }
+            (ResetMode::Rerandomize, Some(unit)) => {
+                for d in 0..settings.draws {
+                    let source = draw(unit, d)?;
+                    variants.push(Variant { state: reset_units(trained, &group.units, &source, bn)? });
+                    labels.push(VariantLabel { mode, source_epoch: None, draw: Some(d as i64) });
+                }
+            }
+            (ResetMode::Reinit | ResetMode::Rerandomize, None) | (ResetMode::Joint, Some(_)) => {}
         }
     }
     Ok((variants, labels))

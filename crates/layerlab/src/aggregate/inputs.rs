@@ -8,13 +8,13 @@ use serde_json::Value;
 
 use crate::table::ReadTable;
 use layerlab_pipeline::cache::{self, Freshness};
-use layerlab_pipeline::{Experiment, Layout};
+use layerlab_pipeline::{Experiment, Layout, RowMode};
 
 /// One row of a seed's `results.parquet`, reduced to what aggregation needs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ResultRecord {
     pub seed: u64,
-    pub mode: String,
+    pub mode: RowMode,
     pub unit: Option<String>,
     pub unit_index: Option<i64>,
     pub units: String,
@@ -100,7 +100,7 @@ pub fn read_results(path: &Path, seed: u64) -> Result<SeedResults> {
     for i in 0..t.rows() {
         records.push(ResultRecord {
             seed,
-            mode: modes[i].clone(),
+            mode: modes[i].parse().map_err(|e| anyhow::anyhow!("{}: row {i}: {e}", t.path))?,
             unit: units[i].clone(),
             unit_index: unit_index[i],
             units: unit_sets[i].clone(),
@@ -111,7 +111,7 @@ pub fn read_results(path: &Path, seed: u64) -> Result<SeedResults> {
             train_error: train[i],
         });
     }
-    if !records.iter().any(|r| r.mode == "baseline") {
+    if !records.iter().any(|r| r.mode == RowMode::Baseline) {
         bail!("{}: has no baseline row (mode = 'baseline'): not a complete reset-eval result", t.path);
     }
     let config_hash = t

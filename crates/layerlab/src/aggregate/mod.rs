@@ -9,7 +9,7 @@ pub mod summary;
 pub mod sweep;
 pub mod tables;
 
-use layerlab_pipeline::ResetMode;
+use layerlab_pipeline::{ResetMode, RowMode};
 use summary::{Curve, SummaryRow};
 
 /// The test error of guessing uniformly: 1 − 1/classes (0.9 for ten classes).
@@ -34,17 +34,17 @@ pub fn heatmap(
     let mut epochs: Vec<i64> = summary
         .iter()
         .filter(single)
-        .filter(|r| r.mode == ResetMode::Reinit.name())
+        .filter(|r| r.mode == RowMode::Reset(ResetMode::Reinit))
         .filter_map(|r| r.source_epoch)
         .collect();
     epochs.sort_unstable();
     epochs.dedup();
-    let has_rerandomize = summary.iter().filter(single).any(|r| r.mode == ResetMode::Rerandomize.name());
-    let mut cols: Vec<(&str, Option<i64>)> = Vec::new();
+    let has_rerandomize = summary.iter().filter(single).any(|r| r.mode == RowMode::Reset(ResetMode::Rerandomize));
+    let mut cols: Vec<(RowMode, Option<i64>)> = Vec::new();
     if has_rerandomize {
-        cols.push((ResetMode::Rerandomize.name(), None));
+        cols.push((RowMode::Reset(ResetMode::Rerandomize), None));
     }
-    cols.extend(epochs.iter().map(|&e| (ResetMode::Reinit.name(), Some(e))));
+    cols.extend(epochs.iter().map(|&e| (RowMode::Reset(ResetMode::Reinit), Some(e))));
     let values = units
         .iter()
         .map(|(_, unit)| {

@@ -1,6 +1,6 @@
 //! `report.md`: one experiment's results in words, tables and figures, readable on its own.
 
-use layerlab_pipeline::ResetMode;
+use layerlab_pipeline::{ResetMode, RowMode};
 use std::fmt::Write as _;
 use std::path::Path;
 
@@ -202,7 +202,7 @@ pub fn render(r: &ReportInput) -> String {
         }
     }
 
-    let joint: Vec<&SummaryRow> = r.summary.iter().filter(|x| x.mode == ResetMode::Joint.name()).collect();
+    let joint: Vec<&SummaryRow> = r.summary.iter().filter(|x| x.mode == RowMode::Reset(ResetMode::Joint)).collect();
     let _ = writeln!(w, "## Joint resets\n");
     if joint.is_empty() {
         let _ = writeln!(w, "No joint resets were run (`reset.modes` leaves out `joint`).\n");

@@ -4,7 +4,7 @@
 //! Re-randomization draws are averaged within a seed first, so that every seed weighs the same and
 //! the interval reflects the spread between trained networks, not between draws.
 
-use layerlab_pipeline::ResetMode;
+use layerlab_pipeline::{ResetMode, RowMode};
 use std::collections::{BTreeMap, HashMap};
 
 use anyhow::{bail, Result};
@@ -15,7 +15,7 @@ use super::stats::Estimate;
 /// One row of `summary.parquet`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SummaryRow {
-    pub mode: String,
+    pub mode: RowMode,
     pub unit: Option<String>,
     pub unit_index: Option<i64>,
     pub units: String,
@@ -40,11 +40,14 @@ impl SummaryRow {
     /// A single unit reset on its own (not the baseline, not a joint set).
     pub fn is_single(&self) -> bool {
         self.unit_index.is_some()
-            && (self.mode == ResetMode::Reinit.name() || self.mode == ResetMode::Rerandomize.name())
+            && match self.mode {
+                RowMode::Reset(ResetMode::Reinit | ResetMode::Rerandomize) => true,
+                RowMode::Reset(ResetMode::Joint) | RowMode::Baseline => false,
+            }
     }
 }
 
-type GroupKey = (String, Option<String>, String, Option<i64>);
+type GroupKey = (RowMode, Option<String>, String, Option<i64>);
 
 /// Groups result rows by (mode, unit, bn_stats, source_epoch), averages within each seed, then
 /// summarises over seeds. Groups keep the order in which they first appear.
@@ -52,7 +55,7 @@ pub fn summarise<'a>(records: impl IntoIterator<Item = &'a ResultRecord>) -> Res
     let mut order: Vec<GroupKey> = Vec::new();
     let mut groups: HashMap<GroupKey, Vec<&ResultRecord>> = HashMap::new();
     for r in records {
-        let key = (r.mode.clone(), r.unit.clone(), r.bn_stats.clone(), r.source_epoch);
+        let key = (r.mode, r.unit.clone(), r.bn_stats.clone(), r.source_epoch);
         groups
             .entry(key.clone())
             .or_insert_with(|| {
@@ -62,7 +65,7 @@ pub fn summarise<'a>(records: impl IntoIterator<Item = &'a ResultRecord>) -> Res
             .push(r);
     }
     let baseline_rows: Vec<&ResultRecord> =
-        order.iter().filter(|k| k.0 == "baseline").flat_map(|k| groups[k].iter().copied()).collect();
+        order.iter().filter(|k| k.0 == RowMode::Baseline).flat_map(|k| groups[k].iter().copied()).collect();
     if baseline_rows.is_empty() {
         bail!("no baseline rows (mode = 'baseline') among the results");
     }
@@ -107,7 +110,7 @@ fn per_seed(rows: &[&ResultRecord]) -> (Vec<f64>, Vec<f64>) {
 
 /// The baseline summary row (the trained networks themselves).
 pub fn baseline(summary: &[SummaryRow]) -> Option<&SummaryRow> {
-    summary.iter().find(|r| r.mode == "baseline")
+    summary.iter().find(|r| r.mode == RowMode::Baseline)
 }
 
 /// BatchNorm settings of the single-unit resets, in the order the results list them.
@@ -197,16 +200,16 @@ pub fn classify(
     let mut out = Vec::new();
     for bn in bn_settings(summary) {
         for (index, unit) in units(summary) {
-            let find = |mode: &str, epoch: Option<i64>| {
+            let find = |mode: ResetMode, epoch: Option<i64>| {
                 summary.iter().find(|r| {
-                    r.mode == mode
+                    r.mode == RowMode::Reset(mode)
                         && r.bn_stats == bn
                         && r.unit.as_deref() == Some(unit.as_str())
                         && r.source_epoch == epoch
                 })
             };
-            let reinit = find(ResetMode::Reinit.name(), Some(0));
-            let rerand = find(ResetMode::Rerandomize.name(), None);
+            let reinit = find(ResetMode::Reinit, Some(0));
+            let rerand = find(ResetMode::Rerandomize, None);
             let n_seeds = reinit.or(rerand).map_or(0, |r| r.n_seeds);
             out.push(RobustnessRow {
                 unit: unit.clone(),
@@ -272,7 +275,7 @@ mod tests {
     ) -> ResultRecord {
         ResultRecord {
             seed,
-            mode: mode.into(),
+            mode: mode.parse().unwrap(),
             unit: unit.map(|u| u.0.to_string()),
             unit_index: if mode == "joint" { None } else { unit.map(|u| u.1) },
             units: unit.map_or(String::new(), |u| u.0.to_string()),
@@ -309,7 +312,7 @@ mod tests {
         let (lo, hi) = base.test.ci95.unwrap();
         assert!((hi - 0.03 - 0.024_841).abs() < 1e-5 && (0.03 - lo - 0.024_841).abs() < 1e-5);
         assert_eq!(base.test_delta(), 0.0);
-        let fc1 = s.iter().find(|r| r.mode == "reinit" && r.unit.as_deref() == Some("fc1")).unwrap();
+        let fc1 = s.iter().find(|r| r.mode.name() == "reinit" && r.unit.as_deref() == Some("fc1")).unwrap();
         assert!((fc1.test.mean - 0.81).abs() < 1e-12);
         assert!((fc1.test_delta() - 0.78).abs() < 1e-12);
         assert!((fc1.train.mean - 0.405).abs() < 1e-12);
@@ -324,7 +327,7 @@ mod tests {
         // mean over seeds is (0.7 + 0.7 + 0.8) / 3; pooling all rows would give 0.7 + 0.02 instead.
         v.push(rec(0, "rerandomize", Some(("fc1", 0)), None, Some(2), 0.9));
         let s = summarise(&v).unwrap();
-        let r = s.iter().find(|r| r.mode == "rerandomize" && r.unit.as_deref() == Some("fc1")).unwrap();
+        let r = s.iter().find(|r| r.mode.name() == "rerandomize" && r.unit.as_deref() == Some("fc1")).unwrap();
         assert!((r.test.mean - 2.2 / 3.0).abs() < 1e-12, "{}", r.test.mean);
         assert_eq!((r.n_seeds, r.n_rows), (3, 7));
         // Per-seed means 0.7, 0.7, 0.8: s = sqrt(((−1/30)² · 2 + (2/30)²) / 2) = 0.057735.

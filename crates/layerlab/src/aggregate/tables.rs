@@ -42,7 +42,7 @@ pub fn write_summary(path: &Path, id: &Identity, rows: &[SummaryRow], meta: &[(S
         .nullable("unit", text(rows, |r| r.unit.clone()))
         .nullable("unit_index", int(rows, |r| r.unit_index))
         .col("units", text(rows, |r| Some(r.units.clone())))
-        .col("mode", text(rows, |r| Some(r.mode.clone())))
+        .col("mode", text(rows, |r| Some(r.mode.name().to_string())))
         .col("bn_stats", text(rows, |r| Some(r.bn_stats.clone())))
         .nullable("source_epoch", int(rows, |r| r.source_epoch))
         .col("n_seeds", int(rows, |r| Some(r.n_seeds as i64)))

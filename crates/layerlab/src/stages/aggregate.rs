@@ -278,7 +278,7 @@ mod tests {
         assert_eq!(names, UNITS, "the fake errors are made for these units");
         let row = |mode: &'static str, unit: Option<String>, index: Option<usize>, units: String| {
             move |epoch: Option<i64>, draw: Option<i64>, error: f64, bn_stats: &'static str| ResultRow {
-                mode,
+                mode: mode.parse().unwrap(),
                 unit: unit.clone(),
                 unit_index: index.map(|i| i as i64),
                 units: units.clone(),

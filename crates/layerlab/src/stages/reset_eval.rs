@@ -19,7 +19,7 @@ use crate::stages::snapshot::load_checkpoints;
 use crate::stages::StageContext;
 use crate::table::{provenance, with_device, Column, Table};
 use layerlab_pipeline::cache::{Stage, Stamp};
-use layerlab_pipeline::{BnStats, Experiment};
+use layerlab_pipeline::{BnStats, Experiment, RowMode};
 
 pub enum Outcome {
     UpToDate,
@@ -34,7 +34,7 @@ pub enum Outcome {
 /// One row of `results.parquet`.
 #[derive(Debug, Clone)]
 pub struct ResultRow {
-    pub mode: &'static str,
+    pub mode: RowMode,
     pub unit: Option<String>,
     pub unit_index: Option<i64>,
     pub units: String,
@@ -95,7 +95,7 @@ pub fn run(ctx: &StageContext, seed: u64) -> Result<Outcome> {
     // Baseline: the trained network itself.
     let base = grid.baseline().map_err(named)?;
     let mut rows = vec![ResultRow {
-        mode: "baseline",
+        mode: RowMode::Baseline,
         unit: None,
         unit_index: None,
         units: String::new(),
@@ -141,7 +141,7 @@ pub fn run(ctx: &StageContext, seed: u64) -> Result<Outcome> {
             evaluations += labels.len();
             for (VariantLabel { mode, source_epoch, draw }, m) in labels.into_iter().zip(metrics) {
                 rows.push(ResultRow {
-                    mode: mode.name(),
+                    mode: RowMode::Reset(mode),
                     unit: Some(name.clone()),
                     unit_index: group.single.map(|u| u.index as i64),
                     units: unit_names.clone(),
@@ -189,7 +189,7 @@ pub fn write_results(
         .col("dataset", Column::Text(vec![Some(exp.dataset.name().to_string()); n]))
         .col("arch", Column::Text(vec![Some(arch.name.clone()); n]))
         .col("seed", Column::Int(vec![Some(seed as i64); n]))
-        .col("mode", text(&|r| Some(r.mode.to_string())))
+        .col("mode", text(&|r| Some(r.mode.name().to_string())))
         .nullable("unit", text(&|r| r.unit.clone()))
         .nullable("unit_index", int(&|r| r.unit_index))
         .col("units", text(&|r| Some(r.units.clone())))
