@@ -15,6 +15,7 @@ pub mod init;
 pub mod kernels;
 pub mod mlp;
 pub mod model;
+pub mod network;
 pub mod progress;
 pub mod random;
 pub mod reset;
