@@ -22,7 +22,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 
 use crate::kernels::{self, layers, KeptOp3};
-use crate::model::{Layer, State};
+use crate::network::{Layer, State};
 
 /// Off: a GPU's training steps use candle's autograd instead, to cross-check this module in the
 /// GPU tests.

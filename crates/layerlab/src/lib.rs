@@ -17,6 +17,7 @@ pub mod init;
 pub mod kernels;
 pub mod mlp;
 pub mod model;
+pub mod network;
 pub mod optim;
 pub mod progress;
 pub mod random;

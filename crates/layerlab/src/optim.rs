@@ -159,7 +159,7 @@ impl Optimizer for Sgd {
                     Ok((var.as_tensor(), m, *g))
                 })
                 .collect::<Result<Vec<_>>>()?;
-            crate::kernels::cuda::sgd_update_all(self, at.lr, &triples)?;
+            crate::kernels::cuda::sgd_update_all(at.lr, self.momentum, self.weight_decay, self.nesterov, &triples)?;
             return Ok(());
         }
         update_each_var(self, at, updates, state)

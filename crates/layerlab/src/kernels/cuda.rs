@@ -3,9 +3,9 @@
 //!
 //! - the SGD update ([`sgd_update_all`]): one kernel over all parameter tensors (32 per launch),
 //!   updating each parameter and its momentum buffer in place. Written as candle tensor ops
-//!   ([`crate::sgd::Sgd::update_tensors`]) one update is six kernels and as many fresh buffers,
+//!   ([`crate::optim::Sgd`]'s `update_tensors`) one update is six kernels and as many fresh buffers,
 //!   then a copy into the `Var`; a small network's step is bound by such launches. The kernel does
-//!   the same f32 operations in the same order as the CPU's [`crate::sgd::Sgd::update_slices`],
+//!   the same f32 operations in the same order as the CPU's `update_slices`,
 //!   each rounded on its own (`__fmul_rn`, `__fadd_rn`: never contracted into a fused
 //!   multiply-add), so both give the same bits from the same inputs;
 //! - the 2×2 max-pool, forward and input gradient ([`max_pool2`], [`max_pool2_grad`]), with the
@@ -26,8 +26,6 @@ use std::sync::OnceLock;
 
 use candle_core::{bail, CudaStorage, Layout, Shape, Tensor};
 use cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
-
-use crate::sgd::Sgd;
 
 /// The CUDA source of every kernel here.
 pub const SOURCE: &str = include_str!("cuda.cu");
@@ -102,18 +100,26 @@ fn address(t: &Tensor, what: &str) -> candle_core::Result<u64> {
 
 /// The SGD update of every (parameter, momentum buffer, gradient) triple, each three f32
 /// tensors of one shape on one GPU, parameters and buffers updated in place: one launch per 32
-/// tensors, where a kernel per tensor made a small network's step wait on launches.
+/// tensors, where a kernel per tensor made a small network's step wait on launches. The
+/// optimizer's settings come as plain values (learning rate, momentum, weight decay, Nesterov),
+/// so that the kernels do not depend on the optimizer's types.
 ///
 /// The parameters and buffers are written through their addresses, not through candle: candle
 /// runs every op of a device on its one stream, in order, so no other kernel sees them
 /// half-written. Tensors that share a `Var`'s memory (`train::Engine::state`'s, as candle's
 /// `detach` shares it) see the update, as they would `Var::set`'s on the CPU: their callers read
 /// them before the next step.
-pub fn sgd_update_all(sgd: &Sgd, lr: f64, updates: &[(&Tensor, &Tensor, &Tensor)]) -> candle_core::Result<()> {
+pub fn sgd_update_all(
+    lr: f64,
+    momentum: f64,
+    weight_decay: f64,
+    nesterov: bool,
+    updates: &[(&Tensor, &Tensor, &Tensor)],
+) -> candle_core::Result<()> {
     let Some((first, _, _)) = updates.first() else { return Ok(()) };
     let candle_core::Device::Cuda(dev) = first.device() else { bail!("the CUDA SGD update was given CPU tensors") };
     let func = dev.get_or_load_custom_func("sgd_update_all", MODULE, ptx()?)?;
-    let (lr, mu, wd, nesterov) = (lr as f32, sgd.momentum as f32, sgd.weight_decay as f32, sgd.nesterov as i32);
+    let (lr, mu, wd, nesterov) = (lr as f32, momentum as f32, weight_decay as f32, nesterov as i32);
     // Gradients that are views get a contiguous copy, kept alive until the launch is queued.
     let grads = updates.iter().map(|(_, _, g)| g.contiguous()).collect::<candle_core::Result<Vec<_>>>()?;
     for (chunk, grads) in updates.chunks(SGD_TENSORS).zip(grads.chunks(SGD_TENSORS)) {
@@ -221,7 +227,8 @@ pub fn max_pool2_grad(
     Ok((CudaStorage::wrap_cuda_slice(dx, dev), xl.shape().clone()))
 }
 
-/// The CUDA side of [`super::pixels::Gather`]: u8 images [N, c, h, w], u32 positions [n] and
+/// The CUDA side of the batch gather (`kernels::pixels::Gather`, which checks the operands and
+/// gives their sizes `[count, c, h, w, n]`): u8 images [N, c, h, w], u32 positions [n] and
 /// packed shifts [n], all on one GPU.
 pub fn gather_batch(
     images: &CudaStorage,
@@ -230,8 +237,8 @@ pub fn gather_batch(
     lp: &Layout,
     shifts: &CudaStorage,
     ls: &Layout,
+    [count, c, h, w, n]: [usize; 5],
 ) -> candle_core::Result<(CudaStorage, Shape)> {
-    let [count, c, h, w, n] = super::pixels::Gather::dims(li, lp, ls)?;
     let images = images.as_cuda_slice::<u8>()?.slice(li.start_offset()..li.start_offset() + count * c * h * w);
     let dev = positions.device.clone();
     let shifts = shifts.as_cuda_slice::<u32>()?.slice(ls.start_offset()..ls.start_offset() + n);

@@ -139,7 +139,8 @@ impl CustomOp3 for Gather {
         shifts: &candle_core::CudaStorage,
         ls: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::gather_batch(images, li, positions, lp, shifts, ls)
+        let dims = Gather::dims(li, lp, ls)?;
+        super::cuda::gather_batch(images, li, positions, lp, shifts, ls, dims)
     }
 }
 
