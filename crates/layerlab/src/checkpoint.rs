@@ -13,7 +13,8 @@ use safetensors::SafeTensors;
 
 use crate::model::{Architecture, State};
 use crate::safetensors_io::{safetensors_bytes, safetensors_fault};
-use layerlab_pipeline::fsutil;
+use layerlab_pipeline::cache::{self, Freshness};
+use layerlab_pipeline::{fsutil, Experiment, Layout};
 
 /// What a checkpoint says about itself.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -104,6 +105,57 @@ pub fn load(path: &Path, arch: &Architecture, device: &Device) -> Result<(State,
     }
     arch.check_state(&state).with_context(|| format!("{} does not fit {}", path.display(), arch.name))?;
     Ok((state, meta))
+}
+
+/// Loads every kept checkpoint of a training run, in epoch order, refusing a run that is not
+/// finished or was trained with other settings than `exp`'s.
+pub fn load_run(
+    layout: &Layout,
+    exp: &Experiment,
+    seed: u64,
+    arch: &Architecture,
+    device: &Device,
+) -> Result<Vec<(u32, State)>> {
+    let train_dir = layout.train_dir(&exp.name, seed);
+    // The checkpoints must be of this experiment's current training settings: after a training
+    // setting changed, a stage run by hand would otherwise evaluate the old run under the new key.
+    let expected = cache::train_key(exp, seed);
+    match cache::freshness(&train_dir, &expected) {
+        Freshness::Fresh => {}
+        Freshness::Missing => {
+            anyhow::bail!("{} has no finished training run (no stamp.json): run train first", train_dir.display())
+        }
+        Freshness::Stale(why) => anyhow::bail!(
+            "{} holds a training run of other settings ({why}): run train again first \
+             (cargo xtask run train -e {} --seed {seed})",
+            train_dir.display(),
+            exp.name
+        ),
+    }
+    let config_hash = expected.config_hash();
+    exp.checkpoint_epochs()
+        .into_iter()
+        .map(|epoch| {
+            let path = layout.checkpoint(&exp.name, seed, epoch);
+            let (state, meta) = load(&path, arch, device)?;
+            if meta.epoch != epoch || meta.seed != seed {
+                anyhow::bail!(
+                    "{} says epoch {} seed {}, expected epoch {epoch} seed {seed}",
+                    path.display(),
+                    meta.epoch,
+                    meta.seed
+                );
+            }
+            if meta.config_hash != config_hash {
+                anyhow::bail!(
+                    "{} was trained with other settings (config hash {}, expected {config_hash}): run train again first",
+                    path.display(),
+                    meta.config_hash
+                );
+            }
+            Ok((epoch, state))
+        })
+        .collect()
 }
 
 #[cfg(test)]

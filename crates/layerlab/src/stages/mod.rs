@@ -10,7 +10,7 @@ pub mod train;
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 use crate::device::DeviceChoice;
 use layerlab_pipeline::cache::{self, Freshness, Stage, StageKey};
@@ -45,6 +45,15 @@ impl StageContext {
         let dir = cache::output_dir(&self.layout, stage, &self.experiment, seed);
         let fresh = !self.force && cache::check(&self.layout, stage, &self.experiment, seed) == Freshness::Fresh;
         (key, dir, fresh)
+    }
+
+    /// The experiment's network for the images of `split` (the one place a stage builds it).
+    pub fn architecture(&self, split: &crate::data::Split) -> Result<crate::model::Architecture> {
+        let exp = &self.experiment;
+        let input = [split.channels, split.height, split.width];
+        crate::model::Architecture::build(&exp.model, input, exp.dataset.classes()).with_context(|| {
+            format!("experiment '{}': cannot build the model for {} inputs {input:?}", exp.name, exp.dataset)
+        })
     }
 
     /// Refuses a seed the experiment does not list.

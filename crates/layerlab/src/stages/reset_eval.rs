@@ -15,7 +15,6 @@ use crate::model::{Architecture, State};
 use crate::progress;
 use crate::random;
 use crate::reset::{self, VariantLabel};
-use crate::stages::snapshot::load_checkpoints;
 use crate::stages::StageContext;
 use crate::table::{provenance, with_device, Column, Table};
 use layerlab_pipeline::cache::{Stage, Stamp};
@@ -55,15 +54,12 @@ pub fn run(ctx: &StageContext, seed: u64) -> Result<Outcome> {
     let t0 = Instant::now();
     let (dev, device_name) = ctx.compute_device()?;
     let (train_split, test_split) = data::load(&ctx.layout.dataset_dir(exp.dataset))?;
-    let arch = Architecture::build(
-        &exp.model,
-        [test_split.channels, test_split.height, test_split.width],
-        exp.dataset.classes(),
-    )?;
+    let arch = ctx.architecture(&test_split)?;
     let sets = reset::joint_sets(exp, &arch)?;
     let bn_settings: Vec<Option<BnStats>> =
         if arch.has_batch_norm() { exp.reset.bn_stats.iter().copied().map(Some).collect() } else { vec![None] };
-    let checkpoints: BTreeMap<u32, State> = load_checkpoints(ctx, seed, &arch, &dev)?.into_iter().collect();
+    let checkpoints: BTreeMap<u32, State> =
+        crate::checkpoint::load_run(&ctx.layout, exp, seed, &arch, &dev)?.into_iter().collect();
     let (&final_epoch, trained) = checkpoints.iter().next_back().context("no checkpoints")?;
     tracing::info!("reset-eval {} seed {seed}: final epoch {final_epoch}, {} units", exp.name, arch.units.len());
 

@@ -11,7 +11,7 @@ use crate::model::{Architecture, State};
 use crate::stages::StageContext;
 use crate::table::{provenance, with_device, Column, Table};
 use crate::{checkpoint, data};
-use layerlab_pipeline::cache::{self, Freshness, Stage, Stamp};
+use layerlab_pipeline::cache::{Stage, Stamp};
 
 pub enum Outcome {
     UpToDate,
@@ -24,57 +24,7 @@ pub fn architecture(ctx: &StageContext) -> Result<Architecture> {
     let dir = ctx.layout.dataset_dir(exp.dataset);
     let test =
         data::read_split(&data::split_path(&dir, "test")).with_context(|| format!("dataset '{}'", exp.dataset))?;
-    Architecture::build(&exp.model, [test.channels, test.height, test.width], exp.dataset.classes())
-}
-
-/// Loads every kept checkpoint of a run, in epoch order.
-pub fn load_checkpoints(
-    ctx: &StageContext,
-    seed: u64,
-    arch: &Architecture,
-    device: &candle_core::Device,
-) -> Result<Vec<(u32, State)>> {
-    let exp = &ctx.experiment;
-    let train_dir = ctx.layout.train_dir(&exp.name, seed);
-    // The checkpoints must be of this experiment's current training settings: after a training
-    // setting changed, a stage run by hand would otherwise evaluate the old run under the new key.
-    let expected = cache::train_key(exp, seed);
-    match cache::freshness(&train_dir, &expected) {
-        Freshness::Fresh => {}
-        Freshness::Missing => {
-            anyhow::bail!("{} has no finished training run (no stamp.json): run train first", train_dir.display())
-        }
-        Freshness::Stale(why) => anyhow::bail!(
-            "{} holds a training run of other settings ({why}): run train again first \
-             (cargo xtask run train -e {} --seed {seed})",
-            train_dir.display(),
-            exp.name
-        ),
-    }
-    let config_hash = expected.config_hash();
-    exp.checkpoint_epochs()
-        .into_iter()
-        .map(|epoch| {
-            let path = ctx.layout.checkpoint(&exp.name, seed, epoch);
-            let (state, meta) = checkpoint::load(&path, arch, device)?;
-            if meta.epoch != epoch || meta.seed != seed {
-                anyhow::bail!(
-                    "{} says epoch {} seed {}, expected epoch {epoch} seed {seed}",
-                    path.display(),
-                    meta.epoch,
-                    meta.seed
-                );
-            }
-            if meta.config_hash != config_hash {
-                anyhow::bail!(
-                    "{} was trained with other settings (config hash {}, expected {config_hash}): run train again first",
-                    path.display(),
-                    meta.config_hash
-                );
-            }
-            Ok((epoch, state))
-        })
-        .collect()
+    ctx.architecture(&test)
 }
 
 fn values(state: &State, names: &[&str]) -> Result<Vec<f64>> {
@@ -140,7 +90,7 @@ pub fn run(ctx: &StageContext, seed: u64) -> Result<Outcome> {
     let t0 = Instant::now();
     let arch = architecture(ctx)?;
     let (dev, device_name) = ctx.compute_device()?;
-    let checkpoints = load_checkpoints(ctx, seed, &arch, &dev)?;
+    let checkpoints = checkpoint::load_run(&ctx.layout, &ctx.experiment, seed, &arch, &dev)?;
     Stamp::remove(&out_dir)?;
     let meta = with_device(provenance(&exp.name, &key.config.to_string(), &key.config_hash()), &device_name);
 

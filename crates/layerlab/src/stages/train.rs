@@ -4,7 +4,6 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 
-use crate::model::Architecture;
 use crate::stages::StageContext;
 use crate::table::{provenance, with_device};
 use crate::{data, train};
@@ -30,10 +29,7 @@ pub fn run(ctx: &StageContext, seed: u64) -> Result<Outcome> {
     let t0 = Instant::now();
     let dataset_dir = ctx.layout.dataset_dir(exp.dataset);
     let (train_split, test_split) = data::load(&dataset_dir).with_context(|| format!("dataset '{}'", exp.dataset))?;
-    let input = [train_split.channels, train_split.height, train_split.width];
-    let arch = Architecture::build(&exp.model, input, exp.dataset.classes()).with_context(|| {
-        format!("experiment '{}': cannot build the model for {} inputs {input:?}", exp.name, exp.dataset)
-    })?;
+    let arch = ctx.architecture(&train_split)?;
     let params: usize = arch.units.iter().map(|u| u.params()).sum();
     if params > MAX_PARAMS {
         anyhow::bail!(
