@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::bins;
+
 #[derive(Debug, Parser)]
 #[command(name = "cargo xtask", about = "Run layerlab's pipeline, its tests and benchmarks")]
 pub struct Xtask {
@@ -67,8 +69,8 @@ pub struct PipelineArgs {
 }
 
 impl PipelineArgs {
-    pub fn build(&self) -> crate::plan::Build {
-        crate::plan::Build { dev: self.dev_build, cuda: self.cuda, prebuilt: self.bin_dir.clone() }
+    pub fn build(&self) -> bins::Build {
+        bins::Build { dev: self.dev_build, cuda: self.cuda, prebuilt: self.bin_dir.clone() }
     }
 }
 
