@@ -471,39 +471,3 @@ fn auto_picks_the_gpu() {
     assert!(device.is_cuda(), "auto chose {description} with a GPU visible");
     assert!(description.starts_with("cuda:0"), "{description}");
 }
-
-/// Where the GPU's training steps part from the CPU's, tensor by tensor, with each of layerlab's
-/// GPU kernels on and off (`cargo xtask test --gpu -- --ignored`). With cuDNN's convolution or
-/// BatchNorm off, the steps are candle's autograd (`backward::used_on`).
-#[cfg(feature = "cuda")]
-#[test]
-#[ignore]
-fn gaps_by_kernel() {
-    use layerlab::kernels::{cuda, cudnn};
-    use std::sync::atomic::Ordering::Relaxed;
-    let Some(gpu) = gpu("gaps_by_kernel") else { return };
-    for (arch, input) in networks().into_iter().skip(1).take(1) {
-        let initial = arch.initial_state(7, &Device::Cpu).unwrap();
-        for steps in [1, 2] {
-            let cpu = trained(&arch, input, &initial, &Device::Cpu, steps);
-            for (conv, bn, sgd) in [(true, true, true), (false, true, true), (true, false, true), (true, true, false)] {
-                cudnn::ENABLED.store(conv, Relaxed);
-                cudnn::BATCH_NORM_ENABLED.store(bn, Relaxed);
-                cuda::SGD_ENABLED.store(sgd, Relaxed);
-                let on_gpu = trained(&arch, input, &initial, &gpu, steps);
-                let mut gaps: Vec<(f64, &String)> =
-                    cpu.iter().map(|(name, c)| (relative_gap(&values(c), &values(&on_gpu[name])), name)).collect();
-                gaps.sort_by(|a, b| b.0.total_cmp(&a.0));
-                let worst: Vec<String> = gaps.iter().take(6).map(|(g, n)| format!("{n} {g:.1e}")).collect();
-                eprintln!(
-                    "{} steps {steps} cudnn conv {conv}, batch norm {bn}, sgd kernel {sgd}: {}",
-                    arch.name,
-                    worst.join(", ")
-                );
-            }
-        }
-    }
-    cudnn::ENABLED.store(true, Relaxed);
-    cudnn::BATCH_NORM_ENABLED.store(true, Relaxed);
-    cuda::SGD_ENABLED.store(true, Relaxed);
-}
