@@ -1,5 +1,29 @@
 //! Helpers for the end-to-end tests: the workspace's paths, the stage binaries (built once, dev
 //! profile), and a shared copy of real MNIST fetched once from the offline source.
+//!
+//! # Tests that need the machine
+//!
+//! No test passes by skipping. A test that needs what a developer's machine may lack is marked
+//! `#[ignore = "needs …"]`, naming what it needs, so that `cargo test` reports it as ignored:
+//!
+//! | test target | needs |
+//! | --- | --- |
+//! | `slurm` | a Slurm cluster (`tests/slurm/start-cluster.sh`) |
+//! | `reference` | Python with numpy, safetensors and pyarrow (`tests/python/requirements.txt`) |
+//! | `fetch_data` (`fashion_mnist_from_the_debian_package`) | apt-get |
+//! | `faults` (`read_only_folders_are_named`, `an_unreadable_checkpoint_is_named`) | root |
+//! | `crates/layerlab/tests/gpu.rs` | a GPU: in a build without CUDA they are ignored |
+//!
+//! Such a test runs when asked for (`--ignored` or `--include-ignored`), and then fails, saying
+//! what is missing, where the machine lacks it. `cargo xtask test` asks for them where it knows the
+//! machine has what they need: under CI (`CI` set, `.ci/run` installs and starts everything) it
+//! runs every target above with `--ignored` after the suite, and elsewhere
+//! `LAYERLAB_SLURM_TESTS=1` or `LAYERLAB_PYTHON_TESTS=1` asks for the Slurm or the Python test.
+//! `cargo xtask test --gpu` builds with CUDA, where the GPU tests are not ignored. By hand:
+//! `cargo test -p layerlab-tests --test slurm -- --ignored`.
+//!
+//! (`check_tables` is a part of many tests rather than a test: it needs pandas and DuckDB, does
+//! without them on a developer's machine, and requires them under CI.)
 
 pub mod corpus;
 

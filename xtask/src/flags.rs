@@ -25,7 +25,8 @@ pub enum Command {
     Clean(Clean),
     /// Cancel the Slurm jobs that `run-all --executor slurm` submitted and that have not ended.
     Cancel(Cancel),
-    /// Run the test suite (the README's test command).
+    /// Run the test suite (the README's test command); under CI (`CI` set) also the tests that
+    /// need a Slurm cluster, Python packages, apt-get or root, which are ignored elsewhere.
     Test(Test),
     /// Time layerlab against a PyTorch baseline on the same machine; write data/bench/bench.parquet.
     Bench(Bench),
@@ -156,7 +157,7 @@ pub struct Clean {
 #[derive(Debug, Args)]
 pub struct Test {
     /// Run the GPU tests instead (`cargo test --features cuda --test gpu`; needs the CUDA toolkit,
-    /// see `cargo xtask cuda-env`); they say plainly when they skip for want of a GPU.
+    /// see `cargo xtask cuda-env`, and a GPU: a test that cannot open one fails).
     #[arg(long)]
     pub gpu: bool,
     /// Extra arguments for `cargo test`.
