@@ -36,9 +36,10 @@ pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is inside the workspace").to_path_buf()
 }
 
-/// The cargo target folder.
+/// The cargo target folder (a relative `CARGO_TARGET_DIR` is taken from the workspace root, as
+/// cargo takes it there when run from the root).
 pub fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"))
+    std::env::var_os("CARGO_TARGET_DIR").map(|dir| root().join(dir)).unwrap_or_else(|| root().join("target"))
 }
 
 fn cargo() -> String {
@@ -85,6 +86,30 @@ pub fn mnist_datasets() -> &'static Path {
         assert!(out.status.success(), "fetching MNIST for the tests failed:\n{}", text(&out));
         dir
     })
+}
+
+/// CIFAR-10's six batch files in its binary layout, `n` records each, by file name; labels cycle
+/// through the classes (`corpus::good_cifar_batch`).
+pub fn cifar_batches(n: usize) -> Vec<(String, Vec<u8>)> {
+    let files = layerlab::data::cifar::batch_files();
+    files.enumerate().map(|(i, name)| (name.to_string(), corpus::good_cifar_batch(n, 10 + i as u32))).collect()
+}
+
+/// The CIFAR-10 archive of these batches, laid out as the published `cifar-10-binary.tar.gz`
+/// (its folder, and a meta file that is not a batch).
+pub fn cifar_archive(batches: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let dir = layerlab::data::cifar::ARCHIVE_DIR;
+    let mut entries = vec![(format!("{dir}/batches.meta.txt"), b"airplane\n".to_vec())];
+    entries.extend(batches.iter().map(|(name, bytes)| (format!("{dir}/{name}"), bytes.clone())));
+    corpus::tar_gz(&entries)
+}
+
+/// Writes each (file name, bytes) into `dir`, which is made first.
+pub fn write_files(dir: &Path, files: &[(String, Vec<u8>)]) {
+    std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+    for (name, bytes) in files {
+        std::fs::write(dir.join(name), bytes).unwrap_or_else(|e| panic!("cannot write {name}: {e}"));
+    }
 }
 
 /// stdout and stderr of a finished command, for messages.
