@@ -9,7 +9,7 @@
 //! 1e-1 after two, docs/performance.md); the figures say which kernel a gap comes from.
 
 use anyhow::{ensure, Result};
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use layerlab::config::TrainConfig;
 use layerlab::model::{Architecture, State};
 use layerlab::pipeline::ComputePath;
@@ -37,28 +37,30 @@ pub const SETTINGS: [Kernels; 4] = [
 const SHOWN: usize = 6;
 
 /// Prints one JSON line per step count and kernel setting: the network, the setting, and the
-/// tensors whose weights part most from the CPU's (max |cpu − gpu| / max |cpu|).
-#[cfg(feature = "cuda")]
+/// tensors whose weights part most from the CPU's (max |cpu − gpu| / max |cpu|). A build without
+/// CUDA says so (`device::select`).
 pub fn on_the_gpu(arch: &Architecture, label: &str, steps: &[u64]) -> Result<()> {
-    use layerlab::kernels::{cuda, cudnn};
-    use std::sync::atomic::Ordering::Relaxed;
     let (gpu, description) = layerlab::device::select(layerlab::device::DeviceChoice::Cuda(0))?;
     eprintln!("computing on {description}");
-    let set = |k: Kernels| {
-        cudnn::ENABLED.store(k.cudnn_conv, Relaxed);
-        cudnn::BATCH_NORM_ENABLED.store(k.cudnn_batch_norm, Relaxed);
-        cuda::SGD_ENABLED.store(k.sgd, Relaxed);
-    };
-    for row in measure(arch, label, &gpu, steps, set)? {
+    for row in measure(arch, label, &gpu, steps, switch_kernels)? {
         println!("{row}");
     }
     Ok(())
 }
 
-#[cfg(not(feature = "cuda"))]
-pub fn on_the_gpu(_: &Architecture, _: &str, _: &[u64]) -> Result<()> {
-    anyhow::bail!("this layerlab-bench was built without CUDA (--features cuda)")
+/// Switches layerlab's GPU kernels on or off (process-wide).
+#[cfg(feature = "cuda")]
+fn switch_kernels(k: Kernels) {
+    use layerlab::kernels::{cuda, cudnn};
+    use std::sync::atomic::Ordering::Relaxed;
+    cudnn::ENABLED.store(k.cudnn_conv, Relaxed);
+    cudnn::BATCH_NORM_ENABLED.store(k.cudnn_batch_norm, Relaxed);
+    cuda::SGD_ENABLED.store(k.sgd, Relaxed);
 }
+
+/// A build without CUDA has no GPU kernels to switch (and no GPU: `on_the_gpu` stops first).
+#[cfg(not(feature = "cuda"))]
+fn switch_kernels(_: Kernels) {}
 
 /// The figures of [`on_the_gpu`] for `device` against the CPU; `set` switches the kernels, and
 /// every kernel is on again when it returns (also on an error).
@@ -92,7 +94,8 @@ pub fn measure(
 /// `steps` SGD steps (lr 0.05, momentum 0.9, weight decay 5e-4) from `state` on `device`, each on
 /// 16 random 3×32×32 images of its own; the state after them, on the CPU.
 fn trained(arch: &Architecture, state: &State, device: &Device, steps: u64) -> Result<State> {
-    let on_device = state.iter().map(|(k, v)| Ok((k.clone(), v.to_device(device)?))).collect::<Result<State>>()?;
+    let on_device = state.iter().map(|(k, v)| -> Result<(String, Tensor)> { Ok((k.clone(), v.to_device(device)?)) });
+    let on_device = on_device.collect::<Result<State>>()?;
     let mut engine = Engine::new(arch, &on_device, None, device, ComputePath::Fast)?;
     let cfg = TrainConfig { lr: 0.05, momentum: 0.9, weight_decay: 5e-4, ..TrainConfig::default() };
     let shape = [16, 3, 32, 32];
@@ -103,13 +106,13 @@ fn trained(arch: &Architecture, state: &State, device: &Device, steps: u64) -> R
         let (loss, _) = engine.step(arch, &pixels, shape, labels, cfg.lr, &cfg, device)?;
         ensure!(loss.is_finite(), "{}: loss {loss} at step {step}", arch.name);
     }
-    engine.state(device)?.into_iter().map(|(k, v)| Ok((k, v.to_device(&Device::Cpu)?))).collect()
+    let on_cpu = |(k, v): (String, Tensor)| -> Result<(String, Tensor)> { Ok((k, v.to_device(&Device::Cpu)?)) };
+    engine.state(device)?.into_iter().map(on_cpu).collect()
 }
 
 /// Each tensor's max |a − b| / max |a|, largest first.
 fn gaps(a: &State, b: &State) -> Result<Vec<(String, f64)>> {
-    let values =
-        |t: &candle_core::Tensor| -> Result<Vec<f32>> { Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?) };
+    let values = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?) };
     let mut out = Vec::new();
     for (name, x) in a {
         let y = b.get(name).ok_or_else(|| anyhow::anyhow!("{name} is missing from the device's state"))?;
