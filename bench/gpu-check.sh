@@ -11,9 +11,10 @@
 # no-gpu (a CUDA build with no GPU visible: CPU under `auto`, a clear refusal under `cuda`),
 # autograd (bench's layerlab side with training steps through candle's autograd, not the tape),
 # vgg and resnet (the shipped experiments, three seeds, docs/gpu.toml),
-# gaps (where GPU training steps part from the CPU's, kernel by kernel) and survey (every cuDNN
-# algorithm of every convolution, timed, to $OUT/cudnn-survey.jsonl). Each has a time limit, so that
-# one slow check cannot eat the others' time; everything goes to $OUT/gpu-check.log.
+# gaps (where GPU training steps part from the CPU's, kernel by kernel, to $OUT/gaps.jsonl) and
+# survey (every cuDNN algorithm of every convolution, timed, to $OUT/cudnn-survey.jsonl). Each
+# has a time limit, so that one slow check cannot eat the others' time; everything goes to
+# $OUT/gpu-check.log.
 #
 # Settings: BENCH_WIDTHS (bench: "0.25 1"), FCN_EPOCHS (fcn: 40, the protocol), GPU_CHECK_DEVICE
 # (resume: cuda). For the issue's targets in one call of about 8 minutes:
@@ -103,12 +104,12 @@ for check in "${checks[@]}"; do
   case $check in
   tests)
     step "GPU tests"
-    LAYERLAB_GPU_REQUIRED=1 timeout 180 "$bin/gpu-tests" --nocapture --test-threads 1
+    timeout 180 "$bin/gpu-tests" --nocapture --test-threads 1
     echo "exit $?"
     ;;
   gaps)
     step "GPU against CPU, each GPU kernel on and off"
-    LAYERLAB_GPU_REQUIRED=1 timeout 120 "$bin/gpu-tests" --ignored gaps_by_kernel --nocapture --test-threads 1
+    timeout 120 "$bin/layerlab-bench" gaps | tee "$out/gaps.jsonl"
     ;;
   survey)
     step "cuDNN algorithms"

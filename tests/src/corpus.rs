@@ -92,11 +92,6 @@ pub fn good_cifar_batch(n: usize, seed: u32) -> Vec<u8> {
     out
 }
 
-/// The six good batches (two records each), by file name.
-pub fn good_cifar_batches() -> Vec<(String, Vec<u8>)> {
-    cifar::batch_files().enumerate().map(|(i, n)| (n.to_string(), good_cifar_batch(2, 10 + i as u32))).collect()
-}
-
 /// A `.tar.gz` of `entries` (path, bytes), made deterministically (fixed mode and times).
 pub fn tar_gz(entries: &[(String, Vec<u8>)]) -> Vec<u8> {
     let gz = flate2::GzBuilder::new().mtime(0).write(Vec::new(), flate2::Compression::fast());
@@ -226,7 +221,7 @@ fn cifar_cases() -> Vec<Case> {
         &["record 2 has label 200"],
     ));
     let entries = |skip: &str| -> Vec<(String, Vec<u8>)> {
-        good_cifar_batches()
+        crate::cifar_batches(2)
             .into_iter()
             .filter(|(n, _)| n != skip)
             .map(|(n, b)| (format!("{}/{n}", cifar::ARCHIVE_DIR), b))

@@ -1,5 +1,29 @@
 //! Helpers for the end-to-end tests: the workspace's paths, the stage binaries (built once, dev
 //! profile), and a shared copy of real MNIST fetched once from the offline source.
+//!
+//! # Tests that need the machine
+//!
+//! No test passes by skipping. A test that needs what a developer's machine may lack is marked
+//! `#[ignore = "needs …"]`, naming what it needs, so that `cargo test` reports it as ignored:
+//!
+//! | test target | needs |
+//! | --- | --- |
+//! | `slurm` | a Slurm cluster (`tests/slurm/start-cluster.sh`) |
+//! | `reference` | Python with numpy, safetensors and pyarrow (`tests/python/requirements.txt`) |
+//! | `fetch_data` (`fashion_mnist_from_the_debian_package`) | apt-get |
+//! | `faults` (`read_only_folders_are_named`, `an_unreadable_checkpoint_is_named`) | root |
+//! | `crates/layerlab/tests/gpu.rs` | a GPU: in a build without CUDA they are ignored |
+//!
+//! Such a test runs when asked for (`--ignored` or `--include-ignored`), and then fails, saying
+//! what is missing, where the machine lacks it. `cargo xtask test` asks for them where it knows the
+//! machine has what they need: under CI (`CI` set, `.ci/run` installs and starts everything) it
+//! runs every target above with `--ignored` after the suite, and elsewhere
+//! `LAYERLAB_SLURM_TESTS=1` or `LAYERLAB_PYTHON_TESTS=1` asks for the Slurm or the Python test.
+//! `cargo xtask test --gpu` builds with CUDA, where the GPU tests are not ignored. By hand:
+//! `cargo test -p layerlab-tests --test slurm -- --ignored`.
+//!
+//! (`check_tables` is a part of many tests rather than a test: it needs pandas and DuckDB, does
+//! without them on a developer's machine, and requires them under CI.)
 
 pub mod corpus;
 
@@ -12,9 +36,10 @@ pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is inside the workspace").to_path_buf()
 }
 
-/// The cargo target folder.
+/// The cargo target folder (a relative `CARGO_TARGET_DIR` is taken from the workspace root, as
+/// cargo takes it there when run from the root).
 pub fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"))
+    std::env::var_os("CARGO_TARGET_DIR").map(|dir| root().join(dir)).unwrap_or_else(|| root().join("target"))
 }
 
 fn cargo() -> String {
@@ -61,6 +86,30 @@ pub fn mnist_datasets() -> &'static Path {
         assert!(out.status.success(), "fetching MNIST for the tests failed:\n{}", text(&out));
         dir
     })
+}
+
+/// CIFAR-10's six batch files in its binary layout, `n` records each, by file name; labels cycle
+/// through the classes (`corpus::good_cifar_batch`).
+pub fn cifar_batches(n: usize) -> Vec<(String, Vec<u8>)> {
+    let files = layerlab::data::cifar::batch_files();
+    files.enumerate().map(|(i, name)| (name.to_string(), corpus::good_cifar_batch(n, 10 + i as u32))).collect()
+}
+
+/// The CIFAR-10 archive of these batches, laid out as the published `cifar-10-binary.tar.gz`
+/// (its folder, and a meta file that is not a batch).
+pub fn cifar_archive(batches: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let dir = layerlab::data::cifar::ARCHIVE_DIR;
+    let mut entries = vec![(format!("{dir}/batches.meta.txt"), b"airplane\n".to_vec())];
+    entries.extend(batches.iter().map(|(name, bytes)| (format!("{dir}/{name}"), bytes.clone())));
+    corpus::tar_gz(&entries)
+}
+
+/// Writes each (file name, bytes) into `dir`, which is made first.
+pub fn write_files(dir: &Path, files: &[(String, Vec<u8>)]) {
+    std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+    for (name, bytes) in files {
+        std::fs::write(dir.join(name), bytes).unwrap_or_else(|e| panic!("cannot write {name}: {e}"));
+    }
 }
 
 /// stdout and stderr of a finished command, for messages.

@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::bins;
+
 #[derive(Debug, Parser)]
 #[command(name = "cargo xtask", about = "Run layerlab's pipeline, its tests and benchmarks")]
 pub struct Xtask {
@@ -23,7 +25,8 @@ pub enum Command {
     Clean(Clean),
     /// Cancel the Slurm jobs that `run-all --executor slurm` submitted and that have not ended.
     Cancel(Cancel),
-    /// Run the test suite (the README's test command).
+    /// Run the test suite (the README's test command); under CI (`CI` set) also the tests that
+    /// need a Slurm cluster, Python packages, apt-get or root, which are ignored elsewhere.
     Test(Test),
     /// Time layerlab against a PyTorch baseline on the same machine; write data/bench/bench.parquet.
     Bench(Bench),
@@ -67,8 +70,8 @@ pub struct PipelineArgs {
 }
 
 impl PipelineArgs {
-    pub fn build(&self) -> crate::plan::Build {
-        crate::plan::Build { dev: self.dev_build, cuda: self.cuda, prebuilt: self.bin_dir.clone() }
+    pub fn build(&self) -> bins::Build {
+        bins::Build { dev: self.dev_build, cuda: self.cuda, prebuilt: self.bin_dir.clone() }
     }
 }
 
@@ -154,7 +157,7 @@ pub struct Clean {
 #[derive(Debug, Args)]
 pub struct Test {
     /// Run the GPU tests instead (`cargo test --features cuda --test gpu`; needs the CUDA toolkit,
-    /// see `cargo xtask cuda-env`); they say plainly when they skip for want of a GPU.
+    /// see `cargo xtask cuda-env`, and a GPU: a test that cannot open one fails).
     #[arg(long)]
     pub gpu: bool,
     /// Extra arguments for `cargo test`.

@@ -2,6 +2,7 @@
 //! outputs, runs the tests and the benchmarks. It only orders and invokes the stage binaries.
 
 mod bench;
+mod bins;
 mod cuda_env;
 mod flags;
 mod fuzz;

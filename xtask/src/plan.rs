@@ -6,7 +6,7 @@ use anyhow::{bail, Result};
 use layerlab_pipeline::cache::{self, Freshness, Stage};
 use layerlab_pipeline::config::Sweep;
 use layerlab_pipeline::{Dataset, Experiment, Layout, Pipeline};
-use xshell::{cmd, Shell};
+use xshell::Shell;
 
 use crate::flags::PipelineArgs;
 
@@ -55,6 +55,16 @@ impl Job {
             Subject::Seed(exp, seed) => cache::check(layout, self.stage, exp, *seed),
             Subject::Experiment(exp) => cache::check(layout, self.stage, exp, 0),
             Subject::Sweep(sweep, points) => cache::check_sweep(layout, sweep, &points.iter().collect::<Vec<_>>()),
+        }
+    }
+
+    /// Why the job must run, or `None` when it is fresh (`force` reruns every stage but fetch-data).
+    pub fn reason(&self, layout: &Layout, force: bool) -> Option<String> {
+        match self.freshness(layout) {
+            Freshness::Fresh if force && self.stage != Stage::FetchData => Some("forced".into()),
+            Freshness::Fresh => None,
+            Freshness::Missing => Some("missing".to_string()),
+            Freshness::Stale(reason) => Some(format!("stale: {reason}")),
         }
     }
 
@@ -195,37 +205,4 @@ pub fn jobs(selection: &Selection, only: Option<Stage>, seed: Option<u64>) -> Re
         push(Stage::Aggregate, Subject::Sweep(sweep.clone(), points));
     }
     Ok(jobs)
-}
-
-/// Builds the stage binaries once and returns the folder that holds them.
-/// Which stage binaries to build: dev or release profile, with or without CUDA.
-#[derive(Debug, Clone, Default)]
-pub struct Build {
-    pub dev: bool,
-    pub cuda: bool,
-    /// Binaries built elsewhere (`--bin-dir`): nothing is built.
-    pub prebuilt: Option<PathBuf>,
-}
-
-pub fn build_binaries(sh: &Shell, build: &Build) -> Result<PathBuf> {
-    if let Some(dir) = &build.prebuilt {
-        let dir = sh.current_dir().join(dir);
-        for stage in ["fetch-data", "train", "snapshot", "reset-eval", "aggregate"] {
-            if !dir.join(stage).is_file() {
-                anyhow::bail!("--bin-dir {}: there is no `{stage}` binary in it", dir.display());
-            }
-        }
-        return Ok(dir);
-    }
-    let dev = build.dev;
-    let profile: &[&str] = if dev { &[] } else { &["--release"] };
-    let features: &[&str] = if build.cuda { &["--features", "train/cuda,snapshot/cuda,reset-eval/cuda"] } else { &[] };
-    cmd!(
-        sh,
-        "cargo build --quiet {profile...} {features...} -p fetch-data -p train -p snapshot -p reset-eval -p aggregate"
-    )
-    .run()?;
-    let target =
-        std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| sh.current_dir().join("target"));
-    Ok(target.join(if dev { "debug" } else { "release" }))
 }

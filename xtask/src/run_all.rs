@@ -8,11 +8,12 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use layerlab_pipeline::cache::{Freshness, Stage};
+use layerlab_pipeline::cache::Stage;
 use layerlab_pipeline::lock::RunLock;
 use layerlab_pipeline::{ExecutorKind, Layout};
 use xshell::Shell;
 
+use crate::bins;
 use crate::flags;
 use crate::plan::{self, Job, Subject};
 use crate::slurm;
@@ -78,16 +79,6 @@ impl flags::Run {
     }
 }
 
-/// Why a job must run, or `None` when it is fresh.
-pub fn reason(job: &Job, layout: &Layout, force: bool) -> Option<String> {
-    match job.freshness(layout) {
-        Freshness::Fresh if force && job.stage != Stage::FetchData => Some("forced".into()),
-        Freshness::Fresh => None,
-        Freshness::Missing => Some("missing".to_string()),
-        Freshness::Stale(reason) => Some(format!("stale: {reason}")),
-    }
-}
-
 /// Everything a job needs to run, shared by the workers.
 struct Runner<'a> {
     layout: &'a Layout,
@@ -102,7 +93,7 @@ impl Runner<'_> {
     /// file (parallel jobs would mix their progress bars); its tail is shown if it fails.
     fn run(&self, number: usize, job: &Job, mut cmd: Command, threads: Option<usize>) -> Result<()> {
         let prefix = format!("[{number}/{}] {}", self.total, job.label());
-        let Some(why) = reason(job, self.layout, self.force) else {
+        let Some(why) = job.reason(self.layout, self.force) else {
             println!("{prefix}: cached");
             return Ok(());
         };
@@ -154,14 +145,14 @@ fn execute(
     layout: &Layout,
     config: &Path,
     force: bool,
-    build: plan::Build,
+    build: bins::Build,
     parallel: usize,
     device: Option<&str>,
 ) -> Result<()> {
     let started = Instant::now();
     let _lock = RunLock::acquire(&layout.data_dir)?;
     slurm::refuse_if_active(layout)?;
-    if jobs.iter().all(|j| reason(j, layout, force).is_none()) {
+    if jobs.iter().all(|j| j.reason(layout, force).is_none()) {
         println!(
             "up to date: nothing to do ({} stages checked in {:.2} s)",
             jobs.len(),
@@ -169,7 +160,7 @@ fn execute(
         );
         return Ok(());
     }
-    let bins = plan::build_binaries(sh, &build)?;
+    let bins = bins::build(sh, &build)?;
     let runner = Runner { layout, force, total: jobs.len(), ran: AtomicUsize::new(0) };
     // Command lines are made here, as the shell cannot be shared with the workers.
     let mut fetches = Vec::new();
@@ -246,7 +237,7 @@ fn dry_run_report(selection: &plan::Selection, jobs: &[Job], layout: &Layout, fo
     }
     let mut would_run: Vec<&Job> = Vec::new();
     for (i, job) in jobs.iter().enumerate() {
-        let mut why = reason(job, layout, force);
+        let mut why = job.reason(layout, force);
         if why.is_none() {
             if let Some(up) = would_run.iter().find(|u| job.depends_on(u)) {
                 why = Some(format!("input {} would rerun", up.label()));

@@ -23,8 +23,9 @@ use layerlab_pipeline::{fsutil, ExecutorConfig, Layout};
 use serde::{Deserialize, Serialize};
 use xshell::Shell;
 
+use crate::bins;
+use crate::flags;
 use crate::plan::{self, Job, Subject};
-use crate::run_all::reason;
 
 /// One submitted job.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -246,7 +247,7 @@ pub fn submit(
     config: &Path,
     settings: &ExecutorConfig,
     force: bool,
-    build: crate::plan::Build,
+    build: bins::Build,
     device: Option<&str>,
 ) -> Result<bool> {
     let _lock = RunLock::acquire(&layout.data_dir)?;
@@ -258,7 +259,7 @@ pub fn submit(
     probe.extend(["--test-only".to_string(), "--job-name=layerlab-check".into(), "--wrap=true".into()]);
     slurm_command("sbatch", &probe).context("the pipeline's [executor] settings; nothing was submitted")?;
 
-    let bins = plan::build_binaries(sh, &build)?;
+    let bins = bins::build(sh, &build)?;
     let bins = if bins.is_absolute() { bins } else { root.join(bins) };
     let mut records = Records::load(layout)?;
     let earlier: Vec<u64> = jobs.iter().filter_map(|j| records.current(j)).map(|r| r.job_id).collect();
@@ -276,7 +277,7 @@ pub fn submit(
         let prefix = format!("[{}/{total}] {label}", i + 1);
         let argv = job.argv(&bins, config, layout, device);
         if let Subject::Dataset(_) = job.subject {
-            match reason(job, layout, false) {
+            match job.reason(layout, false) {
                 None => println!("{prefix}: cached"),
                 Some(why) => {
                     println!("{prefix}: running here ({why})");
@@ -288,7 +289,7 @@ pub fn submit(
         }
         let after: Vec<u64> =
             jobs.iter().filter(|up| job.depends_on(up)).filter_map(|up| pending.get(&up.label()).copied()).collect();
-        let why = reason(job, layout, force);
+        let why = job.reason(layout, force);
         if why.is_none() && after.is_empty() {
             println!("{prefix}: cached");
             cached += 1;
@@ -408,9 +409,9 @@ pub fn log_tail(log: &Path, lines: usize) -> String {
     format!("\n    the end of {}:\n{}", log.display(), tail.join("\n"))
 }
 
-impl crate::flags::Cancel {
+impl flags::Cancel {
     pub fn run(&self, sh: &Shell) -> Result<()> {
-        let args = crate::flags::PipelineArgs {
+        let args = flags::PipelineArgs {
             config: self.config.clone(),
             experiments: self.experiments.clone(),
             dev_build: false,

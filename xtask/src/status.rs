@@ -93,25 +93,87 @@ impl flags::Clean {
     }
 }
 
+/// The test targets of `tests/` whose `#[ignore = "needs …"]` tests need what a developer's machine
+/// may lack (a Slurm cluster, Python packages, apt-get, root), and the variable that asks for a
+/// target's outside CI. Under CI (`CI` set) `cargo xtask test` runs them all, with `--ignored`, and
+/// there a test that finds what it needs missing fails.
+const NEEDS_THE_MACHINE: [(&str, Option<&str>); 4] = [
+    ("slurm", Some("LAYERLAB_SLURM_TESTS")),
+    ("reference", Some("LAYERLAB_PYTHON_TESTS")),
+    ("fetch_data", None),
+    ("faults", None),
+];
+
+/// The targets of [`NEEDS_THE_MACHINE`] whose ignored tests this run is asked to run.
+fn machine_tests(ci: bool, asked: impl Fn(&str) -> bool) -> Vec<&'static str> {
+    NEEDS_THE_MACHINE.iter().filter(|(_, var)| ci || var.is_some_and(&asked)).map(|(target, _)| *target).collect()
+}
+
+/// `args` for `cargo test`, split at `--` into cargo's own and the test binaries'.
+fn split_at_dashes(args: &[String]) -> (&[String], &[String]) {
+    match args.iter().position(|a| a == "--") {
+        Some(i) => (&args[..i], &args[i + 1..]),
+        None => (args, &[]),
+    }
+}
+
 impl flags::Test {
     pub fn run(&self, sh: &Shell) -> Result<()> {
         let args = &self.args;
         if self.gpu {
-            // One test binary, built with CUDA; each test prints why it skips when no GPU is visible.
-            // Where nvidia-smi lists a GPU, a test that cannot open it fails instead of skipping.
+            // One test binary, built with CUDA, where no test is ignored: a test that cannot open
+            // the GPU fails, saying why.
             let gpu_listed = cmd!(sh, "nvidia-smi -L").quiet().ignore_stderr().read().is_ok_and(|l| l.contains("GPU"));
-            let mut test = cmd!(
+            if !gpu_listed {
+                println!("nvidia-smi lists no GPU: every GPU test but the three that need none will fail");
+            }
+            cmd!(
                 sh,
                 "cargo test --release -p layerlab --features cuda --test gpu {args...} -- --nocapture --test-threads 1"
-            );
-            if gpu_listed {
-                println!("nvidia-smi lists a GPU: a GPU test that cannot open it fails (LAYERLAB_GPU_REQUIRED)");
-                test = test.env("LAYERLAB_GPU_REQUIRED", "1");
-            }
-            test.run()?;
+            )
+            .run()?;
             return Ok(());
         }
         cmd!(sh, "cargo test --workspace {args...}").run()?;
+        let ci = std::env::var_os("CI").is_some();
+        let targets = machine_tests(ci, |var| std::env::var(var).is_ok_and(|v| v == "1"));
+        if !targets.is_empty() {
+            // The same build (the whole workspace's features), only these targets' ignored tests.
+            let why = if ci { "CI is set" } else { "asked for by LAYERLAB_*_TESTS=1" };
+            println!("the tests that need the machine's services, ignored above, in {} ({why}):", targets.join(", "));
+            let selected: Vec<&str> = targets.iter().flat_map(|t| ["--test", t]).collect();
+            let (cargo_args, test_args) = split_at_dashes(args);
+            cmd!(sh, "cargo test --workspace {selected...} {cargo_args...} -- --ignored {test_args...}").run()?;
+        }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ci_runs_every_test_that_needs_the_machine_and_a_variable_asks_for_one() {
+        assert_eq!(machine_tests(true, |_| false), ["slurm", "reference", "fetch_data", "faults"]);
+        assert_eq!(machine_tests(false, |_| false), Vec::<&str>::new());
+        assert_eq!(machine_tests(false, |var| var == "LAYERLAB_PYTHON_TESTS"), ["reference"]);
+    }
+
+    #[test]
+    fn extra_arguments_are_split_between_cargo_and_the_tests() {
+        let args: Vec<String> = ["-q", "--", "--nocapture"].map(String::from).into();
+        assert_eq!(split_at_dashes(&args), (&args[..1], &args[2..]));
+        assert_eq!(split_at_dashes(&args[..1]), (&args[..1], &[][..]));
+    }
+
+    /// Each target named here exists, and holds the tests that it is named for.
+    #[test]
+    fn the_named_targets_have_ignored_tests_that_need_the_machine() {
+        for (target, _) in NEEDS_THE_MACHINE {
+            let path = crate::project_root().join("tests/tests").join(format!("{target}.rs"));
+            let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            assert!(text.contains("#[ignore = \"needs "), "{}: no `#[ignore = \"needs …\"]` test", path.display());
+        }
     }
 }

@@ -6,6 +6,8 @@
 //! `bench/pytorch_bench.py` prints PyTorch's:
 //! `{"workload", "figure", "value", "unit", "flops", "peak_rss_mb"}`.
 
+mod gaps;
+
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -86,6 +88,18 @@ enum Command {
         #[arg(long, default_value_t = 128)]
         batch: usize,
     },
+    /// Where the GPU's training steps part from the CPU's, tensor by tensor, with each of
+    /// layerlab's GPU kernels on and off (a `--features cuda` build on a GPU): one JSON line per
+    /// step count and setting.
+    Gaps {
+        #[arg(long, default_value = "vgg11")]
+        arch: String,
+        #[arg(long, default_value_t = 0.125)]
+        width_mult: f64,
+        /// Training steps from the same initial weights, a list (`--steps 1,2`).
+        #[arg(long, value_delimiter = ',', default_values_t = [1, 2])]
+        steps: Vec<u64>,
+    },
     /// The median per-epoch training rate of a finished run, from its history.parquet.
     History {
         path: PathBuf,
@@ -147,6 +161,10 @@ fn run(flags: Flags) -> Result<()> {
             profile(&arch, width_mult, batch, repeats, &device)
         }
         Command::Cudnn { arch, width_mult, batch } => cudnn_survey(&arch, width_mult, batch),
+        Command::Gaps { arch, width_mult, steps } => {
+            let (arch, label) = bench_arch(&arch, width_mult)?;
+            gaps::on_the_gpu(&arch, &label, &steps)
+        }
         Command::History { path, examples, workload } => history(&path, examples, &workload),
         Command::Peak { threads } => {
             let (gflops, isa) = peak::measure(threads);

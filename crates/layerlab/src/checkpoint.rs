@@ -161,21 +161,12 @@ pub fn load_run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use layerlab_pipeline::ModelConfig;
+    use crate::test_support::{fcn, state_bits};
 
     #[test]
     fn round_trip_is_bit_exact_and_checks_architecture() {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = ModelConfig {
-            arch: layerlab_pipeline::Arch::Fcn,
-            depth: 1,
-            width: 8,
-            width_mult: 1.0,
-            batch_norm: false,
-            pad_to: 0,
-            init: layerlab_pipeline::WeightInit::Pytorch,
-        };
-        let arch = Architecture::build(&cfg, [1, 4, 4], 3).unwrap();
+        let arch = fcn(1, 8, [1, 4, 4], 3);
         let state = arch.initial_state(7, &Device::Cpu).unwrap();
         let meta = CheckpointMeta {
             experiment: "x".into(),
@@ -189,13 +180,9 @@ mod tests {
         save(&path, &state, &meta).unwrap();
         let (back, meta_back) = load(&path, &arch, &Device::Cpu).unwrap();
         assert_eq!(meta_back, meta);
-        for (name, t) in &state {
-            let a: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
-            let b: Vec<f32> = back[name].flatten_all().unwrap().to_vec1().unwrap();
-            assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "{name}");
-        }
+        assert_eq!(state_bits(&back), state_bits(&state));
         // Another architecture is refused, naming the file.
-        let other = Architecture::build(&ModelConfig { width: 9, ..cfg }, [1, 4, 4], 3).unwrap();
+        let other = fcn(1, 9, [1, 4, 4], 3);
         let err = format!("{:#}", load(&path, &other, &Device::Cpu).unwrap_err());
         assert!(err.contains("epoch-0003.safetensors"), "{err}");
     }

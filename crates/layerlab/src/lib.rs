@@ -28,5 +28,8 @@ pub mod stages;
 pub mod table;
 pub mod train;
 
+#[cfg(test)]
+pub(crate) mod test_support;
+
 pub use layerlab_pipeline as pipeline;
 pub use layerlab_pipeline::{cache, config, fsutil, paths};

@@ -72,17 +72,10 @@ mod tests {
     use super::*;
     use crate::batches::augment;
     use crate::kernels::pixels::gather_values;
-    use rand_core::RngCore;
+    use crate::test_support::{bits, random_split};
 
     fn split(n: usize) -> Split {
-        let mut rng = crate::random::rng(4);
-        Split {
-            images: (0..n * 3 * 6 * 5).map(|_| rng.next_u32() as u8).collect(),
-            labels: (0..n).map(|i| (i % 10) as u8).collect(),
-            channels: 3,
-            height: 6,
-            width: 5,
-        }
+        random_split(n, [3, 6, 5], 4)
     }
 
     #[test]
@@ -106,7 +99,7 @@ mod tests {
         let shifts = Tensor::new(shifts.as_slice(), &Device::Cpu).unwrap();
         let (x, y) = data.batch(&positions, &shifts).unwrap();
         assert_eq!(x.dims(), [4, 3, 6, 5]);
-        let got: Vec<u32> = x.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect();
+        let got = bits(&x);
         assert_eq!(got, host);
         let labels: Vec<u32> = picked.iter().map(|&p| s.labels[held[p]] as u32).collect();
         assert_eq!(y.to_vec1::<u32>().unwrap(), labels);

@@ -1,6 +1,6 @@
-//! GPU tests: `cargo xtask test --gpu` (a `--features cuda` build). Each test says plainly on
-//! stderr when it skips: in a build without CUDA, or where no GPU is visible. Without a GPU they
-//! pass by skipping, so that the ordinary test run (and CI, which has no GPU) can build them.
+//! GPU tests: `cargo xtask test --gpu` (a `--features cuda` build). In a build without CUDA (the
+//! ordinary `cargo xtask test`) the tests that need a GPU are ignored; in a build with it they
+//! run, and one that cannot open a GPU fails, saying why. None passes by skipping.
 //!
 //! What they hold the GPU path to: the same training step as the CPU's (same initial bytes, same
 //! batch, weights within 1e-4 relative), the same bytes from two GPU runs, evaluation within
@@ -34,29 +34,21 @@ impl std::ops::Deref for Gpu {
     }
 }
 
-/// The GPU, or `None` with the reason printed.
-fn gpu(test: &str) -> Option<Gpu> {
+/// The GPU; a test that cannot have it fails, saying why (it was asked to run: in a build without
+/// CUDA the GPU tests are ignored unless `--ignored` is given).
+fn gpu(test: &str) -> Gpu {
     static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
     if !HAS_CUDA {
-        eprintln!("SKIPPED {test}: this build has no CUDA (run `cargo xtask test --gpu`)");
-        return None;
+        panic!("{test} needs a GPU and this build has no CUDA: run `cargo xtask test --gpu`");
     }
     // A test that failed while holding the GPU poisons the lock; the others still run.
     let turn = TURN.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     match select(DeviceChoice::Cuda(0)) {
         Ok((device, description)) => {
             eprintln!("{test}: on {description}");
-            Some(Gpu { device, _turn: turn })
+            Gpu { device, _turn: turn }
         }
-        // Where a GPU is known to be there (`cargo xtask test --gpu` found one with nvidia-smi,
-        // bench/gpu-check.sh), failing to open it is a failure, not a skip.
-        Err(why) if std::env::var_os("LAYERLAB_GPU_REQUIRED").is_some() => {
-            panic!("{test}: LAYERLAB_GPU_REQUIRED is set but the GPU does not open: {why:#}")
-        }
-        Err(why) => {
-            eprintln!("SKIPPED {test}: no GPU visible ({why:#})");
-            None
-        }
+        Err(why) => panic!("{test} needs a GPU and none opens: {why:#}"),
     }
 }
 
@@ -121,8 +113,9 @@ fn relative_gap(a: &[f32], b: &[f32]) -> f64 {
 }
 
 #[test]
+#[cfg_attr(not(feature = "cuda"), ignore = "needs a GPU: a build with CUDA (cargo xtask test --gpu)")]
 fn training_steps_match_the_cpu() {
-    let Some(gpu) = gpu("training_steps_match_the_cpu") else { return };
+    let gpu = gpu("training_steps_match_the_cpu");
     for (arch, input) in networks() {
         let initial = arch.initial_state(7, &Device::Cpu).unwrap();
         let cpu = trained(&arch, input, &initial, &Device::Cpu, 2);
@@ -157,9 +150,10 @@ fn training_steps_match_the_cpu() {
 /// graph); with it switched off they come from candle's autograd, through the same kernels. Both
 /// give the same weights, value for value (a zero's sign aside), after two steps.
 #[test]
+#[cfg_attr(not(feature = "cuda"), ignore = "needs a GPU: a build with CUDA (cargo xtask test --gpu)")]
 fn the_taped_backward_pass_gives_candles_autograd_values() {
     use std::sync::atomic::Ordering::Relaxed;
-    let Some(gpu) = gpu("the_taped_backward_pass_gives_candles_autograd_values") else { return };
+    let gpu = gpu("the_taped_backward_pass_gives_candles_autograd_values");
     for (arch, input) in networks() {
         let initial = arch.initial_state(7, &Device::Cpu).unwrap();
         let taped = trained(&arch, input, &initial, &gpu, 2);
@@ -180,8 +174,9 @@ fn the_taped_backward_pass_gives_candles_autograd_values() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "cuda"), ignore = "needs a GPU: a build with CUDA (cargo xtask test --gpu)")]
 fn two_gpu_runs_give_the_same_bytes() {
-    let Some(gpu) = gpu("two_gpu_runs_give_the_same_bytes") else { return };
+    let gpu = gpu("two_gpu_runs_give_the_same_bytes");
     for (arch, input) in networks() {
         let initial = arch.initial_state(3, &Device::Cpu).unwrap();
         let first = trained(&arch, input, &initial, &gpu, 3);
@@ -194,8 +189,9 @@ fn two_gpu_runs_give_the_same_bytes() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "cuda"), ignore = "needs a GPU: a build with CUDA (cargo xtask test --gpu)")]
 fn evaluation_matches_the_cpu() {
-    let Some(gpu) = gpu("evaluation_matches_the_cpu") else { return };
+    let gpu = gpu("evaluation_matches_the_cpu");
     for (arch, shape) in networks() {
         // Trained a little, so that BatchNorm's running statistics are not at their start.
         let state = trained(&arch, shape, &arch.initial_state(5, &Device::Cpu).unwrap(), &Device::Cpu, 2);
@@ -216,8 +212,9 @@ fn bits(t: &Tensor) -> Vec<u32> {
 }
 
 #[test]
+#[cfg_attr(not(feature = "cuda"), ignore = "needs a GPU: a build with CUDA (cargo xtask test --gpu)")]
 fn batches_gathered_on_the_gpu_are_the_cpus_bit_for_bit() {
-    let Some(gpu) = gpu("batches_gathered_on_the_gpu_are_the_cpus_bit_for_bit") else { return };
+    let gpu = gpu("batches_gathered_on_the_gpu_are_the_cpus_bit_for_bit");
     let mut rng = layerlab::random::rng(21);
     let split = layerlab::data::Split {
         images: (0..50 * 3 * 32 * 32).map(|_| rng.next_u32() as u8).collect(),
@@ -242,8 +239,9 @@ fn batches_gathered_on_the_gpu_are_the_cpus_bit_for_bit() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "cuda"), ignore = "needs a GPU: a build with CUDA (cargo xtask test --gpu)")]
 fn relu_and_evaluation_batch_norm_kernels_give_the_cpus_bits() {
-    let Some(gpu) = gpu("relu_and_evaluation_batch_norm_kernels_give_the_cpus_bits") else { return };
+    let gpu = gpu("relu_and_evaluation_batch_norm_kernels_give_the_cpus_bits");
     let mut rng = layerlab::random::rng(22);
     let mut v: Vec<f32> = (0..4 * 6 * 5 * 5).map(|_| (rng.next_u32() as f32 / u32::MAX as f32) * 4.0 - 2.0).collect();
     v[0] = -0.0;
@@ -275,7 +273,7 @@ fn relu_and_evaluation_batch_norm_kernels_give_the_cpus_bits() {
 #[cfg(feature = "cuda")]
 #[test]
 fn batch_norm_over_one_value_per_channel_has_a_variance_of_zero() {
-    let Some(gpu) = gpu("batch_norm_over_one_value_per_channel_has_a_variance_of_zero") else { return };
+    let gpu = gpu("batch_norm_over_one_value_per_channel_has_a_variance_of_zero");
     let channels = |v: [f32; 3]| Tensor::new(&v, &gpu).unwrap();
     let x = channels([0.5, -1.25, 2.0]).reshape((1, 3, 1, 1)).unwrap();
     let (weight, bias) = (channels([1.5, 0.5, 2.0]), channels([0.25, -0.75, 1.0]));
@@ -287,8 +285,9 @@ fn batch_norm_over_one_value_per_channel_has_a_variance_of_zero() {
 /// The one-launch SGD update of 40 tensors (two launches of the kernel's 32), Nesterov and weight
 /// decay on, against candle's ops on the CPU: the same bits.
 #[test]
+#[cfg_attr(not(feature = "cuda"), ignore = "needs a GPU: a build with CUDA (cargo xtask test --gpu)")]
 fn the_sgd_kernel_updates_every_tensor_as_the_cpu_does() {
-    let Some(gpu) = gpu("the_sgd_kernel_updates_every_tensor_as_the_cpu_does") else { return };
+    let gpu = gpu("the_sgd_kernel_updates_every_tensor_as_the_cpu_does");
     let mut rng = layerlab::random::rng(23);
     let mut random = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.next_u32() as f32 / u32::MAX as f32 - 0.5).collect() };
     let sizes: Vec<usize> = (0..40).map(|k| 1 + k * 37 % 3001).collect();
@@ -403,11 +402,12 @@ impl Drop for Ballast<'_> {
 /// then free, whatever the card's size, and the step's first activation (VGG-11-BN at width 1,
 /// 16,384 images of 32×32) is 4 GiB. The epoch-0 evaluation before it needs about 100 MB.
 #[test]
+#[cfg_attr(not(feature = "cuda"), ignore = "needs a GPU: a build with CUDA (cargo xtask test --gpu)")]
 fn a_batch_too_large_for_the_gpus_memory_names_the_setting() {
     use layerlab::data::Split;
     use layerlab::train::{run, TrainJob};
     let test = "a_batch_too_large_for_the_gpus_memory_names_the_setting";
-    let Some(gpu) = gpu(test) else { return };
+    let gpu = gpu(test);
     let model = ModelConfig { arch: Arch::Vgg11, width_mult: 1.0, batch_norm: true, ..ModelConfig::default() };
     let arch = Architecture::build(&model, [3, 32, 32], 10).unwrap();
     let split = |n: usize, seed: u64| {
@@ -468,45 +468,10 @@ fn a_batch_too_large_for_the_gpus_memory_names_the_setting() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "cuda"), ignore = "needs a GPU: a build with CUDA (cargo xtask test --gpu)")]
 fn auto_picks_the_gpu() {
-    let Some(_gpu) = gpu("auto_picks_the_gpu") else { return };
+    let _gpu = gpu("auto_picks_the_gpu");
     let (device, description) = select(DeviceChoice::Auto).unwrap();
     assert!(device.is_cuda(), "auto chose {description} with a GPU visible");
     assert!(description.starts_with("cuda:0"), "{description}");
-}
-
-/// Where the GPU's training steps part from the CPU's, tensor by tensor, with each of layerlab's
-/// GPU kernels on and off (`cargo xtask test --gpu -- --ignored`). With cuDNN's convolution or
-/// BatchNorm off, the steps are candle's autograd (`backward::used_on`).
-#[cfg(feature = "cuda")]
-#[test]
-#[ignore]
-fn gaps_by_kernel() {
-    use layerlab::kernels::{cuda, cudnn};
-    use std::sync::atomic::Ordering::Relaxed;
-    let Some(gpu) = gpu("gaps_by_kernel") else { return };
-    for (arch, input) in networks().into_iter().skip(1).take(1) {
-        let initial = arch.initial_state(7, &Device::Cpu).unwrap();
-        for steps in [1, 2] {
-            let cpu = trained(&arch, input, &initial, &Device::Cpu, steps);
-            for (conv, bn, sgd) in [(true, true, true), (false, true, true), (true, false, true), (true, true, false)] {
-                cudnn::ENABLED.store(conv, Relaxed);
-                cudnn::BATCH_NORM_ENABLED.store(bn, Relaxed);
-                cuda::SGD_ENABLED.store(sgd, Relaxed);
-                let on_gpu = trained(&arch, input, &initial, &gpu, steps);
-                let mut gaps: Vec<(f64, &String)> =
-                    cpu.iter().map(|(name, c)| (relative_gap(&values(c), &values(&on_gpu[name])), name)).collect();
-                gaps.sort_by(|a, b| b.0.total_cmp(&a.0));
-                let worst: Vec<String> = gaps.iter().take(6).map(|(g, n)| format!("{n} {g:.1e}")).collect();
-                eprintln!(
-                    "{} steps {steps} cudnn conv {conv}, batch norm {bn}, sgd kernel {sgd}: {}",
-                    arch.name,
-                    worst.join(", ")
-                );
-            }
-        }
-    }
-    cudnn::ENABLED.store(true, Relaxed);
-    cudnn::BATCH_NORM_ENABLED.store(true, Relaxed);
-    cuda::SGD_ENABLED.store(true, Relaxed);
 }

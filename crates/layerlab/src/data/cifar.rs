@@ -174,28 +174,7 @@ pub fn encode_record(label: u8, pixels: &[u8; IMAGE_BYTES]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A batch of `n` records whose labels cycle through the classes and whose pixels encode the
-    /// record, the plane and the position.
-    fn batch(n: usize, seed: u8) -> Vec<u8> {
-        let mut out = Vec::new();
-        for r in 0..n {
-            let mut pixels = [0u8; IMAGE_BYTES];
-            for (i, p) in pixels.iter_mut().enumerate() {
-                *p = (r as u8)
-                    .wrapping_mul(31)
-                    .wrapping_add(seed)
-                    .wrapping_add((i / 1024) as u8 * 85)
-                    .wrapping_add(i as u8);
-            }
-            out.extend(encode_record(((r + seed as usize) % CLASSES) as u8, &pixels));
-        }
-        out
-    }
-
-    fn all_batches(n: usize) -> Vec<(String, Vec<u8>)> {
-        batch_files().enumerate().map(|(i, name)| (name.to_string(), batch(n, i as u8))).collect()
-    }
+    use crate::test_support::{cifar_batch as batch, cifar_batches as all_batches};
 
     fn archive(files: &[(String, Vec<u8>)], prefix: &str) -> Vec<u8> {
         let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());

@@ -239,6 +239,7 @@ pub fn check_present(dataset: Dataset, dir: &Path) -> Result<Manifest> {
 mod tests {
     use super::*;
     use crate::data::{cifar, idx};
+    use crate::test_support::write_cifar_batches;
     use layerlab_pipeline::settings::IDX_FILES;
     use sha2::{Digest, Sha256};
     use sources::join_url;
@@ -249,19 +250,6 @@ mod tests {
             urls: Vec::new(),
             registry: false,
             ..FetchOptions::new(dataset, dir)
-        }
-    }
-
-    /// Writes the six CIFAR-10 batches of `n` records each into `dir`.
-    fn cifar_batches(dir: &Path, n: usize) {
-        fs::create_dir_all(dir).unwrap();
-        for (i, name) in cifar::batch_files().enumerate() {
-            let mut bytes = Vec::new();
-            for r in 0..n {
-                let pixels = [(r * 7 + i) as u8; cifar::IMAGE_BYTES];
-                bytes.extend(cifar::encode_record(((r + i) % 10) as u8, &pixels));
-            }
-            fs::write(dir.join(name), bytes).unwrap();
         }
     }
 
@@ -290,7 +278,7 @@ mod tests {
     fn cifar_from_a_folder_is_stored_with_a_manifest_and_stamp() {
         let tmp = tempfile::tempdir().unwrap();
         let raw = tmp.path().join("raw");
-        cifar_batches(&raw.join(cifar::ARCHIVE_DIR), 3);
+        write_cifar_batches(&raw.join(cifar::ARCHIVE_DIR), 3);
         let dir = tmp.path().join("datasets").join("cifar10");
         let report = fetch(&offline(Dataset::Cifar10, &dir, Some(&raw))).unwrap();
         assert!(!report.already_present);
