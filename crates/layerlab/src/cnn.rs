@@ -23,11 +23,12 @@ use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
+use crate::batchnorm::{self, EPS as BN_EPS};
 use crate::kernels::conv2d::{self, Geom};
 use crate::kernels::gemm::matmul;
 use crate::kernels::{layers, norm};
 use crate::mlp::cross_entropy;
-use crate::model::{Architecture, Layer, State, TensorSpec, BN_EPS, BN_MOMENTUM};
+use crate::model::{Architecture, Layer, State, TensorSpec};
 use crate::optim::{state_key, update_in_pieces, Optimizer, OptimizerState, StepAt};
 
 /// Values of an elementwise pass handed to one task.
@@ -81,9 +82,6 @@ type BatchStats = (String, Vec<f32>, Vec<f32>, usize);
 
 /// The factor from the biased to the unbiased variance of `count` values (PyTorch's running
 /// variance takes the unbiased one).
-fn unbiased_factor(count: usize) -> f32 {
-    (count as f64 / (count as f64 - 1.0).max(1.0)) as f32
-}
 
 /// The tensors a forward pass reads, by state_dict name.
 trait Weights {
@@ -289,15 +287,11 @@ impl CnnTrainer {
     /// PyTorch's running statistics: an exponential average of the batch mean and the unbiased
     /// batch variance.
     fn update_running_stats(&mut self, name: &str, mean: &[f32], var: &[f32], count: usize) -> Result<()> {
-        let unbiased = unbiased_factor(count);
-        let keep = (1.0 - BN_MOMENTUM) as f32;
-        let take = BN_MOMENTUM as f32;
+        let unbiased = batchnorm::unbiased_factor(count) as f32;
         for (suffix, batch, factor) in [("running_mean", mean, 1.0f32), ("running_var", var, unbiased)] {
             let key = format!("{name}.{suffix}");
             let (running, _) = self.buffers.get_mut(&key).with_context(|| format!("tensor '{key}' is missing"))?;
-            for (r, b) in running.iter_mut().zip(batch) {
-                *r = *r * keep + (b * factor) * take;
-            }
+            batchnorm::update_running_values(running, batch, factor);
         }
         Ok(())
     }
@@ -501,32 +495,21 @@ impl<'a> CnnForward<'a> {
     /// (PyTorch's `momentum=None`), computed as `reset.rs`'s candle path does; returns the new
     /// statistics by state_dict name.
     pub fn recalibrate(&mut self, batches: &[Activations], from: usize) -> Result<Vec<(String, Vec<f32>)>> {
-        let mut sums: BTreeMap<String, Vec<f32>> = BTreeMap::new();
+        let mut sums = batchnorm::CalibrationSums::default();
         for x in batches {
             let mut stats = Vec::new();
             let input = Act { values: x.values.clone(), dims: x.dims, needs_grad: false };
             forward(self.arch, &self.arch.layers[from..], &self.weights, input, None, Some(&mut stats), None)?;
             for (name, mean, var, count) in stats {
-                let unbiased = unbiased_factor(count);
+                let unbiased = batchnorm::unbiased_factor(count) as f32;
                 let var = var.iter().map(|v| v * unbiased).collect();
-                for (suffix, batch) in [("running_mean", mean), ("running_var", var)] {
-                    match sums.entry(format!("{name}.{suffix}")) {
-                        std::collections::btree_map::Entry::Vacant(e) => {
-                            e.insert(batch);
-                        }
-                        std::collections::btree_map::Entry::Occupied(mut e) => {
-                            e.get_mut().iter_mut().zip(&batch).for_each(|(s, b)| *s += b);
-                        }
-                    }
-                }
+                sums.add(format!("{name}.running_mean"), mean);
+                sums.add(format!("{name}.running_var"), var);
             }
         }
-        let scale = (1.0 / batches.len().max(1) as f64) as f32;
-        let mut updated = Vec::new();
-        for (name, mut sum) in sums {
-            sum.iter_mut().for_each(|v| *v *= scale);
-            self.weights.insert(name.clone(), sum.clone());
-            updated.push((name, sum));
+        let updated = sums.means(batches.len());
+        for (name, mean) in &updated {
+            self.weights.insert(name.clone(), mean.clone());
         }
         Ok(updated)
     }

@@ -7,6 +7,7 @@
 pub mod aggregate;
 pub mod backward;
 pub mod batches;
+pub mod batchnorm;
 pub mod checkpoint;
 pub mod cnn;
 pub mod data;

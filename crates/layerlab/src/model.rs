@@ -11,6 +11,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 
 use crate::backward::{self, Extra, Saved};
+use crate::batchnorm;
 use crate::kernels::{layers, norm, KeptOp3};
 pub use crate::network::{Architecture, Layer, State, TensorSpec, Unit};
 
@@ -102,8 +103,7 @@ pub enum BnMode<'a> {
     Calibrate(&'a mut Vec<(String, Tensor)>),
 }
 
-pub(crate) const BN_MOMENTUM: f64 = 0.1;
-pub(crate) const BN_EPS: f64 = 1e-5;
+use crate::batchnorm::EPS as BN_EPS;
 
 fn get<'s>(state: &'s State, name: &str) -> Result<&'s Tensor> {
     state.get(name).with_context(|| format!("tensor '{name}' is missing from the weights"))
@@ -224,7 +224,7 @@ fn batch_norm(
         }
         BnMode::Train(_) | BnMode::Calibrate(_) => {
             let (n, _, h, w) = x.dims4()?;
-            let count = (n * h * w) as f64;
+            let count = n * h * w;
             // The fused op computes the statistics once, for its output, its gradient and the
             // running statistics alike.
             let mut fused_out = None;
@@ -238,13 +238,13 @@ fn batch_norm(
                 (mean, centered.sqr()?.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?)
             };
             // PyTorch updates the running variance with the unbiased batch variance.
-            let unbiased = (var.detach().flatten_all()? * (count / (count - 1.0).max(1.0)))?;
+            let unbiased = (var.detach().flatten_all()? * batchnorm::unbiased_factor(count))?;
             let batch_mean = mean.detach().flatten_all()?;
             let (mean_name, var_name) = (format!("{name}.running_mean"), format!("{name}.running_var"));
             match bn {
                 BnMode::Train(updates) => {
-                    let new_mean = ((running_mean * (1.0 - BN_MOMENTUM))? + (batch_mean * BN_MOMENTUM)?)?;
-                    let new_var = ((running_var * (1.0 - BN_MOMENTUM))? + (unbiased * BN_MOMENTUM)?)?;
+                    let new_mean = batchnorm::updated_running_tensor(running_mean, &batch_mean)?;
+                    let new_var = batchnorm::updated_running_tensor(running_var, &unbiased)?;
                     updates.push((mean_name, new_mean));
                     updates.push((var_name, new_var));
                 }
@@ -310,7 +310,9 @@ fn gpu_batch_norm_train(
     let c = weight.elem_count();
     let (mean_name, var_name) = (format!("{name}.running_mean"), format!("{name}.running_var"));
     let pushed = match bn {
-        BnMode::Train(updates) => (updates, cuda::running_stats(running_mean, running_var, &batch, BN_MOMENTUM)?),
+        BnMode::Train(updates) => {
+            (updates, cuda::running_stats(running_mean, running_var, &batch, batchnorm::MOMENTUM)?)
+        }
         BnMode::Calibrate(stats) => (stats, batch),
         BnMode::Eval => unreachable!("evaluation-mode BatchNorm does not come here"),
     };

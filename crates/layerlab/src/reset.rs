@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use anyhow::{bail, Context, Result};
 use candle_core::{Tensor, TensorId};
 
+use crate::batchnorm::is_running_stat;
 use crate::eval::{EvalSet, Metrics};
 use crate::exec::Executor;
 use crate::model::{Architecture, State, Unit};
@@ -19,10 +20,6 @@ use layerlab_pipeline::{BnStats, Experiment, ResetConfig, ResetMode};
 /// without BatchNorm (which is evaluated under no setting, `None`).
 pub fn bn_label(bn: Option<BnStats>) -> &'static str {
     bn.map_or("none", BnStats::name)
-}
-
-fn is_running_stat(name: &str) -> bool {
-    name.ends_with(".running_mean") || name.ends_with(".running_var")
 }
 
 /// `base` with every tensor of `units` taken from `source` (running statistics too, unless `keep`).

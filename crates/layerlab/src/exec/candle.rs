@@ -14,6 +14,7 @@ use candle_core::{Device, Tensor, Var};
 
 use super::{BatchMetrics, Executor, Trainer};
 use crate::batches::EpochBatches;
+use crate::batchnorm::CalibrationTensorSums;
 use crate::data::Split;
 use crate::eval::{EvalSet, Metrics, PendingMetrics};
 use crate::kernels::pixels::Shift;
@@ -99,22 +100,15 @@ impl Executor for Candle<'_> {
 /// `momentum=None`), for every BatchNorm in layers `from..`; `prefixes` are the batches'
 /// activations entering layer `from`.
 fn recalibrate(arch: &Architecture, state: &mut State, prefixes: &[Tensor], from: usize) -> Result<()> {
-    let mut sums: BTreeMap<String, Tensor> = BTreeMap::new();
+    let mut sums = CalibrationTensorSums::default();
     for x in prefixes {
         let mut updates = Vec::new();
         arch.forward_range(state, x, from, arch.layers.len(), BnMode::Calibrate(&mut updates))?;
         for (name, t) in updates {
-            let entry = match sums.remove(&name) {
-                Some(s) => (s + t)?,
-                None => t,
-            };
-            sums.insert(name, entry);
+            sums.add(name, t)?;
         }
     }
-    let n = prefixes.len().max(1) as f64;
-    for (name, sum) in sums {
-        state.insert(name, (sum / n)?);
-    }
+    state.extend(sums.means(prefixes.len())?);
     Ok(())
 }
 
