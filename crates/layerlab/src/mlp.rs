@@ -58,7 +58,13 @@ impl MlpPlan {
                     }
                     last.relu = true;
                 }
-                _ => return None,
+                Layer::Flatten
+                | Layer::Pad(_)
+                | Layer::Conv { .. }
+                | Layer::BatchNorm { .. }
+                | Layer::MaxPool2
+                | Layer::GlobalAvgPool
+                | Layer::Residual { .. } => return None,
             }
         }
         let last = layers.last()?;

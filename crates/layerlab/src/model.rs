@@ -34,7 +34,13 @@ impl Architecture {
                         batch_norms(main, out);
                         batch_norms(shortcut, out);
                     }
-                    _ => {}
+                    Layer::Pad(_)
+                    | Layer::Flatten
+                    | Layer::Linear { .. }
+                    | Layer::Conv { .. }
+                    | Layer::Relu
+                    | Layer::MaxPool2
+                    | Layer::GlobalAvgPool => {}
                 }
             }
         }
