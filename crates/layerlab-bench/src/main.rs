@@ -473,7 +473,7 @@ fn cnn(
         emit(&label, "inference throughput", (eval_batch * steps) as f64 / t, "images/s", flops);
         return Ok(());
     }
-    // The forward pass evaluation and reset-eval take (`eval::cnn_fast`), predictions included.
+    // The forward pass evaluation and reset-eval take (the host's convolutional executor), predictions included.
     let net = CnnForward::new(&arch, &trained)?;
     let mut x = Vec::new();
     push_scaled_pixels(&eval_pixels, &mut x);

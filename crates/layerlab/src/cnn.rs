@@ -80,9 +80,6 @@ impl Saved {
 /// channel, and the number of values each was taken over.
 type BatchStats = (String, Vec<f32>, Vec<f32>, usize);
 
-/// The factor from the biased to the unbiased variance of `count` values (PyTorch's running
-/// variance takes the unbiased one).
-
 /// The tensors a forward pass reads, by state_dict name.
 trait Weights {
     fn tensor(&self, name: &str) -> Result<&[f32]>;
@@ -437,7 +434,7 @@ impl Weights for CnnTrainer {
 
 /// A convolutional network in evaluation mode on f32 buffers with layerlab's kernels: the
 /// forward pass of [`CnnTrainer`] without its tape. Evaluation, the reset grid's prefix reuse
-/// and BatchNorm recalibration run on it (chosen in [`crate::eval::cnn_fast`]), so that they
+/// and BatchNorm recalibration run on it (chosen in [`crate::exec::choose`]), so that they
 /// make no candle tensor per layer.
 pub struct CnnForward<'a> {
     arch: &'a Architecture,

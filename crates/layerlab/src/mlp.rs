@@ -302,15 +302,18 @@ impl MlpForward {
     }
 }
 
+/// The optimizer's buffers of one layer's weight and of its bias, each in the order of
+/// [`Optimizer::buffers`].
+type LayerBuffers = (Vec<Vec<f32>>, Vec<Vec<f32>>);
+
 /// Training state of the fast path: weights, the optimizer and its buffers, gradients and
 /// activations, all allocated once.
 pub struct MlpTrainer {
     plan: MlpPlan,
     params: Vec<Params>,
     optimizer: Box<dyn Optimizer>,
-    /// Per layer, the optimizer's buffers of its weight and of its bias (in the order of
-    /// [`Optimizer::buffers`]).
-    buffers: Vec<(Vec<Vec<f32>>, Vec<Vec<f32>>)>,
+    /// Per layer, the optimizer's buffers of its weight and of its bias.
+    buffers: Vec<LayerBuffers>,
     grads: Vec<Params>,
     /// Output of every layer (after its ReLU), [batch × outputs].
     activations: Vec<Vec<f32>>,

@@ -106,7 +106,7 @@ fn address(t: &Tensor, what: &str) -> candle_core::Result<u64> {
 ///
 /// The parameters and buffers are written through their addresses, not through candle: candle
 /// runs every op of a device on its one stream, in order, so no other kernel sees them
-/// half-written. Tensors that share a `Var`'s memory (`train::Engine::state`'s, as candle's
+/// half-written. Tensors that share a `Var`'s memory (a `Trainer::state`'s, as candle's
 /// `detach` shares it) see the update, as they would `Var::set`'s on the CPU: their callers read
 /// them before the next step.
 pub fn sgd_update_all(
