@@ -116,7 +116,9 @@ fn run_all_caches_and_reruns_exactly_what_changed() {
         assembled.insert(t.name.clone(), early[&t.name].clone());
     }
     let set = layerlab::eval::EvalSet::new(&test, (0..1000).collect(), 1000);
-    let m = layerlab::exec::choose(&arch, &Device::Cpu, exp.train.compute).evaluate(&assembled, &set).unwrap();
+    let m = layerlab::exec::choose(&arch, &Device::Cpu, exp.train.compute, Default::default())
+        .evaluate(&assembled, &set)
+        .unwrap();
     assert_eq!(m.error, row("fc2", 1));
 
     // Every table opens in pandas and DuckDB with the documented columns.

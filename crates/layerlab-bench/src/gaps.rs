@@ -1,7 +1,8 @@
 //! `layerlab-bench gaps`: where the GPU's training steps part from the CPU's, tensor by tensor,
 //! with each of layerlab's GPU kernels switched off in turn (cuDNN's convolution, cuDNN's
-//! BatchNorm, the SGD kernel). With cuDNN's convolution or BatchNorm off, the steps are candle's
-//! autograd (`backward::used_on`).
+//! BatchNorm, the SGD kernel), each setting a `KernelOptions` value handed to the executor. With
+//! cuDNN's convolution or BatchNorm off, the steps are candle's autograd
+//! (`KernelOptions::tape_applies`).
 //!
 //! A measurement, not a test: the GPU test `training_steps_match_the_cpu` holds what training
 //! uses (every kernel on) to 1e-4 of the CPU's weights. With a kernel off the gap is candle's, for
@@ -11,26 +12,24 @@
 use anyhow::{ensure, Result};
 use candle_core::{DType, Device, Tensor};
 use layerlab::config::TrainConfig;
+use layerlab::kernels::KernelOptions;
 use layerlab::model::{Architecture, State};
 use layerlab::pipeline::ComputePath;
 use rand_core::RngCore;
 use serde_json::{json, Value};
 
-/// Which of layerlab's GPU kernels are on.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Kernels {
-    pub cudnn_conv: bool,
-    pub cudnn_batch_norm: bool,
-    pub sgd: bool,
-}
-
-/// Every kernel on (what training uses), then each off in turn.
-pub const SETTINGS: [Kernels; 4] = [
-    Kernels { cudnn_conv: true, cudnn_batch_norm: true, sgd: true },
-    Kernels { cudnn_conv: false, cudnn_batch_norm: true, sgd: true },
-    Kernels { cudnn_conv: true, cudnn_batch_norm: false, sgd: true },
-    Kernels { cudnn_conv: true, cudnn_batch_norm: true, sgd: false },
-];
+/// Every kernel on (what training uses), then each of cuDNN's convolution, cuDNN's BatchNorm and
+/// the SGD kernel off in turn.
+pub const SETTINGS: [KernelOptions; 4] = {
+    let on =
+        KernelOptions { cudnn_conv: true, cudnn_batch_norm: true, fused_sgd: true, taped_backward: true, tf32: false };
+    [
+        on,
+        KernelOptions { cudnn_conv: false, ..on },
+        KernelOptions { cudnn_batch_norm: false, ..on },
+        KernelOptions { fused_sgd: false, ..on },
+    ]
+};
 
 /// The tensors shown per line, worst first.
 const SHOWN: usize = 6;
@@ -41,48 +40,25 @@ const SHOWN: usize = 6;
 pub fn on_the_gpu(arch: &Architecture, label: &str, steps: &[u64]) -> Result<()> {
     let (gpu, description) = layerlab::device::select(layerlab::device::DeviceChoice::Cuda(0))?;
     eprintln!("computing on {description}");
-    for row in measure(arch, label, &gpu, steps, switch_kernels)? {
+    for row in measure(arch, label, &gpu, steps)? {
         println!("{row}");
     }
     Ok(())
 }
 
-/// Switches layerlab's GPU kernels on or off (process-wide).
-#[cfg(feature = "cuda")]
-fn switch_kernels(k: Kernels) {
-    use layerlab::kernels::{cuda, cudnn};
-    use std::sync::atomic::Ordering::Relaxed;
-    cudnn::ENABLED.store(k.cudnn_conv, Relaxed);
-    cudnn::BATCH_NORM_ENABLED.store(k.cudnn_batch_norm, Relaxed);
-    cuda::SGD_ENABLED.store(k.sgd, Relaxed);
-}
-
-/// A build without CUDA has no GPU kernels to switch (and no GPU: `on_the_gpu` stops first).
-#[cfg(not(feature = "cuda"))]
-fn switch_kernels(_: Kernels) {}
-
-/// The figures of [`on_the_gpu`] for `device` against the CPU; `set` switches the kernels, and
-/// every kernel is on again when it returns (also on an error).
-pub fn measure(
-    arch: &Architecture,
-    label: &str,
-    device: &Device,
-    steps: &[u64],
-    set: impl Fn(Kernels),
-) -> Result<Vec<Value>> {
+/// The figures of [`on_the_gpu`] for `device` against the CPU, one row per step count and
+/// setting of [`SETTINGS`].
+pub fn measure(arch: &Architecture, label: &str, device: &Device, steps: &[u64]) -> Result<Vec<Value>> {
     let initial = arch.initial_state(7, &Device::Cpu)?;
     let mut rows = Vec::new();
     for &n in steps {
-        let cpu = trained(arch, &initial, &Device::Cpu, n)?;
+        let cpu = trained(arch, &initial, &Device::Cpu, n, KernelOptions::default())?;
         for kernels in SETTINGS {
-            set(kernels);
-            let result = trained(arch, &initial, device, n);
-            set(SETTINGS[0]);
-            let worst = gaps(&cpu, &result?)?;
+            let worst = gaps(&cpu, &trained(arch, &initial, device, n, kernels)?)?;
             let shown: Vec<Value> = worst.iter().take(SHOWN).map(|(name, gap)| json!([name, gap])).collect();
             rows.push(json!({
                 "workload": label, "steps": n, "cudnn_conv": kernels.cudnn_conv,
-                "cudnn_batch_norm": kernels.cudnn_batch_norm, "sgd_kernel": kernels.sgd,
+                "cudnn_batch_norm": kernels.cudnn_batch_norm, "sgd_kernel": kernels.fused_sgd,
                 "largest_relative_gap": worst.first().map_or(0.0, |w| w.1), "worst_tensors": shown,
             }));
         }
@@ -91,12 +67,13 @@ pub fn measure(
 }
 
 /// `steps` SGD steps (lr 0.05, momentum 0.9, weight decay 5e-4) from `state` on `device`, each on
-/// 16 random 3×32×32 images of its own; the state after them, on the CPU.
-fn trained(arch: &Architecture, state: &State, device: &Device, steps: u64) -> Result<State> {
+/// 16 random 3×32×32 images of its own, through the GPU kernels `kernels` allows; the state
+/// after them, on the CPU.
+fn trained(arch: &Architecture, state: &State, device: &Device, steps: u64, kernels: KernelOptions) -> Result<State> {
     let on_device = state.iter().map(|(k, v)| -> Result<(String, Tensor)> { Ok((k.clone(), v.to_device(device)?)) });
     let on_device = on_device.collect::<Result<State>>()?;
     let cfg = TrainConfig { lr: 0.05, momentum: 0.9, weight_decay: 5e-4, ..TrainConfig::default() };
-    let executor = layerlab::exec::choose(arch, device, ComputePath::Fast);
+    let executor = layerlab::exec::choose(arch, device, ComputePath::Fast, kernels);
     let mut trainer = executor.trainer(&on_device, layerlab::optim::from_settings(&cfg), None)?;
     let shape = [16, 3, 32, 32];
     for step in 0..steps {
@@ -131,18 +108,28 @@ mod tests {
     use super::*;
 
     /// On the CPU against itself the measurement runs every setting and finds no gap (training is
-    /// deterministic), and it puts the kernels back on.
+    /// deterministic, and the GPU kernels' options change nothing on the CPU).
     #[test]
     fn the_cpu_against_itself_has_no_gap() {
         let (arch, label) = crate::bench_arch("vgg11", 0.125).unwrap();
-        let seen = std::cell::RefCell::new(Vec::new());
-        let rows = measure(&arch, &label, &Device::Cpu, &[1], |k| seen.borrow_mut().push(k)).unwrap();
+        let rows = measure(&arch, &label, &Device::Cpu, &[1]).unwrap();
         assert_eq!(rows.len(), SETTINGS.len());
-        for row in &rows {
+        for (row, kernels) in rows.iter().zip(SETTINGS) {
             assert_eq!(row["largest_relative_gap"], 0.0, "{row}");
             assert_eq!(row["worst_tensors"].as_array().unwrap().len(), SHOWN, "{row}");
+            assert_eq!(row["sgd_kernel"], kernels.fused_sgd, "{row}");
         }
-        assert_eq!(seen.borrow().last(), Some(&SETTINGS[0]));
-        assert_eq!(seen.borrow().len(), 2 * SETTINGS.len());
+    }
+
+    /// Each setting but the first switches exactly one kernel off.
+    #[test]
+    fn each_setting_switches_one_kernel_off() {
+        let on = KernelOptions::default();
+        assert_eq!(SETTINGS[0], on);
+        for k in &SETTINGS[1..] {
+            let off = [k.cudnn_conv, k.cudnn_batch_norm, k.fused_sgd].iter().filter(|v| !**v).count();
+            assert_eq!(off, 1, "{k:?}");
+            assert_eq!((k.taped_backward, k.tf32), (on.taped_backward, on.tf32), "{k:?}");
+        }
     }
 }

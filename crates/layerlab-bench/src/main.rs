@@ -15,7 +15,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use clap::{Parser, Subcommand};
 use layerlab::config::ModelConfig;
-use layerlab::kernels::{conv2d, conv2d_grad_input, conv2d_grad_weight};
+use layerlab::kernels::{conv2d, conv2d_grad_input, conv2d_grad_weight, KernelOptions};
 
 use layerlab::cnn::{Activations, CnnForward};
 use layerlab::exec::Trainer;
@@ -146,14 +146,15 @@ fn run(flags: Flags) -> Result<()> {
         Command::Cnn { arch, width_mult, batch, eval_batch, steps, repeats, device, autograd } => {
             let (device, description) = layerlab::device::select(device)?;
             eprintln!("computing on {description}");
+            let mut kernels = KernelOptions::default();
             if autograd {
                 if !device.is_cuda() {
                     bail!("--autograd is for a GPU: the CPU trains on its fast path")
                 }
-                layerlab::backward::ENABLED.store(false, std::sync::atomic::Ordering::Relaxed);
+                kernels.taped_backward = false;
                 eprintln!("training steps through candle's autograd, not layerlab's tape");
             }
-            cnn(&arch, width_mult, batch, eval_batch, steps, repeats, &device)
+            cnn(&arch, width_mult, batch, eval_batch, steps, repeats, &device, kernels)
         }
         Command::Profile { arch, width_mult, batch, repeats, device } => {
             let (device, description) = layerlab::device::select(device)?;
@@ -341,9 +342,10 @@ fn train_step_seconds(
     steps: usize,
     repeats: usize,
     dev: &Device,
+    kernels: KernelOptions,
 ) -> Result<(f64, Box<dyn Trainer>)> {
     let state = arch.initial_state(0, dev)?;
-    let executor = layerlab::exec::choose(arch, dev, layerlab::pipeline::ComputePath::Fast);
+    let executor = layerlab::exec::choose(arch, dev, layerlab::pipeline::ComputePath::Fast, kernels);
     let sgd = Sgd { momentum: 0.9, weight_decay: 5e-4, nesterov: false };
     let mut trainer = executor.trainer(&state, Box::new(sgd), None)?;
     let t = timed(repeats, || {
@@ -391,7 +393,7 @@ fn train_steps(trainer: &mut dyn Trainer, batch: usize, steps: usize, dev: &Devi
 /// per-layer tables in docs/performance.md.
 fn profile(arch_name: &str, width_mult: f64, batch: usize, repeats: usize, dev: &Device) -> Result<()> {
     let (arch, _) = bench_arch(arch_name, width_mult)?;
-    let dev = dev.clone();
+    let (dev, kernels) = (dev.clone(), KernelOptions::default());
     let state = arch.initial_state(0, &dev)?;
     let mut seed = 0;
     let mut random = |shape: &[usize]| -> Result<Tensor> {
@@ -408,14 +410,14 @@ fn profile(arch_name: &str, width_mult: f64, batch: usize, repeats: usize, dev: 
         let [c, h, w] = l.input;
         let x = random(&[batch, c, h, w])?;
         let weight = state.get(&format!("{}.weight", l.name)).context("weight")?.clone();
-        let y = conv2d(&x, &weight, l.padding, l.stride)?;
+        let y = conv2d(&x, &weight, l.padding, l.stride, &kernels)?;
         let grad = random(y.dims())?;
         let k = l.weight[2];
         for pass in ["forward", "input grad", "weight grad"] {
             let run = || match pass {
-                "forward" => conv2d(&x, &weight, l.padding, l.stride),
-                "input grad" => conv2d_grad_input(&grad, &weight, l.padding, l.stride, (h, w)),
-                _ => conv2d_grad_weight(&x, &grad, l.padding, l.stride, k),
+                "forward" => conv2d(&x, &weight, l.padding, l.stride, &kernels),
+                "input grad" => conv2d_grad_input(&grad, &weight, l.padding, l.stride, (h, w), &kernels),
+                _ => conv2d_grad_weight(&x, &grad, l.padding, l.stride, k, &kernels),
             };
             let ms = 1e3 * timed(repeats * 4, || run().map(drop).and_then(|()| Ok(dev.synchronize()?)))?;
             println!(
@@ -424,7 +426,7 @@ fn profile(arch_name: &str, width_mult: f64, batch: usize, repeats: usize, dev: 
             );
         }
     }
-    let (t, mut trainer) = train_step_seconds(&arch, batch, 1, repeats * 4, &dev)?;
+    let (t, mut trainer) = train_step_seconds(&arch, batch, 1, repeats * 4, &dev, kernels)?;
     println!("{}", json!({"layer": "whole step", "pass": "train", "ms": 1e3 * t}));
     // Then where a whole step's time goes, by kind of layer, over as many more steps.
     trainer.time_layers();
@@ -446,11 +448,13 @@ fn cnn(
     steps: usize,
     repeats: usize,
     dev: &Device,
+    kernels: KernelOptions,
 ) -> Result<()> {
     let (arch, label) = bench_arch(arch_name, width_mult)?;
     // A GPU's steps through candle's autograd (`--autograd`) are another workload than the tape's.
-    let label = if dev.is_cuda() && !layerlab::backward::used_on(dev) { format!("{label}-autograd") } else { label };
-    let (t, trainer) = train_step_seconds(&arch, batch, steps, repeats, dev)?;
+    let taped = layerlab::backward::used_on(dev, &kernels);
+    let label = if dev.is_cuda() && !taped { format!("{label}-autograd") } else { label };
+    let (t, trainer) = train_step_seconds(&arch, batch, steps, repeats, dev, kernels)?;
     emit(&label, "train throughput", (batch * steps) as f64 / t, "images/s", Some(train_flops(&arch)?));
 
     let trained = trainer.state()?;
@@ -463,7 +467,7 @@ fn cnn(
         let prepared = arch.for_evaluation(&trained)?;
         let t = timed(repeats, || {
             for _ in 0..steps {
-                let logits = arch.forward(&prepared, &x, layerlab::model::BnMode::Eval)?;
+                let logits = arch.forward(&prepared, &x, layerlab::model::BnMode::Eval, &kernels)?;
                 let predicted = logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?;
                 std::hint::black_box(predicted.len());
             }

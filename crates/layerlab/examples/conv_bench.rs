@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
-use layerlab::kernels::{conv2d, conv2d_bias, conv2d_candle, layers};
+use layerlab::kernels::{conv2d, conv2d_bias, conv2d_candle, layers, KernelOptions};
 use layerlab::model::{loss_and_errors, Architecture, BnMode};
 use layerlab::pipeline::ModelConfig;
 
@@ -38,10 +38,10 @@ fn conv_candle(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     Ok(conv2d_candle(x, w, 1, 1)?.broadcast_add(&b.reshape((1, (), 1, 1))?)?)
 }
 fn conv_ours_unfused(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
-    Ok(conv2d(x, w, 1, 1)?.broadcast_add(&b.reshape((1, (), 1, 1))?)?)
+    Ok(conv2d(x, w, 1, 1, &KernelOptions::default())?.broadcast_add(&b.reshape((1, (), 1, 1))?)?)
 }
 fn conv_ours(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
-    conv2d_bias(x, w, b, 1, 1)
+    conv2d_bias(x, w, b, 1, 1, &KernelOptions::default())
 }
 fn relu_candle(x: &Tensor) -> Result<Tensor> {
     Ok(x.relu()?)
@@ -204,7 +204,7 @@ fn time_model(x: &Tensor, fl: &Flags) -> Result<f64> {
     let labels = Tensor::from_vec(labels, fl.batch, &Device::Cpu)?;
     images_per_s(fl.batch, fl.iters, || {
         let mut updates = Vec::new();
-        let logits = arch.forward(&state, x, BnMode::Train(&mut updates))?;
+        let logits = arch.forward(&state, x, BnMode::Train(&mut updates), &KernelOptions::default())?;
         let (loss, _) = loss_and_errors(&logits, &labels)?;
         loss.backward()?;
         Ok(())
@@ -253,8 +253,11 @@ fn time_layers(x: &Tensor, fl: &Flags) -> Result<()> {
         let (w2, b2) = (w.clone(), b.clone());
         let w3 = w.clone();
         conv_candle.push((input.clone(), Box::new(move |x: &Tensor| conv2d_candle(x, &w3, 1, 1)) as Layer));
-        conv.push((input.clone(), Box::new(move |x: &Tensor| conv2d(x, &w, 1, 1)) as Layer));
-        conv_bias.push((input, Box::new(move |x: &Tensor| conv2d_bias(x, &w2, &b2, 1, 1)) as Layer));
+        conv.push((input.clone(), Box::new(move |x: &Tensor| conv2d(x, &w, 1, 1, &KernelOptions::default())) as Layer));
+        conv_bias.push((
+            input,
+            Box::new(move |x: &Tensor| conv2d_bias(x, &w2, &b2, 1, 1, &KernelOptions::default())) as Layer,
+        ));
         let (g, beta) = (Tensor::ones(cout, DType::F32, &Device::Cpu)?, Tensor::zeros(cout, DType::F32, &Device::Cpu)?);
         let (g2, beta2) = (g.clone(), beta.clone());
         bn.push((output.clone(), Box::new(move |x: &Tensor| batch_norm(x, &g, &beta)) as Layer));

@@ -21,27 +21,18 @@ use std::collections::BTreeMap;
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 
-use crate::kernels::{self, layers, KeptOp3};
+use crate::kernels::{self, layers, KeptOp3, KernelOptions};
 use crate::network::{Layer, State};
 
-/// Off: a GPU's training steps use candle's autograd instead, to cross-check this module in the
-/// GPU tests.
-pub static ENABLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
-
 /// Whether training steps on `device` take their gradients from here: on a GPU (where candle's
-/// overhead per node is launches), unless [`ENABLED`] is off. The CPU's training runs on the fast
-/// paths ([`crate::mlp`], [`crate::cnn`]); its candle path stays candle's autograd, the reference.
+/// overhead per node is launches), unless `kernels` says otherwise. The CPU's training runs on
+/// the host executors ([`crate::exec`]); its candle path stays candle's autograd, the reference.
 ///
 /// The tape calls the gradients of layerlab's own GPU convolution and BatchNorm ops; with either
 /// switched off (the GPU tests' cross-checks) those layers are candle's ops, whose gradients only
-/// candle's autograd computes, so the step is autograd's.
-pub fn used_on(device: &candle_core::Device) -> bool {
-    use std::sync::atomic::Ordering::Relaxed;
-    #[cfg(feature = "cuda")]
-    let own_ops = kernels::cudnn::ENABLED.load(Relaxed) && kernels::cudnn::BATCH_NORM_ENABLED.load(Relaxed);
-    #[cfg(not(feature = "cuda"))]
-    let own_ops = true;
-    device.is_cuda() && ENABLED.load(Relaxed) && own_ops
+/// candle's autograd computes, so the step is autograd's ([`KernelOptions::tape_applies`]).
+pub fn used_on(device: &candle_core::Device, kernels: &KernelOptions) -> bool {
+    device.is_cuda() && kernels.tape_applies()
 }
 
 /// What one layer of a forward pass keeps for its gradient.
@@ -95,11 +86,12 @@ pub(crate) fn backward(
     grad: Tensor,
     need_input: bool,
     grads: &mut BTreeMap<String, Tensor>,
+    options: &KernelOptions,
 ) -> Result<Option<Tensor>> {
     let mut grad = grad;
     for (i, saved) in tape.iter().enumerate().rev() {
         let need = need_input || tape[..i].iter().any(Saved::has_parameters);
-        match layer_backward(saved, state, &grad, need, grads)
+        match layer_backward(saved, state, &grad, need, grads, options)
             .with_context(|| format!("the gradient of layer {:?}", saved.layer.label()))?
         {
             Some(g) => grad = g,
@@ -116,6 +108,7 @@ fn layer_backward(
     grad: &Tensor,
     need_input: bool,
     grads: &mut BTreeMap<String, Tensor>,
+    options: &KernelOptions,
 ) -> Result<Option<Tensor>> {
     let x = &saved.input;
     Ok(match (saved.layer, &saved.extra) {
@@ -134,7 +127,7 @@ fn layer_backward(
         (Layer::Conv { name, stride, padding, bias }, _) => {
             let w = get(state, &format!("{name}.weight"))?;
             let b = if *bias { Some(get(state, &format!("{name}.bias"))?) } else { None };
-            let (dx, dw, db) = kernels::conv2d_backward(x, w, b, grad, (*padding, *stride), need_input)?;
+            let (dx, dw, db) = kernels::conv2d_backward(x, w, b, grad, (*padding, *stride), need_input, options)?;
             put(grads, format!("{name}.weight"), dw)?;
             if let Some(db) = db {
                 put(grads, format!("{name}.bias"), db)?;
@@ -168,9 +161,12 @@ fn layer_backward(
         // input's gradient is the sum of the two branches'.
         (Layer::Residual { .. }, Extra::Residual { main, shortcut }) => {
             let g = layers::relu_grad(&saved.output, grad)?;
-            let from_main = backward(main, state, g.clone(), true, grads)?.context("residual branch")?;
-            let from_shortcut =
-                if shortcut.is_empty() { g } else { backward(shortcut, state, g, true, grads)?.context("shortcut")? };
+            let from_main = backward(main, state, g.clone(), true, grads, options)?.context("residual branch")?;
+            let from_shortcut = if shortcut.is_empty() {
+                g
+            } else {
+                backward(shortcut, state, g, true, grads, options)?.context("shortcut")?
+            };
             Some((from_main + from_shortcut)?)
         }
         (Layer::Residual { .. }, _) => bail!("a residual block was taped without its branches"),
@@ -245,14 +241,15 @@ mod tests {
                 }
             }
             let mut theirs_stats = Vec::new();
-            let logits = arch.forward(&tracked, &x, BnMode::Train(&mut theirs_stats)).unwrap();
+            let logits =
+                arch.forward(&tracked, &x, BnMode::Train(&mut theirs_stats), &KernelOptions::default()).unwrap();
             let (loss, correct) = loss_and_correct(&logits, &y).unwrap();
             let store = loss.backward().unwrap();
 
             let upstream = Tensor::new(&[1f32, 0.0], &dev).unwrap();
             let mut ours_stats = Vec::new();
             let (our_loss, our_correct, grads) =
-                arch.loss_and_gradients(&state, &x, &y, &upstream, &mut ours_stats).unwrap();
+                arch.loss_and_gradients(&state, &x, &y, &upstream, &mut ours_stats, &KernelOptions::default()).unwrap();
 
             assert_eq!(values(&our_loss)[0].to_bits(), values(&loss)[0].to_bits(), "{what}: loss");
             assert_eq!(values(&our_correct), values(&correct), "{what}: right predictions");
@@ -281,9 +278,9 @@ mod tests {
         let sgd = || Box::new(Sgd { momentum: 0.9, weight_decay: 5e-4, nesterov: true });
         for (what, arch) in networks().into_iter().filter(|(w, _)| *w != "vgg11") {
             let state = arch.initial_state(11, &dev).unwrap();
-            let mut taped = CandleTrainer::new(&arch, &state, sgd(), None, &dev).unwrap();
+            let mut taped = CandleTrainer::new(&arch, &state, sgd(), None, &dev, KernelOptions::default()).unwrap();
             taped.use_taped_backward().unwrap();
-            let mut autograd = CandleTrainer::new(&arch, &state, sgd(), None, &dev).unwrap();
+            let mut autograd = CandleTrainer::new(&arch, &state, sgd(), None, &dev, KernelOptions::default()).unwrap();
             for step in 0..3 {
                 let (x, y) = batch(&arch, 20 + step, 5);
                 let at = StepAt { lr: 0.05, number: step + 1 };

@@ -701,7 +701,7 @@ mod tests {
             let arch = arch(a, bn);
             let state = arch.initial_state(3, &dev).unwrap();
             let mut ours = CnnTrainer::new(&arch, &state, sgd(nesterov), None).unwrap();
-            let candle = Candle { arch: &arch, device: dev.clone() };
+            let candle = Candle { arch: &arch, device: dev.clone(), kernels: Default::default() };
             let mut theirs = candle.trainer(&state, sgd(nesterov), None).unwrap();
             for step in 0..3 {
                 let (pixels, labels) = batch(10 + step, 12, size(a));

@@ -50,15 +50,13 @@ impl fmt::Display for DeviceChoice {
 /// Whether this binary was built with the `cuda` feature.
 pub const HAS_CUDA: bool = cfg!(feature = "cuda");
 
-/// Lets a GPU's matrix products (cuBLAS) and convolutions (cuDNN) use TF32 (`train.tf32`), or
-/// keeps them in f32 (the default). Process-wide: a stage sets it once, after choosing its device
-/// and before computing. No effect on the CPU, or in a build without CUDA.
+/// Lets a GPU's matrix products (cuBLAS) use TF32 (`train.tf32`), or keeps them in f32 (the
+/// default). This is candle's own setting and process-wide: a stage sets it once, after choosing
+/// its device and before computing. Our cuDNN convolutions take theirs from the executor's
+/// [`crate::kernels::KernelOptions`]. No effect on the CPU, or in a build without CUDA.
 pub fn allow_tf32(on: bool) {
     #[cfg(feature = "cuda")]
-    {
-        candle_core::cuda::set_gemm_reduced_precision_f32(on);
-        crate::kernels::cudnn::TF32.store(on, std::sync::atomic::Ordering::Relaxed);
-    }
+    candle_core::cuda::set_gemm_reduced_precision_f32(on);
     #[cfg(not(feature = "cuda"))]
     let _ = on;
 }

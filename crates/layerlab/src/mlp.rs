@@ -460,6 +460,7 @@ impl MlpTrainer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::KernelOptions;
     use crate::model::{images_to_tensor, loss_and_errors, BnMode};
     use std::collections::BTreeMap;
 
@@ -510,7 +511,7 @@ mod tests {
                 let (fast_loss, fast_errors) = fast.step(&xs, &labels, at).unwrap();
 
                 let current: State = vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
-                let logits = arch.forward(&current, &x, BnMode::Eval).unwrap();
+                let logits = arch.forward(&current, &x, BnMode::Eval, &KernelOptions::default()).unwrap();
                 let y = Tensor::from_vec(labels.clone(), batch, &dev).unwrap();
                 let (loss, errors) = loss_and_errors(&logits, &y).unwrap();
                 let grads = loss.backward().unwrap();
@@ -577,7 +578,13 @@ mod tests {
             let state = arch.initial_state(1, &dev).unwrap();
             let pixels: Vec<u8> = (0..batch * 16).map(|i| (i * 53 % 256) as u8).collect();
             let x = images_to_tensor(&pixels, [batch, 1, 4, 4], &dev).unwrap();
-            let want = arch.forward(&state, &x, BnMode::Eval).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let want = arch
+                .forward(&state, &x, BnMode::Eval, &KernelOptions::default())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
             let mut fwd = MlpForward::new(&MlpPlan::of(&arch).unwrap(), &state).unwrap();
             let got = fwd.logits(&x.flatten_all().unwrap().to_vec1::<f32>().unwrap(), batch).to_vec();
             assert_eq!(got.len(), want.len());

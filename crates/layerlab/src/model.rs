@@ -12,13 +12,14 @@ use candle_core::{DType, Device, Tensor, D};
 
 use crate::backward::{self, Extra, Saved};
 use crate::batchnorm;
-use crate::kernels::{layers, norm, KeptOp3};
+use crate::kernels::{layers, norm, KeptOp3, KernelOptions};
 pub use crate::network::{Architecture, Layer, State, TensorSpec, Unit};
 
 impl Architecture {
-    /// Logits for a batch of inputs [n, c, h, w] (f32, already scaled).
-    pub fn forward(&self, state: &State, x: &Tensor, bn: BnMode<'_>) -> Result<Tensor> {
-        self.forward_range(state, x, 0, self.layers.len(), bn)
+    /// Logits for a batch of inputs [n, c, h, w] (f32, already scaled), through the kernels
+    /// `kernels` allows on a GPU.
+    pub fn forward(&self, state: &State, x: &Tensor, bn: BnMode<'_>, kernels: &KernelOptions) -> Result<Tensor> {
+        self.forward_range(state, x, 0, self.layers.len(), bn, kernels)
     }
 
     /// `state` with every BatchNorm's evaluation-mode factors (a scale and a shift per channel,
@@ -63,8 +64,9 @@ impl Architecture {
         from: usize,
         to: usize,
         mut bn: BnMode<'_>,
+        kernels: &KernelOptions,
     ) -> Result<Tensor> {
-        apply_all(&self.layers[from..to], state, x, &mut bn, None)
+        apply_all(&self.layers[from..to], state, x, &mut bn, None, kernels)
     }
 
     /// One training step's forward and backward pass without candle's autograd graph (see
@@ -80,9 +82,10 @@ impl Architecture {
         labels: &Tensor,
         upstream: &Tensor,
         bn_updates: &mut Vec<(String, Tensor)>,
+        kernels: &KernelOptions,
     ) -> Result<(Tensor, Tensor, BTreeMap<String, Tensor>)> {
         let mut tape = Vec::new();
-        let logits = apply_all(&self.layers, state, x, &mut BnMode::Train(bn_updates), Some(&mut tape))?;
+        let logits = apply_all(&self.layers, state, x, &mut BnMode::Train(bn_updates), Some(&mut tape), kernels)?;
         if !crate::kernels::loss::applies(&logits, labels) {
             bail!(
                 "the taped backward pass wants f32 logits and u32 labels, got {:?} and {:?}",
@@ -93,7 +96,7 @@ impl Architecture {
         let (loss, correct) = crate::kernels::loss::loss_and_correct(&logits, labels)?;
         let grad = crate::kernels::loss::logits_grad(&logits, labels, upstream)?;
         let mut grads = BTreeMap::new();
-        backward::backward(&tape, state, grad, false, &mut grads)?;
+        backward::backward(&tape, state, grad, false, &mut grads, kernels)?;
         Ok((loss, correct, grads))
     }
 }
@@ -124,12 +127,13 @@ fn apply_all<'l>(
     x: &Tensor,
     bn: &mut BnMode<'_>,
     mut tape: Option<&mut Vec<Saved<'l>>>,
+    kernels: &KernelOptions,
 ) -> Result<Tensor> {
     let mut x = x.clone();
     let mut i = 0;
     while i < layers.len() {
         if let (Layer::BatchNorm { name }, Some(Layer::Relu)) = (&layers[i], layers.get(i + 1)) {
-            let (y, op) = batch_norm(name, state, &x, bn, true)?;
+            let (y, op) = batch_norm(name, state, &x, bn, true, kernels)?;
             if let Some(tape) = tape.as_deref_mut() {
                 let extra = op.map_or(Extra::None, |op| Extra::BatchNorm { op });
                 tape.push(Saved { layer: &layers[i], input: x, output: y.clone(), extra });
@@ -138,7 +142,7 @@ fn apply_all<'l>(
             i += 2;
             continue;
         }
-        x = apply(&layers[i], state, &x, bn, tape.as_deref_mut())?;
+        x = apply(&layers[i], state, &x, bn, tape.as_deref_mut(), kernels)?;
         i += 1;
     }
     Ok(x)
@@ -150,6 +154,7 @@ fn apply<'l>(
     x: &Tensor,
     bn: &mut BnMode<'_>,
     tape: Option<&mut Vec<Saved<'l>>>,
+    kernels: &KernelOptions,
 ) -> Result<Tensor> {
     let mut extra = Extra::None;
     let y = match layer {
@@ -164,13 +169,13 @@ fn apply<'l>(
             let w = get(state, &format!("{name}.weight"))?;
             if *bias {
                 let b = get(state, &format!("{name}.bias"))?;
-                crate::kernels::conv2d_bias(x, w, b, *padding, *stride)?
+                crate::kernels::conv2d_bias(x, w, b, *padding, *stride, kernels)?
             } else {
-                crate::kernels::conv2d(x, w, *padding, *stride)?
+                crate::kernels::conv2d(x, w, *padding, *stride, kernels)?
             }
         }
         Layer::BatchNorm { name } => {
-            let (y, op) = batch_norm(name, state, x, bn, false)?;
+            let (y, op) = batch_norm(name, state, x, bn, false, kernels)?;
             if let Some(op) = op {
                 extra = Extra::BatchNorm { op };
             }
@@ -182,8 +187,8 @@ fn apply<'l>(
         Layer::Residual { main, shortcut } => {
             let (mut main_tape, mut shortcut_tape) = (Vec::new(), Vec::new());
             let taped = tape.is_some();
-            let m = apply_all(main, state, x, bn, taped.then_some(&mut main_tape))?;
-            let s = apply_all(shortcut, state, x, bn, taped.then_some(&mut shortcut_tape))?;
+            let m = apply_all(main, state, x, bn, taped.then_some(&mut main_tape), kernels)?;
+            let s = apply_all(shortcut, state, x, bn, taped.then_some(&mut shortcut_tape), kernels)?;
             extra = Extra::Residual { main: main_tape, shortcut: shortcut_tape };
             layers::relu(&(m + s)?)?
         }
@@ -202,6 +207,7 @@ fn batch_norm(
     x: &Tensor,
     bn: &mut BnMode<'_>,
     relu: bool,
+    kernels: &KernelOptions,
 ) -> Result<(Tensor, Option<KeptOp3>)> {
     let (weight_c, bias_c) = (get(state, &format!("{name}.weight"))?, get(state, &format!("{name}.bias"))?);
     let (weight, bias) = (weight_c.reshape((1, (), 1, 1))?, bias_c.reshape((1, (), 1, 1))?);
@@ -209,7 +215,7 @@ fn batch_norm(
     let fused = norm::applies(x);
     let running_mean = get(state, &format!("{name}.running_mean"))?;
     let running_var = get(state, &format!("{name}.running_var"))?;
-    if !matches!(bn, BnMode::Eval) && gpu_batch_norm(x) {
+    if !matches!(bn, BnMode::Eval) && gpu_batch_norm(x, kernels) {
         let (y, op) = gpu_batch_norm_train(name, x, (weight_c, bias_c), (running_mean, running_var), bn, relu)?;
         return Ok((y, Some(op)));
     }
@@ -289,12 +295,12 @@ fn eval_factors(state: &State, name: &str) -> Result<(Tensor, Tensor)> {
 }
 
 /// Whether training-mode BatchNorm of `x` runs through cuDNN ([`crate::kernels::cudnn`]).
-fn gpu_batch_norm(x: &Tensor) -> bool {
+fn gpu_batch_norm(x: &Tensor, kernels: &KernelOptions) -> bool {
     #[cfg(feature = "cuda")]
-    return crate::kernels::cudnn::batch_norm_applies(x);
+    return kernels.cudnn_batch_norm && crate::kernels::cudnn::batch_norm_applies(x);
     #[cfg(not(feature = "cuda"))]
     return {
-        let _ = x;
+        let _ = (x, kernels);
         false
     };
 }
@@ -407,14 +413,24 @@ mod tests {
             };
             let prepared = a.for_evaluation(&state).unwrap();
             assert!(prepared.len() > state.len(), "{name}: no factors were prepared");
-            let plain = bits(a.forward(&state, &x, BnMode::Eval).unwrap());
+            let plain = bits(a.forward(&state, &x, BnMode::Eval, &KernelOptions::default()).unwrap());
             assert_ne!(plain[..10], plain[10..], "{name}: both images give the same logits (dead activations)");
-            assert_eq!(bits(a.forward(&prepared, &x, BnMode::Eval).unwrap()), plain, "{name}");
+            assert_eq!(
+                bits(a.forward(&prepared, &x, BnMode::Eval, &KernelOptions::default()).unwrap()),
+                plain,
+                "{name}"
+            );
             let moved: State = state
                 .iter()
                 .map(|(k, t)| (k.clone(), if k.ends_with("running_var") { (t * 2.0).unwrap() } else { t.clone() }))
                 .collect();
-            assert_ne!(bits(a.forward(&a.for_evaluation(&moved).unwrap(), &x, BnMode::Eval).unwrap()), plain, "{name}");
+            assert_ne!(
+                bits(
+                    a.forward(&a.for_evaluation(&moved).unwrap(), &x, BnMode::Eval, &KernelOptions::default()).unwrap()
+                ),
+                plain,
+                "{name}"
+            );
         }
     }
 }

@@ -18,6 +18,8 @@ use candle_core::{Tensor, Var};
 
 use layerlab_pipeline::TrainConfig;
 
+use crate::kernels::KernelOptions;
+
 /// Where an update happens in a run: its learning rate and its number (1 for the first update of
 /// a run; an optimizer that corrects for its start, as Adam does, needs it).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -52,8 +54,15 @@ pub trait Optimizer: Debug + Send + Sync {
 
     /// One update of every trained `Var` in `updates` (by name, with its gradient) and of its
     /// buffers in `state`. By default each tensor through [`Optimizer::update_tensors`]; an
-    /// optimizer with a device form of its own overrides it.
-    fn update_vars(&self, at: StepAt, updates: &[(&str, &Var, &Tensor)], state: &mut OptimizerState) -> Result<()> {
+    /// optimizer with a device form of its own overrides it, and uses it where `kernels` allows.
+    fn update_vars(
+        &self,
+        at: StepAt,
+        updates: &[(&str, &Var, &Tensor)],
+        state: &mut OptimizerState,
+        kernels: &KernelOptions,
+    ) -> Result<()> {
+        let _ = kernels;
         update_each_var(self, at, updates, state)
     }
 }
@@ -144,11 +153,18 @@ impl Optimizer for Sgd {
     }
 
     /// On a GPU, one kernel over every parameter, in place
-    /// ([`crate::kernels::cuda::sgd_update_all`]); elsewhere tensor by tensor.
-    fn update_vars(&self, at: StepAt, updates: &[(&str, &Var, &Tensor)], state: &mut OptimizerState) -> Result<()> {
+    /// ([`crate::kernels::cuda::sgd_update_all`]), unless `kernels.fused_sgd` is off; elsewhere
+    /// tensor by tensor.
+    fn update_vars(
+        &self,
+        at: StepAt,
+        updates: &[(&str, &Var, &Tensor)],
+        state: &mut OptimizerState,
+        kernels: &KernelOptions,
+    ) -> Result<()> {
         #[cfg(feature = "cuda")]
-        if updates.iter().all(|(_, v, _)| v.device().is_cuda() && v.dtype() == candle_core::DType::F32)
-            && crate::kernels::cuda::SGD_ENABLED.load(std::sync::atomic::Ordering::Relaxed)
+        if kernels.fused_sgd
+            && updates.iter().all(|(_, v, _)| v.device().is_cuda() && v.dtype() == candle_core::DType::F32)
         {
             let triples = updates
                 .iter()
@@ -162,6 +178,8 @@ impl Optimizer for Sgd {
             crate::kernels::cuda::sgd_update_all(at.lr, self.momentum, self.weight_decay, self.nesterov, &triples)?;
             return Ok(());
         }
+        #[cfg(not(feature = "cuda"))]
+        let _ = kernels;
         update_each_var(self, at, updates, state)
     }
 }

@@ -306,6 +306,7 @@ mod tests {
     use super::*;
     use crate::data::Split;
     use crate::exec;
+    use crate::kernels::KernelOptions;
     use candle_core::Device;
     use layerlab_pipeline::ComputePath;
     use layerlab_pipeline::ModelConfig;
@@ -385,7 +386,7 @@ mod tests {
                 if a.has_batch_norm() { vec![Some(BnStats::WithLayer), Some(BnStats::Keep)] } else { vec![None] };
             for bn in settings {
                 let variant = reset_units(&trained, &[unit], &source, bn).unwrap();
-                let executor = exec::choose(&a, &Device::Cpu, path);
+                let executor = exec::choose(&a, &Device::Cpu, path, KernelOptions::default());
                 let full = executor.evaluate(&variant, &set).unwrap();
                 let mut variants = vec![Variant { state: variant }];
                 let got =
@@ -396,7 +397,7 @@ mod tests {
                 assert_eq!(got[0][0], full, "{name} {path:?} {bn:?}");
             }
             // With nothing after the entry (reset-eval's baseline), the shared prefix is the output.
-            let executor = exec::choose(&a, &Device::Cpu, path);
+            let executor = exec::choose(&a, &Device::Cpu, path, KernelOptions::default());
             let trained_full = executor.evaluate(&trained, &set).unwrap();
             let mut same = vec![Variant { state: trained.clone() }];
             let got = evaluate_variants(&*executor, &trained, a.layers.len(), &mut same, &[&set], None, || {}).unwrap();
@@ -421,7 +422,7 @@ mod tests {
             let set = EvalSet::new(&split, (0..16).collect(), 7);
             let run = |path| {
                 let mut variants = vec![Variant { state: variant.clone() }];
-                let executor = exec::choose(&a, &Device::Cpu, path);
+                let executor = exec::choose(&a, &Device::Cpu, path, KernelOptions::default());
                 let m = evaluate_variants(
                     &*executor,
                     &trained,
@@ -531,7 +532,7 @@ mod tests {
         let (test, train) = (EvalSet::new(&split, (0..5).collect(), 3), EvalSet::new(&split, (3..8).collect(), 5));
         let calibration = EvalSet::new(&split, (0..6).collect(), 3);
         let sets = [&test, &train];
-        let executor = exec::choose(&a, &Device::Cpu, ComputePath::Fast);
+        let executor = exec::choose(&a, &Device::Cpu, ComputePath::Fast, KernelOptions::default());
         let mut grid = GridEvaluator::new(&a, &trained, &sets, &calibration, &*executor, true);
         let baseline = grid.baseline().unwrap();
         assert_eq!(baseline, sets.map(|s| executor.evaluate(&trained, s).unwrap()));

@@ -19,6 +19,7 @@ use crate::data::Split;
 use crate::device;
 use crate::eval::{Accumulator, EvalSet};
 use crate::exec::{self, Trainer};
+use crate::kernels::KernelOptions;
 use crate::model::{Architecture, State};
 use crate::optim::{self, OptimizerState, StepAt};
 use crate::progress;
@@ -176,7 +177,7 @@ pub fn run(job: &TrainJob<'_>, initial: State) -> Result<TrainSummary> {
     let ckpt_dir = job.out_dir.join("checkpoints");
     let resume = resume_path(job.out_dir);
 
-    let executor = exec::choose(job.arch, job.device, cfg.compute);
+    let executor = exec::choose(job.arch, job.device, cfg.compute, KernelOptions::with_tf32(cfg.tf32));
     let optimizer = || optim::from_settings(cfg);
     let (mut trainer, mut history, start_epoch, mut step, resumed_from) =
         match load_resume(&resume, job.key, job.arch, job.device)? {
@@ -451,7 +452,7 @@ mod tests {
         let (trained, _) =
             checkpoint::load(&paths::checkpoint_in(&out.path().join("checkpoints"), 2), &arch, &dev).unwrap();
 
-        let candle = exec::candle::Candle { arch: &arch, device: dev.clone() };
+        let candle = exec::candle::Candle { arch: &arch, device: dev.clone(), kernels: KernelOptions::default() };
         let mut trainer = exec::Executor::trainer(&candle, &initial, optim::from_settings(&cfg), None).unwrap();
         let (mut step, mut losses) = (0, Vec::new());
         for epoch in 1..=2 {
@@ -480,7 +481,7 @@ mod tests {
             assert_eq!(record.train_error, Some(m.error), "epoch {}", record.epoch);
         }
         // And the test metrics are those of an evaluation from host batches.
-        let host_test = exec::choose(&arch, &dev, ComputePath::Fast)
+        let host_test = exec::choose(&arch, &dev, ComputePath::Fast, KernelOptions::default())
             .evaluate(&host, &EvalSet::new(&test, (0..10).collect(), 4))
             .unwrap();
         assert!(

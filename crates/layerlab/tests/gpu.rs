@@ -14,14 +14,16 @@ use candle_core::{DType, Device, Tensor};
 use layerlab::config::{ModelConfig, TrainConfig};
 use layerlab::device::{select, DeviceChoice, HAS_CUDA};
 use layerlab::kernels::pixels::Shift;
+use layerlab::kernels::KernelOptions;
 use layerlab::model::{Architecture, BnMode, State};
 use layerlab::pipeline::{Arch, ComputePath};
 use layerlab::resident::ResidentSplit;
 use rand_core::RngCore;
 
-/// The GPU, held by one test at a time: some tests switch layerlab's GPU kernels off and back on
-/// (process-wide switches such as `backward::ENABLED`), and a test running beside them would
-/// train with the switch off. So `cargo test` needs no `--test-threads 1` to be right.
+/// The GPU, held by one test at a time: one test fills the card's memory on purpose, and a test
+/// running beside it would run out. So `cargo test` needs no `--test-threads 1` to be right.
+/// (Which of layerlab's GPU kernels a test uses is a `KernelOptions` value it hands to the
+/// executor, not a process-wide switch.)
 struct Gpu {
     device: Device,
     _turn: std::sync::MutexGuard<'static, ()>,
@@ -78,7 +80,7 @@ fn train_cfg() -> TrainConfig {
 
 /// `steps` SGD steps from `state` on `device`; the state after them, on the CPU.
 fn trained(arch: &Architecture, input: [usize; 3], state: &State, device: &Device, steps: u64) -> State {
-    trained_on(arch, input, state, device, steps, ComputePath::Fast)
+    trained_on(arch, input, state, device, steps, ComputePath::Fast, KernelOptions::default())
 }
 
 fn trained_on(
@@ -88,10 +90,11 @@ fn trained_on(
     device: &Device,
     steps: u64,
     path: ComputePath,
+    kernels: KernelOptions,
 ) -> State {
     let on_device: State = state.iter().map(|(k, v)| (k.clone(), v.to_device(device).unwrap())).collect();
     let cfg = train_cfg();
-    let executor = layerlab::exec::choose(arch, device, path);
+    let executor = layerlab::exec::choose(arch, device, path, kernels);
     let mut trainer = executor.trainer(&on_device, layerlab::optim::from_settings(&cfg), None).unwrap();
     for step in 0..steps {
         let (pixels, labels, shape) = batch(16, input, 100 + step);
@@ -152,14 +155,12 @@ fn training_steps_match_the_cpu() {
 #[test]
 #[cfg_attr(not(feature = "cuda"), ignore = "needs a GPU: a build with CUDA (cargo xtask test --gpu)")]
 fn the_taped_backward_pass_gives_candles_autograd_values() {
-    use std::sync::atomic::Ordering::Relaxed;
     let gpu = gpu("the_taped_backward_pass_gives_candles_autograd_values");
     for (arch, input) in networks() {
         let initial = arch.initial_state(7, &Device::Cpu).unwrap();
         let taped = trained(&arch, input, &initial, &gpu, 2);
-        layerlab::backward::ENABLED.store(false, Relaxed);
-        let autograd = trained(&arch, input, &initial, &gpu, 2);
-        layerlab::backward::ENABLED.store(true, Relaxed);
+        let no_tape = KernelOptions { taped_backward: false, ..KernelOptions::default() };
+        let autograd = trained_on(&arch, input, &initial, &gpu, 2, ComputePath::Fast, no_tape);
         let differing: Vec<String> = taped
             .iter()
             .filter_map(|(name, t)| {
@@ -199,7 +200,13 @@ fn evaluation_matches_the_cpu() {
         let forward = |device: &Device| {
             let on_device: State = state.iter().map(|(k, v)| (k.clone(), v.to_device(device).unwrap())).collect();
             let x = layerlab::model::images_to_tensor(&pixels, dims, device).unwrap();
-            values(&arch.forward(&on_device, &x, BnMode::Eval).unwrap().to_device(&Device::Cpu).unwrap())
+            values(
+                &arch
+                    .forward(&on_device, &x, BnMode::Eval, &KernelOptions::default())
+                    .unwrap()
+                    .to_device(&Device::Cpu)
+                    .unwrap(),
+            )
         };
         let gap = relative_gap(&forward(&Device::Cpu), &forward(&gpu));
         assert!(gap <= 1e-4, "{}: logits differ by {gap:e} (relative)", arch.name);
@@ -306,7 +313,7 @@ fn the_sgd_kernel_updates_every_tensor_as_the_cpu_does() {
         let updates: Vec<(&str, &candle_core::Var, &Tensor)> =
             tensors.iter().zip(&vars).zip(&grads).map(|(((name, ..), v), g)| (name.as_str(), v, g)).collect();
         let at = layerlab::optim::StepAt { lr: 0.05, number: 1 };
-        layerlab::optim::Optimizer::update_vars(&sgd, at, &updates, &mut momentum).unwrap();
+        layerlab::optim::Optimizer::update_vars(&sgd, at, &updates, &mut momentum, &KernelOptions::default()).unwrap();
         let p: Vec<Vec<u32>> = vars.iter().map(|v| bits(v.as_tensor())).collect();
         let m: Vec<Vec<u32>> = tensors.iter().map(|(name, ..)| bits(&momentum[&key(name)])).collect();
         (p, m)

@@ -18,14 +18,16 @@ use crate::batchnorm::CalibrationTensorSums;
 use crate::data::Split;
 use crate::eval::{EvalSet, Metrics, PendingMetrics};
 use crate::kernels::pixels::Shift;
+use crate::kernels::KernelOptions;
 use crate::model::{images_to_tensor, loss_and_correct, Architecture, BnMode, State};
 use crate::optim::{state_key, Optimizer, OptimizerState, StepAt};
 use crate::resident::ResidentSplit;
 
-/// A network on candle tensors on `device`.
+/// A network on candle tensors on `device`, through the GPU kernels `kernels` allows.
 pub struct Candle<'a> {
     pub arch: &'a Architecture,
     pub device: Device,
+    pub kernels: KernelOptions,
 }
 
 impl Executor for Candle<'_> {
@@ -38,7 +40,7 @@ impl Executor for Candle<'_> {
         let mut pending = PendingMetrics::default();
         for batch in set.device_batches(&self.device)? {
             let (x, y, n) = batch?;
-            let logits = self.arch.forward(&state, &x, BnMode::Eval)?;
+            let logits = self.arch.forward(&state, &x, BnMode::Eval, &self.kernels)?;
             let (loss, correct) = loss_and_correct(&logits, &y)?;
             pending.push(&loss, &correct, n);
         }
@@ -54,17 +56,17 @@ impl Executor for Candle<'_> {
         calibration: Option<&EvalSet<'_>>,
         on_progress: &mut dyn FnMut(),
     ) -> Result<Vec<Vec<Metrics>>> {
-        let arch = self.arch;
+        let (arch, kernels) = (self.arch, &self.kernels);
         // Each state is prepared for evaluation once (`Architecture::for_evaluation`).
         let trained = &arch.for_evaluation(trained)?;
         if let Some(cal) = calibration {
             let mut prefixes = Vec::new();
             for batch in cal.device_batches(&self.device)? {
                 let (x, _, _) = batch?;
-                prefixes.push(arch.forward_range(trained, &x, 0, entry, BnMode::Eval)?);
+                prefixes.push(arch.forward_range(trained, &x, 0, entry, BnMode::Eval, kernels)?);
             }
             for v in variants.iter_mut() {
-                recalibrate(arch, v, &prefixes, entry)?;
+                recalibrate(arch, v, &prefixes, entry, kernels)?;
             }
         }
         let prepared = variants.iter().map(|v| arch.for_evaluation(v)).collect::<Result<Vec<_>>>()?;
@@ -73,9 +75,9 @@ impl Executor for Candle<'_> {
             let mut pending: Vec<PendingMetrics> = variants.iter().map(|_| PendingMetrics::default()).collect();
             for batch in set.device_batches(&self.device)? {
                 let (x, y, n) = batch?;
-                let prefix = arch.forward_range(trained, &x, 0, entry, BnMode::Eval)?;
+                let prefix = arch.forward_range(trained, &x, 0, entry, BnMode::Eval, kernels)?;
                 for (state, p) in prepared.iter().zip(pending.iter_mut()) {
-                    let logits = arch.forward_range(state, &prefix, entry, arch.layers.len(), BnMode::Eval)?;
+                    let logits = arch.forward_range(state, &prefix, entry, arch.layers.len(), BnMode::Eval, kernels)?;
                     let (loss, correct) = loss_and_correct(&logits, &y)?;
                     p.push(&loss, &correct, n);
                 }
@@ -92,18 +94,24 @@ impl Executor for Candle<'_> {
         optimizer: Box<dyn Optimizer>,
         resumed: Option<&OptimizerState>,
     ) -> Result<Box<dyn Trainer>> {
-        Ok(Box::new(CandleTrainer::new(self.arch, state, optimizer, resumed, &self.device)?))
+        Ok(Box::new(CandleTrainer::new(self.arch, state, optimizer, resumed, &self.device, self.kernels)?))
     }
 }
 
 /// Running statistics recomputed as a cumulative average over calibration batches (PyTorch's
 /// `momentum=None`), for every BatchNorm in layers `from..`; `prefixes` are the batches'
 /// activations entering layer `from`.
-fn recalibrate(arch: &Architecture, state: &mut State, prefixes: &[Tensor], from: usize) -> Result<()> {
+fn recalibrate(
+    arch: &Architecture,
+    state: &mut State,
+    prefixes: &[Tensor],
+    from: usize,
+    kernels: &KernelOptions,
+) -> Result<()> {
     let mut sums = CalibrationTensorSums::default();
     for x in prefixes {
         let mut updates = Vec::new();
-        arch.forward_range(state, x, from, arch.layers.len(), BnMode::Calibrate(&mut updates))?;
+        arch.forward_range(state, x, from, arch.layers.len(), BnMode::Calibrate(&mut updates), kernels)?;
         for (name, t) in updates {
             sums.add(name, t)?;
         }
@@ -127,6 +135,7 @@ pub struct CandleTrainer {
     taped: Option<Tensor>,
     /// The training examples on the device, from [`Trainer::prepare`].
     resident: Option<ResidentSplit>,
+    kernels: KernelOptions,
 }
 
 impl CandleTrainer {
@@ -136,6 +145,7 @@ impl CandleTrainer {
         optimizer: Box<dyn Optimizer>,
         resumed: Option<&OptimizerState>,
         device: &Device,
+        kernels: KernelOptions,
     ) -> Result<CandleTrainer> {
         let mut params = Vec::new();
         let mut buffers = BTreeMap::new();
@@ -156,7 +166,8 @@ impl CandleTrainer {
                 buffers.insert(spec.name.clone(), t.clone());
             }
         }
-        let taped = if crate::backward::used_on(device) { Some(CandleTrainer::upstream(device)?) } else { None };
+        let taped =
+            if crate::backward::used_on(device, &kernels) { Some(CandleTrainer::upstream(device)?) } else { None };
         Ok(CandleTrainer {
             arch: arch.clone(),
             device: device.clone(),
@@ -166,6 +177,7 @@ impl CandleTrainer {
             buffers,
             taped,
             resident: None,
+            kernels,
         })
     }
 
@@ -198,7 +210,7 @@ impl CandleTrainer {
     fn update<'g>(&mut self, grad_of: impl Fn(&str, &Var) -> Option<&'g Tensor>, at: StepAt) -> Result<()> {
         let updates: Vec<(&str, &Var, &Tensor)> =
             self.params.iter().filter_map(|(name, var)| grad_of(name, var).map(|g| (name.as_str(), var, g))).collect();
-        self.optimizer.update_vars(at, &updates, &mut self.optimizer_state)
+        self.optimizer.update_vars(at, &updates, &mut self.optimizer_state, &self.kernels)
     }
 }
 
@@ -275,17 +287,17 @@ impl Trainer for CandleTrainer {
     /// A non-finite loss is the caller's to find when it reads the loss (the update is made
     /// anyway: training stops there).
     fn step_on_device(&mut self, x: &Tensor, y: &Tensor, at: StepAt) -> Result<(Tensor, Tensor)> {
-        let arch = &self.arch;
+        let (arch, kernels) = (&self.arch, &self.kernels);
         let mut bn_updates = Vec::new();
         let (loss, correct) = match self.taped.clone() {
             Some(upstream) => {
                 let (loss, correct, grads) =
-                    arch.loss_and_gradients(&self.detached_state(), x, y, &upstream, &mut bn_updates)?;
+                    arch.loss_and_gradients(&self.detached_state(), x, y, &upstream, &mut bn_updates, kernels)?;
                 self.update(|name, _| grads.get(name), at)?;
                 (loss, correct)
             }
             None => {
-                let logits = arch.forward(&self.current_state(), x, BnMode::Train(&mut bn_updates))?;
+                let logits = arch.forward(&self.current_state(), x, BnMode::Train(&mut bn_updates), kernels)?;
                 let (loss, correct) = loss_and_correct(&logits, y)?;
                 let grads = loss.backward()?;
                 self.update(|_, var| grads.get(var.as_tensor()), at)?;

@@ -22,13 +22,19 @@ use candle_core::{Device, Tensor};
 use crate::batches::EpochBatches;
 use crate::cnn::LayerTimes;
 use crate::eval::{EvalSet, Metrics};
+use crate::kernels::KernelOptions;
 use crate::model::{Architecture, State};
 use crate::optim::{Optimizer, OptimizerState, StepAt};
 use layerlab_pipeline::ComputePath;
 
 /// The executor for `arch` on `device` under `train.compute`: the host's kernels where they
-/// apply (the CPU, `fast`), candle otherwise.
-pub fn choose<'a>(arch: &'a Architecture, device: &Device, compute: ComputePath) -> Box<dyn Executor + 'a> {
+/// apply (the CPU, `fast`), candle otherwise, through the GPU kernels `kernels` allows.
+pub fn choose<'a>(
+    arch: &'a Architecture,
+    device: &Device,
+    compute: ComputePath,
+    kernels: KernelOptions,
+) -> Box<dyn Executor + 'a> {
     let host = device.is_cpu() && compute == ComputePath::Fast;
     if host {
         if let Some(mlp) = host_mlp::HostMlp::of(arch) {
@@ -38,7 +44,7 @@ pub fn choose<'a>(arch: &'a Architecture, device: &Device, compute: ComputePath)
             return Box::new(host_cnn::HostCnn { arch });
         }
     }
-    Box::new(candle::Candle { arch, device: device.clone() })
+    Box::new(candle::Candle { arch, device: device.clone(), kernels })
 }
 
 /// One batch's mean loss, its errors and its examples.

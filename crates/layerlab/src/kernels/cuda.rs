@@ -30,9 +30,6 @@ use cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
 /// The CUDA source of every kernel here.
 pub const SOURCE: &str = include_str!("cuda.cu");
 
-/// Off: the SGD update runs as candle tensor ops, to cross-check its kernel in the GPU tests.
-pub static SGD_ENABLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
-
 const MODULE: &str = "layerlab";
 
 /// [`SOURCE`] compiled by NVRTC to PTX, once per process. NVRTC is a compiler library: this

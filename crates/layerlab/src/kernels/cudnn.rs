@@ -138,7 +138,8 @@ impl Drop for Plan {
 
 thread_local! {
     static HANDLES: RefCell<HashMap<candle_core::cuda_backend::DeviceId, Rc<Handle>>> = RefCell::new(HashMap::new());
-    static PLANS: RefCell<HashMap<(candle_core::cuda_backend::DeviceId, Geometry), Rc<Plan>>> =
+    /// Plans by device, shapes and whether TF32 is allowed.
+    static PLANS: RefCell<HashMap<(candle_core::cuda_backend::DeviceId, Geometry, bool), Rc<Plan>>> =
         RefCell::new(HashMap::new());
 }
 
@@ -158,12 +159,12 @@ fn handle(dev: &CudaDevice) -> candle_core::Result<Rc<Handle>> {
     })
 }
 
-fn plan(dev: &CudaDevice, g: Geometry) -> candle_core::Result<Rc<Plan>> {
-    if let Some(p) = PLANS.with(|plans| plans.borrow().get(&(dev.id(), g)).cloned()) {
+fn plan(dev: &CudaDevice, g: Geometry, tf32: bool) -> candle_core::Result<Rc<Plan>> {
+    if let Some(p) = PLANS.with(|plans| plans.borrow().get(&(dev.id(), g, tf32)).cloned()) {
         return Ok(p);
     }
-    let p = Rc::new(Plan::new(handle(dev)?, g)?);
-    PLANS.with(|plans| plans.borrow_mut().insert((dev.id(), g), p.clone()));
+    let p = Rc::new(Plan::new(handle(dev)?, g, tf32)?);
+    PLANS.with(|plans| plans.borrow_mut().insert((dev.id(), g, tf32), p.clone()));
     Ok(p)
 }
 
@@ -171,7 +172,9 @@ const F32: sys::cudnnDataType_t = sys::cudnnDataType_t::CUDNN_DATA_FLOAT;
 const NCHW: sys::cudnnTensorFormat_t = sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
 
 impl Plan {
-    fn new(handle: Rc<Handle>, g: Geometry) -> candle_core::Result<Plan> {
+    /// The descriptors and algorithms for shapes `g`; with `tf32`, cuDNN may use TF32 tensor
+    /// cores (`train.tf32`), else it stays in f32.
+    fn new(handle: Rc<Handle>, g: Geometry, tf32: bool) -> candle_core::Result<Plan> {
         let mut plan = Plan {
             handle,
             x: made(result::create_tensor_descriptor(), "descriptor")?,
@@ -192,7 +195,7 @@ impl Plan {
             check(result::set_convolution2d_descriptor(plan.conv, p, p, s, s, 1, 1, cross, F32), "convolution")?;
             // FMA math keeps cuDNN in f32; default math lets it use TF32 tensor cores.
             let math =
-                if tf32() { sys::cudnnMathType_t::CUDNN_DEFAULT_MATH } else { sys::cudnnMathType_t::CUDNN_FMA_MATH };
+                if tf32 { sys::cudnnMathType_t::CUDNN_DEFAULT_MATH } else { sys::cudnnMathType_t::CUDNN_FMA_MATH };
             check(result::set_convolution_math_type(plan.conv, math), "math type")?;
         }
         let (k, stride, c) = (g.w[2], g.stride, g.x[1]);
@@ -217,13 +220,13 @@ impl Plan {
             _ => F::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1,
         };
         let all = listed(&plan)?;
-        if let Algo::Forward(algo) = choose(&all, Algo::Forward(forward)) {
+        if let Algo::Forward(algo) = choose(&all, Algo::Forward(forward), tf32) {
             plan.forward = (algo, workspace(&plan, Algo::Forward(algo))?);
         }
-        if let Algo::GradInput(algo) = choose(&all, Algo::GradInput(grad_input)) {
+        if let Algo::GradInput(algo) = choose(&all, Algo::GradInput(grad_input), tf32) {
             plan.grad_input = (algo, workspace(&plan, Algo::GradInput(algo))?);
         }
-        if let Algo::GradWeight(algo) = choose(&all, Algo::GradWeight(grad_weight)) {
+        if let Algo::GradWeight(algo) = choose(&all, Algo::GradWeight(grad_weight), tf32) {
             plan.grad_weight = (algo, workspace(&plan, Algo::GradWeight(algo))?);
         }
         Ok(plan)
@@ -292,9 +295,10 @@ fn listed(plan: &Plan) -> candle_core::Result<Vec<Listed>> {
 
 /// `preferred` when cuDNN lists it as usable, else the first usable algorithm it lists for the
 /// same pass, else `preferred` all the same (cuDNN then says what is wrong when it runs).
-fn choose(all: &[Listed], preferred: Algo) -> Algo {
+fn choose(all: &[Listed], preferred: Algo, tf32: bool) -> Algo {
     let pass = std::mem::discriminant(&preferred);
-    let usable_here = |l: &&Listed| std::mem::discriminant(&l.algo) == pass && usable(l.status, l.determinism, l.math);
+    let usable_here =
+        |l: &&Listed| std::mem::discriminant(&l.algo) == pass && usable(l.status, l.determinism, l.math, tf32);
     all.iter()
         .filter(usable_here)
         .find(|l| l.algo == preferred)
@@ -317,24 +321,21 @@ fn workspace(plan: &Plan, algo: Algo) -> candle_core::Result<usize> {
 }
 
 /// An algorithm that ran in the heuristics, gives the same bytes every time, and computes in f32
-/// (or uses tensor cores, where [`TF32`] allows it).
-fn usable(status: sys::cudnnStatus_t, determinism: sys::cudnnDeterminism_t, math: sys::cudnnMathType_t) -> bool {
+/// (or uses tensor cores, where `tf32` allows it).
+fn usable(
+    status: sys::cudnnStatus_t,
+    determinism: sys::cudnnDeterminism_t,
+    math: sys::cudnnMathType_t,
+    tf32: bool,
+) -> bool {
     status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS
         && determinism == sys::cudnnDeterminism_t::CUDNN_DETERMINISTIC
-        && (tf32()
+        && (tf32
             || !matches!(
                 math,
                 sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH
                     | sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION
             ))
-}
-
-/// On: convolutions may use TF32 (`train.tf32`, set through [`crate::device::allow_tf32`] before
-/// the first convolution; plans made before a change keep their math).
-pub static TF32: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-fn tf32() -> bool {
-    TF32.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Which of the three passes a [`CudnnConv`] op runs.
@@ -348,11 +349,13 @@ enum Pass {
     GradWeight { k: usize },
 }
 
-/// One pass of a convolution with square kernels, equal padding and one stride, on f32.
+/// One pass of a convolution with square kernels, equal padding and one stride, on f32; with
+/// `tf32`, cuDNN may round its inputs to TF32.
 struct CudnnConv {
     padding: usize,
     stride: usize,
     pass: Pass,
+    tf32: bool,
 }
 
 impl CustomOp2 for CudnnConv {
@@ -389,7 +392,7 @@ impl CustomOp2 for CudnnConv {
             Pass::GradInput { h, w } => Geometry::new(&[d1[0], d2[1], h, w], d2, self.padding, self.stride)?,
             Pass::GradWeight { k } => Geometry::new(d1, &[d2[1], d1[1], k, k], self.padding, self.stride)?,
         };
-        let plan = plan(&dev, g)?;
+        let plan = plan(&dev, g, self.tf32)?;
         let (out_dims, workspace_bytes) = match self.pass {
             Pass::Forward => (g.y(), plan.forward.1),
             Pass::GradInput { .. } => (g.x, plan.grad_input.1),
@@ -427,8 +430,9 @@ impl CustomOp2 for CudnnConv {
         let dy = dy.contiguous()?;
         let (_, _, h, wd) = x.dims4()?;
         // The input gradient of the first layer (the images) is never used: skip it.
-        let dx = if x.track_op() { Some(grad_input(&dy, w, self.padding, self.stride, (h, wd))?) } else { None };
-        let dw = grad_weight(x, &dy, self.padding, self.stride, w.dim(2)?)?;
+        let (p, s, tf32) = (self.padding, self.stride, self.tf32);
+        let dx = if x.track_op() { Some(grad_input(&dy, w, p, s, (h, wd), tf32)?) } else { None };
+        let dw = grad_weight(x, &dy, p, s, w.dim(2)?, tf32)?;
         Ok((dx, Some(dw)))
     }
 }
@@ -484,7 +488,8 @@ fn run(
 
 /// Every algorithm cuDNN's heuristics list for the three passes of one convolution, each timed
 /// (the best of 5 runs after 2), as JSON lines: what `layerlab-bench cudnn` prints to choose
-/// the rule in [`Plan::new`] from. `device` must be a GPU.
+/// the rule in [`Plan::new`] from, in f32 (TF32 not allowed, as training by default). `device`
+/// must be a GPU.
 pub fn survey(
     device: &candle_core::Device,
     x: [usize; 4],
@@ -494,7 +499,7 @@ pub fn survey(
 ) -> anyhow::Result<Vec<serde_json::Value>> {
     let dev = device.as_cuda_device()?.clone();
     let g = Geometry::new(&x, &w, padding, stride)?;
-    let plan = Plan::new(handle(&dev)?, g)?;
+    let plan = Plan::new(handle(&dev)?, g, false)?;
     let y = g.y().map(|v| v as usize);
     let random = |shape: [usize; 4]| Tensor::rand(-1f32, 1f32, shape.to_vec(), device);
     let (xt, wt, dyt) = (random(x)?, random(w)?, random(y)?);
@@ -547,22 +552,19 @@ pub fn survey(
     Ok(lines)
 }
 
-/// Off: GPU convolutions go through candle's own (cuDNN forward, naive input gradient), to
-/// cross-check this path in the GPU tests.
-pub static ENABLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
-
-/// Whether [`conv2d`] takes these operands: f32 on one CUDA device.
+/// Whether [`conv2d`] takes these operands: f32 on one CUDA device. (Whether it should is the
+/// caller's `KernelOptions::cudnn_conv`; off, convolutions go through candle's own.)
 pub fn applies(x: &Tensor, weight: &Tensor) -> bool {
-    ENABLED.load(std::sync::atomic::Ordering::Relaxed)
-        && x.device().is_cuda()
+    x.device().is_cuda()
         && x.device().same_device(weight.device())
         && x.dtype() == DType::F32
         && weight.dtype() == DType::F32
 }
 
-/// `x` [n, cin, h, w] ⊛ `weight` [cout, cin, k, k] through cuDNN, with its backward.
-pub fn conv2d(x: &Tensor, weight: &Tensor, padding: usize, stride: usize) -> candle_core::Result<Tensor> {
-    x.contiguous()?.apply_op2(&weight.contiguous()?, CudnnConv { padding, stride, pass: Pass::Forward })
+/// `x` [n, cin, h, w] ⊛ `weight` [cout, cin, k, k] through cuDNN, with its backward; TF32
+/// allowed when `tf32`.
+pub fn conv2d(x: &Tensor, weight: &Tensor, padding: usize, stride: usize, tf32: bool) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op2(&weight.contiguous()?, CudnnConv { padding, stride, pass: Pass::Forward, tf32 })
 }
 
 /// The input gradient alone: `dy` [n, cout, ho, wo] and `weight` to [n, cin, h, w].
@@ -572,27 +574,30 @@ pub fn grad_input(
     padding: usize,
     stride: usize,
     (h, w): (usize, usize),
+    tf32: bool,
 ) -> candle_core::Result<Tensor> {
-    let op = CudnnConv { padding, stride, pass: Pass::GradInput { h, w } };
+    let op = CudnnConv { padding, stride, pass: Pass::GradInput { h, w }, tf32 };
     dy.contiguous()?.apply_op2_no_bwd(&weight.contiguous()?, &op)
 }
 
 /// The weight gradient alone: `x` [n, cin, h, w] and `dy` [n, cout, ho, wo] to [cout, cin, k, k].
-pub fn grad_weight(x: &Tensor, dy: &Tensor, padding: usize, stride: usize, k: usize) -> candle_core::Result<Tensor> {
-    let op = CudnnConv { padding, stride, pass: Pass::GradWeight { k } };
+pub fn grad_weight(
+    x: &Tensor,
+    dy: &Tensor,
+    padding: usize,
+    stride: usize,
+    k: usize,
+    tf32: bool,
+) -> candle_core::Result<Tensor> {
+    let op = CudnnConv { padding, stride, pass: Pass::GradWeight { k }, tf32 };
     x.contiguous()?.apply_op2_no_bwd(&dy.contiguous()?, &op)
 }
 
-/// Off: training-mode BatchNorm on a GPU runs as candle ops, to cross-check
-/// [`batch_norm_train`] in the GPU tests.
-pub static BATCH_NORM_ENABLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
-
 /// Whether [`batch_norm_train`] takes this activation tensor: f32 [n, c, h, w] on a GPU.
+/// (Whether it should is the caller's `KernelOptions::cudnn_batch_norm`; off, training-mode
+/// BatchNorm runs as candle ops.)
 pub fn batch_norm_applies(x: &Tensor) -> bool {
-    BATCH_NORM_ENABLED.load(std::sync::atomic::Ordering::Relaxed)
-        && x.device().is_cuda()
-        && x.dtype() == DType::F32
-        && x.rank() == 4
+    x.device().is_cuda() && x.dtype() == DType::F32 && x.rank() == 4
 }
 
 /// Training-mode BatchNorm of `x` [n, c, h, w] with `weight` and `bias` [c] through cuDNN

@@ -7,7 +7,9 @@
 //! - [`norm`]: BatchNorm in training and evaluation mode, fused;
 //! - [`layers`]: ReLU, 2×2 max-pooling and the bias gradient;
 //! - [`pixels`]: a batch gathered from u8 images by position, augmented and scaled;
-//! - [`loss`]: softmax cross-entropy with the count of right predictions, fused.
+//! - [`loss`]: softmax cross-entropy with the count of right predictions, fused;
+//! - [`options`]: which of our GPU kernels a computation uses ([`KernelOptions`]), a value
+//!   handed down to every call that picks one.
 //!
 //! With the `cuda` feature, for tensors on a GPU: `cudnn` (convolution and training-mode
 //! BatchNorm through cuDNN) and `cuda` (the SGD update, ReLU, the max-pool and the batch gather,
@@ -32,7 +34,10 @@ pub mod gemm;
 pub mod layers;
 pub mod loss;
 pub mod norm;
+pub mod options;
 pub mod pixels;
+
+pub use options::KernelOptions;
 
 pub use conv2d::{conv2d, conv2d_backward, conv2d_bias, conv2d_candle, conv2d_grad_input, conv2d_grad_weight};
 

@@ -11,6 +11,7 @@ use crate::data;
 use crate::device;
 use crate::eval::{EvalSet, Metrics};
 use crate::exec;
+use crate::kernels::KernelOptions;
 use crate::model::{Architecture, State};
 use crate::progress;
 use crate::random;
@@ -84,7 +85,7 @@ pub fn run(ctx: &StageContext, seed: u64) -> Result<Outcome> {
     let named = |e| device::name_memory_settings(e, &memory_settings);
 
     let eval_sets = [&test_set, &train_set];
-    let executor = exec::choose(&arch, &dev, exp.train.compute);
+    let executor = exec::choose(&arch, &dev, exp.train.compute, KernelOptions::with_tf32(exp.train.tf32));
     let mut grid =
         reset::GridEvaluator::new(&arch, trained, &eval_sets, &calibration, &*executor, exp.reset.prefix_reuse);
 

@@ -8,16 +8,19 @@ use super::geom::Geom;
 use super::ops::{Conv2d, Conv2dGradInput, Conv2dGradWeight};
 #[cfg(feature = "cuda")]
 use crate::kernels::cudnn;
-use crate::kernels::layers;
+use crate::kernels::{layers, KernelOptions};
 
 /// Square-kernel convolution with equal padding on every side (dilation 1, one group).
 ///
 /// `x` is [n, cin, h, w] and `weight` [cout, cin, k, k] (PyTorch layout). Gradients flow to both.
-pub fn conv2d(x: &Tensor, weight: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+/// On a GPU, `kernels` says whether cuDNN computes it (and may use TF32).
+pub fn conv2d(x: &Tensor, weight: &Tensor, padding: usize, stride: usize, kernels: &KernelOptions) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if cudnn::applies(x, weight) {
-        return Ok(cudnn::conv2d(x, weight, padding, stride)?);
+    if kernels.cudnn_conv && cudnn::applies(x, weight) {
+        return Ok(cudnn::conv2d(x, weight, padding, stride, kernels.tf32)?);
     }
+    #[cfg(not(feature = "cuda"))]
+    let _ = kernels;
     if fast_path_applies(x, weight, padding, stride) {
         let op = Conv2d { padding, stride };
         return Ok(x.contiguous()?.apply_op2(&weight.contiguous()?, op)?);
@@ -26,12 +29,19 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, padding: usize, stride: usize) -> Res
 }
 
 /// [`conv2d`] followed by a per-channel `bias` [cout], added inside the same op on the fast path.
-pub fn conv2d_bias(x: &Tensor, weight: &Tensor, bias: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+pub fn conv2d_bias(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    padding: usize,
+    stride: usize,
+    kernels: &KernelOptions,
+) -> Result<Tensor> {
     if fast_path_applies(x, weight, padding, stride) && bias.dtype() == DType::F32 && bias.device().is_cpu() {
         let op = Conv2d { padding, stride };
         return Ok(x.contiguous()?.apply_op3(&weight.contiguous()?, bias, op)?);
     }
-    Ok(conv2d(x, weight, padding, stride)?.broadcast_add(&bias.reshape((1, (), 1, 1))?)?)
+    Ok(conv2d(x, weight, padding, stride, kernels)?.broadcast_add(&bias.reshape((1, (), 1, 1))?)?)
 }
 
 /// The gradients of [`conv2d`] (`bias` `None`) or [`conv2d_bias`] at input `x`, from the
@@ -46,6 +56,7 @@ pub fn conv2d_backward(
     grad: &Tensor,
     (padding, stride): (usize, usize),
     need_input: bool,
+    kernels: &KernelOptions,
 ) -> Result<(Option<Tensor>, Tensor, Option<Tensor>)> {
     let fast = fast_path_applies(x, weight, padding, stride);
     let grad_bias = match bias {
@@ -63,10 +74,11 @@ pub fn conv2d_backward(
     let (_, _, h, w) = x.dims4()?;
     let k = weight.dim(2)?;
     #[cfg(feature = "cuda")]
-    if cudnn::applies(x, weight) {
-        let grad = grad.contiguous()?;
-        let grad_x = if need_input { Some(cudnn::grad_input(&grad, weight, padding, stride, (h, w))?) } else { None };
-        return Ok((grad_x, cudnn::grad_weight(x, &grad, padding, stride, k)?, grad_bias));
+    if kernels.cudnn_conv && cudnn::applies(x, weight) {
+        let (grad, tf32) = (grad.contiguous()?, kernels.tf32);
+        let grad_x =
+            if need_input { Some(cudnn::grad_input(&grad, weight, padding, stride, (h, w), tf32)?) } else { None };
+        return Ok((grad_x, cudnn::grad_weight(x, &grad, padding, stride, k, tf32)?, grad_bias));
     }
     if !fast {
         anyhow::bail!(
@@ -76,8 +88,9 @@ pub fn conv2d_backward(
         )
     }
     let grad = grad.contiguous()?;
-    let grad_x = if need_input { Some(conv2d_grad_input(&grad, weight, padding, stride, (h, w))?) } else { None };
-    Ok((grad_x, conv2d_grad_weight(x, &grad, padding, stride, k)?, grad_bias))
+    let grad_x =
+        if need_input { Some(conv2d_grad_input(&grad, weight, padding, stride, (h, w), kernels)?) } else { None };
+    Ok((grad_x, conv2d_grad_weight(x, &grad, padding, stride, k, kernels)?, grad_bias))
 }
 
 /// The input gradient of [`conv2d`] alone: `grad` [n, cout, ho, wo] and `weight` [cout, cin, k, k]
@@ -88,21 +101,33 @@ pub fn conv2d_grad_input(
     padding: usize,
     stride: usize,
     (h, w): (usize, usize),
+    kernels: &KernelOptions,
 ) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if cudnn::applies(grad, weight) {
-        return Ok(cudnn::grad_input(grad, weight, padding, stride, (h, w))?);
+    if kernels.cudnn_conv && cudnn::applies(grad, weight) {
+        return Ok(cudnn::grad_input(grad, weight, padding, stride, (h, w), kernels.tf32)?);
     }
+    #[cfg(not(feature = "cuda"))]
+    let _ = kernels;
     Ok(grad.contiguous()?.apply_op2_no_bwd(&weight.contiguous()?, &Conv2dGradInput { padding, stride, h, w })?)
 }
 
 /// The weight gradient of [`conv2d`] alone: `x` [n, cin, h, w] and `grad` [n, cout, ho, wo] to
 /// [cout, cin, k, k]. Timed by `layerlab-bench profile`.
-pub fn conv2d_grad_weight(x: &Tensor, grad: &Tensor, padding: usize, stride: usize, k: usize) -> Result<Tensor> {
+pub fn conv2d_grad_weight(
+    x: &Tensor,
+    grad: &Tensor,
+    padding: usize,
+    stride: usize,
+    k: usize,
+    kernels: &KernelOptions,
+) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if cudnn::applies(x, grad) {
-        return Ok(cudnn::grad_weight(x, grad, padding, stride, k)?);
+    if kernels.cudnn_conv && cudnn::applies(x, grad) {
+        return Ok(cudnn::grad_weight(x, grad, padding, stride, k, kernels.tf32)?);
     }
+    #[cfg(not(feature = "cuda"))]
+    let _ = kernels;
     Ok(x.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &Conv2dGradWeight { padding, stride, k })?)
 }
 
@@ -148,6 +173,11 @@ pub(crate) mod tests {
     }
 
     type ConvFn = fn(&Tensor, &Tensor, usize, usize) -> Result<Tensor>;
+
+    /// Our convolution with the default kernel options (on the CPU they change nothing).
+    fn ours(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+        conv2d(x, w, padding, stride, &KernelOptions::default())
+    }
 
     /// Output, input gradient and weight gradient of `sum(conv(x, w) * r)`.
     fn run(f: ConvFn, x: &Tensor, w: &Tensor, r: &Tensor, pad: usize, stride: usize) -> [Tensor; 3] {
@@ -197,7 +227,7 @@ pub(crate) mod tests {
             let ho = (h + 2 * pad - k) / stride + 1;
             let wo = (w + 2 * pad - k) / stride + 1;
             let r = random(&[n, o, ho, wo], 3 * i as u64 + 3);
-            let ours = run(conv2d, &x, &wt, &r, pad, stride);
+            let ours = run(ours, &x, &wt, &r, pad, stride);
             let reference = run(conv2d_candle, &x, &wt, &r, pad, stride);
             for (what, a, b) in [("output", 0, 0), ("input grad", 1, 1), ("weight grad", 2, 2)] {
                 let d = max_rel_diff(&ours[a], &reference[b]);
@@ -220,7 +250,7 @@ pub(crate) mod tests {
             let wt = random(&[o, c, k, k], 50 + i as u64);
             let (ho, wo) = ((h + 2 * pad - k) / 2 + 1, (w + 2 * pad - k) / 2 + 1);
             let r = random(&[n, o, ho, wo], 60 + i as u64);
-            let [y, gx, gw] = run(conv2d, &x, &wt, &r, pad, 2);
+            let [y, gx, gw] = run(ours, &x, &wt, &r, pad, 2);
             let dot = |a: &Tensor, b: &Tensor| (a * b).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
             let loss = dot(&y, &r);
             assert!((dot(&x, &gx) - loss).abs() < 1e-4 * loss.abs().max(1.0), "case {i}: input gradient");
@@ -243,7 +273,7 @@ pub(crate) mod tests {
                 g.get(vars[2].as_tensor()).unwrap().clone(),
             ]
         };
-        let ours = grads(&|x, w, b| conv2d_bias(x, w, b, 1, 1).unwrap());
+        let ours = grads(&|x, w, b| conv2d_bias(x, w, b, 1, 1, &KernelOptions::default()).unwrap());
         let theirs = grads(&|x, w, b| {
             conv2d_candle(x, w, 1, 1).unwrap().broadcast_add(&b.reshape((1, (), 1, 1)).unwrap()).unwrap()
         });
@@ -256,7 +286,7 @@ pub(crate) mod tests {
     fn strided_inputs_are_read_through_their_layout() {
         let x = random(&[2, 3, 6, 5], 11).transpose(2, 3).unwrap();
         let w = random(&[4, 3, 3, 3], 12).transpose(2, 3).unwrap();
-        let ours = conv2d(&x, &w, 1, 1).unwrap();
+        let ours = conv2d(&x, &w, 1, 1, &KernelOptions::default()).unwrap();
         let reference = conv2d_candle(&x, &w, 1, 1).unwrap();
         assert!(max_rel_diff(&ours, &reference) < 1e-4);
         // The op itself, fed a strided layout directly.
@@ -274,7 +304,7 @@ pub(crate) mod tests {
             let r = random(&[37, 16, out, out], 23);
             let on = |threads: usize| {
                 let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-                pool.install(|| run(conv2d, &x, &w, &r, 1, stride))
+                pool.install(|| run(ours, &x, &w, &r, 1, stride))
                     .map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
             };
             let one = on(1);
@@ -288,7 +318,7 @@ pub(crate) mod tests {
     fn other_dtypes_fall_back_to_candle() {
         let x = random(&[1, 2, 5, 5], 31).to_dtype(DType::F64).unwrap();
         let w = random(&[3, 2, 3, 3], 32).to_dtype(DType::F64).unwrap();
-        let y = conv2d(&x, &w, 1, 1).unwrap();
+        let y = conv2d(&x, &w, 1, 1, &KernelOptions::default()).unwrap();
         assert_eq!((y.dims(), y.dtype()), (&[1, 3, 5, 5][..], DType::F64));
     }
 }
