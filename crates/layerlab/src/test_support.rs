@@ -32,8 +32,13 @@ pub(crate) fn random_split(n: usize, shape: [usize; 3], seed: u64) -> Split {
 
 /// The f32 bits of a tensor's values, whatever its device and float type.
 pub(crate) fn bits(t: &Tensor) -> Vec<u32> {
+    values(t).iter().map(|v| v.to_bits()).collect()
+}
+
+/// A tensor's values as f32, whatever its device and float type.
+pub(crate) fn values(t: &Tensor) -> Vec<f32> {
     let values = t.to_device(&Device::Cpu).and_then(|t| t.to_dtype(DType::F32)).and_then(|t| t.flatten_all());
-    values.and_then(|t| t.to_vec1::<f32>()).expect("a float tensor").iter().map(|v| v.to_bits()).collect()
+    values.and_then(|t| t.to_vec1::<f32>()).expect("a float tensor")
 }
 
 /// Every tensor of a state as its bits, by name: two states compare equal only bit for bit.

