@@ -8,7 +8,15 @@ use std::time::{Duration, Instant};
 
 use layerlab_tests::{bins, history_digest, mnist_datasets, run_bin, sha256_file, text};
 
+/// SGD's settings in the tests' experiment.
+const SGD: &str = "lr = 0.05\nnesterov = true";
+
 fn config(dir: &Path, arch_extra: &str) -> std::path::PathBuf {
+    config_with(dir, arch_extra, SGD)
+}
+
+/// The tests' experiment with `optimizer` lines (the optimizer and its settings) in `[train]`.
+fn config_with(dir: &Path, arch_extra: &str, optimizer: &str) -> std::path::PathBuf {
     let cfg = format!(
         r#"data_dir = "{}"
 datasets_dir = "{}"
@@ -23,8 +31,7 @@ width = 48
 {arch_extra}
 [experiment.train]
 epochs = 4
-lr = 0.05
-nesterov = true
+{optimizer}
 weight_decay = 1e-4
 checkpoints = [0, 2]
 train_examples = 12000
@@ -55,9 +62,21 @@ fn train(config: &Path) -> std::process::Output {
 
 #[test]
 fn same_settings_give_identical_checkpoints_and_a_killed_run_resumes_exactly() {
+    identical_runs_and_an_exact_resume(SGD);
+}
+
+/// Adam's two buffers per tensor go into the resume file and come back bit for bit, as SGD's
+/// momentum does (AdamW: its decoupled weight decay as well).
+#[test]
+fn an_adam_run_killed_and_resumed_equals_an_unbroken_one() {
+    identical_runs_and_an_exact_resume("optimizer = \"adam\"\nlr = 0.002");
+    identical_runs_and_an_exact_resume("optimizer = \"adamw\"\nlr = 0.002");
+}
+
+fn identical_runs_and_an_exact_resume(optimizer: &str) {
     let (a, b, c) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     for d in [&a, &b] {
-        let out = train(&config(d.path(), ""));
+        let out = train(&config_with(d.path(), "", optimizer));
         assert!(out.status.success(), "{}", text(&out));
     }
     let reference = checkpoint_hashes(a.path());
@@ -66,7 +85,7 @@ fn same_settings_give_identical_checkpoints_and_a_killed_run_resumes_exactly() {
     assert_eq!(checkpoint_hashes(b.path()), reference, "two runs of the same settings differ");
 
     // Kill -9 as soon as the first epoch's resume point exists, then run again to the end.
-    let cfg = config(c.path(), "");
+    let cfg = config_with(c.path(), "", optimizer);
     let resume = c.path().join("data/runs/det/seed-4/train/resume.safetensors");
     let mut child = Command::new(bins().join("train"))
         .args(["--config", cfg.to_str().unwrap(), "-e", "det", "-s", "4"])

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::settings::{Arch, BnStats, ComputePath, Dataset, ResetMode, Schedule, WeightInit};
+use crate::settings::{Arch, BnStats, ComputePath, Dataset, OptimizerKind, ResetMode, Schedule, WeightInit};
 
 /// Declares a settings section twice: a `Partial*` form where every key may be missing (what the
 /// file holds) and a resolved form with every value filled in.
@@ -88,6 +88,8 @@ section! {
     TrainConfig / PartialTrain {
         epochs: u32 = 40,
         batch_size: u32 = 128,
+        /// The learning rate (PyTorch's default for Adam and AdamW, 0.001, when they are chosen
+        /// and `lr` is not set).
         lr: f64 = 0.01,
         /// `constant`, `step`, `cosine`.
         schedule: Schedule = Schedule::Constant,
@@ -96,8 +98,23 @@ section! {
         lr_gamma: f64 = 0.1,
         /// Linear warm-up from 0 over this many epochs (0: none).
         warmup_epochs: u32 = 0,
+        /// `sgd`, `adam` or `adamw`, with PyTorch's semantics and defaults. In the key only when
+        /// not `sgd`, so that earlier keys hold.
+        #[serde(skip_serializing_if = "OptimizerKind::is_sgd")]
+        optimizer: OptimizerKind = OptimizerKind::Sgd,
+        /// SGD only.
         momentum: f64 = 0.9,
+        /// SGD only.
         nesterov: bool = false,
+        /// Adam and AdamW only: the decay rates of the gradient's running mean and of its
+        /// square's. In the key only when changed.
+        #[serde(skip_serializing_if = "is_default_betas")]
+        betas: [f64; 2] = DEFAULT_BETAS,
+        /// Adam and AdamW only: added to the denominator. In the key only when changed.
+        #[serde(skip_serializing_if = "is_default_eps")]
+        eps: f64 = DEFAULT_EPS,
+        /// L2 weight decay for SGD and Adam (added to the gradient), decoupled for AdamW (the
+        /// weights shrink by lr · weight_decay). AdamW's default is PyTorch's, 0.01.
         weight_decay: f64 = 0.0,
         /// Random crop with padding 4 and horizontal flip.
         augment: bool = false,
@@ -124,6 +141,57 @@ section! {
 
 fn is_false(b: &bool) -> bool {
     !*b
+}
+
+/// PyTorch's Adam and AdamW defaults.
+const DEFAULT_BETAS: [f64; 2] = [0.9, 0.999];
+const DEFAULT_EPS: f64 = 1e-8;
+const ADAM_DEFAULT_LR: f64 = 1e-3;
+const ADAMW_DEFAULT_WEIGHT_DECAY: f64 = 1e-2;
+
+fn is_default_betas(b: &[f64; 2]) -> bool {
+    *b == DEFAULT_BETAS
+}
+
+fn is_default_eps(e: &f64) -> bool {
+    *e == DEFAULT_EPS
+}
+
+impl PartialTrain {
+    /// The keys set here that only another optimizer than `optimizer` reads.
+    fn foreign_optimizer_keys(&self, optimizer: OptimizerKind) -> Vec<&'static str> {
+        let set = [
+            ("momentum", self.momentum.is_some()),
+            ("nesterov", self.nesterov.is_some()),
+            ("betas", self.betas.is_some()),
+            ("eps", self.eps.is_some()),
+        ];
+        let others = OptimizerKind::ALL.iter().filter(|&&o| o != optimizer).flat_map(|o| o.own_keys());
+        let mut foreign: Vec<&'static str> = others
+            .filter(|k| !optimizer.own_keys().contains(k))
+            .filter(|k| set.iter().any(|(name, on)| name == *k && *on))
+            .copied()
+            .collect();
+        foreign.sort_unstable();
+        foreign.dedup();
+        foreign
+    }
+
+    /// PyTorch's defaults of the chosen optimizer where they differ from SGD's: Adam's and
+    /// AdamW's learning rate, AdamW's weight decay; only where the settings leave them out.
+    fn with_optimizer_defaults(mut self) -> PartialTrain {
+        match self.optimizer.unwrap_or(OptimizerKind::Sgd) {
+            OptimizerKind::Sgd => {}
+            OptimizerKind::Adam => {
+                self.lr = self.lr.or(Some(ADAM_DEFAULT_LR));
+            }
+            OptimizerKind::Adamw => {
+                self.lr = self.lr.or(Some(ADAM_DEFAULT_LR));
+                self.weight_decay = self.weight_decay.or(Some(ADAMW_DEFAULT_WEIGHT_DECAY));
+            }
+        }
+        self
+    }
 }
 
 section! {
@@ -395,10 +463,11 @@ impl Pipeline {
         let mut experiments: Vec<Experiment> = Vec::new();
         for exp in raw.experiment {
             let line = line_of(text, exp.name.span().start);
-            let resolved = exp.resolve(&defaults);
-            resolved
-                .validate()
-                .map_err(|e| anyhow::anyhow!("{file}, experiment '{}' (line {line}): {e}", resolved.name))?;
+            let name = exp.name.get_ref().clone();
+            let resolved = exp
+                .resolve(&defaults)
+                .and_then(|r| r.validate().map(|()| r))
+                .map_err(|e| anyhow::anyhow!("{file}, experiment '{name}' (line {line}): {e}"))?;
             if experiments.iter().any(|x: &Experiment| x.name == resolved.name) {
                 bail!("{file}, line {line}: experiment '{}' is defined twice", resolved.name);
             }
@@ -481,18 +550,31 @@ impl Pipeline {
 
 impl PartialExperiment {
     /// Fills what the experiment leaves out from `[defaults]`, then from the built-in values.
-    fn resolve(self, defaults: &PartialDefaults) -> Experiment {
-        Experiment {
+    /// The experiment with `[defaults]` and the built-in values filled in. A key of one
+    /// optimizer set in the experiment itself while it uses another is refused (`[defaults]`
+    /// may hold every optimizer's keys: each experiment reads its own).
+    fn resolve(self, defaults: &PartialDefaults) -> Result<Experiment> {
+        let train = self.train.clone().over(defaults.train.clone());
+        let optimizer = train.optimizer.unwrap_or(OptimizerKind::Sgd);
+        let foreign = self.train.foreign_optimizer_keys(optimizer);
+        if !foreign.is_empty() {
+            let keys = foreign.iter().map(|k| format!("train.{k}")).collect::<Vec<_>>().join(", ");
+            bail!(
+                "{keys}: not a setting of train.optimizer = \"{optimizer}\" (it reads {})",
+                optimizer.own_keys().iter().map(|k| format!("train.{k}")).collect::<Vec<_>>().join(", ")
+            );
+        }
+        Ok(Experiment {
             dataset: self.dataset,
             description: self.description.unwrap_or_default(),
             seeds: self.seeds.or(defaults.seeds.clone()).unwrap_or_else(|| vec![0]),
             model: self.model.over(defaults.model.clone()).resolve(),
-            train: self.train.over(defaults.train.clone()).resolve(),
+            train: train.with_optimizer_defaults().resolve(),
             reset: self.reset.over(defaults.reset.clone()).resolve(),
             aggregate: self.aggregate.over(defaults.aggregate.clone()).resolve(),
             name: self.name.into_inner(),
             sweep: None,
-        }
+        })
     }
 }
 
@@ -651,7 +733,7 @@ fn point_experiment(mut table: toml::Table, name: &str, defaults: &PartialDefaul
     // Through TOML text, so that the reader is the very one `[[experiment]]` tables go through.
     let text = toml::to_string(&table).context("cannot write the point's settings as TOML")?;
     let partial: PartialExperiment = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}", e.message()))?;
-    Ok(partial.resolve(defaults))
+    partial.resolve(defaults)
 }
 
 fn valid_name(name: &str) -> bool {
@@ -688,6 +770,12 @@ impl Experiment {
         }
         if !(t.weight_decay.is_finite() && t.weight_decay >= 0.0) {
             bail!("train.weight_decay = {} must be ≥ 0", t.weight_decay);
+        }
+        if let Some(b) = t.betas.iter().find(|b| !(b.is_finite() && (0.0..1.0).contains(*b))) {
+            bail!("train.betas = {:?}: each must be in [0, 1), got {b}", t.betas);
+        }
+        if !(t.eps.is_finite() && t.eps > 0.0) {
+            bail!("train.eps = {} must be a positive number", t.eps);
         }
         if !t.checkpoints.contains(&0) {
             bail!("train.checkpoints must contain 0 (the initialization)");
@@ -834,6 +922,62 @@ checkpoints = [0, 1]
         assert_eq!(p.data_dir, Path::new("/base/data"));
         assert_eq!(p.datasets_dir, Path::new("/base/data/datasets"));
         assert_eq!(p.default_experiments, vec!["a".to_string()]);
+    }
+
+    /// Adam and AdamW take PyTorch's defaults (lr 0.001; AdamW's weight decay 0.01) where the
+    /// settings leave them out, and keys set in `[defaults]` for SGD do not count against them.
+    #[test]
+    fn adam_and_adamw_take_pytorchs_defaults() {
+        let with = |optimizer: &str, more: &str| {
+            let text = MINIMAL
+                .replace("[defaults.train]\nlr = 0.05", "[defaults.train]\nmomentum = 0.9")
+                .replace("epochs = 3", &format!("epochs = 3\noptimizer = \"{optimizer}\"\n{more}"));
+            parse(&text).map(|p| p.experiments[0].train.clone())
+        };
+        let adam = with("adam", "").unwrap();
+        assert_eq!((adam.optimizer, adam.lr, adam.weight_decay), (OptimizerKind::Adam, 1e-3, 0.0));
+        assert_eq!((adam.betas, adam.eps), ([0.9, 0.999], 1e-8));
+        let adamw = with("adamw", "").unwrap();
+        assert_eq!((adamw.optimizer, adamw.lr, adamw.weight_decay), (OptimizerKind::Adamw, 1e-3, 1e-2));
+        let set = with("adamw", "lr = 0.01\nweight_decay = 0.0\nbetas = [0.8, 0.99]\neps = 1e-6").unwrap();
+        assert_eq!((set.lr, set.weight_decay, set.betas, set.eps), (0.01, 0.0, [0.8, 0.99], 1e-6));
+        let sgd = with("sgd", "").unwrap();
+        assert_eq!((sgd.lr, sgd.weight_decay), (0.01, 0.0));
+    }
+
+    /// An optimizer's own keys in an experiment that uses another are refused, with the file,
+    /// the experiment's line and the keys; so are out-of-range betas and eps.
+    #[test]
+    fn an_optimizer_setting_on_the_wrong_optimizer_is_refused() {
+        let with = |more: &str| {
+            let text = MINIMAL.replace("epochs = 3", &format!("epochs = 3\n{more}"));
+            format!("{:#}", parse(&text).unwrap_err())
+        };
+        let err = with("optimizer = \"adam\"\nmomentum = 0.5\nnesterov = true");
+        assert!(err.contains("test.toml, experiment 'a' (line 8)"), "{err}");
+        assert!(err.contains("train.momentum, train.nesterov: not a setting of train.optimizer = \"adam\""), "{err}");
+        let err = with("betas = [0.9, 0.99]");
+        assert!(err.contains("train.betas: not a setting of train.optimizer = \"sgd\""), "{err}");
+        let err = with("optimizer = \"adamw\"\nbetas = [0.9, 1.0]");
+        assert!(err.contains("train.betas = [0.9, 1.0]: each must be in [0, 1)"), "{err}");
+        let err = with("optimizer = \"adam\"\neps = 0.0");
+        assert!(err.contains("train.eps = 0 must be a positive number"), "{err}");
+        let err = with("optimizer = \"rmsprop\"");
+        assert!(err.contains("line 12") && err.contains("`sgd`, `adam`, `adamw`"), "{err}");
+    }
+
+    /// Keys made before the optimizer settings existed hold: at SGD, the train key's JSON names
+    /// none of them.
+    #[test]
+    fn sgd_keys_leave_the_optimizer_settings_out() {
+        let p = parse(MINIMAL).unwrap();
+        let json = serde_json::to_string(&p.experiments[0].train).unwrap();
+        for key in ["optimizer", "betas", "eps"] {
+            assert!(!json.contains(&format!("\"{key}\"")), "{json}");
+        }
+        let text = MINIMAL.replace("epochs = 3", "epochs = 3\noptimizer = \"adam\"");
+        let json = serde_json::to_string(&parse(&text).unwrap().experiments[0].train).unwrap();
+        assert!(json.contains("\"optimizer\":\"adam\""), "{json}");
     }
 
     #[test]

@@ -14,7 +14,7 @@ pub use config::{
     SweepPoint, TrainConfig,
 };
 pub use paths::Layout;
-pub use settings::{Arch, BnStats, ComputePath, Dataset, ResetMode, RowMode, Schedule, WeightInit};
+pub use settings::{Arch, BnStats, ComputePath, Dataset, OptimizerKind, ResetMode, RowMode, Schedule, WeightInit};
 
 /// The layerlab version written into every table and stamp.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -102,6 +102,35 @@ named_enum! {
 }
 
 named_enum! {
+    /// `train.optimizer`: the update rule, with PyTorch's semantics and defaults.
+    OptimizerKind {
+        /// `torch.optim.SGD`: `momentum`, `nesterov` and L2 `weight_decay`.
+        Sgd = "sgd",
+        /// `torch.optim.Adam`: `betas`, `eps` and L2 `weight_decay` (added to the gradient).
+        Adam = "adam",
+        /// `torch.optim.AdamW`: `betas`, `eps` and decoupled `weight_decay` (the weights shrink
+        /// by lr · weight_decay before each update).
+        Adamw = "adamw",
+    }
+}
+
+impl OptimizerKind {
+    /// Left out of keys at its default, so that keys made before it existed hold.
+    pub fn is_sgd(&self) -> bool {
+        *self == OptimizerKind::Sgd
+    }
+
+    /// The `[train]` keys only this optimizer reads (besides `lr` and `weight_decay`, which all
+    /// read): setting one in an experiment that uses another optimizer is refused.
+    pub fn own_keys(self) -> &'static [&'static str] {
+        match self {
+            OptimizerKind::Sgd => &["momentum", "nesterov"],
+            OptimizerKind::Adam | OptimizerKind::Adamw => &["betas", "eps"],
+        }
+    }
+}
+
+named_enum! {
     /// One of `reset.modes`.
     ResetMode {
         /// One unit back to an earlier checkpoint (epoch 0 is its initial value).

@@ -16,7 +16,7 @@ use std::fmt::Debug;
 use anyhow::{Context, Result};
 use candle_core::{Tensor, Var};
 
-use layerlab_pipeline::TrainConfig;
+use layerlab_pipeline::{OptimizerKind, TrainConfig};
 
 use crate::kernels::KernelOptions;
 
@@ -107,7 +107,14 @@ pub fn update_in_pieces(opt: &dyn Optimizer, at: StepAt, p: &mut [f32], state: &
 
 /// The optimizer `train` settings ask for.
 pub fn from_settings(cfg: &TrainConfig) -> Box<dyn Optimizer> {
-    Box::new(Sgd { momentum: cfg.momentum, weight_decay: cfg.weight_decay, nesterov: cfg.nesterov })
+    let adam = |decoupled| Adam { betas: cfg.betas, eps: cfg.eps, weight_decay: cfg.weight_decay, decoupled };
+    match cfg.optimizer {
+        OptimizerKind::Sgd => {
+            Box::new(Sgd { momentum: cfg.momentum, weight_decay: cfg.weight_decay, nesterov: cfg.nesterov })
+        }
+        OptimizerKind::Adam => Box::new(adam(false)),
+        OptimizerKind::Adamw => Box::new(adam(true)),
+    }
 }
 
 /// `torch.optim.SGD`: momentum, Nesterov momentum and (L2) weight decay.
@@ -184,6 +191,108 @@ impl Optimizer for Sgd {
     }
 }
 
+/// `torch.optim.Adam` (L2 weight decay, added to the gradient) and `torch.optim.AdamW`
+/// (`decoupled`: the weights shrink before the update), without AMSGrad, in the order of
+/// operations of PyTorch's default (multi-tensor) implementation. At update number t:
+///
+/// AdamW: θ ← θ·(1 − ηλ).  Adam: g ← ∇ + λθ.
+/// m ← m + (1 − β₁)(g − m);  v ← β₂v + (1 − β₂)·g·g;
+/// θ ← θ + (−η / (1 − β₁ᵗ))·m / (√v / √(1 − β₂ᵗ) + ε).
+///
+/// The bias corrections are computed in f64 and rounded once to f32, as PyTorch's are (Python
+/// floats). Its buffers are PyTorch's state names, `exp_avg` and `exp_avg_sq`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Adam {
+    pub betas: [f64; 2],
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// AdamW's decoupled weight decay rather than Adam's L2 term.
+    pub decoupled: bool,
+}
+
+impl Adam {
+    /// The running mean of the gradient.
+    pub const EXP_AVG: &'static str = "exp_avg";
+    /// The running mean of its square.
+    pub const EXP_AVG_SQ: &'static str = "exp_avg_sq";
+
+    /// The f32 constants of update `at`: the decay factor of AdamW's weights (1 for Adam), the
+    /// step size −η/(1 − β₁ᵗ) and √(1 − β₂ᵗ).
+    fn constants(&self, at: StepAt) -> (f32, f32, f32) {
+        let t = at.number.max(1).min(i32::MAX as u64) as i32;
+        let bias_correction1 = 1.0 - self.betas[0].powi(t);
+        let bias_correction2 = 1.0 - self.betas[1].powi(t);
+        let shrink = if self.decoupled { 1.0 - at.lr * self.weight_decay } else { 1.0 };
+        (shrink as f32, (-(at.lr / bias_correction1)) as f32, bias_correction2.sqrt() as f32)
+    }
+}
+
+/// PyTorch's `lerp` of `start` towards `end` by `weight` on the CPU: from the nearer end, so
+/// that the result is exact at either end.
+#[inline(always)]
+fn lerp(start: f32, end: f32, weight: f32) -> f32 {
+    if weight.abs() < 0.5 {
+        start + weight * (end - start)
+    } else {
+        end - (end - start) * (1.0 - weight)
+    }
+}
+
+impl Optimizer for Adam {
+    fn buffers(&self) -> &'static [&'static str] {
+        &[Adam::EXP_AVG, Adam::EXP_AVG_SQ]
+    }
+
+    fn update_slices(&self, at: StepAt, p: &mut [f32], state: &mut [&mut [f32]], g: &[f32]) {
+        let (shrink, step_size, bias_correction2_sqrt) = self.constants(at);
+        let (beta1_weight, beta2) = ((1.0 - self.betas[0]) as f32, self.betas[1] as f32);
+        let (one_minus_beta2, eps, wd) = ((1.0 - self.betas[1]) as f32, self.eps as f32, self.weight_decay as f32);
+        let l2 = !self.decoupled && self.weight_decay != 0.0;
+        let [m, v] = state else { panic!("Adam keeps two buffers per tensor, got {}", state.len()) };
+        crate::kernels::vectorized(|| {
+            for (((p, m), v), &g) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
+                if self.decoupled {
+                    *p *= shrink;
+                }
+                let g = if l2 { g + wd * *p } else { g };
+                *m = lerp(*m, g, beta1_weight);
+                *v = *v * beta2 + one_minus_beta2 * g * g;
+                let denom = v.sqrt() / bias_correction2_sqrt + eps;
+                *p += step_size * *m / denom;
+            }
+        })
+    }
+
+    fn update_tensors(&self, at: StepAt, p: &Tensor, state: &[Tensor], g: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
+        let [m, v] = state else { anyhow::bail!("Adam keeps two buffers per tensor, got {}", state.len()) };
+        let (shrink, step_size, bias_correction2_sqrt) = self.constants(at);
+        let scalar = |x: f32| Tensor::new(x, p.device());
+        let mut p = p.detach();
+        if self.decoupled {
+            p = p.broadcast_mul(&scalar(shrink)?)?;
+        }
+        let g = if !self.decoupled && self.weight_decay != 0.0 {
+            (g + p.broadcast_mul(&scalar(self.weight_decay as f32)?)?)?
+        } else {
+            g.clone()
+        };
+        // lerp with a weight below one half, as PyTorch's (betas are checked to be in [0, 1);
+        // a β₁ at or below one half takes the other form).
+        let beta1_weight = (1.0 - self.betas[0]) as f32;
+        let m = if beta1_weight.abs() < 0.5 {
+            (m + (&g - m)?.broadcast_mul(&scalar(beta1_weight)?)?)?
+        } else {
+            (&g - (&g - m)?.broadcast_mul(&scalar(1.0 - beta1_weight)?)?)?
+        };
+        let one_minus_beta2 = scalar((1.0 - self.betas[1]) as f32)?;
+        let v = (v.broadcast_mul(&scalar(self.betas[1] as f32)?)? + g.broadcast_mul(&one_minus_beta2)?.mul(&g)?)?;
+        let denom =
+            v.sqrt()?.broadcast_div(&scalar(bias_correction2_sqrt)?)?.broadcast_add(&scalar(self.eps as f32)?)?;
+        let p = (p + m.broadcast_mul(&scalar(step_size)?)?.div(&denom)?)?;
+        Ok((p.detach(), vec![m.detach(), v.detach()]))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -238,6 +347,68 @@ mod tests {
             bv = 0.9 * bv + g;
             pv -= 0.1 * bv;
             assert!((p[0] as f64 - pv).abs() < 1e-6, "{} vs {pv}", p[0]);
+        }
+    }
+
+    /// Adam's and AdamW's two forms, five steps from the same values, under settings that take
+    /// every branch (no weight decay, L2, decoupled, a β₁ below one half): the same bits.
+    #[test]
+    fn adam_slices_and_tensors_update_alike() {
+        let mut r = rng(12);
+        let mut values = |n: usize| (0..n).map(|_| (unit_f64(&mut r) * 2.0 - 1.0) as f32).collect::<Vec<f32>>();
+        let n = 129;
+        for (betas, weight_decay, decoupled) in [
+            ([0.9, 0.999], 0.0, false),
+            ([0.9, 0.999], 0.1, false),
+            ([0.9, 0.999], 0.01, true),
+            ([0.3, 0.9], 0.05, true),
+        ] {
+            let adam = Adam { betas, eps: 1e-8, weight_decay, decoupled };
+            let (mut p, mut m, mut v) = (values(n), vec![0f32; n], vec![0f32; n]);
+            let zeros = || Tensor::zeros(n, candle_core::DType::F32, &Device::Cpu).unwrap();
+            let (mut pt, mut state) = (Tensor::new(p.as_slice(), &Device::Cpu).unwrap(), vec![zeros(), zeros()]);
+            for step in 0..5 {
+                let g = values(n);
+                let at = at(0.01 / (step + 1) as f64, step + 1);
+                adam.update_slices(at, &mut p, &mut [&mut m, &mut v], &g);
+                let gt = Tensor::new(g.as_slice(), &Device::Cpu).unwrap();
+                (pt, state) = adam.update_tensors(at, &pt, &state, &gt).unwrap();
+            }
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            let tensor_bits = |t: &Tensor| bits(&t.to_vec1::<f32>().unwrap());
+            assert_eq!(bits(&p), tensor_bits(&pt), "parameters under {adam:?}");
+            assert_eq!(bits(&m), tensor_bits(&state[0]), "exp_avg under {adam:?}");
+            assert_eq!(bits(&v), tensor_bits(&state[1]), "exp_avg_sq under {adam:?}");
+        }
+    }
+
+    /// Two updates of one parameter p = 1 with loss p²/2 (gradient p), lr 0.1, β = (0.9, 0.999),
+    /// ε = 1e-8, weight decay 0.5, against PyTorch's formulas written out by hand in f64: Adam's
+    /// L2 term joins the gradient, AdamW's shrinks the weight first.
+    #[test]
+    fn adam_and_adamw_match_a_hand_computation_of_two_steps() {
+        for decoupled in [false, true] {
+            let adam = Adam { betas: [0.9, 0.999], eps: 1e-8, weight_decay: 0.5, decoupled };
+            let (mut p, mut m, mut v) = ([1.0f32], [0.0f32], [0.0f32]);
+            let (mut pv, mut mv, mut vv) = (1.0f64, 0.0f64, 0.0f64);
+            for t in 1..=2 {
+                let g = [p[0]];
+                adam.update_slices(at(0.1, t), &mut p, &mut [&mut m, &mut v], &g);
+                let mut g = pv;
+                if decoupled {
+                    pv *= 1.0 - 0.1 * 0.5;
+                } else {
+                    g += 0.5 * pv;
+                }
+                mv = 0.9 * mv + 0.1 * g;
+                vv = 0.999 * vv + 0.001 * g * g;
+                let (m_hat, v_hat) = (mv / (1.0 - 0.9f64.powi(t as i32)), vv / (1.0 - 0.999f64.powi(t as i32)));
+                pv -= 0.1 * m_hat / (v_hat.sqrt() + 1e-8);
+                assert!((p[0] as f64 - pv).abs() < 1e-6, "decoupled {decoupled}, step {t}: {} vs {pv}", p[0]);
+                assert!((m[0] as f64 - mv).abs() < 1e-6 && (v[0] as f64 - vv).abs() < 1e-7, "step {t}");
+            }
+            // The first step of Adam moves every weight by about lr, whatever its gradient's size.
+            assert!(p[0] < 0.85, "{}", p[0]);
         }
     }
 

@@ -385,6 +385,7 @@ mod tests {
             eval_batch_size: 1000,
             compute: ComputePath::Fast,
             tf32: false,
+            ..TrainConfig::default()
         }
     }
 

@@ -151,3 +151,72 @@ pub trait Trainer {
         None
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::optim::{Adam, Sgd};
+    use crate::test_support::values;
+    use layerlab_pipeline::{Arch, ModelConfig};
+
+    /// Three steps of each optimizer on the host's executor and on candle's (the CPU's reference)
+    /// from the same weights and batches: the same weights and optimizer buffers, by name, to
+    /// float rounding. The optimizer is handed over as it is: neither executor knows which it
+    /// holds.
+    #[test]
+    fn every_executor_trains_with_every_optimizer_alike() {
+        let fcn = ModelConfig { arch: Arch::Fcn, depth: 2, width: 24, ..ModelConfig::default() };
+        let vgg = ModelConfig { arch: Arch::Vgg11, width_mult: 0.125, pad_to: 32, ..ModelConfig::default() };
+        let networks = [
+            (Architecture::build(&fcn, [1, 8, 8], 10).unwrap(), [1, 8, 8]),
+            (Architecture::build(&vgg, [1, 20, 20], 10).unwrap(), [1, 20, 20]),
+        ];
+        let optimizers: [(&str, fn() -> Box<dyn Optimizer>); 3] = [
+            ("sgd", || Box::new(Sgd { momentum: 0.9, weight_decay: 1e-3, nesterov: true })),
+            ("adam", || Box::new(Adam { betas: [0.9, 0.999], eps: 1e-8, weight_decay: 1e-3, decoupled: false })),
+            ("adamw", || Box::new(Adam { betas: [0.8, 0.99], eps: 1e-6, weight_decay: 1e-2, decoupled: true })),
+        ];
+        for (arch, [c, h, w]) in &networks {
+            let state = arch.initial_state(5, &Device::Cpu).unwrap();
+            for (name, optimizer) in optimizers {
+                let trained = |compute| {
+                    let executor = choose(arch, &Device::Cpu, compute, KernelOptions::default());
+                    let mut trainer = executor.trainer(&state, optimizer(), None).unwrap();
+                    let mut rng = crate::random::rng(9);
+                    for number in 1..=3 {
+                        let n = 6;
+                        let pixels: Vec<u8> =
+                            (0..n * c * h * w).map(|_| (crate::random::unit_f64(&mut rng) * 255.0) as u8).collect();
+                        let labels: Vec<u32> = (0..n as u32).map(|i| (i * 7 + number as u32) % 10).collect();
+                        let at = StepAt { lr: 0.01, number };
+                        trainer.step(&pixels, [n, *c, *h, *w], &labels, at).unwrap();
+                    }
+                    (executor.name(), trainer.state().unwrap(), trainer.optimizer_state().unwrap())
+                };
+                let (host, host_state, host_buffers) = trained(ComputePath::Fast);
+                let (reference, candle_state, candle_buffers) = trained(ComputePath::Autograd);
+                assert_ne!(host, reference, "{}: two executors", arch.name);
+                let what = format!("{} under {name}", arch.name);
+                assert_eq!(
+                    host_buffers.keys().collect::<Vec<_>>(),
+                    candle_buffers.keys().collect::<Vec<_>>(),
+                    "{what}: buffers"
+                );
+                let prefix = if name == "sgd" { "momentum/" } else { "exp_avg" };
+                assert!(host_buffers.keys().all(|k| k.starts_with(prefix)), "{what}: {:?}", host_buffers.keys());
+                for (kind, ours, theirs) in
+                    [("weights", &host_state, &candle_state), ("buffers", &host_buffers, &candle_buffers)]
+                {
+                    for (tensor, t) in ours {
+                        let (a, b) = (values(t), values(&theirs[tensor]));
+                        let scale = b.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+                        let gap = a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale;
+                        assert!(gap < 1e-4, "{what}: {kind} {tensor} differ by {gap:e} (relative)");
+                    }
+                }
+                let moved = host_state.iter().filter(|(k, v)| values(v) != values(&state[*k])).count();
+                assert!(moved > 0, "{what}: no weight moved");
+            }
+        }
+    }
+}
