@@ -154,7 +154,7 @@ fn run(flags: Flags) -> Result<()> {
                 kernels.taped_backward = false;
                 eprintln!("training steps through candle's autograd, not layerlab's tape");
             }
-            cnn(&arch, width_mult, batch, eval_batch, steps, repeats, &device, kernels)
+            cnn(&arch, width_mult, batch, eval_batch, steps, repeats, (&device, kernels))
         }
         Command::Profile { arch, width_mult, batch, repeats, device } => {
             let (device, description) = layerlab::device::select(device)?;
@@ -447,8 +447,7 @@ fn cnn(
     eval_batch: usize,
     steps: usize,
     repeats: usize,
-    dev: &Device,
-    kernels: KernelOptions,
+    (dev, kernels): (&Device, KernelOptions),
 ) -> Result<()> {
     let (arch, label) = bench_arch(arch_name, width_mult)?;
     // A GPU's steps through candle's autograd (`--autograd`) are another workload than the tape's.
