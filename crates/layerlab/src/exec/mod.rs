@@ -171,7 +171,8 @@ mod tests {
             (Architecture::build(&fcn, [1, 8, 8], 10).unwrap(), [1, 8, 8]),
             (Architecture::build(&vgg, [1, 20, 20], 10).unwrap(), [1, 20, 20]),
         ];
-        let optimizers: [(&str, fn() -> Box<dyn Optimizer>); 3] = [
+        type Make = fn() -> Box<dyn Optimizer>;
+        let optimizers: [(&str, Make); 3] = [
             ("sgd", || Box::new(Sgd { momentum: 0.9, weight_decay: 1e-3, nesterov: true })),
             ("adam", || Box::new(Adam { betas: [0.9, 0.999], eps: 1e-8, weight_decay: 1e-3, decoupled: false })),
             ("adamw", || Box::new(Adam { betas: [0.8, 0.99], eps: 1e-6, weight_decay: 1e-2, decoupled: true })),
