@@ -154,6 +154,24 @@ fn a_sweep_through_slurm_matches_the_local_executor_and_resumes_after_a_cancel()
     for f in ["sweep.parquet", "robustness.svg", "robustness.png", "report.md"] {
         assert!(slurm_data.join("results/depth").join(f).is_file(), "{f} missing");
     }
+    // The report's train-error table: a row per point, a percentage in every unit's cell the
+    // point has (depth 1 has fc1 and fc2, depth 2 fc1 to fc3), a dash where it has none.
+    let report = std::fs::read_to_string(slurm_data.join("results/depth/report.md")).unwrap();
+    let table: Vec<&str> = report
+        .split("## Train error after re-initialization (τ = 0)")
+        .nth(1)
+        .expect("the report's train-error section")
+        .lines()
+        .filter(|l| l.starts_with("| depth."))
+        .collect();
+    assert_eq!(table.len(), 2, "{report}");
+    fn cells(row: &str) -> Vec<&str> {
+        row.split('|').map(str::trim).filter(|c| !c.is_empty()).skip(2).collect()
+    }
+    let (shallow, deep) = (cells(table[0]), cells(table[1]));
+    assert_eq!(deep.len(), 3, "{report}");
+    assert!(deep.iter().all(|c| c.ends_with('%')), "{report}");
+    assert_eq!(shallow.iter().filter(|c| **c == "—").count(), 1, "{report}");
     check_tables(&slurm_data);
 
     // Nothing changed: nothing is submitted.

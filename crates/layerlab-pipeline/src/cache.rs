@@ -49,7 +49,9 @@ impl Stage {
             Stage::FetchData => 1,
             Stage::Train => 1,
             Stage::Snapshot => 1,
-            Stage::ResetEval => 1,
+            // 2: the train subset is drawn from the examples trained on (`train.train_examples`),
+            // not from the whole training split.
+            Stage::ResetEval => 2,
             Stage::Aggregate => 1,
         }
     }

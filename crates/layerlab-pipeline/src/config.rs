@@ -118,6 +118,11 @@ section! {
         weight_decay: f64 = 0.0,
         /// Random crop with padding 4 and horizontal flip.
         augment: bool = false,
+        /// The fraction of training labels replaced by uniform random classes, seeded by the
+        /// training seed and fixed for the whole run (1: the random-label setting). Test labels
+        /// are untouched. In the key only when not 0, so that earlier keys hold.
+        #[serde(skip_serializing_if = "is_zero")]
+        label_noise: f64 = 0.0,
         /// Epochs whose weights are kept; 0 is the initialization. The last epoch is always kept.
         checkpoints: Vec<u32> = vec![0, 1, 2, 3, 5, 10, 20, 40],
         /// Train on the first N training examples only (tests and quick looks); absent: all.
@@ -141,6 +146,10 @@ section! {
 
 fn is_false(b: &bool) -> bool {
     !*b
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
 }
 
 /// PyTorch's Adam and AdamW defaults.
@@ -777,6 +786,9 @@ impl Experiment {
         if !(t.eps.is_finite() && t.eps > 0.0) {
             bail!("train.eps = {} must be a positive number", t.eps);
         }
+        if !(t.label_noise.is_finite() && (0.0..=1.0).contains(&t.label_noise)) {
+            bail!("train.label_noise = {} must be a fraction in [0, 1]", t.label_noise);
+        }
         if !t.checkpoints.contains(&0) {
             bail!("train.checkpoints must contain 0 (the initialization)");
         }
@@ -960,6 +972,8 @@ checkpoints = [0, 1]
         assert!(err.contains("train.betas: not a setting of train.optimizer = \"sgd\""), "{err}");
         let err = with("optimizer = \"adamw\"\nbetas = [0.9, 1.0]");
         assert!(err.contains("train.betas = [0.9, 1.0]: each must be in [0, 1)"), "{err}");
+        let err = with("label_noise = 1.5");
+        assert!(err.contains("experiment 'a' (line 8): train.label_noise = 1.5 must be a fraction in [0, 1]"), "{err}");
         let err = with("optimizer = \"adam\"\neps = 0.0");
         assert!(err.contains("train.eps = 0 must be a positive number"), "{err}");
         let err = with("optimizer = \"rmsprop\"");
@@ -972,7 +986,7 @@ checkpoints = [0, 1]
     fn sgd_keys_leave_the_optimizer_settings_out() {
         let p = parse(MINIMAL).unwrap();
         let json = serde_json::to_string(&p.experiments[0].train).unwrap();
-        for key in ["optimizer", "betas", "eps"] {
+        for key in ["optimizer", "betas", "eps", "label_noise"] {
             assert!(!json.contains(&format!("\"{key}\"")), "{json}");
         }
         let text = MINIMAL.replace("epochs = 3", "epochs = 3\noptimizer = \"adam\"");

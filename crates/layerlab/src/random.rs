@@ -44,6 +44,11 @@ pub fn augment_rng(training_seed: u64, epoch: u32) -> ChaCha8Rng {
     rng(derive_seed(&["augment", &training_seed.to_string(), &epoch.to_string()]))
 }
 
+/// The stream that picks which training labels `train.label_noise` replaces, and by which class.
+pub fn label_noise_rng(training_seed: u64) -> ChaCha8Rng {
+    rng(derive_seed(&["label-noise", &training_seed.to_string()]))
+}
+
 /// A seeded permutation of `0..n`: the order of an epoch's training examples.
 pub fn epoch_order(n: usize, training_seed: u64, epoch: u32) -> Vec<usize> {
     permutation(n, derive_seed(&["shuffle", &training_seed.to_string(), &epoch.to_string()]))

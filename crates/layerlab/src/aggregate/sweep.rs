@@ -17,7 +17,7 @@ use super::plot;
 use super::summary::is_robust;
 use super::tables::{append, columns_of, empty_like};
 use crate::table::{Column, ReadTable, Table};
-use layerlab_pipeline::{AxisValue, Experiment, Sweep};
+use layerlab_pipeline::{AxisValue, Experiment, ResetMode, RowMode, Sweep};
 
 /// One point's aggregate, read back from `results/<point>/`.
 pub struct PointResults {
@@ -26,6 +26,8 @@ pub struct PointResults {
     /// Per unit (by index), for the first BatchNorm setting: τ = 0 re-initialization.
     pub units: Vec<UnitVerdict>,
     pub baseline: f64,
+    /// The trained network's train error (on the labels it was trained on).
+    pub baseline_train: Option<f64>,
     pub tolerance: f64,
     pub chance: f64,
     pub bn_stats: String,
@@ -37,6 +39,8 @@ pub struct UnitVerdict {
     pub unit_index: i64,
     pub unit: String,
     pub reinit_error: Option<f64>,
+    /// The train error after the same reset, on the labels trained on.
+    pub reinit_train_error: Option<f64>,
     pub reinit_critical: Option<bool>,
     pub rerandomize_critical: Option<bool>,
 }
@@ -53,12 +57,26 @@ pub fn read_point(results_dir: &Path, experiment: &Experiment) -> Result<PointRe
     let reinit_class = robustness.texts("reinit_class")?;
     let rerand_class = robustness.texts("rerandomize_class")?;
     let critical = |c: &Option<String>| c.as_deref().map(|c| c == "critical");
+    // The train error after re-initialization to τ = 0, under the same BatchNorm setting.
+    let (s_unit, s_mode, s_bn) = (summary.texts("unit")?, summary.texts("mode")?, summary.texts("bn_stats")?);
+    let (s_epoch, s_train) = (summary.ints("source_epoch")?, summary.floats("train_error_mean")?);
+    let reinit_train_error = |unit: &str| {
+        (0..summary.rows())
+            .find(|&r| {
+                s_mode[r].as_deref() == Some(RowMode::Reset(ResetMode::Reinit).name())
+                    && s_epoch[r] == Some(0)
+                    && s_unit[r].as_deref() == Some(unit)
+                    && s_bn[r].as_deref() == Some(first_bn.as_str())
+            })
+            .and_then(|r| s_train[r])
+    };
     let mut units: Vec<UnitVerdict> = (0..robustness.rows())
         .filter(|&i| bn[i].as_deref() == Some(first_bn.as_str()))
         .map(|i| UnitVerdict {
             unit_index: indices[i].unwrap_or(i as i64),
             unit: names[i].clone().unwrap_or_default(),
             reinit_error: reinit_error[i],
+            reinit_train_error: names[i].as_deref().and_then(reinit_train_error),
             reinit_critical: critical(&reinit_class[i]),
             rerandomize_critical: critical(&rerand_class[i]),
         })
@@ -70,6 +88,7 @@ pub fn read_point(results_dir: &Path, experiment: &Experiment) -> Result<PointRe
     Ok(PointResults {
         experiment: experiment.clone(),
         baseline: first("baseline_test_error")?,
+        baseline_train: summary.floats("baseline_train_error")?.first().copied().flatten(),
         tolerance: first("tolerance")?,
         chance: first("chance_error")?,
         bn_stats: first_bn,
@@ -314,6 +333,31 @@ pub fn report(sweep: &Sweep, points: &[PointResults], figure_file: &str, pipelin
         }
         let _ = writeln!(w);
     }
+    let _ = writeln!(w, "## Train error after re-initialization (τ = 0)\n");
+    let _ = writeln!(
+        w,
+        "The error on the training examples, with the labels the network was trained on (the random \
+         ones under `train.label_noise`), after resetting each unit alone to its initial value: how \
+         much of what the network fitted, memorized labels included, each unit carries.\n"
+    );
+    let mut columns: Vec<(i64, String)> =
+        points.iter().flat_map(|p| p.units.iter().map(|u| (u.unit_index, u.unit.clone()))).collect();
+    columns.sort();
+    columns.dedup();
+    let header: Vec<&str> = columns.iter().map(|(_, u)| u.as_str()).collect();
+    let _ = writeln!(w, "| point | baseline train error | {} |", header.join(" | "));
+    let _ = writeln!(w, "|---|---|{}", "---|".repeat(columns.len()));
+    let cell = |v: Option<f64>| v.map_or("—".to_string(), pct);
+    for p in points {
+        let cells: Vec<String> = columns
+            .iter()
+            .map(|(i, name)| {
+                cell(p.units.iter().find(|u| u.unit_index == *i && &u.unit == name).and_then(|u| u.reinit_train_error))
+            })
+            .collect();
+        let _ = writeln!(w, "| {} | {} | {} |", p.experiment.name, cell(p.baseline_train), cells.join(" | "));
+    }
+    let _ = writeln!(w);
     let _ = writeln!(w, "## Files\n");
     let _ = writeln!(
         w,

@@ -50,6 +50,25 @@ impl Split {
         }
         Ok(())
     }
+    /// Replaces a seeded fraction of the labels by uniform random classes (`train.label_noise`;
+    /// at 1, the random-label setting of Zhang et al.): each example, independently, with
+    /// probability `fraction`, gets a class drawn uniformly from all `classes` (so about one in
+    /// `classes` of them keeps its own). Both draws are made for every example whatever the
+    /// fraction, so the examples picked at a fraction are among those picked at any larger one,
+    /// with the same new classes. Returns how many labels changed.
+    pub fn with_label_noise(&mut self, fraction: f64, classes: usize, rng: &mut impl rand_core::RngCore) -> usize {
+        let mut changed = 0;
+        for label in &mut self.labels {
+            let picked = crate::random::unit_f64(rng) < fraction;
+            let class = (rng.next_u64() % classes as u64) as u8;
+            if picked && class != *label {
+                *label = class;
+                changed += 1;
+            }
+        }
+        changed
+    }
+
     /// Examples per class.
     pub fn class_counts(&self, classes: usize) -> Vec<u64> {
         let mut counts = vec![0u64; classes];
@@ -144,6 +163,43 @@ pub fn load(dataset_dir: &Path) -> Result<(Split, Split)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Label noise: none at 0; at 1 about nine in ten labels change and the new classes are
+    /// near uniform; a smaller fraction changes a subset of a larger one's examples, to the same
+    /// classes; the same seed gives the same labels, another seed others; images are untouched.
+    #[test]
+    fn label_noise_replaces_a_seeded_nested_fraction_by_uniform_classes() {
+        let n = 20_000;
+        let clean = Split {
+            images: vec![7; n],
+            labels: (0..n).map(|i| (i % 10) as u8).collect(),
+            channels: 1,
+            height: 1,
+            width: 1,
+        };
+        let noisy = |fraction: f64, seed: u64| {
+            let mut s = clean.clone();
+            let changed = s.with_label_noise(fraction, 10, &mut crate::random::label_noise_rng(seed));
+            (s, changed)
+        };
+        let (none, changed) = noisy(0.0, 1);
+        assert_eq!((none.labels == clean.labels, changed), (true, 0));
+        let (all, changed) = noisy(1.0, 1);
+        assert!((0.88..0.92).contains(&(changed as f64 / n as f64)), "{changed} of {n} changed at 1");
+        for count in all.class_counts(10) {
+            assert!((1800..2200).contains(&count), "{:?}", all.class_counts(10));
+        }
+        let (some, changed_some) = noisy(0.3, 1);
+        assert!((0.25..0.29).contains(&(changed_some as f64 / n as f64)), "{changed_some} of {n} changed at 0.3");
+        for i in 0..n {
+            if some.labels[i] != clean.labels[i] {
+                assert_eq!(some.labels[i], all.labels[i], "example {i}: another class at 0.3 than at 1");
+            }
+        }
+        assert_eq!(noisy(0.3, 1).0, some);
+        assert_ne!(noisy(0.3, 2).0.labels, some.labels);
+        assert_eq!(some.images, clean.images);
+    }
 
     #[test]
     fn split_round_trips_through_safetensors() {

@@ -47,6 +47,25 @@ impl StageContext {
         (key, dir, fresh)
     }
 
+    /// The experiment's dataset as training sees it for `seed`: the training split with
+    /// `train.label_noise` applied (the labels the network is trained on, and on which reset-eval
+    /// measures its train error), and the test split as it is.
+    pub fn datasets(&self, seed: u64) -> Result<(crate::data::Split, crate::data::Split)> {
+        let exp = &self.experiment;
+        let (mut train, test) = crate::data::load(&self.layout.dataset_dir(exp.dataset))
+            .with_context(|| format!("dataset '{}'", exp.dataset))?;
+        let noise = exp.train.label_noise;
+        if noise > 0.0 {
+            let mut rng = crate::random::label_noise_rng(seed);
+            let changed = train.with_label_noise(noise, exp.dataset.classes(), &mut rng);
+            tracing::info!(
+                "train.label_noise = {noise}: {changed} of {} training labels replaced by random classes (seed {seed})",
+                train.len()
+            );
+        }
+        Ok((train, test))
+    }
+
     /// The experiment's network for the images of `split` (the one place a stage builds it).
     pub fn architecture(&self, split: &crate::data::Split) -> Result<crate::model::Architecture> {
         let exp = &self.experiment;
@@ -98,5 +117,46 @@ impl StageContext {
         }
         tracing::info!("computing on {description} (--device {})", self.device);
         Ok((device, description))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::{self, Split};
+    use crate::test_support::random_split;
+
+    /// The stages read the training labels through `StageContext::datasets`: with
+    /// `train.label_noise` they are the noisy labels of the seed (the same on every call, another
+    /// set for another seed), and the test split is never touched.
+    #[test]
+    fn the_stages_see_the_seeds_noisy_training_labels_and_clean_test_labels() {
+        let dir = tempfile::tempdir().unwrap();
+        let dataset = dir.path().join("datasets/mnist");
+        std::fs::create_dir_all(&dataset).unwrap();
+        let (train, test) = (random_split(500, [1, 2, 2], 1), random_split(100, [1, 2, 2], 2));
+        data::write_split(&data::split_path(&dataset, "train"), &train, "mnist", "test").unwrap();
+        data::write_split(&data::split_path(&dataset, "test"), &test, "mnist", "test").unwrap();
+        std::fs::write(data::manifest_path(&dataset), "{}").unwrap();
+        let context = |noise: f64| {
+            let config = dir.path().join(format!("pipeline-{noise}.toml"));
+            let text = format!(
+                "data_dir = \"data\"\ndatasets_dir = \"datasets\"\n[[experiment]]\nname = \"e\"\ndataset = \"mnist\"\n\
+                 seeds = [0, 1]\n[experiment.train]\nlabel_noise = {noise:?}\n"
+            );
+            std::fs::write(&config, text).unwrap();
+            StageContext::load(&config, "e", None, false).unwrap()
+        };
+        let labels = |ctx: &StageContext, seed: u64| -> (Split, Split) { ctx.datasets(seed).unwrap() };
+        let (clean_train, clean_test) = labels(&context(0.0), 0);
+        assert_eq!((&clean_train, &clean_test), (&train, &test));
+        let noisy = context(1.0);
+        let (noisy_train, noisy_test) = labels(&noisy, 0);
+        assert_eq!(noisy_test, test);
+        assert_eq!(noisy_train.images, train.images);
+        let changed = noisy_train.labels.iter().zip(&train.labels).filter(|(a, b)| a != b).count();
+        assert!(changed > 400, "{changed} of 500 labels changed at label_noise = 1");
+        assert_eq!(labels(&noisy, 0).0, noisy_train, "the same seed gives the same labels");
+        assert_ne!(labels(&noisy, 1).0.labels, noisy_train.labels, "another seed gives other labels");
     }
 }

@@ -7,7 +7,6 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 
-use crate::data;
 use crate::device;
 use crate::eval::{EvalSet, Metrics};
 use crate::exec;
@@ -54,7 +53,7 @@ pub fn run(ctx: &StageContext, seed: u64) -> Result<Outcome> {
     }
     let t0 = Instant::now();
     let (dev, device_name) = ctx.compute_device()?;
-    let (train_split, test_split) = data::load(&ctx.layout.dataset_dir(exp.dataset))?;
+    let (train_split, test_split) = ctx.datasets(seed)?;
     let arch = ctx.architecture(&test_split)?;
     let sets = reset::joint_sets(exp, &arch)?;
     let bn_settings: Vec<Option<BnStats>> =
@@ -67,7 +66,10 @@ pub fn run(ctx: &StageContext, seed: u64) -> Result<Outcome> {
     let n_test = exp.train.test_examples.map_or(test_split.len(), |n| (n as usize).min(test_split.len()));
     let eval_batch = exp.train.eval_batch_size as usize;
     let test_set = EvalSet::new(&test_split, (0..n_test).collect(), eval_batch);
-    let subset = random::train_subset(train_split.len(), seed, exp.reset.train_subset as usize);
+    // The train error is measured on examples the network was trained on (the first
+    // `train.train_examples` when set), with the labels it was trained on (`train.label_noise`).
+    let trained_examples = exp.train.train_examples.map_or(train_split.len(), |n| (n as usize).min(train_split.len()));
+    let subset = random::train_subset(trained_examples, seed, exp.reset.train_subset as usize);
     let train_set = EvalSet::new(&train_split, subset, eval_batch);
     // The first `recalibrate_batches` training batches of the calibration order.
     let batch_size = exp.train.batch_size as usize;

@@ -2,11 +2,11 @@
 
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
 use crate::stages::StageContext;
 use crate::table::{provenance, with_device};
-use crate::{data, train};
+use crate::train;
 use layerlab_pipeline::cache::{Stage, Stamp};
 
 /// The most parameters a network may have: weights, gradients and momentum of more would not fit
@@ -27,8 +27,7 @@ pub fn run(ctx: &StageContext, seed: u64) -> Result<Outcome> {
         return Ok(Outcome::UpToDate);
     }
     let t0 = Instant::now();
-    let dataset_dir = ctx.layout.dataset_dir(exp.dataset);
-    let (train_split, test_split) = data::load(&dataset_dir).with_context(|| format!("dataset '{}'", exp.dataset))?;
+    let (train_split, test_split) = ctx.datasets(seed)?;
     let arch = ctx.architecture(&train_split)?;
     let params: usize = arch.units.iter().map(|u| u.params()).sum();
     if params > MAX_PARAMS {
