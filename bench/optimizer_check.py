@@ -29,6 +29,9 @@ import torch
 from safetensors.numpy import load_file
 from torch import nn
 
+# The benchmark's network and its naming (this script's folder is on the path when it runs).
+from pytorch_bench import fcn, remap
+
 SETTINGS = {
     # optimizer: (lr, weight_decay, betas, eps). Adam at PyTorch's betas and eps, with L2 weight
     # decay; AdamW with other betas and eps, so that each setting is read. AdamW's eps is not its
@@ -67,22 +70,9 @@ checkpoints = {list(range(epochs + 1))}
 """
 
 
-def fcn(depth, width, inputs=784, classes=10):
-    layers, fan_in = [nn.Flatten()], inputs
-    for _ in range(depth):
-        layers += [nn.Linear(fan_in, width), nn.ReLU()]
-        fan_in = width
-    layers.append(nn.Linear(fan_in, classes))
-    return nn.Sequential(*layers)
-
-
-def remap(state):
-    """layerlab's names (fc1, fc2, …) to nn.Sequential's indices (1, 3, …)."""
-    out = {}
-    for k, v in state.items():
-        unit, field = k.split(".")
-        out[f"{2 * (int(unit[2:]) - 1) + 1}.{field}"] = torch.from_numpy(v.copy())
-    return out
+def remap_arrays(state):
+    """layerlab's checkpoint arrays as the Sequential's state_dict (`pytorch_bench.remap`)."""
+    return remap({k: torch.from_numpy(v.copy()) for k, v in state.items()})
 
 
 def main():
@@ -113,7 +103,7 @@ def main():
             ours = [load_file(str(ckpts / f"epoch-{e:04}.safetensors")) for e in range(args.epochs + 1)]
         lr, weight_decay, betas, eps = SETTINGS[optimizer]
         model = fcn(args.depth, args.width)
-        model.load_state_dict(remap(ours[0]))
+        model.load_state_dict(remap_arrays(ours[0]))
         kind = torch.optim.Adam if optimizer == "adam" else torch.optim.AdamW
         opt = kind(model.parameters(), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         loss_fn = nn.CrossEntropyLoss()
@@ -123,7 +113,7 @@ def main():
             opt.step()
             theirs = model.state_dict()
             gaps, largest = [], []
-            for name, ours_values in remap(ours[epoch]).items():
+            for name, ours_values in remap_arrays(ours[epoch]).items():
                 t = theirs[name].detach().numpy().astype(np.float64)
                 d = ours_values.numpy().astype(np.float64) - t
                 gaps.append((np.linalg.norm(d) / max(np.linalg.norm(t), 1e-30), name))
