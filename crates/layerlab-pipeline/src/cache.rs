@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use crate::config::Sweep;
-use crate::{fsutil, Dataset, Experiment, Layout};
+use crate::{fsutil, Dataset, Experiment, Layout, OptimizerKind};
 
 /// The five stages, in dependency order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -49,10 +49,9 @@ impl Stage {
             Stage::FetchData => 1,
             Stage::Train => 1,
             Stage::Snapshot => 1,
-            // 2: the train subset is drawn from the examples trained on (`train.train_examples`),
-            // not from the whole training split.
-            Stage::ResetEval => 2,
-            Stage::Aggregate => 1,
+            Stage::ResetEval => 1,
+            // 2: the sweep report's table of train errors after re-initialization.
+            Stage::Aggregate => 2,
         }
     }
 }
@@ -99,9 +98,18 @@ pub fn dataset_key(dataset: Dataset) -> StageKey {
 }
 
 pub fn train_key(exp: &Experiment, seed: u64) -> StageKey {
+    // Keys only another optimizer reads stay out (an Adam run's `momentum`, from `[defaults]`),
+    // so that changing them does not retrain it. SGD's keep `momentum` and `nesterov`, as before.
+    let mut train = to_value(&exp.train);
+    if let Some(fields) = train.as_object_mut() {
+        let own = exp.train.optimizer.own_keys();
+        for key in OptimizerKind::ALL.iter().flat_map(|o| o.own_keys()).filter(|k| !own.contains(k)) {
+            fields.remove(*key);
+        }
+    }
     let config = json!({
         "experiment": exp.name, "dataset": exp.dataset, "seed": seed,
-        "model": to_value(&exp.model), "train": to_value(&exp.train),
+        "model": to_value(&exp.model), "train": train,
     });
     StageKey::new(Stage::Train, config, BTreeMap::from([("dataset".into(), dataset_key(exp.dataset).key)]))
 }
@@ -112,7 +120,12 @@ pub fn snapshot_key(exp: &Experiment, seed: u64) -> StageKey {
 }
 
 pub fn reset_key(exp: &Experiment, seed: u64) -> StageKey {
-    let config = json!({ "experiment": exp.name, "seed": seed, "reset": to_value(&exp.reset) });
+    let mut config = json!({ "experiment": exp.name, "seed": seed, "reset": to_value(&exp.reset) });
+    // Where `train.train_examples` cuts training short, the train subset has been drawn from the
+    // examples trained on since 2026-12-06 (before: from the whole split); only those keys change.
+    if exp.train.train_examples.is_some() {
+        config["train_subset_from"] = json!("examples trained on");
+    }
     let inputs =
         BTreeMap::from([("dataset".into(), dataset_key(exp.dataset).key), ("train".into(), train_key(exp, seed).key)]);
     StageKey::new(Stage::ResetEval, config, inputs)
@@ -380,6 +393,36 @@ mod tests {
         assert!(train_key(a_on, 0).config.to_string().contains("\"tf32\":true"));
         assert_ne!(train_key(a_off, 0).key, train_key(a_on, 0).key);
         assert_eq!(pipeline("tf32 = false").experiments[0].train, a_off.train);
+    }
+
+    /// A train key holds only its optimizer's own keys: an Adam run's key does not move with
+    /// SGD's `momentum` (set in `[defaults]` by the shipped file), an SGD run's keeps it.
+    #[test]
+    fn a_train_key_holds_only_its_optimizers_keys() {
+        let with = |defaults: &str, train: &str| {
+            let text = format!(
+                "[defaults.train]\n{defaults}\n[[experiment]]\nname = \"a\"\ndataset = \"mnist\"\n\
+                 [experiment.train]\nepochs = 2\ncheckpoints = [0]\n{train}\n"
+            );
+            let p = Pipeline::parse(&text, Path::new("p.toml"), Path::new("/x")).unwrap();
+            train_key(&p.experiments[0], 0)
+        };
+        let adam = "optimizer = \"adam\"";
+        assert_eq!(with("momentum = 0.9", adam), with("momentum = 0.5\nnesterov = true", adam));
+        assert!(!with("momentum = 0.9", adam).config.to_string().contains("momentum"));
+        assert_ne!(with("momentum = 0.9", ""), with("momentum = 0.5", ""));
+        assert!(with("momentum = 0.9", "").config.to_string().contains("\"momentum\":0.9"));
+        assert_eq!(with("betas = [0.5, 0.9]", ""), with("", ""));
+        assert_ne!(with("betas = [0.5, 0.9]", adam), with("", adam));
+    }
+
+    /// Only experiments that train on part of the split have a new reset key: their train subset
+    /// is now drawn from the examples trained on.
+    #[test]
+    fn only_experiments_trained_on_part_of_the_split_get_a_new_reset_key() {
+        let (whole, part) = (pipeline(""), pipeline("train_examples = 100"));
+        assert!(!reset_key(&whole.experiments[0], 0).config.to_string().contains("train_subset_from"));
+        assert!(reset_key(&part.experiments[0], 0).config.to_string().contains("train_subset_from"));
     }
 
     #[test]

@@ -219,9 +219,10 @@ impl Adam {
     /// The f32 constants of update `at`: the decay factor of AdamW's weights (1 for Adam), the
     /// step size −η/(1 − β₁ᵗ) and √(1 − β₂ᵗ).
     fn constants(&self, at: StepAt) -> (f32, f32, f32) {
-        let t = at.number.max(1).min(i32::MAX as u64) as i32;
-        let bias_correction1 = 1.0 - self.betas[0].powi(t);
-        let bias_correction2 = 1.0 - self.betas[1].powi(t);
+        // `beta ** step` as Python computes it (C's pow on floats), not repeated multiplication.
+        let t = at.number.max(1) as f64;
+        let bias_correction1 = 1.0 - self.betas[0].powf(t);
+        let bias_correction2 = 1.0 - self.betas[1].powf(t);
         let shrink = if self.decoupled { 1.0 - at.lr * self.weight_decay } else { 1.0 };
         (shrink as f32, (-(at.lr / bias_correction1)) as f32, bias_correction2.sqrt() as f32)
     }
