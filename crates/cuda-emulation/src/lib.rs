@@ -20,11 +20,39 @@ pub struct SgdTable {
     pub count: u32,
 }
 
+/// The `AdamTable` of `cuda.cu`: up to 32 tensors' addresses (parameter, exp_avg, exp_avg_sq,
+/// gradient) and sizes, passed by value.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct AdamTable {
+    pub p: [u64; 32],
+    pub m: [u64; 32],
+    pub v: [u64; 32],
+    pub g: [u64; 32],
+    pub n: [u32; 32],
+    pub count: u32,
+}
+
 extern "C" {
     fn emulation_set_thread(gx: u32, gy: u32, bx: u32, block_x: u32, block_y: u32, thread_x: u32);
     pub fn max_pool2_forward(x: *const f32, y: *mut f32, planes: u32, h: u32, w: u32);
     pub fn max_pool2_backward(x: *const f32, g: *const f32, dx: *mut f32, planes: u32, h: u32, w: u32);
     pub fn sgd_update_all(t: SgdTable, lr: f32, mu: f32, wd: f32, nesterov: i32);
+    #[allow(clippy::too_many_arguments)]
+    pub fn adam_update_all(
+        t: AdamTable,
+        shrink: f32,
+        step_size: f32,
+        bc2_sqrt: f32,
+        beta1_weight: f32,
+        beta2: f32,
+        one_minus_beta2: f32,
+        eps: f32,
+        wd: f32,
+        decoupled: i32,
+        l2: i32,
+        lerp_from_start: i32,
+    );
     pub fn gather_batch(
         images: *const u8,
         positions: *const u32,

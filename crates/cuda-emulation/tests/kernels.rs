@@ -6,7 +6,7 @@ use candle_core::{Device, Tensor, Var};
 use cuda_emulation as emu;
 use layerlab::kernels::pixels::{gather_values, Shift};
 use layerlab::kernels::{layers, norm};
-use layerlab::optim::{Optimizer, Sgd, StepAt};
+use layerlab::optim::{Adam, Optimizer, Sgd, StepAt};
 use rand_core::RngCore;
 
 fn random(n: usize, seed: u64) -> Vec<f32> {
@@ -149,6 +149,75 @@ fn sgd_update_all_is_the_cpu_update_for_every_tensor() {
             assert_eq!(bits(&p[k]), bits(&p_cpu[k]), "tensor {k}, nesterov {nesterov}: parameters");
             assert_eq!(bits(&m[k]), bits(&m_cpu[k]), "tensor {k}, nesterov {nesterov}: momentum");
         }
+    }
+}
+
+/// The Adam kernel gives the CPU's bits for every tensor over three steps, under Adam (L2),
+/// AdamW (decoupled) and a β₁ below one half (the other branch of PyTorch's lerp).
+#[test]
+fn adam_update_all_is_the_cpu_update_for_every_tensor() {
+    for adam in [
+        Adam { betas: [0.9, 0.999], eps: 1e-8, weight_decay: 1e-2, decoupled: false },
+        Adam { betas: [0.9, 0.999], eps: 1e-8, weight_decay: 1e-2, decoupled: true },
+        Adam { betas: [0.3, 0.9], eps: 1e-6, weight_decay: 0.0, decoupled: false },
+    ] {
+        let sizes: Vec<usize> = (0..32).map(|k| 1 + k * 131 % 2000).collect();
+        let values = |seed: u64| -> Vec<Vec<f32>> {
+            sizes.iter().enumerate().map(|(k, &n)| random(n, seed + k as u64)).collect()
+        };
+        let (mut p, mut m, mut v) = (values(100), vec![], vec![]);
+        for &n in &sizes {
+            m.push(vec![0f32; n]);
+            v.push(vec![0f32; n]);
+        }
+        let (mut p_cpu, mut m_cpu, mut v_cpu) = (p.clone(), m.clone(), v.clone());
+        for number in 1..=3u64 {
+            let g = values(300 + 50 * number);
+            let at = StepAt { lr: 0.01, number };
+            for k in 0..sizes.len() {
+                adam.update_slices(at, &mut p_cpu[k], &mut [&mut m_cpu[k], &mut v_cpu[k]], &g[k]);
+            }
+            let mut table = emu::AdamTable {
+                p: [0; 32],
+                m: [0; 32],
+                v: [0; 32],
+                g: [0; 32],
+                n: [0; 32],
+                count: sizes.len() as u32,
+            };
+            for k in 0..sizes.len() {
+                table.p[k] = p[k].as_mut_ptr() as u64;
+                table.m[k] = m[k].as_mut_ptr() as u64;
+                table.v[k] = v[k].as_mut_ptr() as u64;
+                table.g[k] = g[k].as_ptr() as u64;
+                table.n[k] = sizes[k] as u32;
+            }
+            let s = adam.step(at);
+            let largest = *sizes.iter().max().unwrap();
+            let grid = ((largest.div_ceil(256)).min(1024) as u32, sizes.len() as u32);
+            emu::launch(grid, 256, || unsafe {
+                emu::adam_update_all(
+                    table,
+                    s.shrink,
+                    s.step_size,
+                    s.bias_correction2_sqrt,
+                    s.beta1_weight,
+                    s.beta2,
+                    s.one_minus_beta2,
+                    s.eps,
+                    s.weight_decay,
+                    s.decoupled as i32,
+                    s.l2 as i32,
+                    s.lerp_from_start as i32,
+                )
+            });
+        }
+        for k in 0..sizes.len() {
+            assert_eq!(bits(&p[k]), bits(&p_cpu[k]), "tensor {k} under {adam:?}: parameters");
+            assert_eq!(bits(&m[k]), bits(&m_cpu[k]), "tensor {k} under {adam:?}: exp_avg");
+            assert_eq!(bits(&v[k]), bits(&v_cpu[k]), "tensor {k} under {adam:?}: exp_avg_sq");
+        }
+        assert!(p[0] != values(100)[0], "{adam:?}: nothing moved");
     }
 }
 

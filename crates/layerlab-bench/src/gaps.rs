@@ -1,6 +1,6 @@
 //! `layerlab-bench gaps`: where the GPU's training steps part from the CPU's, tensor by tensor,
 //! with each of layerlab's GPU kernels switched off in turn (cuDNN's convolution, cuDNN's
-//! BatchNorm, the SGD kernel), each setting a `KernelOptions` value handed to the executor. With
+//! BatchNorm, the optimizer's update kernel), each setting a `KernelOptions` value handed to the executor. With
 //! cuDNN's convolution or BatchNorm off, the steps are candle's autograd
 //! (`KernelOptions::tape_applies`).
 //!
@@ -19,15 +19,20 @@ use rand_core::RngCore;
 use serde_json::{json, Value};
 
 /// Every kernel on (what training uses), then each of cuDNN's convolution, cuDNN's BatchNorm and
-/// the SGD kernel off in turn.
+/// the optimizer's update kernel off in turn.
 pub const SETTINGS: [KernelOptions; 4] = {
-    let on =
-        KernelOptions { cudnn_conv: true, cudnn_batch_norm: true, fused_sgd: true, taped_backward: true, tf32: false };
+    let on = KernelOptions {
+        cudnn_conv: true,
+        cudnn_batch_norm: true,
+        fused_update: true,
+        taped_backward: true,
+        tf32: false,
+    };
     [
         on,
         KernelOptions { cudnn_conv: false, ..on },
         KernelOptions { cudnn_batch_norm: false, ..on },
-        KernelOptions { fused_sgd: false, ..on },
+        KernelOptions { fused_update: false, ..on },
     ]
 };
 
@@ -58,7 +63,7 @@ pub fn measure(arch: &Architecture, label: &str, device: &Device, steps: &[u64])
             let shown: Vec<Value> = worst.iter().take(SHOWN).map(|(name, gap)| json!([name, gap])).collect();
             rows.push(json!({
                 "workload": label, "steps": n, "cudnn_conv": kernels.cudnn_conv,
-                "cudnn_batch_norm": kernels.cudnn_batch_norm, "sgd_kernel": kernels.fused_sgd,
+                "cudnn_batch_norm": kernels.cudnn_batch_norm, "update_kernel": kernels.fused_update,
                 "largest_relative_gap": worst.first().map_or(0.0, |w| w.1), "worst_tensors": shown,
             }));
         }
@@ -117,7 +122,7 @@ mod tests {
         for (row, kernels) in rows.iter().zip(SETTINGS) {
             assert_eq!(row["largest_relative_gap"], 0.0, "{row}");
             assert_eq!(row["worst_tensors"].as_array().unwrap().len(), SHOWN, "{row}");
-            assert_eq!(row["sgd_kernel"], kernels.fused_sgd, "{row}");
+            assert_eq!(row["update_kernel"], kernels.fused_update, "{row}");
         }
     }
 
@@ -127,7 +132,7 @@ mod tests {
         let on = KernelOptions::default();
         assert_eq!(SETTINGS[0], on);
         for k in &SETTINGS[1..] {
-            let off = [k.cudnn_conv, k.cudnn_batch_norm, k.fused_sgd].iter().filter(|v| !**v).count();
+            let off = [k.cudnn_conv, k.cudnn_batch_norm, k.fused_update].iter().filter(|v| !**v).count();
             assert_eq!(off, 1, "{k:?}");
             assert_eq!((k.taped_backward, k.tf32), (on.taped_backward, on.tf32), "{k:?}");
         }

@@ -18,6 +18,7 @@ use candle_core::{Tensor, Var};
 
 use layerlab_pipeline::{OptimizerKind, TrainConfig};
 
+use crate::kernels::update::AdamStep;
 use crate::kernels::KernelOptions;
 
 /// Where an update happens in a run: its learning rate and its number (1 for the first update of
@@ -160,7 +161,7 @@ impl Optimizer for Sgd {
     }
 
     /// On a GPU, one kernel over every parameter, in place
-    /// ([`crate::kernels::cuda::sgd_update_all`]), unless `kernels.fused_sgd` is off; elsewhere
+    /// ([`crate::kernels::cuda::sgd_update_all`]), unless `kernels.fused_update` is off; elsewhere
     /// tensor by tensor.
     fn update_vars(
         &self,
@@ -170,7 +171,7 @@ impl Optimizer for Sgd {
         kernels: &KernelOptions,
     ) -> Result<()> {
         #[cfg(feature = "cuda")]
-        if kernels.fused_sgd
+        if kernels.fused_update
             && updates.iter().all(|(_, v, _)| v.device().is_cuda() && v.dtype() == candle_core::DType::F32)
         {
             let triples = updates
@@ -216,26 +217,27 @@ impl Adam {
     /// The running mean of its square.
     pub const EXP_AVG_SQ: &'static str = "exp_avg_sq";
 
-    /// The f32 constants of update `at`: the decay factor of AdamW's weights (1 for Adam), the
-    /// step size −η/(1 − β₁ᵗ) and √(1 − β₂ᵗ).
-    fn constants(&self, at: StepAt) -> (f32, f32, f32) {
+    /// The f32 constants of update `at` (what the slice form and the CUDA kernel compute with).
+    pub fn step(&self, at: StepAt) -> AdamStep {
         // `beta ** step` as Python computes it (C's pow on floats), not repeated multiplication.
         let t = at.number.max(1) as f64;
         let bias_correction1 = 1.0 - self.betas[0].powf(t);
         let bias_correction2 = 1.0 - self.betas[1].powf(t);
         let shrink = if self.decoupled { 1.0 - at.lr * self.weight_decay } else { 1.0 };
-        (shrink as f32, (-(at.lr / bias_correction1)) as f32, bias_correction2.sqrt() as f32)
-    }
-}
-
-/// PyTorch's `lerp` of `start` towards `end` by `weight` on the CPU: from the nearer end, so
-/// that the result is exact at either end.
-#[inline(always)]
-fn lerp(start: f32, end: f32, weight: f32) -> f32 {
-    if weight.abs() < 0.5 {
-        start + weight * (end - start)
-    } else {
-        end - (end - start) * (1.0 - weight)
+        let beta1_weight = (1.0 - self.betas[0]) as f32;
+        AdamStep {
+            shrink: shrink as f32,
+            step_size: (-(at.lr / bias_correction1)) as f32,
+            bias_correction2_sqrt: bias_correction2.sqrt() as f32,
+            beta1_weight,
+            beta2: self.betas[1] as f32,
+            one_minus_beta2: (1.0 - self.betas[1]) as f32,
+            eps: self.eps as f32,
+            weight_decay: self.weight_decay as f32,
+            decoupled: self.decoupled,
+            l2: !self.decoupled && self.weight_decay != 0.0,
+            lerp_from_start: beta1_weight.abs() < 0.5,
+        }
     }
 }
 
@@ -245,52 +247,65 @@ impl Optimizer for Adam {
     }
 
     fn update_slices(&self, at: StepAt, p: &mut [f32], state: &mut [&mut [f32]], g: &[f32]) {
-        let (shrink, step_size, bias_correction2_sqrt) = self.constants(at);
-        let (beta1_weight, beta2) = ((1.0 - self.betas[0]) as f32, self.betas[1] as f32);
-        let (one_minus_beta2, eps, wd) = ((1.0 - self.betas[1]) as f32, self.eps as f32, self.weight_decay as f32);
-        let l2 = !self.decoupled && self.weight_decay != 0.0;
+        let step = self.step(at);
         let [m, v] = state else { panic!("Adam keeps two buffers per tensor, got {}", state.len()) };
         crate::kernels::vectorized(|| {
             for (((p, m), v), &g) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
-                if self.decoupled {
-                    *p *= shrink;
-                }
-                let g = if l2 { g + wd * *p } else { g };
-                *m = lerp(*m, g, beta1_weight);
-                *v = *v * beta2 + one_minus_beta2 * g * g;
-                let denom = v.sqrt() / bias_correction2_sqrt + eps;
-                *p += step_size * *m / denom;
+                step.apply(p, m, v, g);
             }
         })
     }
 
     fn update_tensors(&self, at: StepAt, p: &Tensor, state: &[Tensor], g: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
         let [m, v] = state else { anyhow::bail!("Adam keeps two buffers per tensor, got {}", state.len()) };
-        let (shrink, step_size, bias_correction2_sqrt) = self.constants(at);
+        // `AdamStep::apply`'s operations, one tensor op each, in its order.
+        let s = self.step(at);
         let scalar = |x: f32| Tensor::new(x, p.device());
         let mut p = p.detach();
-        if self.decoupled {
-            p = p.broadcast_mul(&scalar(shrink)?)?;
+        if s.decoupled {
+            p = p.broadcast_mul(&scalar(s.shrink)?)?;
         }
-        let g = if !self.decoupled && self.weight_decay != 0.0 {
-            (g + p.broadcast_mul(&scalar(self.weight_decay as f32)?)?)?
+        let g = if s.l2 { (g + p.broadcast_mul(&scalar(s.weight_decay)?)?)? } else { g.clone() };
+        let m = if s.lerp_from_start {
+            (m + (&g - m)?.broadcast_mul(&scalar(s.beta1_weight)?)?)?
         } else {
-            g.clone()
+            (&g - (&g - m)?.broadcast_mul(&scalar(1.0 - s.beta1_weight)?)?)?
         };
-        // lerp with a weight below one half, as PyTorch's (betas are checked to be in [0, 1);
-        // a β₁ at or below one half takes the other form).
-        let beta1_weight = (1.0 - self.betas[0]) as f32;
-        let m = if beta1_weight.abs() < 0.5 {
-            (m + (&g - m)?.broadcast_mul(&scalar(beta1_weight)?)?)?
-        } else {
-            (&g - (&g - m)?.broadcast_mul(&scalar(1.0 - beta1_weight)?)?)?
-        };
-        let one_minus_beta2 = scalar((1.0 - self.betas[1]) as f32)?;
-        let v = (v.broadcast_mul(&scalar(self.betas[1] as f32)?)? + g.broadcast_mul(&one_minus_beta2)?.mul(&g)?)?;
-        let denom =
-            v.sqrt()?.broadcast_div(&scalar(bias_correction2_sqrt)?)?.broadcast_add(&scalar(self.eps as f32)?)?;
-        let p = (p + m.broadcast_mul(&scalar(step_size)?)?.div(&denom)?)?;
+        let v = (v.broadcast_mul(&scalar(s.beta2)?)? + g.broadcast_mul(&scalar(s.one_minus_beta2)?)?.mul(&g)?)?;
+        let denom = v.sqrt()?.broadcast_div(&scalar(s.bias_correction2_sqrt)?)?.broadcast_add(&scalar(s.eps)?)?;
+        let p = (p + m.broadcast_mul(&scalar(s.step_size)?)?.div(&denom)?)?;
         Ok((p.detach(), vec![m.detach(), v.detach()]))
+    }
+
+    /// On a GPU, one kernel over every parameter, in place
+    /// ([`crate::kernels::cuda::adam_update_all`]), unless `kernels.fused_update` is off;
+    /// elsewhere tensor by tensor.
+    fn update_vars(
+        &self,
+        at: StepAt,
+        updates: &[(&str, &Var, &Tensor)],
+        state: &mut OptimizerState,
+        kernels: &KernelOptions,
+    ) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if kernels.fused_update
+            && updates.iter().all(|(_, v, _)| v.device().is_cuda() && v.dtype() == candle_core::DType::F32)
+        {
+            let buffer = |b: &str, name: &str| {
+                state.get(&state_key(b, name)).with_context(|| format!("no {b} buffer for {name}"))
+            };
+            let quads = updates
+                .iter()
+                .map(|(name, var, g)| {
+                    Ok((var.as_tensor(), buffer(Adam::EXP_AVG, name)?, buffer(Adam::EXP_AVG_SQ, name)?, *g))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            crate::kernels::cuda::adam_update_all(&self.step(at), &quads)?;
+            return Ok(());
+        }
+        #[cfg(not(feature = "cuda"))]
+        let _ = kernels;
+        update_each_var(self, at, updates, state)
     }
 }
 

@@ -325,6 +325,51 @@ fn the_sgd_kernel_updates_every_tensor_as_the_cpu_does() {
     }
 }
 
+/// The Adam kernel (AdamW's decoupled decay included) updates 40 tensors of assorted sizes as the
+/// CPU's update does, bit for bit, over two steps.
+#[test]
+#[cfg_attr(not(feature = "cuda"), ignore = "needs a GPU: a build with CUDA (cargo xtask test --gpu)")]
+fn the_adam_kernel_updates_every_tensor_as_the_cpu_does() {
+    let gpu = gpu("the_adam_kernel_updates_every_tensor_as_the_cpu_does");
+    let mut rng = layerlab::random::rng(29);
+    let mut random = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.next_u32() as f32 / u32::MAX as f32 - 0.5).collect() };
+    let sizes: Vec<usize> = (0..40).map(|k| 1 + k * 37 % 3001).collect();
+    type Values = (String, Vec<f32>, Vec<Vec<f32>>);
+    let tensors: Vec<Values> =
+        sizes.iter().enumerate().map(|(k, &n)| (format!("t{k}"), random(n), vec![random(n), random(n)])).collect();
+    for decoupled in [false, true] {
+        let adam = layerlab::optim::Adam { betas: [0.9, 0.999], eps: 1e-8, weight_decay: 1e-2, decoupled };
+        let update = |device: &Device| {
+            let t = |v: &Vec<f32>| Tensor::from_vec(v.clone(), v.len(), device).unwrap();
+            let vars: Vec<candle_core::Var> =
+                tensors.iter().map(|(_, p, _)| candle_core::Var::from_tensor(&t(p)).unwrap()).collect();
+            let key = |b: &str, name: &str| layerlab::optim::state_key(b, name);
+            let mut state = layerlab::optim::OptimizerState::new();
+            for (name, p, _) in &tensors {
+                state.insert(key("exp_avg", name), t(&vec![0.0; p.len()]).copy().unwrap());
+                state.insert(key("exp_avg_sq", name), t(&vec![0.0; p.len()]).copy().unwrap());
+            }
+            for (number, grads) in [(1u64, 0usize), (2, 1)] {
+                let grads: Vec<Tensor> = tensors.iter().map(|(_, _, g)| t(&g[grads])).collect();
+                let updates: Vec<(&str, &candle_core::Var, &Tensor)> =
+                    tensors.iter().zip(&vars).zip(&grads).map(|(((name, ..), v), g)| (name.as_str(), v, g)).collect();
+                let at = layerlab::optim::StepAt { lr: 0.01, number };
+                layerlab::optim::Optimizer::update_vars(&adam, at, &updates, &mut state, &KernelOptions::default())
+                    .unwrap();
+            }
+            let p: Vec<Vec<u32>> = vars.iter().map(|v| bits(v.as_tensor())).collect();
+            let buffers: Vec<Vec<u32>> = tensors
+                .iter()
+                .flat_map(|(name, ..)| [bits(&state[&key("exp_avg", name)]), bits(&state[&key("exp_avg_sq", name)])])
+                .collect();
+            (p, buffers)
+        };
+        let (cpu, on_gpu) = (update(&Device::Cpu), update(&gpu));
+        assert!(cpu.0 == on_gpu.0, "decoupled {decoupled}: parameters differ");
+        assert!(cpu.1 == on_gpu.1, "decoupled {decoupled}: buffers differ");
+    }
+}
+
 /// layerlab's CUDA source compiles with NVRTC as it does at run time on a GPU, and the PTX has
 /// an entry for every kernel in the source. NVRTC is a compiler library, so this needs no GPU:
 /// CI runs this test alone, with the toolkit's libraries on `LD_LIBRARY_PATH` (`.ci/run`);

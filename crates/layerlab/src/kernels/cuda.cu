@@ -67,6 +67,48 @@ extern "C" __global__ void sgd_update_all(SgdTable t, float lr, float mu, float 
     }
 }
 
+// The Adam / AdamW update of up to ADAM_TENSORS parameter tensors at once, in place (parameter,
+// exp_avg, exp_avg_sq), with optim::Adam's rule: the same f32 operations in the same order as
+// its update_slices, each rounded on its own. `shrink` is AdamW's 1 - lr * weight_decay (1 for
+// Adam), `l2` whether weight_decay joins the gradient (Adam), `lerp_from_start` whether the
+// running mean moves from its old value (|1 - beta1| < 1/2, as PyTorch's lerp) or from the
+// gradient; the f64 bias corrections come in rounded once: step_size = -lr / (1 - beta1^t),
+// bc2_sqrt = sqrt(1 - beta2^t).
+#define ADAM_TENSORS 32
+struct AdamTable {
+    float* p[ADAM_TENSORS];
+    float* m[ADAM_TENSORS];
+    float* v[ADAM_TENSORS];
+    const float* g[ADAM_TENSORS];
+    unsigned int n[ADAM_TENSORS];
+    unsigned int count;
+};
+
+extern "C" __global__ void adam_update_all(AdamTable t, float shrink, float step_size, float bc2_sqrt,
+                                           float beta1_weight, float beta2, float one_minus_beta2, float eps,
+                                           float wd, int decoupled, int l2, int lerp_from_start) {
+    unsigned int k = blockIdx.y;
+    if (k >= t.count) return;
+    float* p = t.p[k];
+    float* m = t.m[k];
+    float* v = t.v[k];
+    const float* g = t.g[k];
+    for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < t.n[k]; i += gridDim.x * blockDim.x) {
+        float pi = p[i];
+        if (decoupled) pi = __fmul_rn(pi, shrink);
+        float gi = g[i];
+        if (l2) gi = __fadd_rn(gi, __fmul_rn(wd, pi));
+        float mi = m[i];
+        mi = lerp_from_start ? __fadd_rn(mi, __fmul_rn(beta1_weight, __fsub_rn(gi, mi)))
+                             : __fsub_rn(gi, __fmul_rn(__fsub_rn(gi, mi), __fsub_rn(1.0f, beta1_weight)));
+        float vi = __fadd_rn(__fmul_rn(v[i], beta2), __fmul_rn(__fmul_rn(one_minus_beta2, gi), gi));
+        float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(vi), bc2_sqrt), eps);
+        m[i] = mi;
+        v[i] = vi;
+        p[i] = __fadd_rn(pi, __fdiv_rn(__fmul_rn(step_size, mi), denom));
+    }
+}
+
 // The batch images[positions[b]] [n, c, h, w] under each image's packed shift, scaled to
 // p / 255: `kernels::pixels`'s rule. One thread per output value.
 extern "C" __global__ void gather_batch(const unsigned char* images, const unsigned int* positions,

@@ -8,6 +8,8 @@
 //!   the same f32 operations in the same order as the CPU's `update_slices`,
 //!   each rounded on its own (`__fmul_rn`, `__fadd_rn`: never contracted into a fused
 //!   multiply-add), so both give the same bits from the same inputs;
+//! - the Adam and AdamW update ([`adam_update_all`]), likewise: `kernels::update::AdamStep`'s
+//!   operations in its order, each rounded on its own;
 //! - the 2×2 max-pool, forward and input gradient ([`max_pool2`], [`max_pool2_grad`]), with the
 //!   CPU kernel's rule: each gradient goes to the first maximum of its window. candle's own
 //!   max-pool gradient multiplies by the share of a window's values that are its maximum instead
@@ -85,9 +87,9 @@ unsafe impl cudarc::driver::DeviceRepr for SgdTable {}
 /// The device address of a contiguous f32 tensor's first value on a GPU.
 fn address(t: &Tensor, what: &str) -> candle_core::Result<u64> {
     let (storage, layout) = t.storage_and_layout();
-    let candle_core::Storage::Cuda(s) = &*storage else { bail!("SGD update: the {what} is not on a GPU") };
+    let candle_core::Storage::Cuda(s) = &*storage else { bail!("optimizer update: the {what} is not on a GPU") };
     if !layout.is_contiguous() || t.dtype() != candle_core::DType::F32 {
-        bail!("SGD update: the {what} must be contiguous f32")
+        bail!("optimizer update: the {what} must be contiguous f32")
     }
     let slice = s.as_cuda_slice::<f32>()?;
     let stream = s.device.cuda_stream();
@@ -154,6 +156,89 @@ pub fn sgd_update_all(
         launch.arg(&mu);
         launch.arg(&wd);
         launch.arg(&nesterov);
+        // SAFETY: the arguments match the kernel's signature; each address holds `n` f32s of a
+        // live tensor (the caller's, or `grads`, which outlives the launch's queuing).
+        unsafe { launch.launch(config) }.map_err(candle_core::Error::wrap)?;
+    }
+    Ok(())
+}
+
+/// Tensors per launch of `adam_update_all` (its `ADAM_TENSORS`).
+const ADAM_TENSORS: usize = 32;
+
+/// The kernel's table of tensors, laid out as its `AdamTable`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct AdamTable {
+    p: [u64; ADAM_TENSORS],
+    m: [u64; ADAM_TENSORS],
+    v: [u64; ADAM_TENSORS],
+    g: [u64; ADAM_TENSORS],
+    n: [u32; ADAM_TENSORS],
+    count: u32,
+}
+
+// SAFETY: plain old data, laid out as the kernel's struct (pointers as 64-bit addresses).
+unsafe impl cudarc::driver::DeviceRepr for AdamTable {}
+
+/// The Adam (or AdamW) update of every (parameter, exp_avg, exp_avg_sq, gradient), each four f32
+/// tensors of one shape on one GPU, the first three updated in place, with `step`'s constants:
+/// one launch per 32 tensors, as [`sgd_update_all`] (which says why writing through addresses
+/// is safe). The kernel does `AdamStep::apply`'s f32 operations in its order.
+pub fn adam_update_all(
+    step: &super::update::AdamStep,
+    updates: &[(&Tensor, &Tensor, &Tensor, &Tensor)],
+) -> candle_core::Result<()> {
+    let Some((first, ..)) = updates.first() else { return Ok(()) };
+    let candle_core::Device::Cuda(dev) = first.device() else { bail!("the CUDA Adam update was given CPU tensors") };
+    let func = dev.get_or_load_custom_func("adam_update_all", MODULE, ptx()?)?;
+    let grads = updates.iter().map(|(.., g)| g.contiguous()).collect::<candle_core::Result<Vec<_>>>()?;
+    for (chunk, grads) in updates.chunks(ADAM_TENSORS).zip(grads.chunks(ADAM_TENSORS)) {
+        let mut table = AdamTable {
+            p: [0; ADAM_TENSORS],
+            m: [0; ADAM_TENSORS],
+            v: [0; ADAM_TENSORS],
+            g: [0; ADAM_TENSORS],
+            n: [0; ADAM_TENSORS],
+            count: chunk.len() as u32,
+        };
+        let mut largest = 1;
+        for (k, ((p, m, v, _), g)) in chunk.iter().zip(grads).enumerate() {
+            if p.dims() != m.dims() || p.dims() != v.dims() || p.dims() != g.dims() {
+                bail!(
+                    "Adam update: parameter {:?}, buffers {:?} and {:?} and gradient {:?} differ in shape",
+                    p.dims(),
+                    m.dims(),
+                    v.dims(),
+                    g.dims()
+                )
+            }
+            table.p[k] = address(p, "parameter")?;
+            table.m[k] = address(m, "exp_avg buffer")?;
+            table.v[k] = address(v, "exp_avg_sq buffer")?;
+            table.g[k] = address(g, "gradient")?;
+            table.n[k] = launch_count(p.elem_count())?;
+            largest = largest.max(p.elem_count());
+        }
+        let config = LaunchConfig {
+            grid_dim: ((largest.div_ceil(256)).min(1024) as u32, chunk.len() as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let flags = (step.decoupled as i32, step.l2 as i32, step.lerp_from_start as i32);
+        let mut launch = func.builder();
+        launch.arg(&table);
+        launch.arg(&step.shrink);
+        launch.arg(&step.step_size);
+        launch.arg(&step.bias_correction2_sqrt);
+        launch.arg(&step.beta1_weight);
+        launch.arg(&step.beta2);
+        launch.arg(&step.one_minus_beta2);
+        launch.arg(&step.eps);
+        launch.arg(&step.weight_decay);
+        launch.arg(&flags.0);
+        launch.arg(&flags.1);
+        launch.arg(&flags.2);
         // SAFETY: the arguments match the kernel's signature; each address holds `n` f32s of a
         // live tensor (the caller's, or `grads`, which outlives the launch's queuing).
         unsafe { launch.launch(config) }.map_err(candle_core::Error::wrap)?;

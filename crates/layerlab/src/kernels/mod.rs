@@ -8,6 +8,7 @@
 //! - [`layers`]: ReLU, 2×2 max-pooling and the bias gradient;
 //! - [`pixels`]: a batch gathered from u8 images by position, augmented and scaled;
 //! - [`loss`]: softmax cross-entropy with the count of right predictions, fused;
+//! - [`update`]: an optimizer step's constants as plain values, for the host and the CUDA kernel;
 //! - [`options`]: which of our GPU kernels a computation uses ([`KernelOptions`]), a value
 //!   handed down to every call that picks one.
 //!
@@ -36,6 +37,7 @@ pub mod loss;
 pub mod norm;
 pub mod options;
 pub mod pixels;
+pub mod update;
 
 pub use options::KernelOptions;
 

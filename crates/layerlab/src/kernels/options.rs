@@ -14,8 +14,9 @@ pub struct KernelOptions {
     pub cudnn_conv: bool,
     /// Training-mode BatchNorm through cuDNN (off: candle ops).
     pub cudnn_batch_norm: bool,
-    /// The SGD update as one CUDA kernel over every parameter (off: candle tensor ops).
-    pub fused_sgd: bool,
+    /// The optimizer's update as one CUDA kernel over every parameter, for the optimizers that
+    /// have one (SGD, Adam, AdamW; off: their candle tensor ops).
+    pub fused_update: bool,
     /// A GPU's training gradients from layerlab's tape (`crate::backward`; off: candle's
     /// autograd). The tape calls the gradients of our cuDNN convolution and BatchNorm, so it
     /// needs both on.
@@ -27,7 +28,13 @@ pub struct KernelOptions {
 
 impl Default for KernelOptions {
     fn default() -> KernelOptions {
-        KernelOptions { cudnn_conv: true, cudnn_batch_norm: true, fused_sgd: true, taped_backward: true, tf32: false }
+        KernelOptions {
+            cudnn_conv: true,
+            cudnn_batch_norm: true,
+            fused_update: true,
+            taped_backward: true,
+            tf32: false,
+        }
     }
 }
 
@@ -56,7 +63,7 @@ mod tests {
         assert!(!KernelOptions { taped_backward: false, ..on }.tape_applies());
         assert!(!KernelOptions { cudnn_conv: false, ..on }.tape_applies());
         assert!(!KernelOptions { cudnn_batch_norm: false, ..on }.tape_applies());
-        assert!(KernelOptions { fused_sgd: false, tf32: true, ..on }.tape_applies());
+        assert!(KernelOptions { fused_update: false, tf32: true, ..on }.tape_applies());
         assert_eq!(KernelOptions::with_tf32(true), KernelOptions { tf32: true, ..on });
     }
 }
