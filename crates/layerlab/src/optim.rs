@@ -68,6 +68,12 @@ pub trait Optimizer: Debug + Send + Sync {
     }
 }
 
+/// Whether every trained tensor of `updates` is f32 on a GPU: what the update kernels take.
+#[cfg(feature = "cuda")]
+fn on_gpu_in_f32(updates: &[(&str, &Var, &Tensor)]) -> bool {
+    updates.iter().all(|(_, v, _)| v.device().is_cuda() && v.dtype() == candle_core::DType::F32)
+}
+
 /// [`Optimizer::update_vars`] tensor by tensor, through [`Optimizer::update_tensors`].
 pub fn update_each_var<O: Optimizer + ?Sized>(
     opt: &O,
@@ -171,9 +177,7 @@ impl Optimizer for Sgd {
         kernels: &KernelOptions,
     ) -> Result<()> {
         #[cfg(feature = "cuda")]
-        if kernels.fused_update
-            && updates.iter().all(|(_, v, _)| v.device().is_cuda() && v.dtype() == candle_core::DType::F32)
-        {
+        if kernels.fused_update && on_gpu_in_f32(updates) {
             let triples = updates
                 .iter()
                 .map(|(name, var, g)| {
@@ -288,9 +292,7 @@ impl Optimizer for Adam {
         kernels: &KernelOptions,
     ) -> Result<()> {
         #[cfg(feature = "cuda")]
-        if kernels.fused_update
-            && updates.iter().all(|(_, v, _)| v.device().is_cuda() && v.dtype() == candle_core::DType::F32)
-        {
+        if kernels.fused_update && on_gpu_in_f32(updates) {
             let buffer = |b: &str, name: &str| {
                 state.get(&state_key(b, name)).with_context(|| format!("no {b} buffer for {name}"))
             };

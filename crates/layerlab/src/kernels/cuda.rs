@@ -66,18 +66,18 @@ pub fn launch_count(n: usize) -> candle_core::Result<u32> {
     Ok(n as u32)
 }
 
-/// Tensors per launch of `sgd_update_all` (its `SGD_TENSORS`): the table of pointers is passed
-/// by value, and kernel parameters are limited to 4 KB.
-const SGD_TENSORS: usize = 32;
+/// Tensors per launch of the update kernels (`SGD_TENSORS`, `ADAM_TENSORS`): their tables of
+/// pointers are passed by value, and kernel parameters are limited to 4 KB.
+const UPDATE_TENSORS: usize = 32;
 
-/// The kernel's table of tensors, laid out as its `SgdTable`.
+/// The SGD kernel's table of tensors, laid out as its `SgdTable`.
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct SgdTable {
-    p: [u64; SGD_TENSORS],
-    m: [u64; SGD_TENSORS],
-    g: [u64; SGD_TENSORS],
-    n: [u32; SGD_TENSORS],
+    p: [u64; UPDATE_TENSORS],
+    m: [u64; UPDATE_TENSORS],
+    g: [u64; UPDATE_TENSORS],
+    n: [u32; UPDATE_TENSORS],
     count: u32,
 }
 
@@ -95,6 +95,47 @@ fn address(t: &Tensor, what: &str) -> candle_core::Result<u64> {
     let stream = s.device.cuda_stream();
     let (ptr, _sync) = slice.device_ptr(&stream);
     Ok(ptr + 4 * layout.start_offset() as u64)
+}
+
+/// One launch of an update kernel: for each of up to [`UPDATE_TENSORS`] updates, the addresses
+/// of its `B` tensors (parameter, buffers, gradient, all of one shape) and its size; and the
+/// geometry: blocks of 256 along x (at most 1024, the kernel striding over the rest), one row of
+/// blocks per update.
+struct UpdateLaunch<const B: usize> {
+    addresses: [[u64; UPDATE_TENSORS]; B],
+    sizes: [u32; UPDATE_TENSORS],
+    count: u32,
+    config: LaunchConfig,
+}
+
+/// [`UpdateLaunch`] of `chunk` (at most [`UPDATE_TENSORS`] updates), each tensor checked (one
+/// shape per update, contiguous f32 on a GPU) and named by `names` in errors.
+fn update_launch<const B: usize>(
+    kernel: &str,
+    names: [&str; B],
+    chunk: &[[&Tensor; B]],
+) -> candle_core::Result<UpdateLaunch<B>> {
+    let mut addresses = [[0u64; UPDATE_TENSORS]; B];
+    let mut sizes = [0u32; UPDATE_TENSORS];
+    let mut largest = 1;
+    for (k, tensors) in chunk.iter().enumerate() {
+        let dims = tensors[0].dims();
+        if tensors.iter().any(|t| t.dims() != dims) {
+            let shapes: Vec<String> = names.iter().zip(tensors).map(|(n, t)| format!("{n} {:?}", t.dims())).collect();
+            bail!("{kernel}: {} differ in shape", shapes.join(", "))
+        }
+        for (b, t) in tensors.iter().enumerate() {
+            addresses[b][k] = address(t, names[b])?;
+        }
+        sizes[k] = launch_count(tensors[0].elem_count())?;
+        largest = largest.max(tensors[0].elem_count());
+    }
+    let config = LaunchConfig {
+        grid_dim: ((largest.div_ceil(256)).min(1024) as u32, chunk.len() as u32, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    Ok(UpdateLaunch { addresses, sizes, count: chunk.len() as u32, config })
 }
 
 /// The SGD update of every (parameter, momentum buffer, gradient) triple, each three f32
@@ -121,35 +162,11 @@ pub fn sgd_update_all(
     let (lr, mu, wd, nesterov) = (lr as f32, momentum as f32, weight_decay as f32, nesterov as i32);
     // Gradients that are views get a contiguous copy, kept alive until the launch is queued.
     let grads = updates.iter().map(|(_, _, g)| g.contiguous()).collect::<candle_core::Result<Vec<_>>>()?;
-    for (chunk, grads) in updates.chunks(SGD_TENSORS).zip(grads.chunks(SGD_TENSORS)) {
-        let mut table = SgdTable {
-            p: [0; SGD_TENSORS],
-            m: [0; SGD_TENSORS],
-            g: [0; SGD_TENSORS],
-            n: [0; SGD_TENSORS],
-            count: chunk.len() as u32,
-        };
-        let mut largest = 1;
-        for (k, ((p, m, _), g)) in chunk.iter().zip(grads).enumerate() {
-            if p.dims() != m.dims() || p.dims() != g.dims() {
-                bail!(
-                    "SGD update: parameter {:?}, momentum {:?} and gradient {:?} differ in shape",
-                    p.dims(),
-                    m.dims(),
-                    g.dims()
-                )
-            }
-            table.p[k] = address(p, "parameter")?;
-            table.m[k] = address(m, "momentum buffer")?;
-            table.g[k] = address(g, "gradient")?;
-            table.n[k] = launch_count(p.elem_count())?;
-            largest = largest.max(p.elem_count());
-        }
-        let config = LaunchConfig {
-            grid_dim: ((largest.div_ceil(256)).min(1024) as u32, chunk.len() as u32, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+    let rows: Vec<[&Tensor; 3]> = updates.iter().zip(&grads).map(|((p, m, _), g)| [*p, *m, g]).collect();
+    for chunk in rows.chunks(UPDATE_TENSORS) {
+        let l = update_launch("SGD update", ["parameter", "momentum buffer", "gradient"], chunk)?;
+        let [p, m, g] = l.addresses;
+        let table = SgdTable { p, m, g, n: l.sizes, count: l.count };
         let mut launch = func.builder();
         launch.arg(&table);
         launch.arg(&lr);
@@ -158,23 +175,20 @@ pub fn sgd_update_all(
         launch.arg(&nesterov);
         // SAFETY: the arguments match the kernel's signature; each address holds `n` f32s of a
         // live tensor (the caller's, or `grads`, which outlives the launch's queuing).
-        unsafe { launch.launch(config) }.map_err(candle_core::Error::wrap)?;
+        unsafe { launch.launch(l.config) }.map_err(candle_core::Error::wrap)?;
     }
     Ok(())
 }
 
-/// Tensors per launch of `adam_update_all` (its `ADAM_TENSORS`).
-const ADAM_TENSORS: usize = 32;
-
-/// The kernel's table of tensors, laid out as its `AdamTable`.
+/// The Adam kernel's table of tensors, laid out as its `AdamTable`.
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct AdamTable {
-    p: [u64; ADAM_TENSORS],
-    m: [u64; ADAM_TENSORS],
-    v: [u64; ADAM_TENSORS],
-    g: [u64; ADAM_TENSORS],
-    n: [u32; ADAM_TENSORS],
+    p: [u64; UPDATE_TENSORS],
+    m: [u64; UPDATE_TENSORS],
+    v: [u64; UPDATE_TENSORS],
+    g: [u64; UPDATE_TENSORS],
+    n: [u32; UPDATE_TENSORS],
     count: u32,
 }
 
@@ -193,38 +207,12 @@ pub fn adam_update_all(
     let candle_core::Device::Cuda(dev) = first.device() else { bail!("the CUDA Adam update was given CPU tensors") };
     let func = dev.get_or_load_custom_func("adam_update_all", MODULE, ptx()?)?;
     let grads = updates.iter().map(|(.., g)| g.contiguous()).collect::<candle_core::Result<Vec<_>>>()?;
-    for (chunk, grads) in updates.chunks(ADAM_TENSORS).zip(grads.chunks(ADAM_TENSORS)) {
-        let mut table = AdamTable {
-            p: [0; ADAM_TENSORS],
-            m: [0; ADAM_TENSORS],
-            v: [0; ADAM_TENSORS],
-            g: [0; ADAM_TENSORS],
-            n: [0; ADAM_TENSORS],
-            count: chunk.len() as u32,
-        };
-        let mut largest = 1;
-        for (k, ((p, m, v, _), g)) in chunk.iter().zip(grads).enumerate() {
-            if p.dims() != m.dims() || p.dims() != v.dims() || p.dims() != g.dims() {
-                bail!(
-                    "Adam update: parameter {:?}, buffers {:?} and {:?} and gradient {:?} differ in shape",
-                    p.dims(),
-                    m.dims(),
-                    v.dims(),
-                    g.dims()
-                )
-            }
-            table.p[k] = address(p, "parameter")?;
-            table.m[k] = address(m, "exp_avg buffer")?;
-            table.v[k] = address(v, "exp_avg_sq buffer")?;
-            table.g[k] = address(g, "gradient")?;
-            table.n[k] = launch_count(p.elem_count())?;
-            largest = largest.max(p.elem_count());
-        }
-        let config = LaunchConfig {
-            grid_dim: ((largest.div_ceil(256)).min(1024) as u32, chunk.len() as u32, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+    let rows: Vec<[&Tensor; 4]> = updates.iter().zip(&grads).map(|((p, m, v, _), g)| [*p, *m, *v, g]).collect();
+    for chunk in rows.chunks(UPDATE_TENSORS) {
+        let names = ["parameter", "exp_avg buffer", "exp_avg_sq buffer", "gradient"];
+        let l = update_launch("Adam update", names, chunk)?;
+        let [p, m, v, g] = l.addresses;
+        let table = AdamTable { p, m, v, g, n: l.sizes, count: l.count };
         let flags = (step.decoupled as i32, step.l2 as i32, step.lerp_from_start as i32);
         let mut launch = func.builder();
         launch.arg(&table);
@@ -241,7 +229,7 @@ pub fn adam_update_all(
         launch.arg(&flags.2);
         // SAFETY: the arguments match the kernel's signature; each address holds `n` f32s of a
         // live tensor (the caller's, or `grads`, which outlives the launch's queuing).
-        unsafe { launch.launch(config) }.map_err(candle_core::Error::wrap)?;
+        unsafe { launch.launch(l.config) }.map_err(candle_core::Error::wrap)?;
     }
     Ok(())
 }
