@@ -39,6 +39,11 @@ pub fn state_key(buffer: &str, tensor: &str) -> String {
     format!("{buffer}/{tensor}")
 }
 
+/// Buffer `buffer` of trained tensor `tensor` in `state`, or an error naming both.
+pub fn buffer_of<'s>(state: &'s OptimizerState, buffer: &str, tensor: &str) -> Result<&'s Tensor> {
+    state.get(&state_key(buffer, tensor)).with_context(|| format!("no {buffer} buffer for {tensor}"))
+}
+
 /// An update rule over trained tensors.
 pub trait Optimizer: Debug + Send + Sync {
     /// The names of the buffers it keeps per trained tensor, each of the tensor's shape and zero
@@ -82,11 +87,7 @@ pub fn update_each_var<O: Optimizer + ?Sized>(
     state: &mut OptimizerState,
 ) -> Result<()> {
     for (name, var, g) in updates {
-        let buffers = opt
-            .buffers()
-            .iter()
-            .map(|b| state.get(&state_key(b, name)).cloned().with_context(|| format!("no {b} buffer for {name}")))
-            .collect::<Result<Vec<_>>>()?;
+        let buffers = opt.buffers().iter().map(|b| buffer_of(state, b, name).cloned()).collect::<Result<Vec<_>>>()?;
         let (p, buffers) = opt.update_tensors(at, var.as_tensor(), &buffers, g)?;
         var.set(&p)?;
         for (b, t) in opt.buffers().iter().zip(buffers) {
@@ -180,12 +181,7 @@ impl Optimizer for Sgd {
         if kernels.fused_update && on_gpu_in_f32(updates) {
             let triples = updates
                 .iter()
-                .map(|(name, var, g)| {
-                    let m = state
-                        .get(&state_key(Sgd::MOMENTUM, name))
-                        .with_context(|| format!("no momentum buffer for {name}"))?;
-                    Ok((var.as_tensor(), m, *g))
-                })
+                .map(|(name, var, g)| Ok((var.as_tensor(), buffer_of(state, Sgd::MOMENTUM, name)?, *g)))
                 .collect::<Result<Vec<_>>>()?;
             crate::kernels::cuda::sgd_update_all(at.lr, self.momentum, self.weight_decay, self.nesterov, &triples)?;
             return Ok(());
@@ -293,9 +289,7 @@ impl Optimizer for Adam {
     ) -> Result<()> {
         #[cfg(feature = "cuda")]
         if kernels.fused_update && on_gpu_in_f32(updates) {
-            let buffer = |b: &str, name: &str| {
-                state.get(&state_key(b, name)).with_context(|| format!("no {b} buffer for {name}"))
-            };
+            let buffer = |b: &str, name: &str| buffer_of(state, b, name);
             let quads = updates
                 .iter()
                 .map(|(name, var, g)| {

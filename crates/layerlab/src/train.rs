@@ -170,8 +170,8 @@ fn load_resume(path: &Path, key: &str, arch: &Architecture, device: &Device) -> 
 /// Trains, writing checkpoints and `history.parquet` into `job.out_dir`.
 pub fn run(job: &TrainJob<'_>, initial: State) -> Result<TrainSummary> {
     let cfg = job.cfg;
-    let n_train = job.cfg.train_examples.map_or(job.train.len(), |n| (n as usize).min(job.train.len()));
-    let n_test = job.cfg.test_examples.map_or(job.test.len(), |n| (n as usize).min(job.test.len()));
+    let n_train = job.train.limited_len(job.cfg.train_examples);
+    let n_test = job.test.limited_len(job.cfg.test_examples);
     let bs = cfg.batch_size as usize;
     let steps_per_epoch = n_train.div_ceil(bs) as u64;
     let ckpt_dir = job.out_dir.join("checkpoints");

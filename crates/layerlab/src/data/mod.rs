@@ -36,6 +36,11 @@ impl Split {
     pub fn image_size(&self) -> usize {
         self.channels * self.height * self.width
     }
+    /// How many examples a limit such as `train.train_examples` takes from this split: the
+    /// first `limit`, or all of them.
+    pub fn limited_len(&self, limit: Option<u32>) -> usize {
+        limit.map_or(self.len(), |n| (n as usize).min(self.len()))
+    }
     /// The [n, c, h, w] shape of a batch of `n` images.
     pub fn batch_dims(&self, n: usize) -> [usize; 4] {
         [n, self.channels, self.height, self.width]

@@ -63,12 +63,12 @@ pub fn run(ctx: &StageContext, seed: u64) -> Result<Outcome> {
     let (&final_epoch, trained) = checkpoints.iter().next_back().context("no checkpoints")?;
     tracing::info!("reset-eval {} seed {seed}: final epoch {final_epoch}, {} units", exp.name, arch.units.len());
 
-    let n_test = exp.train.test_examples.map_or(test_split.len(), |n| (n as usize).min(test_split.len()));
+    let n_test = test_split.limited_len(exp.train.test_examples);
     let eval_batch = exp.train.eval_batch_size as usize;
     let test_set = EvalSet::new(&test_split, (0..n_test).collect(), eval_batch);
     // The train error is measured on examples the network was trained on (the first
     // `train.train_examples` when set), with the labels it was trained on (`train.label_noise`).
-    let trained_examples = exp.train.train_examples.map_or(train_split.len(), |n| (n as usize).min(train_split.len()));
+    let trained_examples = train_split.limited_len(exp.train.train_examples);
     let subset = random::train_subset(trained_examples, seed, exp.reset.train_subset as usize);
     let train_set = EvalSet::new(&train_split, subset, eval_batch);
     // The first `recalibrate_batches` training batches of the calibration order.
