@@ -52,7 +52,7 @@ SCHEMAS = {
         ("n_seeds", I), ("baseline_test_error", F), ("tolerance", F), ("chance_error", F),
         ("reinit_epoch", I), ("reinit_test_error", F), ("reinit_delta", F), ("reinit_damage", F),
         ("reinit_class", T), ("rerandomize_test_error", F), ("rerandomize_delta", F),
-        ("rerandomize_damage", F), ("rerandomize_class", T), ("l2_to_init_rel_final", F),
+        ("rerandomize_damage", F), ("rerandomize_class", T), ("l2_to_init_rel_final", F), ("params", I),
     ],
 }
 

@@ -121,6 +121,39 @@ fn run_all_caches_and_reruns_exactly_what_changed() {
         .unwrap();
     assert_eq!(m.error, row("fc2", 1));
 
+    // The joint study follows each unit's own row: the `robust` set is exactly the units within
+    // the tolerance (0.05 by default) at τ = 0, the growth curve adds them least damaging first,
+    // and its last step, every unit at τ = 0, is the initial network evaluated as it is.
+    let names = table.texts("units").unwrap();
+    let own: Vec<(String, f64)> = arch.units.iter().map(|u| (u.name.clone(), row(&u.name, 0))).collect();
+    let robust: Vec<&str> = own.iter().filter(|(_, e)| e - baseline <= 0.05 + 1e-12).map(|(n, _)| n.as_str()).collect();
+    let find = |mode: &str, unit: &str, epoch: Option<i64>| {
+        (0..modes.len())
+            .find(|&i| modes[i].as_deref() == Some(mode) && units[i].as_deref() == Some(unit) && epochs[i] == epoch)
+    };
+    match find("joint", "robust", Some(0)) {
+        Some(i) => assert_eq!(names[i].as_deref().unwrap().split(',').collect::<Vec<_>>(), robust),
+        None => assert!(robust.is_empty(), "no robust set though {robust:?} are robust alone"),
+    }
+    let mut order = own.clone();
+    order.sort_by(|a, b| a.1.total_cmp(&b.1));
+    let order: Vec<&str> = order.iter().map(|(n, _)| n.as_str()).collect();
+    for k in 1..=order.len() {
+        let i = find("growth", &format!("first-{k}"), Some(0)).unwrap_or_else(|| panic!("no growth step {k}"));
+        assert_eq!(names[i].as_deref().unwrap().split(',').collect::<Vec<_>>(), order[..k]);
+    }
+    let initial = layerlab::exec::choose(&arch, &Device::Cpu, exp.train.compute, Default::default())
+        .evaluate(&ckpt(0), &set)
+        .unwrap();
+    let last = find("growth", &format!("first-{}", order.len()), Some(0)).unwrap();
+    assert_eq!(errors[last].unwrap(), initial.error);
+    let draws = (0..modes.len()).filter(|&i| modes[i].as_deref() == Some("joint-rerandomize")).count();
+    let sets = 1 + arch.units.len() + usize::from(!robust.is_empty());
+    assert_eq!(draws, 2 * sets, "two draws of all-but-first, every suffix and the robust set");
+    let report = fs::read_to_string(results.join("report.md")).unwrap();
+    assert!(report.contains("## Joint robustness") && report.contains("| k | unit added |"), "{report}");
+    assert!(results.join("growth.png").is_file() && results.join("growth.svg").is_file());
+
     // Every table opens in pandas and DuckDB with the documented columns.
     check_tables(&data);
 }

@@ -49,9 +49,11 @@ impl Stage {
             Stage::FetchData => 1,
             Stage::Train => 1,
             Stage::Snapshot => 1,
-            Stage::ResetEval => 1,
+            // 2: the joint set of the units robust alone (with `joint` and `reinit`).
+            Stage::ResetEval => 2,
             // 2: the sweep report's table of train errors after re-initialization.
-            Stage::Aggregate => 2,
+            // 3: the robust set, the growth curve, joint re-randomization and each unit's parameters.
+            Stage::Aggregate => 3,
         }
     }
 }
@@ -125,6 +127,11 @@ pub fn reset_key(exp: &Experiment, seed: u64) -> StageKey {
     // examples trained on since 2026-12-06 (before: from the whole split); only those keys change.
     if exp.train.train_examples.is_some() {
         config["train_subset_from"] = json!("examples trained on");
+    }
+    // Which units are robust alone, and so which form the joint `robust` set, is decided by the
+    // experiment's tolerance.
+    if exp.reset.finds_robust_set() {
+        config["robust_tolerance"] = json!(exp.aggregate.tolerance);
     }
     let inputs =
         BTreeMap::from([("dataset".into(), dataset_key(exp.dataset).key), ("train".into(), train_key(exp, seed).key)]);

@@ -51,7 +51,7 @@ macro_rules! section {
 section! {
     /// The network: architecture and size.
     ModelConfig / PartialModel {
-        /// `fcn`, `vgg11`, `vgg13`, `vgg16`, `vgg19`, `resnet18` or `resnet34`.
+        /// `fcn`, `vgg11`, `vgg13`, `vgg16`, `vgg19`, `resnet18`, `resnet34`, `resnet50` or `resnet101`.
         arch: Arch = Arch::Fcn,
         /// FCN: number of hidden layers.
         depth: u32 = 3,
@@ -78,7 +78,9 @@ impl ModelConfig {
             Arch::Vgg11 | Arch::Vgg13 | Arch::Vgg16 | Arch::Vgg19 => {
                 &["arch", "width_mult", "batch_norm", "pad_to", "init"]
             }
-            Arch::Resnet18 | Arch::Resnet34 => &["arch", "width_mult", "pad_to", "init"],
+            Arch::Resnet18 | Arch::Resnet34 | Arch::Resnet50 | Arch::Resnet101 => {
+                &["arch", "width_mult", "pad_to", "init"]
+            }
         }
     }
 }
@@ -152,6 +154,12 @@ fn is_zero(x: &f64) -> bool {
     *x == 0.0
 }
 
+/// The joint set of the units robust on their own at τ = 0, which reset-eval finds and adds.
+pub const ROBUST_SET: &str = "robust";
+/// The built-in joint sets' names besides the suffixes (`from-<unit>`), refused as the name of a
+/// configured set.
+pub const RESERVED_SET_NAMES: [&str; 2] = ["all-but-first", ROBUST_SET];
+
 /// PyTorch's Adam and AdamW defaults.
 const DEFAULT_BETAS: [f64; 2] = [0.9, 0.999];
 const DEFAULT_EPS: f64 = 1e-8;
@@ -206,7 +214,7 @@ impl PartialTrain {
 section! {
     /// The study: which resets, how many draws, how BatchNorm statistics are treated.
     ResetConfig / PartialReset {
-        /// Any of `reinit`, `rerandomize`, `joint`.
+        /// Any of `reinit`, `rerandomize`, `joint`, `joint-rerandomize`, `growth`.
         modes: Vec<ResetMode> = ResetMode::ALL.to_vec(),
         /// Re-randomization draws per unit.
         draws: u32 = 5,
@@ -223,6 +231,15 @@ section! {
         /// Compute the activations entering a reset unit once per batch and share them among its
         /// variants. Off only to measure what it saves: the numbers are the same either way.
         prefix_reuse: bool = true,
+    }
+}
+
+impl ResetConfig {
+    /// Whether reset-eval adds the joint set of the units robust alone (`robust`): it needs each
+    /// unit's own re-initialization (`reinit`) and joint resets (`joint` or `joint-rerandomize`).
+    pub fn finds_robust_set(&self) -> bool {
+        self.modes.contains(&ResetMode::Reinit)
+            && (self.modes.contains(&ResetMode::Joint) || self.modes.contains(&ResetMode::JointRerandomize))
     }
 }
 
@@ -818,6 +835,13 @@ impl Experiment {
             if units.is_empty() {
                 bail!("reset.joint_sets.{set} names no unit");
             }
+            if RESERVED_SET_NAMES.contains(&set.as_str()) {
+                bail!("reset.joint_sets.{set}: '{set}' is the name of a built-in set; choose another");
+            }
+        }
+        let modes = &self.reset.modes;
+        if modes.contains(&ResetMode::Growth) && !modes.contains(&ResetMode::Reinit) {
+            bail!("reset.modes: `growth` needs `reinit` (its order is each unit's own damage when re-initialized)");
         }
         let tol = self.aggregate.tolerance;
         if !(tol.is_finite() && (0.0..=1.0).contains(&tol)) {
@@ -1021,6 +1045,12 @@ checkpoints = [0, 1]
         assert!(format!("{:#}", parse(&text).unwrap_err()).contains("alexnet"));
         let text = format!("{MINIMAL}[experiment.reset.joint_sets]\nempty = []\n");
         assert!(format!("{:#}", parse(&text).unwrap_err()).contains("names no unit"));
+        let text = format!("{MINIMAL}[experiment.reset.joint_sets]\nrobust = [\"fc1\"]\n");
+        let err = format!("{:#}", parse(&text).unwrap_err());
+        assert!(err.contains("reset.joint_sets.robust") && err.contains("built-in set"), "{err}");
+        let text = format!("{MINIMAL}[experiment.reset]\nmodes = [\"rerandomize\", \"growth\"]\n");
+        let err = format!("{:#}", parse(&text).unwrap_err());
+        assert!(err.contains("experiment 'a' (line") && err.contains("`growth` needs `reinit`"), "{err}");
         let text = MINIMAL.replace("epochs = 3", "epochs = -3");
         assert!(parse(&text).is_err());
     }

@@ -11,7 +11,7 @@ pub mod settings;
 pub use cache::{Stage, StageKey, Stamp};
 pub use config::{
     AggregateConfig, AxisValue, ExecutorConfig, ExecutorKind, Experiment, ModelConfig, Pipeline, ResetConfig, Sweep,
-    SweepPoint, TrainConfig,
+    SweepPoint, TrainConfig, ROBUST_SET,
 };
 pub use paths::Layout;
 pub use settings::{Arch, BnStats, ComputePath, Dataset, OptimizerKind, ResetMode, RowMode, Schedule, WeightInit};

@@ -77,6 +77,10 @@ named_enum! {
         Vgg19 = "vgg19",
         Resnet18 = "resnet18",
         Resnet34 = "resnet34",
+        /// Bottleneck blocks (1×1 → 3×3 → 1×1, expansion 4), as torchvision's ResNet-50 (v1.5:
+        /// the stride on the 3×3).
+        Resnet50 = "resnet50",
+        Resnet101 = "resnet101",
     }
 }
 
@@ -137,8 +141,14 @@ named_enum! {
         Reinit = "reinit",
         /// One unit to a fresh draw from its initial distribution.
         Rerandomize = "rerandomize",
-        /// A set of units back to a checkpoint together.
+        /// A set of units back to a checkpoint together: the configured sets, the built-in ones
+        /// and, with `reinit`, the set of units robust on their own at τ = 0 (`robust`).
         Joint = "joint",
+        /// Every joint set to fresh draws from its units' initial distributions together.
+        JointRerandomize = "joint-rerandomize",
+        /// The units in order of their own damage at τ = 0 (least first), re-initialized to τ = 0
+        /// cumulatively (`first-1`, `first-2`, …): where the network breaks. Needs `reinit`.
+        Growth = "growth",
     }
 }
 

@@ -135,8 +135,10 @@ impl Architecture {
             Arch::Vgg13 => b.vgg(&[1, 1, 0, 2, 2, 0, 4, 4, 0, 8, 8, 0, 8, 8, 0], cfg.batch_norm)?,
             Arch::Vgg16 => b.vgg(&[1, 1, 0, 2, 2, 0, 4, 4, 4, 0, 8, 8, 8, 0, 8, 8, 8, 0], cfg.batch_norm)?,
             Arch::Vgg19 => b.vgg(&[1, 1, 0, 2, 2, 0, 4, 4, 4, 4, 0, 8, 8, 8, 8, 0, 8, 8, 8, 8, 0], cfg.batch_norm)?,
-            Arch::Resnet18 => b.resnet(&[2, 2, 2, 2])?,
-            Arch::Resnet34 => b.resnet(&[3, 4, 6, 3])?,
+            Arch::Resnet18 => b.resnet(&[2, 2, 2, 2], Block::Basic)?,
+            Arch::Resnet34 => b.resnet(&[3, 4, 6, 3], Block::Basic)?,
+            Arch::Resnet50 => b.resnet(&[3, 4, 6, 3], Block::Bottleneck)?,
+            Arch::Resnet101 => b.resnet(&[3, 4, 23, 3], Block::Bottleneck)?,
         }
         Ok(b.finish())
     }
@@ -183,6 +185,15 @@ impl Architecture {
         }
         Ok(())
     }
+}
+
+/// A ResNet's residual block.
+#[derive(Debug, Clone, Copy)]
+enum Block {
+    /// Two 3×3 convolutions (ResNet-18 and -34).
+    Basic,
+    /// 1×1 → 3×3 → 1×1, the last with four times the stage's width (ResNet-50 and -101).
+    Bottleneck,
 }
 
 /// Collects layers and units while a network is described.
@@ -326,8 +337,14 @@ impl Builder {
         Ok(())
     }
 
-    fn resnet(&mut self, blocks: &[usize]) -> Result<()> {
-        let depth = 2 * blocks.iter().sum::<usize>() + 2;
+    /// ResNet with the CIFAR stem (one 3×3 convolution, no max-pool) and `blocks` residual blocks
+    /// per stage, of `block`'s kind.
+    fn resnet(&mut self, blocks: &[usize], block: Block) -> Result<()> {
+        let convs_per_block = match block {
+            Block::Basic => 2,
+            Block::Bottleneck => 3,
+        };
+        let depth = convs_per_block * blocks.iter().sum::<usize>() + 2;
         self.name = format!("resnet{depth}-w{}", self.width_mult);
         if self.pad > 0 {
             self.layers.push(Layer::Pad(self.pad));
@@ -341,7 +358,12 @@ impl Builder {
         let mut cin = stem;
         let mut size = self.spatial();
         for (s, &count) in blocks.iter().enumerate() {
-            let cout = self.channels(64 << s);
+            // A bottleneck's inner width is the stage's base width; its output is four times that.
+            let width = self.channels(64 << s);
+            let cout = match block {
+                Block::Basic => width,
+                Block::Bottleneck => self.channels(256 << s),
+            };
             for b in 0..count {
                 let stride = if s > 0 && b == 0 { 2 } else { 1 };
                 if stride == 2 {
@@ -351,12 +373,23 @@ impl Builder {
                     size = size.div_ceil(2);
                 }
                 let p = format!("layer{}.{b}", s + 1);
-                let mut main =
-                    vec![self.conv_layer(&format!("{p}.conv1"), &format!("{p}.conv1"), cin, cout, 3, stride, false)];
-                main.push(self.bn_layer(&format!("{p}.bn1"), cout));
-                main.push(Layer::Relu);
-                main.push(self.conv_layer(&format!("{p}.conv2"), &format!("{p}.conv2"), cout, cout, 3, 1, false));
-                main.push(self.bn_layer(&format!("{p}.bn2"), cout));
+                // torchvision's layout: (kernel, output channels, stride) of conv1, conv2, …;
+                // a bottleneck strides on its 3×3 (ResNet v1.5).
+                let convs: Vec<(usize, usize, usize)> = match block {
+                    Block::Basic => vec![(3, cout, stride), (3, cout, 1)],
+                    Block::Bottleneck => vec![(1, width, 1), (3, width, stride), (1, cout, 1)],
+                };
+                let mut main = Vec::new();
+                let mut c = cin;
+                for (i, &(k, out, conv_stride)) in convs.iter().enumerate() {
+                    if i > 0 {
+                        main.push(Layer::Relu);
+                    }
+                    let name = format!("{p}.conv{}", i + 1);
+                    main.push(self.conv_layer(&name, &name, c, out, k, conv_stride, false));
+                    main.push(self.bn_layer(&format!("{p}.bn{}", i + 1), out));
+                    c = out;
+                }
                 let mut shortcut = Vec::new();
                 if stride != 1 || cin != cout {
                     shortcut.push(self.conv_layer(
@@ -447,5 +480,60 @@ pub(crate) mod tests {
         assert_eq!(u.tensors[0].shape, vec![32, 16, 1, 1]);
         assert_eq!(a.unit("fc").unwrap().tensors[0].shape, vec![10, 128]);
         assert!(a.unit("layer9.0.conv1").is_err());
+    }
+
+    /// torchvision's ResNet-50 at width ×0.25 with the CIFAR stem: three convolutions per block
+    /// (1×1, 3×3 with the stage's stride, 1×1 to four times the width), a projection in every
+    /// stage's first block (layer1's too: 16 → 64 channels), and the parameter count worked out
+    /// by hand from those shapes.
+    #[test]
+    fn resnet50_has_bottleneck_blocks_with_torchvision_names() {
+        let a = Architecture::build(&cfg("resnet50"), [1, 28, 28], 10).unwrap();
+        assert_eq!(a.name, "resnet50-w0.25");
+        assert_eq!(a.units.len(), 1 + 16 * 3 + 4 + 1);
+        let shape = |unit: &str| a.unit(unit).unwrap().tensors[0].shape.clone();
+        assert_eq!(shape("conv1"), [16, 1, 3, 3]);
+        assert_eq!(shape("layer1.0.conv1"), [16, 16, 1, 1]);
+        assert_eq!(shape("layer1.0.conv2"), [16, 16, 3, 3]);
+        assert_eq!(shape("layer1.0.conv3"), [64, 16, 1, 1]);
+        assert_eq!(shape("layer1.0.shortcut"), [64, 16, 1, 1]);
+        assert_eq!(shape("layer1.1.conv1"), [16, 64, 1, 1]);
+        assert_eq!(shape("layer2.0.conv1"), [32, 64, 1, 1]);
+        assert_eq!(shape("layer4.2.conv3"), [512, 128, 1, 1]);
+        assert_eq!(shape("fc"), [10, 512]);
+        assert!(a.unit("layer1.1.shortcut").is_err() && a.unit("layer3.5.conv3").is_ok());
+        let conv2 = a.unit("layer2.0.conv2").unwrap();
+        assert_eq!(
+            conv2.tensors.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(),
+            [
+                "layer2.0.conv2.weight",
+                "layer2.0.bn2.weight",
+                "layer2.0.bn2.bias",
+                "layer2.0.bn2.running_mean",
+                "layer2.0.bn2.running_var",
+            ]
+        );
+        // The stride sits on the 3×3 of a stage's first block, and on its projection.
+        let Layer::Residual { main, shortcut } = &a.layers[a.unit("layer2.0.conv1").unwrap().entry_layer] else {
+            panic!("layer2.0 is not a residual block")
+        };
+        let strides: Vec<usize> = main
+            .iter()
+            .chain(shortcut)
+            .filter_map(|l| if let Layer::Conv { stride, .. } = l { Some(*stride) } else { None })
+            .collect();
+        assert_eq!(strides, [1, 2, 1, 2]);
+        // Per stage (width w, output 4w, input c): the first block's w·c + 9w² + 4w² + 4w·c and
+        // each other's 4w² + 9w² + 4w², plus BatchNorm's 2 per channel; the stem and fc.
+        let mut params = 16 * 9 + 2 * 16 + 512 * 10 + 10;
+        let mut c = 16;
+        for (w, blocks) in [(16, 3), (32, 4), (64, 6), (128, 3)] {
+            params += w * c + 9 * w * w + 4 * w * w + 4 * w * c + 2 * (w + w + 4 * w + 4 * w);
+            params += (blocks - 1) * (4 * w * w + 9 * w * w + 4 * w * w + 2 * (w + w + 4 * w));
+            c = 4 * w;
+        }
+        assert_eq!(a.units.iter().map(Unit::params).sum::<usize>(), params);
+        let deep = Architecture::build(&cfg("resnet101"), [1, 28, 28], 10).unwrap();
+        assert_eq!((deep.name.as_str(), deep.units.len()), ("resnet101-w0.25", 1 + 33 * 3 + 4 + 1));
     }
 }

@@ -10,11 +10,12 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use anyhow::{bail, Context, Result};
 use candle_core::{Tensor, TensorId};
 
+use crate::aggregate::summary::is_robust;
 use crate::batchnorm::is_running_stat;
 use crate::eval::{EvalSet, Metrics};
 use crate::exec::Executor;
 use crate::model::{Architecture, State, Unit};
-use layerlab_pipeline::{BnStats, Experiment, ResetConfig, ResetMode};
+use layerlab_pipeline::{BnStats, Experiment, ResetConfig, ResetMode, ROBUST_SET};
 
 /// The name a BatchNorm setting has in the tables: `reset.bn_stats`'s, or `none` for a network
 /// without BatchNorm (which is evaluated under no setting, `None`).
@@ -68,18 +69,40 @@ pub fn joint_sets(exp: &Experiment, arch: &Architecture) -> Result<Vec<(String, 
     Ok(sets)
 }
 
-/// A group of variants that share one prefix: a single unit (re-initialized to every kept
-/// checkpoint, and re-randomized), or a joint set (every unit in it re-initialized together).
+/// What a group of variants resets.
+#[derive(Debug, Clone, Copy)]
+pub enum GroupKind<'a> {
+    /// One unit alone: re-initialized to every kept checkpoint, and re-randomized.
+    Single(&'a Unit),
+    /// A joint set: every unit in it re-initialized to each checkpoint together, and
+    /// re-randomized together.
+    Set,
+    /// A step of the growth curve: the units re-initialized together to τ = 0.
+    Growth,
+}
+
+/// A group of variants that share one prefix (the activations entering its first unit).
 pub struct Group<'a> {
-    /// The unit, when the group resets one unit alone.
-    pub single: Option<&'a Unit>,
-    /// The unit's name, or the joint set's.
+    pub kind: GroupKind<'a>,
+    /// The unit's name, the joint set's, or the growth step's (`first-3`).
     pub name: String,
     pub units: Vec<&'a Unit>,
 }
 
-/// The study's groups: every unit alone (when `reinit` or `rerandomize` is on), then every joint set
-/// (when `joint` is on).
+impl<'a> Group<'a> {
+    /// The unit, when the group resets one unit alone.
+    pub fn single(&self) -> Option<&'a Unit> {
+        match self.kind {
+            GroupKind::Single(unit) => Some(unit),
+            GroupKind::Set | GroupKind::Growth => None,
+        }
+    }
+}
+
+/// The groups known before anything is evaluated: every unit alone (when `reinit` or
+/// `rerandomize` is on), then every configured and built-in joint set (when `joint` or
+/// `joint-rerandomize` is on). The robust set and the growth curve follow from the single units'
+/// results: [`robust_set`], [`growth`].
 pub fn groups<'a>(
     arch: &'a Architecture,
     sets: &[(String, Vec<String>)],
@@ -89,20 +112,59 @@ pub fn groups<'a>(
     for mode in modes {
         match mode {
             ResetMode::Reinit | ResetMode::Rerandomize => singles = true,
-            ResetMode::Joint => joint = true,
+            ResetMode::Joint | ResetMode::JointRerandomize => joint = true,
+            ResetMode::Growth => {}
         }
     }
     let mut out = Vec::new();
     if singles {
-        out.extend(arch.units.iter().map(|u| Group { single: Some(u), name: u.name.clone(), units: vec![u] }));
+        out.extend(arch.units.iter().map(|u| Group {
+            kind: GroupKind::Single(u),
+            name: u.name.clone(),
+            units: vec![u],
+        }));
     }
     if joint {
         for (name, units) in sets {
             let units = units.iter().map(|n| arch.unit(n)).collect::<Result<_>>()?;
-            out.push(Group { single: None, name: name.clone(), units });
+            out.push(Group { kind: GroupKind::Set, name: name.clone(), units });
         }
     }
     Ok(out)
+}
+
+/// The joint set (named [`ROBUST_SET`]) of the units robust on their own: those whose
+/// re-initialization to τ = 0 raised the test error by at most `tolerance` over `baseline`.
+/// `own_error`: each unit's test error when re-initialized alone to τ = 0, by unit index. `None`
+/// when no unit is robust alone.
+pub fn robust_set<'a>(
+    arch: &'a Architecture,
+    own_error: &BTreeMap<usize, f64>,
+    baseline: f64,
+    tolerance: f64,
+) -> Option<Group<'a>> {
+    let units: Vec<&Unit> = arch
+        .units
+        .iter()
+        .filter(|u| own_error.get(&u.index).is_some_and(|&e| is_robust(e - baseline, tolerance)))
+        .collect();
+    (!units.is_empty()).then(|| Group { kind: GroupKind::Set, name: ROBUST_SET.to_string(), units })
+}
+
+/// The growth curve's steps: the units ordered by their own test error at τ = 0 (least damaging
+/// first; ties in network order), and step k re-initializes the first k together (`first-k`).
+/// Units without an error of their own in `own_error` are left out.
+pub fn growth<'a>(arch: &'a Architecture, own_error: &BTreeMap<usize, f64>) -> Vec<Group<'a>> {
+    let mut order: Vec<(&Unit, f64)> =
+        arch.units.iter().filter_map(|u| own_error.get(&u.index).map(|&e| (u, e))).collect();
+    order.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.index.cmp(&b.0.index)));
+    (1..=order.len())
+        .map(|k| Group {
+            kind: GroupKind::Growth,
+            name: format!("first-{k}"),
+            units: order[..k].iter().map(|(u, _)| *u).collect(),
+        })
+        .collect()
 }
 
 /// What a variant is, for its result row.
@@ -114,8 +176,9 @@ pub struct VariantLabel {
 }
 
 /// The variants of one group under one BatchNorm setting, in the order of their rows: the group
-/// reset to every kept checkpoint (`reinit`, or `joint` for a set), then, for a single unit, each
-/// re-randomization draw, its values from `draw(unit, draw)`.
+/// reset to every kept checkpoint (`reinit` for a unit, `joint` for a set), then each
+/// re-randomization draw (`rerandomize` or `joint-rerandomize`, a unit's values from
+/// `draw(unit, draw)`); a growth step reset to τ = 0 (`growth`).
 pub fn variants(
     group: &Group<'_>,
     bn: Option<BnStats>,
@@ -126,24 +189,36 @@ pub fn variants(
 ) -> Result<(Vec<Variant>, Vec<VariantLabel>)> {
     let mut variants = Vec::new();
     let mut labels = Vec::new();
-    // In the order of `ResetMode::ALL`, the order of the rows; a mode contributes to a single
-    // unit's group or to a joint set's.
+    // In the order of `ResetMode::ALL`, the order of the rows; each mode contributes to one kind
+    // of group.
     for &mode in ResetMode::ALL.iter().filter(|m| settings.modes.contains(m)) {
-        match (mode, group.single) {
-            (ResetMode::Reinit, Some(_)) | (ResetMode::Joint, None) => {
+        match (mode, group.kind) {
+            (ResetMode::Reinit, GroupKind::Single(_)) | (ResetMode::Joint, GroupKind::Set) => {
                 for (&epoch, source) in checkpoints {
                     variants.push(Variant { state: reset_units(trained, &group.units, source, bn)? });
                     labels.push(VariantLabel { mode, source_epoch: Some(epoch as i64), draw: None });
                 }
             }
-            (ResetMode::Rerandomize, Some(unit)) => {
+            (ResetMode::Rerandomize, GroupKind::Single(_)) | (ResetMode::JointRerandomize, GroupKind::Set) => {
                 for d in 0..settings.draws {
-                    let source = draw(unit, d)?;
+                    // Each unit takes the draw it takes alone, so a set's draw d is its units' draws d.
+                    let mut source = State::new();
+                    for unit in &group.units {
+                        source.extend(draw(unit, d)?);
+                    }
                     variants.push(Variant { state: reset_units(trained, &group.units, &source, bn)? });
                     labels.push(VariantLabel { mode, source_epoch: None, draw: Some(d as i64) });
                 }
             }
-            (ResetMode::Reinit | ResetMode::Rerandomize, None) | (ResetMode::Joint, Some(_)) => {}
+            (ResetMode::Growth, GroupKind::Growth) => {
+                if let Some(initial) = checkpoints.get(&0) {
+                    variants.push(Variant { state: reset_units(trained, &group.units, initial, bn)? });
+                    labels.push(VariantLabel { mode, source_epoch: Some(0), draw: None });
+                }
+            }
+            (ResetMode::Reinit | ResetMode::Rerandomize, GroupKind::Set | GroupKind::Growth)
+            | (ResetMode::Joint | ResetMode::JointRerandomize, GroupKind::Single(_) | GroupKind::Growth)
+            | (ResetMode::Growth, GroupKind::Single(_) | GroupKind::Set) => {}
         }
     }
     Ok((variants, labels))
@@ -496,7 +571,60 @@ mod tests {
             labels,
             [label(ResetMode::Rerandomize, None, Some(0)), label(ResetMode::Rerandomize, None, Some(1))]
         );
-        assert!(groups(&a, &sets, &modes(&["joint"])).unwrap().iter().all(|g| g.single.is_none()));
+        assert!(groups(&a, &sets, &modes(&["joint"])).unwrap().iter().all(|g| g.single().is_none()));
+    }
+
+    /// The robust set holds exactly the units within the tolerance of the baseline; the growth
+    /// curve adds units least damaging first (ties in network order); a set's draw d is its
+    /// units' own draws d; growth resets to τ = 0 only.
+    #[test]
+    fn robust_set_growth_and_joint_draws_follow_each_units_own_results() {
+        let a = arch("fcn");
+        fn names<'a>(g: &Group<'a>) -> Vec<&'a str> {
+            g.units.iter().map(|&u| u.name.as_str()).collect()
+        }
+        // fc1 critical, fc2 exactly at the tolerance, fc3 below the baseline (index order: fc1..fc3).
+        let own: BTreeMap<usize, f64> = [(0, 0.70), (1, 0.07), (2, 0.01)].into_iter().collect();
+        let robust = robust_set(&a, &own, 0.02, 0.05).unwrap();
+        assert_eq!(robust.name, ROBUST_SET);
+        assert_eq!(names(&robust), ["fc2", "fc3"]);
+        assert!(robust_set(&a, &own, 0.02, 0.049).map(|g| names(&g)) == Some(vec!["fc3"]));
+        assert!(robust_set(&a, &[(0, 0.9)].into_iter().collect(), 0.02, 0.05).is_none());
+        let steps = growth(&a, &own);
+        assert_eq!(steps.iter().map(|g| g.name.as_str()).collect::<Vec<_>>(), ["first-1", "first-2", "first-3"]);
+        assert_eq!(names(&steps[2]), ["fc3", "fc2", "fc1"]);
+        let tied: BTreeMap<usize, f64> = [(0, 0.5), (1, 0.5), (2, 0.1)].into_iter().collect();
+        assert_eq!(names(&growth(&a, &tied)[2]), ["fc3", "fc1", "fc2"]);
+
+        let trained = a.initial_state(1, &Device::Cpu).unwrap();
+        let checkpoints: BTreeMap<u32, State> =
+            [0, 2].into_iter().map(|e| (e, a.initial_state(10 + e as u64, &Device::Cpu).unwrap())).collect();
+        let draw = |u: &Unit, d: u32| u.draw(1000 * u.index as u64 + d as u64, &Device::Cpu);
+        let settings = ResetConfig { modes: ResetMode::ALL.to_vec(), draws: 2, ..ResetConfig::default() };
+        let (built, labels) = variants(&robust, None, &trained, &checkpoints, &settings, draw).unwrap();
+        let modes: Vec<ResetMode> = labels.iter().map(|l| l.mode).collect();
+        assert_eq!(
+            modes,
+            [ResetMode::Joint, ResetMode::Joint, ResetMode::JointRerandomize, ResetMode::JointRerandomize]
+        );
+        for (variant, label) in built.iter().zip(&labels).skip(2) {
+            let d = label.draw.unwrap() as u32;
+            for (name, t) in &variant.state {
+                let owner = a.units.iter().find(|u| u.tensors.iter().any(|s| &s.name == name)).unwrap();
+                let want = if ["fc2", "fc3"].contains(&owner.name.as_str()) {
+                    draw(owner, d).unwrap()[name].clone()
+                } else {
+                    trained[name].clone()
+                };
+                assert_eq!(bits(t), bits(&want), "{name}, draw {d}");
+            }
+        }
+        let (built, labels) = variants(&steps[1], None, &trained, &checkpoints, &settings, draw).unwrap();
+        assert_eq!(labels, [VariantLabel { mode: ResetMode::Growth, source_epoch: Some(0), draw: None }]);
+        for (name, t) in &built[0].state {
+            let reset = name.starts_with("fc3.") || name.starts_with("fc2.");
+            assert_eq!(bits(t), bits(if reset { &checkpoints[&0][name] } else { &trained[name] }), "{name}");
+        }
     }
 
     /// The grid's evaluator against each BatchNorm setting's variants evaluated together, as

@@ -1,6 +1,8 @@
-//! Reading an experiment's per-seed tables (`reset/results.parquet`, `snapshot/movement.parquet`)
-//! and refusing runs that cannot be combined: missing columns, other settings, stale results.
+//! Reading an experiment's per-seed tables (`reset/results.parquet`, `snapshot/movement.parquet`,
+//! `snapshot/units.parquet`) and refusing runs that cannot be combined: missing columns, other
+//! settings, stale results.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -62,6 +64,9 @@ pub struct Inputs {
     pub skipped: Vec<(u64, String)>,
     /// Seeds whose movement table was missing (their reset results are still used).
     pub movement_missing: Vec<u64>,
+    /// Trainable values per unit, from the first finished snapshot's `units.parquet` (every seed
+    /// has the same architecture); empty when no snapshot has finished.
+    pub unit_params: BTreeMap<String, i64>,
 }
 
 impl Inputs {
@@ -157,6 +162,14 @@ pub fn read_movement(path: &Path, seed: u64) -> Result<Vec<MovementRecord>> {
             l2_to_init_rel: rel[i],
         })
         .collect())
+}
+
+/// Reads a snapshot's `units.parquet`: trainable values per unit.
+pub fn read_unit_params(path: &Path) -> Result<BTreeMap<String, i64>> {
+    let t = ReadTable::read(path)?;
+    let unit = required(t.texts("unit")?, &t, "unit")?;
+    let params = required(t.ints("params")?, &t, "params")?;
+    Ok(unit.into_iter().zip(params).collect())
 }
 
 /// Dotted names of the leaves that differ between two JSON values.
@@ -262,6 +275,7 @@ pub fn load(layout: &Layout, exp: &Experiment) -> Result<Inputs> {
     }
     let mut movement = Vec::new();
     let mut movement_missing = Vec::new();
+    let mut unit_params = BTreeMap::new();
     for r in &results {
         let dir = layout.snapshot_dir(&exp.name, r.seed);
         let path = dir.join("movement.parquet");
@@ -272,7 +286,12 @@ pub fn load(layout: &Layout, exp: &Experiment) -> Result<Inputs> {
             Freshness::Stale(why) => Some(format!("snapshot is stale: {why}")),
         };
         match why {
-            None => movement.extend(read_movement(&path, r.seed)?),
+            None => {
+                movement.extend(read_movement(&path, r.seed)?);
+                if unit_params.is_empty() {
+                    unit_params = read_unit_params(&dir.join("units.parquet"))?;
+                }
+            }
             Some(why) => {
                 tracing::warn!("seed {}: {why} ({}); its movement is left out", r.seed, path.display());
                 movement_missing.push(r.seed);
@@ -280,5 +299,5 @@ pub fn load(layout: &Layout, exp: &Experiment) -> Result<Inputs> {
         }
     }
     let seeds = results.iter().map(|r| r.seed).collect();
-    Ok(Inputs { seeds, results, movement, skipped, movement_missing })
+    Ok(Inputs { seeds, results, movement, skipped, movement_missing, unit_params })
 }

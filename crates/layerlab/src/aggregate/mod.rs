@@ -98,3 +98,49 @@ pub fn movement_lines(curves: &[Curve], title: String) -> plot::Lines {
             .collect(),
     }
 }
+
+/// The growth curve: test error (%) against the number of units re-initialized to τ = 0 together
+/// (k = 0 is the trained network), one line per BatchNorm setting, beside the tolerance's line.
+/// `None` when no growth rows were found.
+pub fn growth_lines(summary: &[SummaryRow], tolerance: f64, title: String) -> Option<plot::Lines> {
+    let base = summary::baseline(summary)?.test.mean;
+    let growth = |r: &&SummaryRow| r.mode == RowMode::Reset(ResetMode::Growth);
+    let mut bns: Vec<&str> = Vec::new();
+    for r in summary.iter().filter(growth) {
+        if !bns.contains(&r.bn_stats.as_str()) {
+            bns.push(&r.bn_stats);
+        }
+    }
+    let mut series: Vec<plot::Series> = bns
+        .iter()
+        .map(|bn| {
+            let mut points = vec![(0.0, 100.0 * base)];
+            points.extend(
+                summary
+                    .iter()
+                    .filter(growth)
+                    .filter(|r| r.bn_stats == *bn)
+                    .map(|r| (r.units.split(',').count() as f64, 100.0 * r.test.mean)),
+            );
+            points.sort_by(|a, b| a.0.total_cmp(&b.0));
+            let name = if *bn == "none" { "test error".to_string() } else { format!("test error ({bn})") };
+            plot::Series { name, points, emphasis: false }
+        })
+        .collect();
+    let k_max = series.iter().flat_map(|s| s.points.iter().map(|p| p.0)).fold(0.0, f64::max);
+    if k_max == 0.0 {
+        return None;
+    }
+    let limit = 100.0 * (base + tolerance);
+    series.push(plot::Series {
+        name: "baseline + tolerance".into(),
+        points: vec![(0.0, limit), (k_max, limit)],
+        emphasis: true,
+    });
+    Some(plot::Lines {
+        title,
+        x_label: "units re-initialized to τ = 0 together, least damaging alone first".into(),
+        y_label: "test error (%)".into(),
+        series,
+    })
+}

@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use super::inputs::Inputs;
 use super::summary::{baseline, RobustnessRow, SummaryRow, Verdict};
-use layerlab_pipeline::Experiment;
+use layerlab_pipeline::{Experiment, ROBUST_SET};
 
 /// Everything the report shows.
 pub struct ReportInput<'a> {
@@ -20,6 +20,8 @@ pub struct ReportInput<'a> {
     /// (bn_stats, file name of the PNG) per heatmap; the SVG has the same stem.
     pub heatmaps: &'a [(String, String)],
     pub movement_figure: Option<&'a str>,
+    /// File name of the growth curve's PNG, when growth rows were found.
+    pub growth_figure: Option<&'a str>,
     pub chance: f64,
     pub classes: usize,
     pub aggregate_key: &'a str,
@@ -207,7 +209,12 @@ pub fn render(r: &ReportInput) -> String {
     if joint.is_empty() {
         let _ = writeln!(w, "No joint resets were run (`reset.modes` leaves out `joint`).\n");
     } else {
-        let _ = writeln!(w, "Test error when a whole set of units is re-initialized to checkpoint τ together:\n");
+        let _ = writeln!(
+            w,
+            "Test error when a whole set of units is re-initialized to checkpoint τ together (and, under \
+             \"rand.\", re-randomized together: each unit's own draws, averaged). `robust` is the set of the \
+             units robust on their own (next section).\n"
+        );
         let mut epochs: Vec<i64> = joint.iter().filter_map(|x| x.source_epoch).collect();
         epochs.sort_unstable();
         epochs.dedup();
@@ -221,9 +228,25 @@ pub fn render(r: &ReportInput) -> String {
             if bn != "none" {
                 let _ = writeln!(w, "BatchNorm statistics: `{bn}`\n");
             }
-            let _ =
-                writeln!(w, "| set | units | {} |", list(epochs.iter().map(|e| format!("τ={e}"))).replace(", ", " | "));
-            let _ = writeln!(w, "|---|---|{}", "---:|".repeat(epochs.len()));
+            let rerandomized = |set: &str| {
+                r.summary
+                    .iter()
+                    .find(|x| {
+                        x.mode == RowMode::Reset(ResetMode::JointRerandomize)
+                            && x.bn_stats == bn
+                            && x.unit.as_deref() == Some(set)
+                    })
+                    .map(|x| pct(x.test.mean))
+            };
+            let has_rand =
+                joint.iter().any(|x| x.bn_stats == bn && rerandomized(x.unit.as_deref().unwrap_or("")).is_some());
+            let rand_head = if has_rand { " rand. |" } else { "" };
+            let _ = writeln!(
+                w,
+                "| set | units |{rand_head} {} |",
+                list(epochs.iter().map(|e| format!("τ={e}"))).replace(", ", " | ")
+            );
+            let _ = writeln!(w, "|---|---|{}", "---:|".repeat(epochs.len() + usize::from(has_rand)));
             let mut sets: Vec<(&str, &str)> = Vec::new();
             for x in joint.iter().filter(|x| x.bn_stats == bn) {
                 let s = (x.unit.as_deref().unwrap_or("?"), x.units.as_str());
@@ -241,11 +264,29 @@ pub fn render(r: &ReportInput) -> String {
                             .map_or("–".into(), |x| pct(x.test.mean))
                     })
                     .collect();
-                let _ = writeln!(w, "| {set} | {} | {} |", units.replace(',', ", "), cells.join(" | "));
+                let varies = r.inputs.records().any(|x| {
+                    x.mode == RowMode::Reset(ResetMode::Joint)
+                        && x.bn_stats == bn
+                        && x.unit.as_deref() == Some(set)
+                        && x.units != units
+                });
+                let units = if varies {
+                    format!("{} (seed {}'s; other seeds differ)", units.replace(',', ", "), r.inputs.seeds[0])
+                } else {
+                    units.replace(',', ", ")
+                };
+                let rand = if has_rand {
+                    format!(" {} |", rerandomized(set).unwrap_or_else(|| "–".into()))
+                } else {
+                    String::new()
+                };
+                let _ = writeln!(w, "| {set} | {units} |{rand} {} |", cells.join(" | "));
             }
             let _ = writeln!(w);
         }
     }
+
+    joint_robustness(w, r);
 
     let _ = writeln!(w, "## Provenance\n");
     let _ = writeln!(
@@ -298,5 +339,220 @@ fn devices(results: &[super::inputs::SeedResults]) -> String {
         "no seed".into()
     } else {
         parts.join("; ")
+    }
+}
+
+/// `## Joint robustness`: the robust set together, the growth curve, and the parameters held by
+/// critical and robust units.
+fn joint_robustness(w: &mut String, r: &ReportInput) {
+    let exp = r.experiment;
+    let tolerance = exp.aggregate.tolerance;
+    let _ = writeln!(w, "## Joint robustness\n");
+    let _ = writeln!(
+        w,
+        "Are the units that are robust one at a time robust together? In each seed, reset-eval collects the units \
+         whose own re-initialization to τ = 0 kept the test error within the tolerance (the set `{ROBUST_SET}`) and \
+         resets them together; then it re-initializes the units to τ = 0 cumulatively, in order of their own damage \
+         (least first), to find where the network breaks.\n"
+    );
+    let seeds_of = |mode: ResetMode, unit: &str, bn: &str| -> Vec<(u64, String)> {
+        let mut out: Vec<(u64, String)> = Vec::new();
+        for x in r.inputs.records() {
+            let wanted = x.mode == RowMode::Reset(mode) && x.unit.as_deref() == Some(unit) && x.bn_stats == bn;
+            if wanted && !out.iter().any(|(s, _)| *s == x.seed) {
+                out.push((x.seed, x.units.replace(',', ", ")));
+            }
+        }
+        out
+    };
+    let described = |per_seed: &[(u64, String)]| -> String {
+        match per_seed {
+            [] => "none".into(),
+            [(_, one)] => one.clone(),
+            [(_, first), rest @ ..] if rest.iter().all(|(_, u)| u == first) => format!("{first} (in every seed)"),
+            all => all.iter().map(|(s, u)| format!("seed {s}: {u}")).collect::<Vec<_>>().join("; "),
+        }
+    };
+    let find = |mode: ResetMode, unit: &str, bn: &str, epoch: Option<i64>| {
+        r.summary.iter().find(|x| {
+            x.mode == RowMode::Reset(mode)
+                && x.bn_stats == bn
+                && x.unit.as_deref() == Some(unit)
+                && x.source_epoch == epoch
+        })
+    };
+    let class =
+        |x: &SummaryRow| if super::summary::is_robust(x.test_delta(), tolerance) { "robust" } else { "critical" };
+    let mut bns: Vec<&str> = Vec::new();
+    for x in r.summary.iter().filter(|x| !x.is_single() && x.mode != RowMode::Baseline) {
+        if !bns.contains(&x.bn_stats.as_str()) {
+            bns.push(&x.bn_stats);
+        }
+    }
+    let mut any = false;
+    for bn in &bns {
+        if bns.len() > 1 || *bn != "none" {
+            let _ = writeln!(w, "### BatchNorm statistics: `{bn}`\n");
+        }
+        let robust_seeds = seeds_of(ResetMode::Joint, ROBUST_SET, bn);
+        let reinit = find(ResetMode::Joint, ROBUST_SET, bn, Some(0));
+        let rerand = find(ResetMode::JointRerandomize, ROBUST_SET, bn, None);
+        if reinit.is_some() || rerand.is_some() {
+            any = true;
+            let seeds = if robust_seeds.is_empty() {
+                seeds_of(ResetMode::JointRerandomize, ROBUST_SET, bn)
+            } else {
+                robust_seeds
+            };
+            let _ = writeln!(w, "- Robust alone: {}.", described(&seeds));
+            for (what, x) in [("re-initialized to τ = 0", reinit), ("re-randomized", rerand)] {
+                if let Some(x) = x {
+                    let _ = writeln!(
+                        w,
+                        "- Together, {what}: {} ({}): **{}** together.",
+                        pct(x.test.mean),
+                        pp(x.test_delta()),
+                        class(x)
+                    );
+                }
+            }
+            let _ = writeln!(w);
+        }
+        let mut steps: Vec<&SummaryRow> =
+            r.summary.iter().filter(|x| x.mode == RowMode::Reset(ResetMode::Growth) && x.bn_stats == *bn).collect();
+        steps.sort_by_key(|x| x.units.split(',').count());
+        if steps.is_empty() {
+            continue;
+        }
+        any = true;
+        let _ = writeln!(
+            w,
+            "Growth curve: the first k units in order of their own damage, re-initialized to τ = 0 together:\n"
+        );
+        let orders =
+            steps.last().map_or(Vec::new(), |last| seeds_of(ResetMode::Growth, last.unit.as_deref().unwrap_or(""), bn));
+        let orders_differ = orders.iter().any(|(_, o)| *o != orders[0].1);
+        let added_head =
+            if orders_differ { format!("unit added (seed {}'s order)", orders[0].0) } else { "unit added".to_string() };
+        let _ = writeln!(w, "| k | {added_head} | test error | Δ | together |");
+        let _ = writeln!(w, "|---:|---|---:|---:|---|");
+        let mut previous: Vec<&str> = Vec::new();
+        let mut breaks = None;
+        for x in &steps {
+            let units: Vec<&str> = x.units.split(',').collect();
+            let added: Vec<&str> = units.iter().copied().filter(|u| !previous.contains(u)).collect();
+            let k = units.len();
+            if breaks.is_none() && class(x) == "critical" {
+                breaks = Some((k, added.join(", ")));
+            }
+            let _ = writeln!(
+                w,
+                "| {k} | {} | {} | {} | {} |",
+                added.join(", "),
+                pct(x.test.mean),
+                pp(x.test_delta()),
+                class(x)
+            );
+            previous = units;
+        }
+        let order = described(
+            &steps
+                .last()
+                .map_or(Vec::new(), |last| seeds_of(ResetMode::Growth, last.unit.as_deref().unwrap_or(""), bn)),
+        );
+        let _ = writeln!(w, "\nOrder: {order}.");
+        match breaks {
+            Some((k, unit)) => {
+                let _ = writeln!(
+                    w,
+                    "The network breaks at k = {k}, when {unit} joins (more than {:.1} points above the baseline).\n",
+                    100.0 * tolerance
+                );
+            }
+            None => {
+                let _ = writeln!(w, "The network does not break: every step stays within the tolerance.\n");
+            }
+        }
+    }
+    if let Some(png) = r.growth_figure {
+        let svg = png.trim_end_matches(".png").to_string() + ".svg";
+        let _ = writeln!(w, "![Growth curve]({png})\n");
+        let _ = writeln!(w, "Vector version: [{svg}]({svg}).\n");
+    }
+    if !any {
+        let _ = writeln!(
+            w,
+            "Not run: `reset.modes` needs `reinit` with `joint` or `joint-rerandomize` for the robust set, and \
+             `growth` for the curve (and `train.checkpoints` must keep epoch 0).\n"
+        );
+    }
+    parameters(w, r);
+}
+
+/// The parameters held by critical and robust units, per BatchNorm setting and kind of reset.
+fn parameters(w: &mut String, r: &ReportInput) {
+    if r.robustness.iter().all(|x| x.params.is_none()) {
+        return;
+    }
+    let _ = writeln!(w, "### Parameters in critical and robust units\n");
+    let _ = writeln!(
+        w,
+        "Where the network's trainable values sit: the critical units, not the parameter count, carry what the \
+         network learned.\n"
+    );
+    let _ = writeln!(w, "| BatchNorm | reset | critical units | their parameters | robust units | their parameters |");
+    let _ = writeln!(w, "|---|---|---:|---:|---:|---:|");
+    let mut bns: Vec<&str> = Vec::new();
+    for x in r.robustness {
+        if !bns.contains(&x.bn_stats.as_str()) {
+            bns.push(&x.bn_stats);
+        }
+    }
+    let total: i64 = {
+        let first = bns.first().copied().unwrap_or("");
+        r.robustness.iter().filter(|x| x.bn_stats == first).filter_map(|x| x.params).sum()
+    };
+    let share = |p: i64| {
+        if total > 0 {
+            format!("{} ({:.1}%)", thousands(p), 100.0 * p as f64 / total as f64)
+        } else {
+            thousands(p)
+        }
+    };
+    for bn in bns {
+        for (what, pick) in [
+            ("re-init τ=0", (|x: &RobustnessRow| x.reinit) as fn(&RobustnessRow) -> Option<Verdict>),
+            ("re-randomized", |x: &RobustnessRow| x.rerandomize),
+        ] {
+            let rows: Vec<(&RobustnessRow, Verdict)> =
+                r.robustness.iter().filter(|x| x.bn_stats == bn).filter_map(|x| Some((x, pick(x)?))).collect();
+            if rows.is_empty() {
+                continue;
+            }
+            let side = |robust: bool| {
+                let units: Vec<_> = rows.iter().filter(|(_, v)| v.robust == robust).collect();
+                (units.len(), units.iter().filter_map(|(x, _)| x.params).sum::<i64>())
+            };
+            let ((nc, pc), (nr, pr)) = (side(false), side(true));
+            let _ = writeln!(w, "| {bn} | {what} | {nc} | {} | {nr} | {} |", share(pc), share(pr));
+        }
+    }
+    let _ = writeln!(w);
+}
+
+/// 1234567 → `1,234,567`.
+fn thousands(n: i64) -> String {
+    let digits = n.unsigned_abs().to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    if n < 0 {
+        format!("-{out}")
+    } else {
+        out
     }
 }

@@ -42,7 +42,8 @@ impl SummaryRow {
         self.unit_index.is_some()
             && match self.mode {
                 RowMode::Reset(ResetMode::Reinit | ResetMode::Rerandomize) => true,
-                RowMode::Reset(ResetMode::Joint) | RowMode::Baseline => false,
+                RowMode::Reset(ResetMode::Joint | ResetMode::JointRerandomize | ResetMode::Growth)
+                | RowMode::Baseline => false,
             }
     }
 }
@@ -187,6 +188,8 @@ pub struct RobustnessRow {
     pub rerandomize: Option<Verdict>,
     /// Mean over seeds of the unit's relative ℓ2 distance from its initial value at the last epoch.
     pub final_movement: Option<f64>,
+    /// Trainable values the unit holds (`None` when no snapshot has finished).
+    pub params: Option<i64>,
 }
 
 /// Classifies every single unit under every BatchNorm setting against `tolerance`.
@@ -195,6 +198,7 @@ pub fn classify(
     tolerance: f64,
     chance: f64,
     final_movement: &HashMap<String, f64>,
+    unit_params: &BTreeMap<String, i64>,
 ) -> Vec<RobustnessRow> {
     let base = baseline(summary).map_or(f64::NAN, |b| b.test.mean);
     let mut out = Vec::new();
@@ -222,6 +226,7 @@ pub fn classify(
                 reinit: reinit.map(|r| Verdict::new(r.test.mean, base, chance, tolerance)),
                 rerandomize: rerand.map(|r| Verdict::new(r.test.mean, base, chance, tolerance)),
                 final_movement: final_movement.get(&unit).copied(),
+                params: unit_params.get(&unit).copied(),
             });
         }
     }
@@ -345,7 +350,7 @@ mod tests {
     fn classification_follows_the_tolerance() {
         let s = summarise(&tiny()).unwrap();
         let moved = HashMap::from([("fc1".to_string(), 0.5)]);
-        let rows = classify(&s, 0.05, 0.9, &moved);
+        let rows = classify(&s, 0.05, 0.9, &moved, &BTreeMap::new());
         assert_eq!(rows.len(), 2);
         let (fc1, fc2) = (&rows[0], &rows[1]);
         assert_eq!((fc1.unit.as_str(), fc2.unit.as_str()), ("fc1", "fc2"));
@@ -353,7 +358,7 @@ mod tests {
         assert_eq!(fc2.reinit.unwrap().class(), "robust");
         // fc2 re-randomized: 0.09 − 0.03 = 0.06 > 0.05 is critical; with a 0.1 tolerance it is robust.
         assert_eq!(fc2.rerandomize.unwrap().class(), "critical");
-        assert_eq!(classify(&s, 0.1, 0.9, &moved)[1].rerandomize.unwrap().class(), "robust");
+        assert_eq!(classify(&s, 0.1, 0.9, &moved, &BTreeMap::new())[1].rerandomize.unwrap().class(), "robust");
         // Damage: (0.81 − 0.03) / (0.9 − 0.03).
         assert!((fc1.reinit.unwrap().damage.unwrap() - 0.78 / 0.87).abs() < 1e-12);
         assert_eq!((fc1.final_movement, fc2.final_movement), (Some(0.5), None));

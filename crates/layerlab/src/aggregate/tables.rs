@@ -93,6 +93,7 @@ pub fn write_robustness(path: &Path, id: &Identity, rows: &[RobustnessRow], meta
         .nullable("rerandomize_damage", rr_damage)
         .nullable("rerandomize_class", rr_class)
         .nullable("l2_to_init_rel_final", float(rows, |r| r.final_movement))
+        .nullable("params", int(rows, |r| r.params))
         .write(path, meta)
         .with_context(|| format!("cannot write {}", path.display()))
 }

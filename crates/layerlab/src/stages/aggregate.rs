@@ -11,7 +11,7 @@ use crate::aggregate::inputs::{self, Inputs};
 use crate::aggregate::report::{self, ReportInput};
 use crate::aggregate::summary::{self, RobustnessRow, SummaryRow};
 use crate::aggregate::tables::{self, Identity};
-use crate::aggregate::{chance_error, heatmap, movement_lines, plot};
+use crate::aggregate::{chance_error, growth_lines, heatmap, movement_lines, plot};
 
 use crate::stages::StageContext;
 use crate::table::provenance;
@@ -65,6 +65,7 @@ fn metadata(exp: &Experiment, key: &StageKey, inputs: &Inputs, chance: f64) -> V
 struct Figures {
     heatmaps: Vec<(String, Rendered)>,
     movement: Option<Rendered>,
+    growth: Option<Rendered>,
 }
 
 /// Draws every heatmap (one per BatchNorm setting, the first under the plain name) and the
@@ -91,7 +92,12 @@ fn figures(exp: &Experiment, inputs: &Inputs, summary: &[SummaryRow], chance: f6
         let title = format!("{}: how far each unit moved from its initialization", exp.name);
         Some(render("movement".into(), &movement_lines(&curves, title))?)
     };
-    Ok(Figures { heatmaps, movement })
+    let title = format!("{}: where the network breaks", exp.name);
+    let growth = match growth_lines(summary, exp.aggregate.tolerance, title) {
+        Some(lines) => Some(render("growth".into(), &lines)?),
+        None => None,
+    };
+    Ok(Figures { heatmaps, movement, growth })
 }
 
 fn write_figure(dir: &Path, f: &Rendered) -> Result<()> {
@@ -106,7 +112,7 @@ fn remove_stale_figures(dir: &Path, written: &[&str]) -> Result<()> {
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         let Some((stem, ext)) = name.rsplit_once('.') else { continue };
-        let ours = stem == "heatmap" || stem.starts_with("heatmap-") || stem == "movement";
+        let ours = stem == "heatmap" || stem.starts_with("heatmap-") || stem == "movement" || stem == "growth";
         if ours && (ext == "svg" || ext == "png") && !written.contains(&stem) {
             std::fs::remove_file(entry.path()).with_context(|| format!("cannot remove {}", entry.path().display()))?;
         }
@@ -127,8 +133,13 @@ pub fn run(ctx: &StageContext) -> Result<Outcome> {
     let chance = chance_error(classes);
     let summary = summary::summarise(inputs.records()).with_context(|| format!("experiment '{}'", exp.name))?;
     let curves = summary::movement_curves(&inputs.movement);
-    let robustness: Vec<RobustnessRow> =
-        summary::classify(&summary, exp.aggregate.tolerance, chance, &summary::final_movement(&curves));
+    let robustness: Vec<RobustnessRow> = summary::classify(
+        &summary,
+        exp.aggregate.tolerance,
+        chance,
+        &summary::final_movement(&curves),
+        &inputs.unit_params,
+    );
     tracing::info!(
         "aggregate {}: seeds {:?}, {} summary rows, {} units",
         exp.name,
@@ -138,7 +149,7 @@ pub fn run(ctx: &StageContext) -> Result<Outcome> {
     );
     // Everything is computed and drawn before the folder is touched, so a failure here leaves the
     // previous results whole.
-    let Figures { heatmaps, movement } = figures(exp, &inputs, &summary, chance)?;
+    let Figures { heatmaps, movement, growth } = figures(exp, &inputs, &summary, chance)?;
     let first = &inputs.results[0];
     let id = Identity { experiment: &exp.name, dataset: &first.dataset, arch: &first.arch };
     let meta = metadata(exp, &key, &inputs, chance);
@@ -150,16 +161,17 @@ pub fn run(ctx: &StageContext) -> Result<Outcome> {
     for (_, f) in &heatmaps {
         write_figure(&out_dir, f)?;
     }
-    if let Some(f) = &movement {
+    for f in movement.iter().chain(&growth) {
         write_figure(&out_dir, f)?;
     }
     let mut written: Vec<&str> = heatmaps.iter().map(|(_, f)| f.stem.as_str()).collect();
-    written.extend(movement.iter().map(|f| f.stem.as_str()));
+    written.extend(movement.iter().chain(&growth).map(|f| f.stem.as_str()));
     remove_stale_figures(&out_dir, &written)?;
 
     let heatmap_files: Vec<(String, String)> =
         heatmaps.iter().map(|(bn, f)| (bn.clone(), format!("{}.png", f.stem))).collect();
     let movement_file = movement.as_ref().map(|f| format!("{}.png", f.stem));
+    let growth_file = growth.as_ref().map(|f| format!("{}.png", f.stem));
     let text = report::render(&ReportInput {
         experiment: exp,
         pipeline_path: &ctx.pipeline.path,
@@ -168,6 +180,7 @@ pub fn run(ctx: &StageContext) -> Result<Outcome> {
         robustness: &robustness,
         heatmaps: &heatmap_files,
         movement_figure: movement_file.as_deref(),
+        growth_figure: growth_file.as_deref(),
         chance,
         classes,
         aggregate_key: &key.key,
@@ -205,7 +218,7 @@ mod tests {
     use crate::eval::Metrics;
     use crate::model::Architecture;
     use crate::stages::reset_eval::{write_results, ResultRow};
-    use crate::stages::snapshot::{write_movement, MovementRow};
+    use crate::stages::snapshot::{write_movement, write_units, MovementRow};
     use crate::table::{Column, ReadTable, Table};
     use layerlab_pipeline::cache::{reset_key, snapshot_key};
     use layerlab_pipeline::{Layout, Pipeline};
@@ -316,6 +329,13 @@ mod tests {
                     ));
                 }
             }
+            // The growth curve adds the units last first; it breaks at k = 3 (6 points over).
+            let base = fake_error(seed, "baseline", 0, None, None);
+            for k in 1..=UNITS.len() {
+                let units: Vec<&str> = UNITS.iter().rev().take(k).copied().collect();
+                let error = if k == UNITS.len() { 0.9 } else { base + 0.02 * k as f64 };
+                rows.push(row("growth", Some(format!("first-{k}")), None, units.join(","))(Some(0), None, error, bn));
+            }
             for u in 0..UNITS.len() {
                 let joint = row("joint", Some(format!("from-{}", UNITS[u])), None, UNITS[u..].join(","));
                 for e in exp.checkpoint_epochs() {
@@ -358,6 +378,7 @@ mod tests {
         let sdir = ctx.layout.snapshot_dir(&exp.name, seed);
         let meta = provenance(&exp.name, &skey.config.to_string(), &skey.config_hash());
         write_movement(&sdir.join("movement.parquet"), &exp.name, seed, &movement, &meta).unwrap();
+        write_units(&sdir.join("units.parquet"), &exp.name, seed, &arch, &meta).unwrap();
         Stamp::write(&sdir, &skey, 1.0).unwrap();
     }
 
@@ -386,6 +407,8 @@ mod tests {
             "heatmap.png",
             "movement.svg",
             "movement.png",
+            "growth.svg",
+            "growth.png",
             "report.md",
             "stamp.json",
         ] {
@@ -428,6 +451,8 @@ mod tests {
         assert!(t.texts("rerandomize_class").unwrap().iter().all(|c| c.as_deref() == Some("critical")));
         assert!(t.floats("tolerance").unwrap().iter().all(|v| *v == Some(0.05)));
         assert!(t.floats("l2_to_init_rel_final").unwrap().iter().all(Option::is_some));
+        // fc1 784·256 + 256, fc2 and fc3 256·256 + 256, fc4 256·10 + 10.
+        assert_eq!(t.ints("params").unwrap(), [Some(200_960), Some(65_792), Some(65_792), Some(2_570)]);
 
         let md = std::fs::read_to_string(&report).unwrap();
         for needle in [
@@ -439,6 +464,12 @@ mod tests {
             "from-fc2",
             "config hash",
             "2.50%",
+            // The critical unit holds 200,960 of the 335,114 parameters.
+            "| none | re-init τ=0 | 1 | 200,960 (60.0%) | 3 | 134,154 (40.0%) |",
+            "| none | re-randomized | 4 | 335,114 (100.0%) | 0 | 0 (0.0%) |",
+            "| 2 | fc3 | 6.50% | +4.00 pp | robust |",
+            "The network breaks at k = 3, when fc2 joins",
+            "![Growth curve](growth.png)",
         ] {
             assert!(md.contains(needle), "report lacks {needle:?}:\n{md}");
         }

@@ -18,7 +18,7 @@ use crate::reset::{self, VariantLabel};
 use crate::stages::StageContext;
 use crate::table::{provenance, with_device, Column, Table};
 use layerlab_pipeline::cache::{Stage, Stamp};
-use layerlab_pipeline::{BnStats, Experiment, RowMode};
+use layerlab_pipeline::{BnStats, Experiment, ResetMode, RowMode};
 
 pub enum Outcome {
     UpToDate,
@@ -77,14 +77,7 @@ pub fn run(ctx: &StageContext, seed: u64) -> Result<Outcome> {
     let cal_examples = cal_order.into_iter().take(exp.reset.recalibrate_batches as usize * batch_size).collect();
     let calibration = EvalSet::new(&train_split, cal_examples, batch_size);
 
-    // What sizes the grid's memory on a GPU, said when it runs out: the evaluation batches and,
-    // when recalibrating, the calibration batches' prefixes (all kept at once).
-    let mut memory_settings = vec![("train.eval_batch_size", exp.train.eval_batch_size)];
-    if bn_settings.contains(&Some(BnStats::Recalibrate)) {
-        memory_settings.push(("reset.recalibrate_batches", exp.reset.recalibrate_batches));
-        memory_settings.push(("train.batch_size", exp.train.batch_size));
-    }
-    let named = |e| device::name_memory_settings(e, &memory_settings);
+    let named = |e| name_memory_settings(exp, &bn_settings, e);
 
     let eval_sets = [&test_set, &train_set];
     let executor = exec::choose(&arch, &dev, exp.train.compute, KernelOptions::with_tf32(exp.train.tf32));
@@ -107,55 +100,56 @@ pub fn run(ctx: &StageContext, seed: u64) -> Result<Outcome> {
     tracing::info!("baseline test error {:.4}", base[0].error);
 
     // Group by group, every BatchNorm setting at once (so that a variant repeated across settings
-    // is computed once, and a draw made once); the rows come setting by setting.
-    let groups = reset::groups(&arch, &sets, &exp.reset.modes)?;
+    // is computed once, and a draw made once); the rows come setting by setting. The robust set and
+    // the growth curve follow from the single units' rows, so they come after them, one BatchNorm
+    // setting at a time (each setting has its own robust units).
+    let known = reset::groups(&arch, &sets, &exp.reset.modes)?;
+    let all_settings: Vec<usize> = (0..bn_settings.len()).collect();
     let mut rows_by_setting: Vec<Vec<ResultRow>> = vec![Vec::new(); bn_settings.len()];
-    let bar = progress::bar((groups.len() * bn_settings.len()) as u64, "reset-eval");
-    for group in &groups {
-        let (name, units) = (&group.name, &group.units);
-        let mut drawn: BTreeMap<(usize, u32), State> = BTreeMap::new();
-        let mut settings = Vec::with_capacity(bn_settings.len());
-        let mut labels = Vec::with_capacity(bn_settings.len());
-        for &bn in &bn_settings {
-            let (variants, setting_labels) =
-                reset::variants(group, bn, trained, &checkpoints, &exp.reset, |unit, draw| {
-                    if let Some(state) = drawn.get(&(unit.index, draw)) {
-                        return Ok(state.clone());
-                    }
-                    let state = unit.draw(random::rerandomize_seed(&exp.name, seed, &unit.name, draw), &dev)?;
-                    drawn.insert((unit.index, draw), state.clone());
-                    Ok(state)
-                })?;
-            settings.push((bn, variants));
-            labels.push(setting_labels);
-        }
-        let reused_before = grid.reused;
-        let metrics =
-            grid.evaluate(group, settings).map_err(named).with_context(|| format!("evaluating resets of {name}"))?;
-        let unit_names = units.iter().map(|u| u.name.as_str()).collect::<Vec<_>>().join(",");
-        let mut evaluations = 0;
-        for ((rows, &bn), (labels, metrics)) in
-            rows_by_setting.iter_mut().zip(&bn_settings).zip(labels.into_iter().zip(metrics))
-        {
-            evaluations += labels.len();
-            for (VariantLabel { mode, source_epoch, draw }, m) in labels.into_iter().zip(metrics) {
-                rows.push(ResultRow {
-                    mode: RowMode::Reset(mode),
-                    unit: Some(name.clone()),
-                    unit_index: group.single.map(|u| u.index as i64),
-                    units: unit_names.clone(),
-                    source_epoch,
-                    draw,
-                    bn_stats: reset::bn_label(bn),
-                    test: m[0],
-                    train: m[1],
-                });
+    let finds_robust = exp.reset.finds_robust_set();
+    let grows = exp.reset.modes.contains(&ResetMode::Growth);
+    let followers = usize::from(finds_robust) + if grows { arch.units.len() } else { 0 };
+    let bar = progress::bar(((known.len() + followers) * bn_settings.len()) as u64, "reset-eval");
+    let mut evaluator = GroupEvaluator {
+        exp,
+        seed,
+        dev: &dev,
+        trained,
+        checkpoints: &checkpoints,
+        bn_settings: &bn_settings,
+        grid: &mut grid,
+        bar: &bar,
+    };
+    for group in &known {
+        evaluator.evaluate(group, &all_settings, &mut rows_by_setting)?;
+    }
+    if finds_robust || grows {
+        for (setting, &bn) in bn_settings.iter().enumerate() {
+            // Each unit's own test error when re-initialized to τ = 0 under this setting.
+            let own_error: BTreeMap<usize, f64> = rows_by_setting[setting]
+                .iter()
+                .filter(|r| r.mode == RowMode::Reset(ResetMode::Reinit) && r.source_epoch == Some(0))
+                .filter_map(|r| Some((r.unit_index? as usize, r.test.error)))
+                .collect();
+            if own_error.is_empty() {
+                tracing::warn!(
+                    "no re-initialization to epoch 0 (train.checkpoints leaves out 0): no robust set, no growth curve"
+                );
+                break;
             }
-        }
-        bar.inc(bn_settings.len() as u64);
-        if !progress::interactive() {
-            let reused = grid.reused - reused_before;
-            tracing::info!("{name}: {evaluations} evaluations, {reused} of them repeats of another");
+            let mut followers = Vec::new();
+            if finds_robust {
+                match reset::robust_set(&arch, &own_error, base[0].error, exp.aggregate.tolerance) {
+                    Some(set) => followers.push(set),
+                    None => tracing::info!("{}: no unit is robust alone", reset::bn_label(bn)),
+                }
+            }
+            if grows {
+                followers.extend(reset::growth(&arch, &own_error));
+            }
+            for group in &followers {
+                evaluator.evaluate(group, &[setting], &mut rows_by_setting)?;
+            }
         }
     }
     rows.extend(rows_by_setting.into_iter().flatten());
@@ -165,6 +159,90 @@ pub fn run(ctx: &StageContext, seed: u64) -> Result<Outcome> {
     let seconds = t0.elapsed().as_secs_f64();
     Stamp::write_on(&out_dir, &key, seconds, Some(&device_name))?;
     Ok(Outcome::Written { rows: rows.len(), reused: grid.reused, seconds })
+}
+
+/// Evaluates groups of variants into rows, drawing each re-randomization once per group.
+struct GroupEvaluator<'a, 'g> {
+    exp: &'a Experiment,
+    seed: u64,
+    dev: &'a candle_core::Device,
+    trained: &'a State,
+    checkpoints: &'a BTreeMap<u32, State>,
+    bn_settings: &'a [Option<BnStats>],
+    grid: &'a mut reset::GridEvaluator<'g>,
+    bar: &'a indicatif::ProgressBar,
+}
+
+impl GroupEvaluator<'_, '_> {
+    /// `group`'s variants under the BatchNorm settings at `settings` (indices into
+    /// `bn_settings`), their rows appended to each setting's rows.
+    fn evaluate(
+        &mut self,
+        group: &reset::Group<'_>,
+        settings: &[usize],
+        rows_by_setting: &mut [Vec<ResultRow>],
+    ) -> Result<()> {
+        let (exp, seed, dev) = (self.exp, self.seed, self.dev);
+        let name = &group.name;
+        let mut drawn: BTreeMap<(usize, u32), State> = BTreeMap::new();
+        let mut variants_by_setting = Vec::with_capacity(settings.len());
+        let mut labels = Vec::with_capacity(settings.len());
+        for &setting in settings {
+            let bn = self.bn_settings[setting];
+            let (variants, setting_labels) =
+                reset::variants(group, bn, self.trained, self.checkpoints, &exp.reset, |unit, draw| {
+                    if let Some(state) = drawn.get(&(unit.index, draw)) {
+                        return Ok(state.clone());
+                    }
+                    let state = unit.draw(random::rerandomize_seed(&exp.name, seed, &unit.name, draw), dev)?;
+                    drawn.insert((unit.index, draw), state.clone());
+                    Ok(state)
+                })?;
+            variants_by_setting.push((bn, variants));
+            labels.push(setting_labels);
+        }
+        let reused_before = self.grid.reused;
+        let metrics = self
+            .grid
+            .evaluate(group, variants_by_setting)
+            .map_err(|e| name_memory_settings(exp, self.bn_settings, e))
+            .with_context(|| format!("evaluating resets of {name}"))?;
+        let unit_names = group.units.iter().map(|u| u.name.as_str()).collect::<Vec<_>>().join(",");
+        let mut evaluations = 0;
+        for (&setting, (labels, metrics)) in settings.iter().zip(labels.into_iter().zip(metrics)) {
+            evaluations += labels.len();
+            for (VariantLabel { mode, source_epoch, draw }, m) in labels.into_iter().zip(metrics) {
+                rows_by_setting[setting].push(ResultRow {
+                    mode: RowMode::Reset(mode),
+                    unit: Some(name.clone()),
+                    unit_index: group.single().map(|u| u.index as i64),
+                    units: unit_names.clone(),
+                    source_epoch,
+                    draw,
+                    bn_stats: reset::bn_label(self.bn_settings[setting]),
+                    test: m[0],
+                    train: m[1],
+                });
+            }
+        }
+        self.bar.inc(settings.len() as u64);
+        if !progress::interactive() {
+            let reused = self.grid.reused - reused_before;
+            tracing::info!("{name}: {evaluations} evaluations, {reused} of them repeats of another");
+        }
+        Ok(())
+    }
+}
+
+/// What sizes the grid's memory on a GPU, said when it runs out: the evaluation batches and, when
+/// recalibrating, the calibration batches' prefixes (all kept at once).
+fn name_memory_settings(exp: &Experiment, bn_settings: &[Option<BnStats>], e: anyhow::Error) -> anyhow::Error {
+    let mut memory_settings = vec![("train.eval_batch_size", exp.train.eval_batch_size)];
+    if bn_settings.contains(&Some(BnStats::Recalibrate)) {
+        memory_settings.push(("reset.recalibrate_batches", exp.reset.recalibrate_batches));
+        memory_settings.push(("train.batch_size", exp.train.batch_size));
+    }
+    device::name_memory_settings(e, &memory_settings)
 }
 
 /// Writes `results.parquet`.

@@ -94,24 +94,7 @@ pub fn run(ctx: &StageContext, seed: u64) -> Result<Outcome> {
     Stamp::remove(&out_dir)?;
     let meta = with_device(provenance(&exp.name, &key.config.to_string(), &key.config_hash()), &device_name);
 
-    let mut u = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for unit in &arch.units {
-        u.0.push(Some(unit.index as i64));
-        u.1.push(Some(unit.name.clone()));
-        u.2.push(Some(unit.kind.to_string()));
-        u.3.push(Some(unit.tensors.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(",")));
-        u.4.push(Some(unit.params() as i64));
-    }
-    let n = arch.units.len();
-    Table::new()
-        .col("experiment", Column::Text(vec![Some(exp.name.clone()); n]))
-        .col("seed", Column::Int(vec![Some(seed as i64); n]))
-        .col("unit_index", Column::Int(u.0))
-        .col("unit", Column::Text(u.1))
-        .col("kind", Column::Text(u.2))
-        .col("tensors", Column::Text(u.3))
-        .col("params", Column::Int(u.4))
-        .write(&out_dir.join("units.parquet"), &meta)?;
+    write_units(&out_dir.join("units.parquet"), &exp.name, seed, &arch, &meta)?;
 
     // Rows: one per (unit or "all") × epoch.
     let mut groups: Vec<(Option<i64>, String, Vec<&str>)> = arch
@@ -148,6 +131,34 @@ pub fn run(ctx: &StageContext, seed: u64) -> Result<Outcome> {
     write_movement(&out_dir.join("movement.parquet"), &exp.name, seed, &rows, &meta)?;
     Stamp::write_on(&out_dir, &key, t0.elapsed().as_secs_f64(), Some(&device_name))?;
     Ok(Outcome::Written { units: arch.units.len(), epochs: checkpoints.len() })
+}
+
+/// Writes `units.parquet`: one row per unit with its kind, tensors and trainable values.
+pub fn write_units(
+    path: &std::path::Path,
+    experiment: &str,
+    seed: u64,
+    arch: &Architecture,
+    meta: &[(String, String)],
+) -> Result<()> {
+    let mut u = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for unit in &arch.units {
+        u.0.push(Some(unit.index as i64));
+        u.1.push(Some(unit.name.clone()));
+        u.2.push(Some(unit.kind.to_string()));
+        u.3.push(Some(unit.tensors.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(",")));
+        u.4.push(Some(unit.params() as i64));
+    }
+    let n = arch.units.len();
+    Table::new()
+        .col("experiment", Column::Text(vec![Some(experiment.to_string()); n]))
+        .col("seed", Column::Int(vec![Some(seed as i64); n]))
+        .col("unit_index", Column::Int(u.0))
+        .col("unit", Column::Text(u.1))
+        .col("kind", Column::Text(u.2))
+        .col("tensors", Column::Text(u.3))
+        .col("params", Column::Int(u.4))
+        .write(path, meta)
 }
 
 /// Runs the stage and says in one line what it did.
