@@ -200,17 +200,45 @@ class BasicBlock(nn.Module):
         return torch.relu(out + self.shortcut(x))
 
 
+class Bottleneck(nn.Module):
+    """torchvision's Bottleneck (v1.5, the stride on the 3×3); `cout` is four times `width`."""
+
+    def __init__(self, cin, width, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, cout, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = torch.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return torch.relu(out + self.shortcut(x))
+
+
 class ResNet(nn.Module):
-    def __init__(self, blocks, width, in_channels=3, classes=10):
+    def __init__(self, blocks, width, in_channels=3, classes=10, bottleneck=False):
         super().__init__()
         stem = channels(64, width)
         self.conv1 = nn.Conv2d(in_channels, stem, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(stem)
         layers, cin = [], stem
         for s, count in enumerate(blocks):
-            cout = channels(64 << s, width)
+            planes = channels(64 << s, width)
             for b in range(count):
-                layers.append(BasicBlock(cin, cout, 2 if s > 0 and b == 0 else 1))
+                stride = 2 if s > 0 and b == 0 else 1
+                if bottleneck:
+                    cout = channels(256 << s, width)
+                    layers.append(Bottleneck(cin, planes, cout, stride))
+                else:
+                    cout = planes
+                    layers.append(BasicBlock(cin, cout, stride))
                 cin = cout
         self.layers = nn.Sequential(*layers)
         self.fc = nn.Linear(cin, classes)
@@ -254,11 +282,14 @@ def timed_repeats(fn, warmup, repeats):
     return statistics.median(times)
 
 
-def bench_network(vgg, width=0.25):
-    """The benchmarked network (VGG-11-BN or ResNet-18, width 0.25 unless told) and its label."""
+def bench_network(arch, width=0.25):
+    """The benchmarked network (VGG-11-BN, ResNet-18 or ResNet-50, width 0.25 unless told) and its
+    label."""
     torch.manual_seed(0)
-    if vgg:
+    if arch == "vgg11":
         return VGG([64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"], width), f"vgg11-bn-w{width}"
+    if arch == "resnet50":
+        return ResNet([3, 4, 6, 3], width, bottleneck=True), f"resnet50-w{width}"
     return ResNet([2, 2, 2, 2], width), f"resnet18-w{width}"
 
 
@@ -270,7 +301,8 @@ def training_batch(model, gen, bs=128):
 
 
 def cnn(args):
-    model, name = bench_network(args.workload.startswith("vgg"), args.width)
+    arch = {"vgg": "vgg11", "resnet": "resnet18", "resnet50": "resnet50"}[args.workload]
+    model, name = bench_network(arch, args.width)
     fwd_flops, train_flops = conv_flops(model)
     model.to(args.device)
     gen = torch.Generator().manual_seed(1)
@@ -322,7 +354,7 @@ def profile(args):
     """Milliseconds of each convolution's forward pass, input gradient and weight gradient at
     batch 128, each timed alone (median of repeats), then of a whole training step: the per-layer
     table of docs/performance.md, PyTorch's side (`layerlab-bench profile` prints layerlab's)."""
-    model, _ = bench_network(args.arch == "vgg11", args.width)
+    model, _ = bench_network(args.arch, args.width)
     gen = torch.Generator().manual_seed(1)
     dev = args.device
     for name, conv, shape in conv_layers(model):
@@ -357,8 +389,8 @@ def profile(args):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("workload", choices=["fcn-train", "fcn-reset-grid", "vgg", "resnet", "profile"])
-    p.add_argument("--arch", default="vgg11", choices=["vgg11", "resnet18"], help="profile's network")
+    p.add_argument("workload", choices=["fcn-train", "fcn-reset-grid", "vgg", "resnet", "resnet50", "profile"])
+    p.add_argument("--arch", default="vgg11", choices=["vgg11", "resnet18", "resnet50"], help="profile's network")
     p.add_argument("--datasets", default="data/datasets")
     p.add_argument("--checkpoints", help="layerlab checkpoints folder (fcn-reset-grid)")
     p.add_argument("--out", default="/tmp")
@@ -375,7 +407,7 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", file=sys.stderr)
-    workloads = {"fcn-train": fcn_train, "fcn-reset-grid": fcn_reset_grid, "vgg": cnn, "resnet": cnn,
+    workloads = {"fcn-train": fcn_train, "fcn-reset-grid": fcn_reset_grid, "vgg": cnn, "resnet": cnn, "resnet50": cnn,
                  "profile": profile}
     workloads[args.workload](args)
 

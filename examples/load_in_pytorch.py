@@ -22,6 +22,8 @@ What the networks are (crates/layerlab/src/model.rs), and where they differ from
   1×1 strided projection when the shape changes, then ReLU of the sum), but a CIFAR-style stem:
   one 3×3 conv at stride 1 with no max-pool, where torchvision has a 7×7 stride-2 conv and a
   max-pool. layerlab names the projection `shortcut.0`/`shortcut.1`; torchvision `downsample`.
+- resnet50/101: torchvision's Bottleneck (conv1 1×1, bn1, ReLU, conv2 3×3 with the stride, bn2,
+  ReLU, conv3 1×1 to four times the width, bn3, plus the projection), with the same stem.
 
 The architecture comes from the checkpoint's metadata (`architecture`, e.g. `vgg11-bn-w0.25`);
 the padding, the dataset and the number of test examples from the training stage's settings in
@@ -47,7 +49,8 @@ VGG_CFGS = {  # torchvision's cfgs "A", "B", "D", "E", with channels scaled by w
     16: [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
     19: [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M"],
 }
-RESNET_LAYERS = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3]}
+# Blocks per stage, and the block: BasicBlock for 18/34, Bottleneck for 50/101.
+RESNET_LAYERS = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3]}
 
 
 def scaled(channels, width_mult):
@@ -102,12 +105,40 @@ class BasicBlock(nn.Module):
         return self.relu(out + identity)
 
 
+class Bottleneck(nn.Module):
+    """torchvision.models.resnet.Bottleneck (v1.5: the stride on the 3×3), its output width given
+    (four times `planes`, each scaled and rounded as layerlab does)."""
+
+    def __init__(self, inplanes, planes, out, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, out, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or inplanes != out:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(inplanes, out, 1, stride=stride, bias=False), nn.BatchNorm2d(out)
+            )
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
 class ResNet(nn.Module):
-    """torchvision.models.ResNet with BasicBlocks, but the CIFAR stem (3×3, stride 1, no max-pool)."""
+    """torchvision.models.ResNet, but the CIFAR stem (3×3, stride 1, no max-pool)."""
 
     def __init__(self, depth, width_mult, in_channels, classes):
         super().__init__()
         planes = [scaled(64 << s, width_mult) for s in range(4)]
+        outs = [scaled(256 << s, width_mult) for s in range(4)]
         self.conv1 = nn.Conv2d(in_channels, planes[0], 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes[0])
         self.relu = nn.ReLU(inplace=True)
@@ -116,8 +147,13 @@ class ResNet(nn.Module):
         for s, count in enumerate(RESNET_LAYERS[depth]):
             blocks = []
             for b in range(count):
-                blocks.append(BasicBlock(c, planes[s], 2 if s > 0 and b == 0 else 1))
-                c = planes[s]
+                stride = 2 if s > 0 and b == 0 else 1
+                if depth >= 50:
+                    blocks.append(Bottleneck(c, planes[s], outs[s], stride))
+                    c = outs[s]
+                else:
+                    blocks.append(BasicBlock(c, planes[s], stride))
+                    c = planes[s]
             setattr(self, f"layer{s + 1}", nn.Sequential(*blocks))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(c, classes)

@@ -63,7 +63,13 @@ VGG_PLANS = {
     "vgg16": [1, 1, 0, 2, 2, 0, 4, 4, 4, 0, 8, 8, 8, 0, 8, 8, 8, 0],
     "vgg19": [1, 1, 0, 2, 2, 0, 4, 4, 4, 4, 0, 8, 8, 8, 8, 0, 8, 8, 8, 8, 0],
 }
-RESNET_BLOCKS = {"resnet18": [2, 2, 2, 2], "resnet34": [3, 4, 6, 3]}
+# Blocks per stage, and whether they are bottlenecks (1x1 -> 3x3 -> 1x1, four times the width out).
+RESNET_BLOCKS = {
+    "resnet18": ([2, 2, 2, 2], False),
+    "resnet34": ([3, 4, 6, 3], False),
+    "resnet50": ([3, 4, 6, 3], True),
+    "resnet101": ([3, 4, 23, 3], True),
+}
 
 
 class Fail(Exception):
@@ -109,7 +115,7 @@ class Net:
         elif arch in VGG_PLANS:
             self._vgg(arch, VGG_PLANS[arch], bool(model["batch_norm"]))
         elif arch in RESNET_BLOCKS:
-            self._resnet(RESNET_BLOCKS[arch])
+            self._resnet(*RESNET_BLOCKS[arch])
         else:
             raise Fail(f"unknown architecture {arch!r}")
 
@@ -186,8 +192,8 @@ class Net:
         self.layers.append(("flatten",))
         self.layers.append(self._linear("fc", "classifier", cin * size * size, self.classes))
 
-    def _resnet(self, blocks):
-        depth = 2 * sum(blocks) + 2
+    def _resnet(self, blocks, bottleneck):
+        depth = (3 if bottleneck else 2) * sum(blocks) + 2
         self.name = f"resnet{depth}-w{rust_f64_display(self.width_mult)}"
         if self.pad > 0:
             self.layers.append(("pad", self.pad))
@@ -199,21 +205,36 @@ class Net:
         self.layers.append(("relu",))
         cin = stem
         for s, count in enumerate(blocks):
-            cout = self.channels(64 << s)
+            width = self.channels(64 << s)
+            # torchvision's Bottleneck: expansion 4 on the last 1x1.
+            cout = self.channels(256 << s) if bottleneck else width
             for b in range(count):
                 stride = 2 if s > 0 and b == 0 else 1
                 p = f"layer{s + 1}.{b}"
-                main = [
-                    self._conv(f"{p}.conv1", f"{p}.conv1", cin, cout, 3, stride, False),
-                    self._bn(f"{p}.bn1", cout),
-                    ("relu",),
-                    self._conv(f"{p}.conv2", f"{p}.conv2", cout, cout, 3, 1, False),
-                    self._bn(f"{p}.bn2", cout),
-                ]
+                if bottleneck:
+                    # ResNet v1.5 (torchvision): the stride sits on the 3x3, not on the first 1x1.
+                    main = [
+                        self._conv(f"{p}.conv1", f"{p}.conv1", cin, width, 1, 1, False),
+                        self._bn(f"{p}.bn1", width),
+                        ("relu",),
+                        self._conv(f"{p}.conv2", f"{p}.conv2", width, width, 3, stride, False),
+                        self._bn(f"{p}.bn2", width),
+                        ("relu",),
+                        self._conv(f"{p}.conv3", f"{p}.conv3", width, cout, 1, 1, False),
+                        self._bn(f"{p}.bn3", cout),
+                    ]
+                else:
+                    main = [
+                        self._conv(f"{p}.conv1", f"{p}.conv1", cin, cout, 3, stride, False),
+                        self._bn(f"{p}.bn1", cout),
+                        ("relu",),
+                        self._conv(f"{p}.conv2", f"{p}.conv2", cout, cout, 3, 1, False),
+                        self._bn(f"{p}.bn2", cout),
+                    ]
                 shortcut = []
                 if stride != 1 or cin != cout:
                     # A 1x1 projection + BatchNorm, named `shortcut.0`/`shortcut.1` (torchvision
-                    # calls it `downsample`); a unit of its own, after the block's two convs.
+                    # calls it `downsample`); a unit of its own, after the block's convs.
                     shortcut = [
                         self._conv(f"{p}.shortcut", f"{p}.shortcut.0", cin, cout, 1, stride, False),
                         self._bn(f"{p}.shortcut.1", cout),

@@ -1,6 +1,6 @@
 //! An independent numpy reference of the forward passes (issue 12): the stage binaries train,
 //! snapshot and reset the small pipeline of `tests/python/reference.toml` (an FCN, VGG-11 with
-//! and without BatchNorm, ResNet-18, one short run each, on a slice of real MNIST), then
+//! and without BatchNorm, ResNet-18, ResNet-50, one short run each, on a slice of real MNIST), then
 //! `tests/python/reference_forward.py` recomputes every network in numpy from the checkpoints and
 //! the test split, and must agree with the test errors and losses in `history.parquet` and
 //! reset-eval's `results.parquet` (baseline and units re-initialized to epoch 0). A perturbed
@@ -23,11 +23,14 @@ use layerlab_tests::{mnist_datasets, root, run_bin, text};
 /// in the reference: every unit where a forward pass is cheap, and for ResNet the first unit, a
 /// strided 1×1 shortcut projection and the classifier (each unit costs a full forward pass in
 /// numpy, a couple of seconds for this ResNet).
-const EXPERIMENTS: [(&str, &str); 4] = [
+const EXPERIMENTS: [(&str, &str); 5] = [
     ("ref-fcn", "all"),
     ("ref-vgg11-bn", "all"),
     ("ref-vgg11-plain", "all"),
     ("ref-resnet18", "conv1,layer2.0.shortcut,fc"),
+    // A bottleneck's three convolutions (the 1×1s at stride 1, the strided 3×3) and a stage's
+    // projection.
+    ("ref-resnet50", "layer1.0.conv1,layer2.0.conv2,layer2.0.conv3,layer3.0.shortcut,fc"),
 ];
 
 /// The shipped pipeline with its data_dir in `dir` and datasets_dir at the tests' shared MNIST.

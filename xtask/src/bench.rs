@@ -19,7 +19,7 @@ use xshell::{cmd, Shell};
 use crate::flags;
 use crate::project_root;
 
-const WORKLOADS: [&str; 5] = ["fcn", "grid", "vgg", "resnet", "run-all"];
+const WORKLOADS: [&str; 6] = ["fcn", "grid", "vgg", "resnet", "resnet50", "run-all"];
 
 /// One measured figure of one side.
 #[derive(Debug, Clone)]
@@ -348,7 +348,7 @@ impl flags::Bench {
             c.arg("--checkpoints").arg(&checkpoints).arg("--epochs").arg(&epochs_s);
             rows.extend(json_rows(&measure(c, log)?.stdout, "pytorch", thread_count)?);
         }
-        for (name, arch) in [("vgg", "vgg11"), ("resnet", "resnet18")] {
+        for (name, arch) in [("vgg", "vgg11"), ("resnet", "resnet18"), ("resnet50", "resnet50")] {
             if !selected(name) {
                 continue;
             }

@@ -39,7 +39,7 @@ struct Flags {
 enum Command {
     /// Training and inference throughput of a CNN on synthetic 32×32×3 images.
     Cnn {
-        /// vgg11 (with BatchNorm) or resnet18.
+        /// vgg11 (with BatchNorm), resnet18 or resnet50.
         #[arg(long)]
         arch: String,
         #[arg(long, default_value_t = 0.25)]
@@ -329,7 +329,11 @@ fn bench_arch(arch_name: &str, width_mult: f64) -> Result<(Architecture, String)
             ModelConfig { arch: layerlab::pipeline::Arch::Resnet18, width_mult, ..ModelConfig::default() },
             format!("resnet18-w{width_mult}"),
         ),
-        other => bail!("unknown bench architecture '{other}' (vgg11 or resnet18)"),
+        "resnet50" => (
+            ModelConfig { arch: layerlab::pipeline::Arch::Resnet50, width_mult, ..ModelConfig::default() },
+            format!("resnet50-w{width_mult}"),
+        ),
+        other => bail!("unknown bench architecture '{other}' (vgg11, resnet18 or resnet50)"),
     };
     Ok((Architecture::build(&cfg, [3, 32, 32], 10)?, label))
 }

@@ -188,7 +188,8 @@ mod tests {
     /// Networks covering every layer kind: an FCN (linear, flatten), VGG-11 with and without
     /// BatchNorm on padded 20×20 images (pad, convolution with bias, max-pool, BatchNorm with its
     /// ReLU folded in, plain ReLU), ResNet-18 (convolutions without bias, BatchNorm alone before
-    /// a residual sum, both kinds of shortcut, global average pooling).
+    /// a residual sum, both kinds of shortcut, global average pooling), ResNet-50 (bottleneck
+    /// blocks: 1×1 convolutions at stride 1 in the main branch).
     fn networks() -> Vec<(&'static str, Architecture)> {
         let vgg = |batch_norm| ModelConfig {
             arch: Arch::Vgg11,
@@ -198,12 +199,14 @@ mod tests {
             ..ModelConfig::default()
         };
         let resnet = ModelConfig { arch: Arch::Resnet18, width_mult: 0.125, ..ModelConfig::default() };
+        let bottleneck = ModelConfig { arch: Arch::Resnet50, ..resnet.clone() };
         let fcn = ModelConfig { depth: 2, width: 24, ..ModelConfig::default() };
         vec![
             ("fcn", Architecture::build(&fcn, [1, 8, 8], 10).unwrap()),
             ("vgg11-bn", Architecture::build(&vgg(true), [3, 20, 20], 10).unwrap()),
             ("vgg11", Architecture::build(&vgg(false), [3, 20, 20], 10).unwrap()),
             ("resnet18", Architecture::build(&resnet, [3, 16, 16], 10).unwrap()),
+            ("resnet50", Architecture::build(&bottleneck, [3, 16, 16], 10).unwrap()),
         ]
     }
 

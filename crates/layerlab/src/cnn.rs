@@ -696,18 +696,33 @@ mod tests {
     #[test]
     fn matches_candle_autograd() {
         let dev = Device::Cpu;
-        for (a, bn, nesterov) in [(Arch::Vgg11, true, false), (Arch::Vgg11, false, true), (Arch::Resnet18, true, false)]
-        {
-            let arch = arch(a, bn);
+        for (a, bn, nesterov) in [
+            (Arch::Vgg11, true, false),
+            (Arch::Vgg11, false, true),
+            (Arch::Resnet18, true, false),
+            (Arch::Resnet50, true, false),
+        ] {
+            let arch = if a == Arch::Resnet50 {
+                let cfg = ModelConfig { arch: a, width_mult: 0.25, batch_norm: bn, ..ModelConfig::default() };
+                Architecture::build(&cfg, [3, 16, 16], 10).unwrap()
+            } else {
+                arch(a, bn)
+            };
             let state = arch.initial_state(3, &dev).unwrap();
             let mut ours = CnnTrainer::new(&arch, &state, sgd(nesterov), None).unwrap();
             let candle = Candle { arch: &arch, device: dev.clone(), kernels: Default::default() };
             let mut theirs = candle.trainer(&state, sgd(nesterov), None).unwrap();
-            for step in 0..3 {
-                let (pixels, labels) = batch(10 + step, 12, size(a));
+            // ResNet-50 one step only: fifty layers of BatchNorm on batches this small amplify
+            // rounding about a thousandfold a step (measured: a 1e-6 relative change of fc.weight
+            // moved the loss after three steps of one path by 0.2 %), so later steps compare
+            // noise, not the two paths.
+            let steps = if a == Arch::Resnet50 { 1 } else { 3 };
+            for step in 0..steps {
+                let n = if a == Arch::Resnet50 { 32 } else { 12 };
+                let (pixels, labels) = batch(10 + step, n, size(a));
                 let mut x = Vec::new();
                 push_scaled_pixels(&pixels, &mut x);
-                let dims = [12, 3, size(a), size(a)];
+                let dims = [n, 3, size(a), size(a)];
                 let (l1, e1) = ours.step(x, dims, &labels, at(0.05)).unwrap();
                 let (l2, e2) = theirs.step(&pixels, dims, &labels, at(0.05)).unwrap();
                 assert!((l1 - l2).abs() < 1e-4 * l2.abs().max(1.0), "{a:?} step {step}: loss {l1} vs {l2}");
