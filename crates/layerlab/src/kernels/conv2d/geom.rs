@@ -61,6 +61,11 @@ impl Geom {
     }
 
     /// The image ranges of the chunks, in order.
+    /// A 1×1 convolution at stride 1 without padding: one product per image, no unfolding.
+    pub(super) fn pointwise(&self) -> bool {
+        self.k == 1 && self.stride == 1 && self.pad == 0
+    }
+
     pub(super) fn chunks(&self) -> Vec<Range<usize>> {
         let b = self.chunk_images();
         (0..self.n.div_ceil(b)).map(|i| i * b..((i + 1) * b).min(self.n)).collect()

@@ -90,7 +90,18 @@ pub(crate) fn grad_input(g: &Geom, grad: &[f32], weight: &[f32]) -> Vec<f32> {
             let cols = resized(&mut s.cols, ckk * nc);
             // cols = Wᵀ · grad: the weight read as [ckk, o].
             matmul(ckk, nc, g.o, cols, nc, false, weight, (1, ckk), gm, (nc, 1));
-            col2im(g, cols, images, dx);
+            if g.pointwise() {
+                // A 1×1 convolution's columns are the input gradient itself, channel-major over
+                // the chunk's images: copied into place, with none of col2im's zeroing and sums.
+                let hw = g.hw_out();
+                for (im, dx) in dx.chunks_exact_mut(g.image_in()).enumerate() {
+                    for (ci, dx) in dx.chunks_exact_mut(hw).enumerate() {
+                        dx.copy_from_slice(&cols[ci * nc + im * hw..][..hw]);
+                    }
+                }
+            } else {
+                col2im(g, cols, images, dx);
+            }
         })
     });
     dx

@@ -199,6 +199,9 @@ pub(crate) mod tests {
             (2, 3, 6, 6, 4, 3, 0, 1),
             (3, 3, 9, 11, 2, 3, 0, 2),
             (2, 6, 5, 7, 4, 1, 0, 1),
+            // 1×1 at stride 1 (a bottleneck's), over many chunks of images and on 4×4 planes.
+            (70, 12, 8, 8, 20, 1, 0, 1),
+            (33, 24, 4, 4, 8, 1, 0, 1),
             (4, 4, 9, 9, 7, 1, 0, 2),
             (1, 2, 3, 3, 3, 3, 1, 2),
             (1, 2, 1, 1, 3, 3, 1, 1),
@@ -296,20 +299,21 @@ pub(crate) mod tests {
 
     #[test]
     fn results_do_not_depend_on_the_thread_count() {
-        // Through im2col + gemm (stride 2), and through the interleaved products.
-        for (size, stride) in [(10, 2), (8, 1)] {
+        // Through im2col + gemm (stride 2), through the interleaved products, and through the
+        // 1×1 products.
+        for (size, stride, k) in [(10, 2, 3), (8, 1, 3), (8, 1, 1)] {
             let x = random(&[37, 8, size, size], 21);
-            let w = random(&[16, 8, 3, 3], 22);
+            let w = random(&[16, 8, k, k], 22);
             let out = (size - 1) / stride + 1;
             let r = random(&[37, 16, out, out], 23);
             let on = |threads: usize| {
                 let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-                pool.install(|| run(ours, &x, &w, &r, 1, stride))
+                pool.install(|| run(ours, &x, &w, &r, k / 2, stride))
                     .map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
             };
             let one = on(1);
             for threads in [2, 3, 5] {
-                assert!(on(threads) == one, "stride {stride}: {threads} threads changed the result");
+                assert!(on(threads) == one, "{k}×{k}, stride {stride}: {threads} threads changed the result");
             }
         }
     }
