@@ -38,6 +38,9 @@ pub enum Reader {
     MovementTable,
     /// The pipeline file given to `train --config`.
     Pipeline,
+    /// `epoch-0001.safetensors` of a folder imported by `train.import` (epochs 0 and 2 good);
+    /// read by `train`.
+    Import,
 }
 
 /// One malformed file.
@@ -369,6 +372,64 @@ fn checkpoint_cases() -> Vec<Case> {
     cases
 }
 
+/// Checkpoints trained elsewhere (`train.import`): tensors under our names or torchvision's, no
+/// layerlab metadata needed, every fault of a file in one message.
+fn import_cases() -> Vec<Case> {
+    let arch = fixture_model(8);
+    let good = checkpoint_tensors(&arch);
+    let epoch1: BTreeMap<String, String> = [("epoch".to_string(), "1".to_string())].into();
+    let bytes = |t: &[Entry], m: &BTreeMap<String, String>| safetensors_bytes(t, m);
+    let whole = bytes(&good, &epoch1);
+    let mut cases = vec![case(
+        "import/truncated.safetensors",
+        whole[..whole.len() - 1000].to_vec(),
+        Reader::Import,
+        &["not a valid safetensors file", "truncated"],
+    )];
+    cases.push(case(
+        "import/not-safetensors.safetensors",
+        b"PK\x03\x04 a zip file".to_vec(),
+        Reader::Import,
+        &["not a valid safetensors file"],
+    ));
+    // A missing tensor, an unexpected one and a wrong shape, all named at once.
+    let mut mismatched: Vec<Entry> = good.iter().filter(|t| t.0 != "fc1.bias").cloned().collect();
+    mismatched.push(("fc9.weight".into(), "F32", vec![2], vec![0; 8]));
+    let at = mismatched.iter().position(|t| t.0 == "fc2.weight").expect("fc2.weight");
+    mismatched[at].2 = vec![10, 4];
+    mismatched[at].3.truncate(40 * 4);
+    mismatched.sort_by(|a, b| a.0.cmp(&b.0));
+    cases.push(case(
+        "import/mismatched.safetensors",
+        bytes(&mismatched, &epoch1),
+        Reader::Import,
+        &[
+            "does not fit fcn-1x8",
+            "tensor 'fc1.bias' [8] is missing",
+            "unexpected tensor 'fc9.weight'",
+            "tensor 'fc2.weight' has shape [10, 4], expected [10, 8]",
+        ],
+    ));
+    let mut half: Vec<Entry> = good.clone();
+    half[0].1 = "F16";
+    let n = half[0].3.len() / 2;
+    half[0].3.truncate(n);
+    cases.push(case(
+        "import/half-precision.safetensors",
+        bytes(&half, &epoch1),
+        Reader::Import,
+        &["tensor 'fc1.bias' is F16, expected F32"],
+    ));
+    let epoch7: BTreeMap<String, String> = [("epoch".to_string(), "7".to_string())].into();
+    cases.push(case(
+        "import/epoch-disagrees.safetensors",
+        bytes(&good, &epoch7),
+        Reader::Import,
+        &["its metadata says epoch 7 but its name says 1"],
+    ));
+    cases
+}
+
 /// A Parquet file written by arrow directly (no layerlab metadata), as another tool would.
 fn foreign_parquet(columns: Vec<(&str, ArrayRef)>) -> Vec<u8> {
     let fields: Vec<Field> = columns.iter().map(|(n, a)| Field::new(*n, a.data_type().clone(), true)).collect();
@@ -689,6 +750,7 @@ pub fn cases() -> Vec<Case> {
     all.extend(idx_cases());
     all.extend(cifar_cases());
     all.extend(checkpoint_cases());
+    all.extend(import_cases());
     all.extend(table_cases());
     all.extend(pipeline_cases());
     all

@@ -159,6 +159,24 @@ fn stage_case(case: &Case, dir: &Path) -> (&'static str, Vec<String>, String) {
             fs::write(run.join("snapshot/movement.parquet"), &case.bytes).unwrap();
             ("aggregate", ["--config", &config, "-e", "tiny"].map(String::from).to_vec(), "movement.parquet".into())
         }
+        Reader::Import => {
+            copy_tree(fixture(), dir);
+            // Epochs 0 and 2 good (the fixture's own checkpoints), epoch 1 the case.
+            let import = dir.join("imported");
+            fs::create_dir_all(&import).unwrap();
+            for epoch in [0, 2] {
+                let name = format!("epoch-{epoch:04}.safetensors");
+                fs::copy(run.join("train/checkpoints").join(&name), import.join(&name)).unwrap();
+            }
+            fs::write(import.join("epoch-0001.safetensors"), &case.bytes).unwrap();
+            let text =
+                corpus::PIPELINE_BASE.replace("[experiment.train]\n", "[experiment.train]\nimport = \"imported\"\n");
+            assert_ne!(text, corpus::PIPELINE_BASE);
+            let path = dir.join("import.toml");
+            fs::write(&path, text).unwrap();
+            let args = ["--config", path.to_str().unwrap(), "-e", "tiny", "-s", "0"].map(String::from).to_vec();
+            ("train", args, "epoch-0001.safetensors".into())
+        }
         Reader::Pipeline => {
             copy_tree(fixture(), dir);
             let path = dir.join(&file_name);

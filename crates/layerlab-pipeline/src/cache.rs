@@ -109,11 +109,58 @@ pub fn train_key(exp: &Experiment, seed: u64) -> StageKey {
             fields.remove(*key);
         }
     }
-    let config = json!({
+    let mut config = json!({
         "experiment": exp.name, "dataset": exp.dataset, "seed": seed,
         "model": to_value(&exp.model), "train": train,
     });
+    // An imported run is what its files hold: their sha256 in the key, not where they are.
+    if let Some(dir) = &exp.train.import {
+        if let Some(fields) = config["train"].as_object_mut() {
+            fields.remove("import");
+        }
+        config["imported"] = imported_files(&import_dir(Path::new(dir), seed));
+    }
     StageKey::new(Stage::Train, config, BTreeMap::from([("dataset".into(), dataset_key(exp.dataset).key)]))
+}
+
+/// The folder a seed's imported checkpoints are in: `<dir>/seed-<seed>` when there is one, else
+/// `dir` itself.
+pub fn import_dir(dir: &Path, seed: u64) -> PathBuf {
+    let per_seed = dir.join(format!("seed-{seed}"));
+    if per_seed.is_dir() {
+        per_seed
+    } else {
+        dir.to_path_buf()
+    }
+}
+
+/// The `.safetensors` files of an import folder, in name order.
+pub fn import_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// File name → sha256 of every checkpoint in an import folder, for the train key; a folder that
+/// cannot be read gives its error instead (the stage then says what is wrong).
+fn imported_files(dir: &Path) -> Value {
+    let files = match import_files(dir) {
+        Ok(files) => files,
+        Err(e) => return json!({ "unreadable": format!("{}: {e}", dir.display()) }),
+    };
+    let mut out = serde_json::Map::new();
+    for path in files {
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let digest = match std::fs::read(&path) {
+            Ok(bytes) => hex::encode(Sha256::digest(&bytes)),
+            Err(e) => format!("unreadable: {e}"),
+        };
+        out.insert(name, Value::String(digest));
+    }
+    Value::Object(out)
 }
 
 pub fn snapshot_key(exp: &Experiment, seed: u64) -> StageKey {

@@ -143,6 +143,12 @@ section! {
         /// effect on the CPU. In the key (left out at its default, so that earlier keys hold).
         #[serde(skip_serializing_if = "is_false")]
         tf32: bool = false,
+        /// A folder of checkpoints trained elsewhere (one safetensors file per kept epoch, 0
+        /// included; `seed-<S>/` subfolders for several seeds), imported instead of training.
+        /// Relative to the pipeline file's folder; resolved when the file is read. The key holds
+        /// the files' sha256, not the path.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        import: Option<String> = None,
     }
 }
 
@@ -524,6 +530,12 @@ impl Pipeline {
         for name in &default_experiments {
             if !experiments.iter().any(|e| &e.name == name) && !sweeps.iter().any(|s| &s.name == name) {
                 bail!("{file}: default_experiments names '{name}', which is not an experiment or a sweep");
+            }
+        }
+        // An imported run's folder is relative to the pipeline file, like every path in it.
+        for e in &mut experiments {
+            if let Some(dir) = &e.train.import {
+                e.train.import = Some(base.join(dir).to_string_lossy().into_owned());
             }
         }
         let data_dir = base.join(raw.data_dir.as_deref().unwrap_or("data"));

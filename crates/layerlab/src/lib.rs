@@ -14,6 +14,7 @@ pub mod data;
 pub mod device;
 pub mod eval;
 pub mod exec;
+pub mod import;
 pub mod init;
 pub mod kernels;
 pub mod mlp;

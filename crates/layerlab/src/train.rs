@@ -277,7 +277,7 @@ pub fn run(job: &TrainJob<'_>, initial: State) -> Result<TrainSummary> {
             n_train as f64 / train_time
         );
     }
-    write_history(&job.out_dir.join("history.parquet"), &history, job)?;
+    write_history(&job.out_dir.join("history.parquet"), job.experiment, job.seed, &history, &job.table_metadata)?;
     if resume.exists() {
         std::fs::remove_file(&resume).with_context(|| format!("cannot remove {}", resume.display()))?;
     }
@@ -338,23 +338,37 @@ impl EpochPlan<'_> {
     }
 }
 
-fn write_history(path: &Path, history: &[EpochRecord], job: &TrainJob<'_>) -> Result<()> {
+/// Writes `history.parquet`. An imported run knows no learning rate: its records hold NaN there,
+/// written as nulls.
+pub fn write_history(
+    path: &Path,
+    experiment: &str,
+    seed: u64,
+    history: &[EpochRecord],
+    metadata: &[(String, String)],
+) -> Result<()> {
     let n = history.len();
     let col_i = |f: &dyn Fn(&EpochRecord) -> i64| Column::Int(history.iter().map(|r| Some(f(r))).collect());
     let col_f = |f: &dyn Fn(&EpochRecord) -> Option<f64>| Column::Float(history.iter().map(f).collect());
-    Table::new()
-        .col("experiment", Column::Text(vec![Some(job.experiment.to_string()); n]))
-        .col("seed", Column::Int(vec![Some(job.seed as i64); n]))
+    let table = Table::new()
+        .col("experiment", Column::Text(vec![Some(experiment.to_string()); n]))
+        .col("seed", Column::Int(vec![Some(seed as i64); n]))
         .col("epoch", col_i(&|r| r.epoch as i64))
-        .col("step", col_i(&|r| r.step as i64))
-        .col("lr", col_f(&|r| Some(r.lr)))
+        .col("step", col_i(&|r| r.step as i64));
+    // Trained runs keep the column non-nullable, as their tables always had it.
+    let table = if history.iter().any(|r| r.lr.is_nan()) {
+        table.nullable("lr", col_f(&|r| (!r.lr.is_nan()).then_some(r.lr)))
+    } else {
+        table.col("lr", col_f(&|r| Some(r.lr)))
+    };
+    table
         .nullable("train_loss", col_f(&|r| r.train_loss))
         .nullable("train_error", col_f(&|r| r.train_error))
         .col("test_loss", col_f(&|r| Some(r.test_loss)))
         .col("test_error", col_f(&|r| Some(r.test_error)))
         .nullable("train_seconds", col_f(&|r| r.train_seconds))
         .col("seconds", col_f(&|r| Some(r.seconds)))
-        .write(path, &job.table_metadata)
+        .write(path, metadata)
 }
 
 #[cfg(test)]
