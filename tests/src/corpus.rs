@@ -41,6 +41,9 @@ pub enum Reader {
     /// `epoch-0001.safetensors` of a folder imported by `train.import` (epochs 0 and 2 good);
     /// read by `train`.
     Import,
+    /// `test.npz` of a `[[dataset]]` (10 classes), beside a good `train.npz` of 1×28×28 images;
+    /// read by `fetch-data NAME --config FILE`.
+    OwnDataset,
 }
 
 /// One malformed file.
@@ -430,6 +433,77 @@ fn import_cases() -> Vec<Case> {
     cases
 }
 
+/// A dataset of the user's own (`[[dataset]]`): `.npz` files as numpy writes them, checked before
+/// anything is stored.
+fn own_dataset_cases() -> Vec<Case> {
+    use crate::npz::{npz_bytes, split_npz, Array};
+    let n = 6;
+    let pixels = pattern(n * 784, 5);
+    let good = split_npz(&pixels, [n, 1, 28, 28], &labels(n));
+    let i64_labels = |values: &[i64]| values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
+    let mut cases = vec![case(
+        "own-dataset/truncated.npz",
+        good[..good.len() - 200].to_vec(),
+        Reader::OwnDataset,
+        &["is not a readable .npz archive"],
+    )];
+    cases.push(case(
+        "own-dataset/no-labels.npz",
+        npz_bytes(&[Array { name: "images", descr: "|u1", shape: &[n, 1, 28, 28], data: &pixels }]),
+        Reader::OwnDataset,
+        &["no array labels (it holds images)"],
+    ));
+    let floats: Vec<u8> = pixels.iter().flat_map(|&p| f32::from(p).to_le_bytes()).collect();
+    cases.push(case(
+        "own-dataset/float-images.npz",
+        npz_bytes(&[
+            Array { name: "images", descr: "<f4", shape: &[n, 1, 28, 28], data: &floats },
+            Array { name: "labels", descr: "<i8", shape: &[n], data: &i64_labels(&[0, 1, 2, 3, 4, 5]) },
+        ]),
+        Reader::OwnDataset,
+        &["'images' must be uint8 [N, C, H, W] or [N, H, W]"],
+    ));
+    cases.push(case(
+        "own-dataset/labels-short.npz",
+        npz_bytes(&[
+            Array { name: "images", descr: "|u1", shape: &[n, 1, 28, 28], data: &pixels },
+            Array { name: "labels", descr: "<i8", shape: &[n - 1], data: &i64_labels(&[0, 1, 2, 3, 4]) },
+        ]),
+        Reader::OwnDataset,
+        &["6 images but 'labels' of shape [5]"],
+    ));
+    cases.push(case(
+        "own-dataset/label-not-a-class.npz",
+        npz_bytes(&[
+            Array { name: "images", descr: "|u1", shape: &[n, 1, 28, 28], data: &pixels },
+            Array { name: "labels", descr: "<i8", shape: &[n], data: &i64_labels(&[0, 1, 2, 10, 4, 5]) },
+        ]),
+        Reader::OwnDataset,
+        &["label 10 at index 3 is not a class (0 ..= 9)", "classes = 10"],
+    ));
+    cases.push(case(
+        "own-dataset/negative-label.npz",
+        npz_bytes(&[
+            Array { name: "images", descr: "|u1", shape: &[n, 1, 28, 28], data: &pixels },
+            Array { name: "labels", descr: "<i8", shape: &[n], data: &i64_labels(&[0, -1, 2, 3, 4, 5]) },
+        ]),
+        Reader::OwnDataset,
+        &["label -1 at index 1 is not a class"],
+    ));
+    cases.push(case(
+        "own-dataset/other-image-shape.npz",
+        split_npz(&pattern(n * 256, 6), [n, 1, 16, 16], &labels(n)),
+        Reader::OwnDataset,
+        &["the train images", "are [1, 28, 28] but the test images", "are [1, 16, 16]"],
+    ));
+    cases
+}
+
+/// The good `train.npz` beside each own-dataset case.
+pub fn own_dataset_train_npz() -> Vec<u8> {
+    crate::npz::split_npz(&pattern(12 * 784, 7), [12, 1, 28, 28], &labels(12))
+}
+
 /// A Parquet file written by arrow directly (no layerlab metadata), as another tool would.
 fn foreign_parquet(columns: Vec<(&str, ArrayRef)>) -> Vec<u8> {
     let fields: Vec<Field> = columns.iter().map(|(n, a)| Field::new(*n, a.data_type().clone(), true)).collect();
@@ -751,6 +825,7 @@ pub fn cases() -> Vec<Case> {
     all.extend(cifar_cases());
     all.extend(checkpoint_cases());
     all.extend(import_cases());
+    all.extend(own_dataset_cases());
     all.extend(table_cases());
     all.extend(pipeline_cases());
     all

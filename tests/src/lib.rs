@@ -26,6 +26,7 @@
 //! without them on a developer's machine, and requires them under CI.)
 
 pub mod corpus;
+pub mod npz;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -177,6 +177,20 @@ fn stage_case(case: &Case, dir: &Path) -> (&'static str, Vec<String>, String) {
             let args = ["--config", path.to_str().unwrap(), "-e", "tiny", "-s", "0"].map(String::from).to_vec();
             ("train", args, "epoch-0001.safetensors".into())
         }
+        Reader::OwnDataset => {
+            // Nothing stored yet: the datasets folder holds only what the case must not change.
+            let own = dir.join("own");
+            fs::create_dir_all(&own).unwrap();
+            fs::create_dir_all(&datasets).unwrap();
+            fs::write(own.join("train.npz"), corpus::own_dataset_train_npz()).unwrap();
+            fs::write(own.join("test.npz"), &case.bytes).unwrap();
+            let path = dir.join("own.toml");
+            let declared =
+                "[[dataset]]\nname = \"mine\"\nclasses = 10\ntrain = \"own/train.npz\"\ntest = \"own/test.npz\"\n";
+            fs::write(&path, format!("{}\n{declared}", corpus::PIPELINE_BASE)).unwrap();
+            let args = ["mine", "--config", &s(&path), "--datasets-dir", &s(&datasets)].map(String::from).to_vec();
+            ("fetch-data", args, "test.npz".into())
+        }
         Reader::Pipeline => {
             copy_tree(fixture(), dir);
             let path = dir.join(&file_name);

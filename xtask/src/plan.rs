@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Result};
 use layerlab_pipeline::cache::{self, Freshness, Stage};
 use layerlab_pipeline::config::Sweep;
-use layerlab_pipeline::{Dataset, Experiment, Layout, Pipeline};
+use layerlab_pipeline::{DataSource, Experiment, Layout, Pipeline};
 use xshell::Shell;
 
 use crate::flags::PipelineArgs;
@@ -21,7 +21,7 @@ pub struct Job {
 #[derive(Debug, Clone)]
 pub enum Subject {
     /// fetch-data: one dataset.
-    Dataset(Dataset),
+    Dataset(DataSource),
     /// train, snapshot, reset-eval: one seed of an experiment.
     Seed(Experiment, u64),
     /// aggregate: one experiment over its seeds.
@@ -51,7 +51,7 @@ impl Job {
 
     pub fn freshness(&self, layout: &Layout) -> Freshness {
         match &self.subject {
-            Subject::Dataset(dataset) => cache::freshness(&layout.dataset_dir(*dataset), &cache::dataset_key(*dataset)),
+            Subject::Dataset(dataset) => cache::freshness(&layout.dataset_dir(dataset), &cache::dataset_key(dataset)),
             Subject::Seed(exp, seed) => cache::check(layout, self.stage, exp, *seed),
             Subject::Experiment(exp) => cache::check(layout, self.stage, exp, 0),
             Subject::Sweep(sweep, points) => cache::check_sweep(layout, sweep, &points.iter().collect::<Vec<_>>()),
@@ -71,7 +71,7 @@ impl Job {
     /// The key the job's stamp will carry.
     pub fn key(&self) -> String {
         match &self.subject {
-            Subject::Dataset(dataset) => cache::dataset_key(*dataset).key,
+            Subject::Dataset(dataset) => cache::dataset_key(dataset).key,
             Subject::Seed(exp, seed) => cache::key_for(self.stage, exp, *seed).key,
             Subject::Experiment(exp) => cache::key_for(self.stage, exp, 0).key,
             Subject::Sweep(sweep, points) => cache::sweep_key(sweep, &points.iter().collect::<Vec<_>>()).key,
@@ -80,7 +80,7 @@ impl Job {
 
     pub fn output_dir(&self, layout: &Layout) -> PathBuf {
         match &self.subject {
-            Subject::Dataset(dataset) => layout.dataset_dir(*dataset),
+            Subject::Dataset(dataset) => layout.dataset_dir(dataset),
             Subject::Seed(exp, seed) => cache::output_dir(layout, self.stage, exp, *seed),
             Subject::Experiment(exp) => cache::output_dir(layout, self.stage, exp, 0),
             Subject::Sweep(sweep, _) => layout.results_dir(&sweep.name),
@@ -94,11 +94,17 @@ impl Job {
         let config = config.display().to_string();
         let mut argv = vec![bin];
         match &self.subject {
-            Subject::Dataset(dataset) => argv.extend([
-                dataset.name().to_string(),
-                "--datasets-dir".into(),
-                layout.datasets_dir.display().to_string(),
-            ]),
+            Subject::Dataset(dataset) => {
+                argv.extend([
+                    dataset.name().to_string(),
+                    "--datasets-dir".into(),
+                    layout.datasets_dir.display().to_string(),
+                ]);
+                // An own dataset is declared in the pipeline file.
+                if let DataSource::Own(_) = dataset {
+                    argv.extend(["--config".into(), config]);
+                }
+            }
             Subject::Seed(exp, seed) => {
                 argv.extend(["--config".into(), config, "--experiment".into(), exp.name.clone()]);
                 argv.extend(["--seed".into(), seed.to_string()]);
@@ -179,11 +185,11 @@ pub fn jobs(selection: &Selection, only: Option<Stage>, seed: Option<u64>) -> Re
             jobs.push(Job { stage, subject });
         }
     };
-    let mut datasets: Vec<Dataset> = Vec::new();
+    let mut datasets: Vec<&DataSource> = Vec::new();
     for exp in &selection.experiments {
-        if !datasets.contains(&exp.dataset) {
-            datasets.push(exp.dataset);
-            push(Stage::FetchData, Subject::Dataset(exp.dataset));
+        if !datasets.contains(&&exp.dataset) {
+            datasets.push(&exp.dataset);
+            push(Stage::FetchData, Subject::Dataset(exp.dataset.clone()));
         }
     }
     for exp in &selection.experiments {

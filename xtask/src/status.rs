@@ -79,7 +79,7 @@ impl flags::Clean {
         }
         if self.datasets {
             for exp in &selection.experiments {
-                dirs.push(layout.dataset_dir(exp.dataset));
+                dirs.push(layout.dataset_dir(&exp.dataset));
             }
         }
         dirs.dedup();

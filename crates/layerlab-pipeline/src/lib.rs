@@ -14,7 +14,10 @@ pub use config::{
     SweepPoint, TrainConfig, ROBUST_SET,
 };
 pub use paths::Layout;
-pub use settings::{Arch, BnStats, ComputePath, Dataset, OptimizerKind, ResetMode, RowMode, Schedule, WeightInit};
+pub use settings::{
+    Arch, BnStats, ComputePath, DataSource, Dataset, OptimizerKind, OwnDataset, ResetMode, RowMode, Schedule,
+    WeightInit,
+};
 
 /// The layerlab version written into every table and stamp.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -18,7 +18,7 @@ impl Layout {
         Layout::new(&p.data_dir, &p.datasets_dir)
     }
 
-    pub fn dataset_dir(&self, dataset: crate::Dataset) -> PathBuf {
+    pub fn dataset_dir(&self, dataset: &crate::DataSource) -> PathBuf {
         self.datasets_dir.join(dataset.name())
     }
     pub fn run_dir(&self, experiment: &str, seed: u64) -> PathBuf {

@@ -6,7 +6,9 @@
 //! wherever it is not handled yet.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -283,6 +285,60 @@ impl Dataset {
             Dataset::FashionMnist => Some(&FASHION_SHA256),
             Dataset::Cifar10 => None,
         }
+    }
+}
+
+/// A dataset the user brings: `[[dataset]]` in the pipeline file, train and test files each
+/// holding `images` u8 [N, C, H, W] and `labels` [N], as `.npz` arrays or in layerlab's canonical
+/// safetensors form. fetch-data checks them and stores them as it stores a fetched dataset.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct OwnDataset {
+    pub name: String,
+    pub classes: usize,
+    /// Resolved against the pipeline file's folder.
+    pub train: PathBuf,
+    pub test: PathBuf,
+}
+
+/// The data an experiment trains and tests on: a dataset of the catalogue, or the user's own.
+/// Written into keys, tables and messages as its name alone, so keys made when `dataset` was a
+/// catalogue name still hold; an own dataset's files reach the keys through fetch-data's key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DataSource {
+    Catalogue(Dataset),
+    Own(Arc<OwnDataset>),
+}
+
+impl DataSource {
+    pub fn name(&self) -> &str {
+        match self {
+            DataSource::Catalogue(d) => d.name(),
+            DataSource::Own(own) => &own.name,
+        }
+    }
+    pub fn classes(&self) -> usize {
+        match self {
+            DataSource::Catalogue(d) => d.classes(),
+            DataSource::Own(own) => own.classes,
+        }
+    }
+}
+
+impl From<Dataset> for DataSource {
+    fn from(d: Dataset) -> DataSource {
+        DataSource::Catalogue(d)
+    }
+}
+
+impl fmt::Display for DataSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl Serialize for DataSource {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.name())
     }
 }
 

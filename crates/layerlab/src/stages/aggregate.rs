@@ -286,7 +286,8 @@ mod tests {
     /// Like [`write_seed`], for a network with BatchNorm evaluated under each of `bns`.
     fn write_seed_bn(ctx: &StageContext, seed: u64, drop_column: Option<&str>, bns: &[&'static str]) {
         let exp = &ctx.experiment;
-        let arch = Architecture::build(&exp.model, exp.dataset.image_shape(), exp.dataset.classes()).unwrap();
+        let layerlab_pipeline::DataSource::Catalogue(dataset) = &exp.dataset else { panic!("a catalogue dataset") };
+        let arch = Architecture::build(&exp.model, dataset.image_shape(), dataset.classes()).unwrap();
         let names: Vec<&str> = arch.units.iter().map(|u| u.name.as_str()).collect();
         assert_eq!(names, UNITS, "the fake errors are made for these units");
         let row = |mode: &'static str, unit: Option<String>, index: Option<usize>, units: String| {

@@ -6,12 +6,14 @@ use std::time::Duration;
 use anyhow::Result;
 
 use crate::data::fetch::{self, FetchOptions, FetchReport};
-use layerlab_pipeline::Dataset;
+use layerlab_pipeline::DataSource;
 
 /// What the command line asks for.
 #[derive(Debug, Clone)]
 pub struct Request {
-    pub dataset: Dataset,
+    /// A catalogue dataset, fetched from its sources; or the user's own, read from its files
+    /// (the source flags do not apply).
+    pub dataset: DataSource,
     /// A local folder (or the CIFAR-10 archive) tried first.
     pub from: Option<PathBuf>,
     /// The datasets folder; the dataset goes to `<datasets_dir>/<name>`.
@@ -27,9 +29,14 @@ pub struct Request {
 
 /// Fetches the dataset and returns the line that says what was done.
 pub fn run(req: &Request) -> Result<String> {
+    let dir = req.datasets_dir.join(req.dataset.name());
+    let dataset = match &req.dataset {
+        DataSource::Catalogue(d) => *d,
+        DataSource::Own(own) => return Ok(describe(&fetch::import_own(own, &dir, req.force)?)),
+    };
     let urls = match (req.offline, req.urls.is_empty()) {
         (true, _) => Vec::new(),
-        (false, true) => req.dataset.default_urls().iter().map(|u| u.to_string()).collect(),
+        (false, true) => dataset.default_urls().iter().map(|u| u.to_string()).collect(),
         (false, false) => req.urls.clone(),
     };
     let opts = FetchOptions {
@@ -38,7 +45,7 @@ pub fn run(req: &Request) -> Result<String> {
         registry: req.registry,
         timeout: req.timeout.max(Duration::from_secs(1)),
         force: req.force,
-        ..FetchOptions::new(req.dataset, req.datasets_dir.join(req.dataset.name()))
+        ..FetchOptions::new(dataset, dir)
     };
     Ok(describe(&fetch::fetch(&opts)?))
 }

@@ -52,7 +52,7 @@ impl StageContext {
     /// measures its train error), and the test split as it is.
     pub fn datasets(&self, seed: u64) -> Result<(crate::data::Split, crate::data::Split)> {
         let exp = &self.experiment;
-        let (mut train, test) = crate::data::load(&self.layout.dataset_dir(exp.dataset))
+        let (mut train, test) = crate::data::load(&self.layout.dataset_dir(&exp.dataset))
             .with_context(|| format!("dataset '{}'", exp.dataset))?;
         let noise = exp.train.label_noise;
         if noise > 0.0 {

@@ -21,7 +21,7 @@ pub enum Outcome {
 /// The network a run trained, built from the dataset's shape.
 pub fn architecture(ctx: &StageContext) -> Result<Architecture> {
     let exp = &ctx.experiment;
-    let dir = ctx.layout.dataset_dir(exp.dataset);
+    let dir = ctx.layout.dataset_dir(&exp.dataset);
     let test =
         data::read_split(&data::split_path(&dir, "test")).with_context(|| format!("dataset '{}'", exp.dataset))?;
     ctx.architecture(&test)

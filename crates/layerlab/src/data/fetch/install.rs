@@ -6,23 +6,29 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-use layerlab_pipeline::cache::{dataset_key, Stamp};
+use layerlab_pipeline::cache::{StageKey, Stamp};
 
 use super::verify::Verified;
-use super::{FetchOptions, Manifest};
+use super::Manifest;
 use crate::data::{manifest_path, split_path, write_split};
 
 /// Writes the splits and the manifest into `staging`, then moves them into the dataset folder:
 /// the old stamp and manifest go first (so that a half-replaced folder counts as not done), the
 /// manifest comes last, then the stamp.
-pub(super) fn install(opts: &FetchOptions, staging: &Path, verified: &Verified, manifest: &Manifest) -> Result<()> {
-    let name = opts.dataset.name();
+/// `key` is the stamp's: fetch-data's key of the dataset.
+pub(super) fn install(
+    dir: &Path,
+    key: &StageKey,
+    staging: &Path,
+    verified: &Verified,
+    manifest: &Manifest,
+) -> Result<()> {
+    let name = manifest.dataset.as_str();
     write_split(&split_path(staging, "train"), &verified.train, name, &verified.source)?;
     write_split(&split_path(staging, "test"), &verified.test, name, &verified.source)?;
     let text = serde_json::to_string_pretty(manifest)? + "\n";
     layerlab_pipeline::fsutil::write_atomic(&manifest_path(staging), text.as_bytes())?;
 
-    let dir = &opts.dir;
     fs::create_dir_all(dir).with_context(|| format!("cannot create the dataset folder {}", dir.display()))?;
     Stamp::remove(dir)?;
     remove_if_present(&manifest_path(dir))?;
@@ -30,7 +36,7 @@ pub(super) fn install(opts: &FetchOptions, staging: &Path, verified: &Verified, 
         let target = dir.join(path.file_name().unwrap_or_default());
         fs::rename(&path, &target).with_context(|| format!("cannot move {} into place", target.display()))?;
     }
-    Stamp::write(dir, &dataset_key(opts.dataset), manifest.seconds)
+    Stamp::write(dir, key, manifest.seconds)
 }
 
 pub(super) fn remove_if_present(path: &Path) -> Result<()> {

@@ -18,6 +18,7 @@
 
 mod install;
 pub mod manifest;
+mod own;
 pub mod sources;
 mod tool;
 mod verify;
@@ -35,6 +36,7 @@ use layerlab_pipeline::Dataset;
 use super::{read_split, split_path};
 use install::{install, remove_stale_staging, TempDir};
 pub use manifest::{read_manifest, CheckKind, Manifest, SplitRecord};
+pub use own::{import_own, read_own_split};
 use sources::{sources, Run, Source};
 use verify::verify;
 
@@ -82,7 +84,7 @@ pub struct Attempt {
 /// What a fetch did.
 #[derive(Debug, Clone)]
 pub struct FetchReport {
-    pub dataset: Dataset,
+    pub dataset: String,
     pub dir: PathBuf,
     /// The source that verified (for an already present dataset, the one its manifest names).
     pub source: String,
@@ -104,9 +106,9 @@ pub fn fetch(opts: &FetchOptions) -> Result<FetchReport> {
         remove_stale_staging(parent, name);
     }
     if !opts.force {
-        match check_present(opts.dataset, &opts.dir) {
+        match check_present(name, &opts.dir) {
             Ok(manifest) => {
-                let key = dataset_key(opts.dataset);
+                let key = dataset_key(&opts.dataset.into());
                 if cache::freshness(&opts.dir, &key) != Freshness::Fresh {
                     // The manifest is written before the stamp, so a run killed between the two
                     // leaves a verified dataset without its stamp: add it.
@@ -119,7 +121,7 @@ pub fn fetch(opts: &FetchOptions) -> Result<FetchReport> {
                     manifest.test.samples
                 );
                 return Ok(FetchReport {
-                    dataset: opts.dataset,
+                    dataset: name.to_string(),
                     dir: opts.dir.clone(),
                     source: manifest.source,
                     already_present: true,
@@ -204,10 +206,10 @@ pub fn fetch(opts: &FetchOptions) -> Result<FetchReport> {
         fetched_at: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
         seconds,
     };
-    install(opts, staging.path(), &verified, &manifest)?;
+    install(&opts.dir, &dataset_key(&opts.dataset.into()), staging.path(), &verified, &manifest)?;
     drop(staging);
     Ok(FetchReport {
-        dataset: opts.dataset,
+        dataset: name.to_string(),
         dir: opts.dir.clone(),
         source: verified.source,
         already_present: false,
@@ -221,9 +223,9 @@ pub fn fetch(opts: &FetchOptions) -> Result<FetchReport> {
 
 /// Checks that a dataset folder holds a manifest of this dataset and both splits with the counts
 /// the manifest records.
-pub fn check_present(dataset: Dataset, dir: &Path) -> Result<Manifest> {
+pub fn check_present(dataset: &str, dir: &Path) -> Result<Manifest> {
     let manifest = read_manifest(dir)?;
-    if manifest.dataset != dataset.name() {
+    if manifest.dataset != dataset {
         bail!("its manifest is of dataset '{}'", manifest.dataset);
     }
     for (split, record) in [("train", &manifest.train), ("test", &manifest.test)] {
@@ -290,7 +292,7 @@ mod tests {
         assert!(manifest.source.starts_with("dir:"), "{}", manifest.source);
         let (train, test) = super::super::load(&dir).unwrap();
         assert_eq!((train.len(), test.len()), (15, 3));
-        assert_eq!(Stamp::read(&dir).unwrap().key, dataset_key(Dataset::Cifar10));
+        assert_eq!(Stamp::read(&dir).unwrap().key, dataset_key(&Dataset::Cifar10.into()));
         // Nothing is left beside the dataset folder.
         let left: Vec<_> = fs::read_dir(dir.parent().unwrap()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(left, vec![std::ffi::OsString::from("cifar10")]);
