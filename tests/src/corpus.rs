@@ -585,6 +585,10 @@ default_experiments = ["tiny"]
 [defaults]
 seeds = [0]
 
+[defaults.model]
+width_mult = 1.0
+batch_norm = true
+
 [[experiment]]
 name = "tiny"
 dataset = "mnist"
@@ -595,8 +599,6 @@ seeds = [0]
 arch = "fcn"
 depth = 1
 width = 8
-width_mult = 1.0
-batch_norm = true
 pad_to = 0
 init = "pytorch"
 
@@ -761,6 +763,12 @@ fn pipeline_cases() -> Vec<Case> {
         "depth = 1\nwidth = 8",
         "depth = 1000\nwidth = 65536",
         &["too large", "parameters"],
+    ));
+    cases.push(sub(
+        "pipeline-toml/resnet50-with-depth.toml",
+        "arch = \"fcn\"",
+        "arch = \"resnet50\"",
+        &["experiment 'tiny'", "model.depth, model.width: not a setting of model.arch = \"resnet50\""],
     ));
     cases.push(sub(
         "pipeline-toml/infinite-lr.toml",

@@ -40,6 +40,13 @@ macro_rules! section {
             fn resolve(self) -> $name {
                 $name { $($field: self.$field.unwrap_or_else(|| $default),)* }
             }
+            /// The keys this table sets, in declaration order.
+            #[allow(dead_code)]
+            fn keys_set(&self) -> Vec<&'static str> {
+                let mut set = Vec::new();
+                $(if self.$field.is_some() { set.push(stringify!($field)); })*
+                set
+            }
         }
 
         /// Every key at its default.
@@ -674,11 +681,25 @@ impl PartialExperiment {
                 optimizer.own_keys().iter().map(|k| format!("train.{k}")).collect::<Vec<_>>().join(", ")
             );
         }
+        // As for the optimizer: `[defaults.model]` may hold every architecture's keys, but a key
+        // the experiment's own architecture does not read is a mistake (`resnet50` with `depth`).
+        let model = self.model.clone().over(defaults.model.clone()).resolve();
+        let reads = model.keys_read();
+        let foreign: Vec<String> =
+            self.model.keys_set().into_iter().filter(|k| !reads.contains(k)).map(|k| format!("model.{k}")).collect();
+        if !foreign.is_empty() {
+            bail!(
+                "{}: not a setting of model.arch = \"{}\" (it reads {})",
+                foreign.join(", "),
+                model.arch,
+                reads.iter().filter(|&&k| k != "arch").map(|k| format!("model.{k}")).collect::<Vec<_>>().join(", ")
+            );
+        }
         Ok(Experiment {
             dataset,
             description: self.description.unwrap_or_default(),
             seeds: self.seeds.or(defaults.seeds.clone()).unwrap_or_else(|| vec![0]),
-            model: self.model.over(defaults.model.clone()).resolve(),
+            model,
             train: train.with_optimizer_defaults().resolve(),
             reset: self.reset.over(defaults.reset.clone()).resolve(),
             aggregate: self.aggregate.over(defaults.aggregate.clone()).resolve(),
@@ -1076,6 +1097,29 @@ checkpoints = [0, 1]
         assert_eq!((sgd.lr, sgd.weight_decay), (0.01, 0.0));
     }
 
+    /// A model key the experiment's architecture does not read is refused with the line and
+    /// what the architecture reads; `[defaults.model]` may hold every architecture's keys.
+    #[test]
+    fn a_model_setting_of_another_architecture_is_refused() {
+        let with = |model: &str| parse(&format!("{MINIMAL}[experiment.model]\n{model}\n"));
+        let err = format!("{:#}", with("arch = \"resnet50\"\ndepth = 4").unwrap_err());
+        assert!(err.contains("experiment 'a' (line 8)"), "{err}");
+        assert!(
+            err.contains("model.depth: not a setting of model.arch = \"resnet50\" (it reads model.width_mult, model.pad_to, model.init)"),
+            "{err}"
+        );
+        let err = format!("{:#}", with("width_mult = 0.5\nbatch_norm = false").unwrap_err());
+        assert!(err.contains("model.width_mult, model.batch_norm: not a setting of model.arch = \"fcn\""), "{err}");
+        let err = format!("{:#}", with("arch = \"resnet18\"\nbatch_norm = false").unwrap_err());
+        assert!(err.contains("model.batch_norm: not a setting of model.arch = \"resnet18\""), "{err}");
+        with("arch = \"vgg11\"\nbatch_norm = false\nwidth_mult = 0.5").unwrap();
+        let defaults =
+            MINIMAL.replace("[defaults.train]", "[defaults.model]\ndepth = 2\nwidth_mult = 0.5\n[defaults.train]");
+        assert_ne!(defaults, MINIMAL);
+        let p = parse(&format!("{defaults}[experiment.model]\narch = \"vgg11\"\n")).unwrap();
+        assert_eq!((p.experiments[0].model.arch, p.experiments[0].model.width_mult), (Arch::Vgg11, 0.5));
+    }
+
     /// An optimizer's own keys in an experiment that uses another are refused, with the file,
     /// the experiment's line and the keys; so are out-of-range betas and eps.
     #[test]
@@ -1246,7 +1290,7 @@ axes = { "model.depth" = [1, 2], "train.lr" = [0.1, 0.05, 0.01] }
         let text = r#"
 [[sweep]]
 name = "s"
-axes = { "model.width" = [8, 16], "model.width_mult" = [0.5], "reset.bn_stats" = [["keep", "recalibrate"]] }
+axes = { "train.lr" = [0.1, 0.05], "train.lr_gamma" = [0.5], "reset.bn_stats" = [["keep", "recalibrate"]] }
 [sweep.base]
 dataset = "fashion-mnist"
 [sweep.base.train]
@@ -1254,11 +1298,11 @@ epochs = 2
 checkpoints = [0]
 "#;
         let p = parse(text).unwrap();
-        assert_eq!(p.sweep("s").unwrap().points[1], "s.width-16.width_mult-0.5.bn_stats-keep+recalibrate");
-        let e = p.experiment("s.width-16.width_mult-0.5.bn_stats-keep+recalibrate").unwrap();
-        assert_eq!((e.model.width, e.model.width_mult), (16, 0.5));
+        assert_eq!(p.sweep("s").unwrap().points[1], "s.lr-0.05.lr_gamma-0.5.bn_stats-keep+recalibrate");
+        let e = p.experiment("s.lr-0.05.lr_gamma-0.5.bn_stats-keep+recalibrate").unwrap();
+        assert_eq!((e.train.lr, e.train.lr_gamma), (0.05, 0.5));
         assert_eq!(e.reset.bn_stats, [BnStats::Keep, BnStats::Recalibrate]);
-        assert_eq!(p.default_experiments, ["s.width-8.width_mult-0.5.bn_stats-keep+recalibrate"]);
+        assert_eq!(p.default_experiments, ["s.lr-0.1.lr_gamma-0.5.bn_stats-keep+recalibrate"]);
     }
 
     #[test]
