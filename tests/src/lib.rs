@@ -131,15 +131,9 @@ pub fn sha256_file(path: &Path) -> String {
     hex::encode(sha2::Sha256::digest(bytes))
 }
 
-/// A tiny pipeline on a slice of real MNIST, with outputs in `data_dir`.
-pub fn tiny_pipeline(data_dir: &Path, extra_reset: &str) -> String {
-    format!(
-        r#"data_dir = "{data}"
-datasets_dir = "{datasets}"
-[[experiment]]
-name = "tiny"
-dataset = "mnist"
-seeds = [0, 1]
+/// The tiny experiment's sections (an FCN 2×32, 3 epochs on 3,000 MNIST examples, a reset grid
+/// of 2 draws), ending inside `[experiment.reset]`.
+pub const TINY_SETTINGS: &str = r#"
 [experiment.model]
 arch = "fcn"
 depth = 2
@@ -153,7 +147,17 @@ test_examples = 1000
 [experiment.reset]
 draws = 2
 train_subset = 500
-{extra_reset}
+"#;
+
+/// A tiny pipeline on a slice of real MNIST, with outputs in `data_dir`.
+pub fn tiny_pipeline(data_dir: &Path, extra_reset: &str) -> String {
+    format!(
+        r#"data_dir = "{data}"
+datasets_dir = "{datasets}"
+[[experiment]]
+name = "tiny"
+dataset = "mnist"
+seeds = [0, 1]{TINY_SETTINGS}{extra_reset}
 "#,
         data = data_dir.display(),
         datasets = mnist_datasets().display(),

@@ -6,23 +6,7 @@ use std::fs;
 use std::path::Path;
 
 use layerlab::table::ReadTable;
-use layerlab_tests::{mnist_datasets, run_bin, text};
-
-const SETTINGS: &str = r#"
-[experiment.model]
-arch = "fcn"
-depth = 2
-width = 32
-[experiment.train]
-epochs = 3
-lr = 0.05
-checkpoints = [0, 1, 3]
-train_examples = 3000
-test_examples = 1000
-[experiment.reset]
-draws = 2
-train_subset = 500
-"#;
+use layerlab_tests::{mnist_datasets, run_bin, text, TINY_SETTINGS as SETTINGS};
 
 /// One experiment `run` writing under `data`, trained, or imported from `import`. The same name
 /// on both sides: re-randomization draws are seeded by the experiment's name.

@@ -97,6 +97,23 @@ pub struct FetchReport {
     pub attempts: Vec<Attempt>,
 }
 
+impl FetchReport {
+    /// The report of a dataset found verified in `dir`: nothing fetched, the manifest's source.
+    pub(crate) fn already_present(name: &str, dir: &Path, manifest: Manifest, started: Instant) -> FetchReport {
+        FetchReport {
+            dataset: name.to_string(),
+            dir: dir.to_path_buf(),
+            source: manifest.source,
+            already_present: true,
+            check: manifest.check,
+            train: manifest.train.samples,
+            test: manifest.test.samples,
+            seconds: started.elapsed().as_secs_f64(),
+            attempts: Vec::new(),
+        }
+    }
+}
+
 /// Fetches a dataset into `opts.dir`, unless a verified copy is already there.
 pub fn fetch(opts: &FetchOptions) -> Result<FetchReport> {
     let started = Instant::now();
@@ -120,17 +137,7 @@ pub fn fetch(opts: &FetchOptions) -> Result<FetchReport> {
                     manifest.train.samples,
                     manifest.test.samples
                 );
-                return Ok(FetchReport {
-                    dataset: name.to_string(),
-                    dir: opts.dir.clone(),
-                    source: manifest.source,
-                    already_present: true,
-                    check: manifest.check,
-                    train: manifest.train.samples,
-                    test: manifest.test.samples,
-                    seconds: started.elapsed().as_secs_f64(),
-                    attempts: Vec::new(),
-                });
+                return Ok(FetchReport::already_present(name, &opts.dir, manifest, started));
             }
             Err(why) if opts.dir.exists() => {
                 info!("{name}: fetching again, the copy in {} is not usable: {why:#}", opts.dir.display())

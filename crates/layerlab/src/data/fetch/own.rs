@@ -109,17 +109,7 @@ pub fn import_own(own: &Arc<OwnDataset>, dir: &Path, force: bool) -> Result<Fetc
     if !force && cache::freshness(dir, &key) == Freshness::Fresh {
         if let Ok(manifest) = check_present(name, dir) {
             info!("{name}: already present in {} from the same files", dir.display());
-            return Ok(FetchReport {
-                dataset: name.to_string(),
-                dir: dir.to_path_buf(),
-                source: manifest.source,
-                already_present: true,
-                check: manifest.check,
-                train: manifest.train.samples,
-                test: manifest.test.samples,
-                seconds: started.elapsed().as_secs_f64(),
-                attempts: Vec::new(),
-            });
+            return Ok(FetchReport::already_present(name, dir, manifest, started));
         }
     }
 
