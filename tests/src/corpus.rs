@@ -453,6 +453,13 @@ fn own_dataset_cases() -> Vec<Case> {
         Reader::OwnDataset,
         &["no array labels (it holds images)"],
     ));
+    // The six good images with int64 labels as given.
+    let with_labels = |values: &[i64]| {
+        npz_bytes(&[
+            Array { name: "images", descr: "|u1", shape: &[n, 1, 28, 28], data: &pixels },
+            Array { name: "labels", descr: "<i8", shape: &[values.len()], data: &i64_labels(values) },
+        ])
+    };
     let floats: Vec<u8> = pixels.iter().flat_map(|&p| f32::from(p).to_le_bytes()).collect();
     cases.push(case(
         "own-dataset/float-images.npz",
@@ -465,28 +472,19 @@ fn own_dataset_cases() -> Vec<Case> {
     ));
     cases.push(case(
         "own-dataset/labels-short.npz",
-        npz_bytes(&[
-            Array { name: "images", descr: "|u1", shape: &[n, 1, 28, 28], data: &pixels },
-            Array { name: "labels", descr: "<i8", shape: &[n - 1], data: &i64_labels(&[0, 1, 2, 3, 4]) },
-        ]),
+        with_labels(&[0, 1, 2, 3, 4]),
         Reader::OwnDataset,
         &["6 images but 'labels' of shape [5]"],
     ));
     cases.push(case(
         "own-dataset/label-not-a-class.npz",
-        npz_bytes(&[
-            Array { name: "images", descr: "|u1", shape: &[n, 1, 28, 28], data: &pixels },
-            Array { name: "labels", descr: "<i8", shape: &[n], data: &i64_labels(&[0, 1, 2, 10, 4, 5]) },
-        ]),
+        with_labels(&[0, 1, 2, 10, 4, 5]),
         Reader::OwnDataset,
         &["label 10 at index 3 is not a class (0 ..= 9)", "classes = 10"],
     ));
     cases.push(case(
         "own-dataset/negative-label.npz",
-        npz_bytes(&[
-            Array { name: "images", descr: "|u1", shape: &[n, 1, 28, 28], data: &pixels },
-            Array { name: "labels", descr: "<i8", shape: &[n], data: &i64_labels(&[0, -1, 2, 3, 4, 5]) },
-        ]),
+        with_labels(&[0, -1, 2, 3, 4, 5]),
         Reader::OwnDataset,
         &["label -1 at index 1 is not a class"],
     ));

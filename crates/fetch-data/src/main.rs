@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
-use layerlab::pipeline::{DataSource, Dataset, Pipeline};
+use layerlab::pipeline::{DataSource, Dataset, OwnDataset, Pipeline};
 use layerlab::stages::{cli, fetch_data};
 
 #[global_allocator]
@@ -84,9 +84,12 @@ fn run(flags: &Flags) -> anyhow::Result<()> {
         (Err(_), Some(config)) => {
             let pipeline = Pipeline::load(config)?;
             let own = pipeline.own_datasets.iter().find(|d| d.name == flags.dataset).with_context(|| {
-                let mut known: Vec<&str> = Dataset::ALL.iter().map(|d| d.name()).collect();
-                known.extend(pipeline.own_datasets.iter().map(|d| d.name.as_str()));
-                format!("{}: no dataset '{}' (known: {})", config.display(), flags.dataset, known.join(", "))
+                format!(
+                    "{}: no dataset '{}' (known: {})",
+                    config.display(),
+                    flags.dataset,
+                    OwnDataset::names_with_catalogue(&pipeline.own_datasets)
+                )
             })?;
             datasets_dir.get_or_insert_with(|| pipeline.datasets_dir.clone());
             DataSource::Own(own.clone())

@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use crate::config::Sweep;
-use crate::{fsutil, DataSource, Experiment, Layout, OptimizerKind};
+use crate::{fsutil, DataSource, Experiment, Layout, OptimizerKind, OwnDataset};
 
 /// The five stages, in dependency order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -98,18 +98,24 @@ fn to_value<T: Serialize>(t: &T) -> Value {
 /// fetch-data's key: a catalogue dataset's name; for the user's own, also its classes and the
 /// sha256 of its two files (not where they are), so that changed files rerun everything after.
 pub fn dataset_key(dataset: &DataSource) -> StageKey {
-    let config = match dataset {
-        DataSource::Catalogue(d) => json!({ "dataset": d }),
-        DataSource::Own(own) => json!({
-            "dataset": own.name, "classes": own.classes,
-            "files": { "train": file_sha256(&own.train), "test": file_sha256(&own.test) },
-        }),
-    };
+    match dataset {
+        DataSource::Catalogue(d) => StageKey::new(Stage::FetchData, json!({ "dataset": d }), BTreeMap::new()),
+        DataSource::Own(own) => own_dataset_key(own, &[file_sha256(&own.train), file_sha256(&own.test)]),
+    }
+}
+
+/// fetch-data's key of an own dataset whose train and test files have these sha256 digests
+/// (fetch-data hashes them once, for the key and for the manifest).
+pub fn own_dataset_key(own: &OwnDataset, digests: &[String; 2]) -> StageKey {
+    let config = json!({
+        "dataset": own.name, "classes": own.classes,
+        "files": { "train": digests[0], "test": digests[1] },
+    });
     StageKey::new(Stage::FetchData, config, BTreeMap::new())
 }
 
 /// The sha256 of a file, or why it cannot be read (the stage that reads it then says so).
-fn file_sha256(path: &Path) -> String {
+pub fn file_sha256(path: &Path) -> String {
     match std::fs::read(path) {
         Ok(bytes) => hex::encode(Sha256::digest(&bytes)),
         Err(e) => format!("unreadable: {e}"),

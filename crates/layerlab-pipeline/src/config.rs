@@ -193,18 +193,10 @@ fn is_default_eps(e: &f64) -> bool {
 impl PartialTrain {
     /// The keys set here that only another optimizer than `optimizer` reads.
     fn foreign_optimizer_keys(&self, optimizer: OptimizerKind) -> Vec<&'static str> {
-        let set = [
-            ("momentum", self.momentum.is_some()),
-            ("nesterov", self.nesterov.is_some()),
-            ("betas", self.betas.is_some()),
-            ("eps", self.eps.is_some()),
-        ];
+        let set = self.keys_set();
         let others = OptimizerKind::ALL.iter().filter(|&&o| o != optimizer).flat_map(|o| o.own_keys());
-        let mut foreign: Vec<&'static str> = others
-            .filter(|k| !optimizer.own_keys().contains(k))
-            .filter(|k| set.iter().any(|(name, on)| name == *k && *on))
-            .copied()
-            .collect();
+        let mut foreign: Vec<&'static str> =
+            others.filter(|k| !optimizer.own_keys().contains(k) && set.contains(k)).copied().collect();
         foreign.sort_unstable();
         foreign.dedup();
         foreign
@@ -660,15 +652,11 @@ impl PartialExperiment {
             Ok(d) => DataSource::Catalogue(d),
             Err(_) => match own_datasets.iter().find(|d| d.name == self.dataset) {
                 Some(own) => DataSource::Own(Arc::clone(own)),
-                None => {
-                    let mut known: Vec<&str> = Dataset::ALL.iter().map(|d| d.name()).collect();
-                    known.extend(own_datasets.iter().map(|d| d.name.as_str()));
-                    bail!(
-                        "unknown dataset '{}' (known: {}; declare your own with [[dataset]])",
-                        self.dataset,
-                        known.join(", ")
-                    );
-                }
+                None => bail!(
+                    "unknown dataset '{}' (known: {}; declare your own with [[dataset]])",
+                    self.dataset,
+                    OwnDataset::names_with_catalogue(own_datasets)
+                ),
             },
         };
         let train = self.train.clone().over(defaults.train.clone());

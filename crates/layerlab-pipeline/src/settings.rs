@@ -324,6 +324,15 @@ impl DataSource {
     }
 }
 
+impl OwnDataset {
+    /// Every dataset name an experiment may use, for messages: the catalogue's, then `own`.
+    pub fn names_with_catalogue(own: &[Arc<OwnDataset>]) -> String {
+        let mut names: Vec<&str> = Dataset::ALL.iter().map(|d| d.name()).collect();
+        names.extend(own.iter().map(|d| d.name.as_str()));
+        names.join(", ")
+    }
+}
+
 impl From<Dataset> for DataSource {
     fn from(d: Dataset) -> DataSource {
         DataSource::Catalogue(d)

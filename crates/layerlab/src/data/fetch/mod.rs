@@ -25,7 +25,7 @@ mod verify;
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use tracing::{info, warn};
@@ -199,20 +199,7 @@ pub fn fetch(opts: &FetchOptions) -> Result<FetchReport> {
         verified.test.len()
     );
 
-    let seconds = started.elapsed().as_secs_f64();
-    let manifest = Manifest {
-        dataset: name.to_string(),
-        source: verified.source.clone(),
-        check: verified.check,
-        files: verified.files.clone(),
-        archive: verified.archive.clone(),
-        classes: opts.dataset.classes(),
-        train: SplitRecord::of(&verified.train, opts.dataset.classes()),
-        test: SplitRecord::of(&verified.test, opts.dataset.classes()),
-        layerlab_version: layerlab_pipeline::VERSION.to_string(),
-        fetched_at: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
-        seconds,
-    };
+    let manifest = verified.manifest(name, opts.dataset.classes(), started.elapsed().as_secs_f64());
     install(&opts.dir, &dataset_key(&opts.dataset.into()), staging.path(), &verified, &manifest)?;
     drop(staging);
     Ok(FetchReport {

@@ -7,21 +7,20 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::npy::NpzTensors;
 use candle_core::DType;
-use sha2::{Digest, Sha256};
 use tracing::info;
 
-use layerlab_pipeline::cache::{self, dataset_key, Freshness};
-use layerlab_pipeline::{DataSource, OwnDataset};
+use layerlab_pipeline::cache::{self, own_dataset_key, Freshness};
+use layerlab_pipeline::OwnDataset;
 
 use super::install::{install, remove_stale_staging, TempDir};
 use super::manifest::RawFileRecord;
 use super::verify::Verified;
-use super::{check_present, Attempt, CheckKind, FetchReport, Manifest, SplitRecord};
+use super::{check_present, Attempt, CheckKind, FetchReport};
 use crate::data::{read_split, Split};
 
 /// Reads one split of an own dataset and checks it: `images` u8 with 3 or 4 dimensions, `labels`
@@ -100,7 +99,9 @@ fn read_npz(path: &Path) -> Result<Split> {
 pub fn import_own(own: &Arc<OwnDataset>, dir: &Path, force: bool) -> Result<FetchReport> {
     let started = Instant::now();
     let name = own.name.as_str();
-    let key = dataset_key(&DataSource::Own(Arc::clone(own)));
+    // Hashed once: for the key, which the stamp keeps, and for the manifest's file records.
+    let digests = [cache::file_sha256(&own.train), cache::file_sha256(&own.test)];
+    let key = own_dataset_key(own, &digests);
     let parent = match dir.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -127,31 +128,17 @@ pub fn import_own(own: &Arc<OwnDataset>, dir: &Path, force: bool) -> Result<Fetc
     }
     let files = [&own.train, &own.test]
         .into_iter()
-        .map(|path| {
-            let bytes = fs::read(path).with_context(|| format!("cannot read dataset file {}", path.display()))?;
-            Ok(RawFileRecord {
-                name: path.display().to_string(),
-                sha256: hex::encode(Sha256::digest(&bytes)),
-                bytes: bytes.len() as u64,
-            })
+        .zip(digests)
+        .map(|(path, sha256)| {
+            let bytes =
+                fs::metadata(path).with_context(|| format!("cannot read dataset file {}", path.display()))?.len();
+            Ok(RawFileRecord { name: path.display().to_string(), sha256, bytes })
         })
         .collect::<Result<Vec<_>>>()?;
     let source = "own files".to_string();
     let verified =
         Verified { source: source.clone(), check: CheckKind::StructureOnly, files, archive: None, train, test };
-    let manifest = Manifest {
-        dataset: name.to_string(),
-        source: source.clone(),
-        check: verified.check,
-        files: verified.files.clone(),
-        archive: None,
-        classes: own.classes,
-        train: SplitRecord::of(&verified.train, own.classes),
-        test: SplitRecord::of(&verified.test, own.classes),
-        layerlab_version: layerlab_pipeline::VERSION.to_string(),
-        fetched_at: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
-        seconds: started.elapsed().as_secs_f64(),
-    };
+    let manifest = verified.manifest(name, own.classes, started.elapsed().as_secs_f64());
     if dir.exists() && !dir.is_dir() {
         bail!("dataset folder {} exists and is not a folder", dir.display());
     }

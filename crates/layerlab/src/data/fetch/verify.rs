@@ -21,6 +21,29 @@ pub(super) struct Verified {
     pub(super) test: Split,
 }
 
+impl Verified {
+    /// The manifest recording these splits, stored as dataset `name` of `classes` classes;
+    /// `seconds` is how long getting them took.
+    pub(super) fn manifest(&self, name: &str, classes: usize, seconds: f64) -> super::Manifest {
+        super::Manifest {
+            dataset: name.to_string(),
+            source: self.source.clone(),
+            check: self.check,
+            files: self.files.clone(),
+            archive: self.archive.clone(),
+            classes,
+            train: super::SplitRecord::of(&self.train, classes),
+            test: super::SplitRecord::of(&self.test, classes),
+            layerlab_version: layerlab_pipeline::VERSION.to_string(),
+            fetched_at: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            seconds,
+        }
+    }
+}
+
 /// Checks raw files (structure, then pinned checksums where there are some) and decodes them.
 pub(super) fn verify(dataset: Dataset, raw: Raw) -> Result<Verified> {
     let get = |name: &str| -> Result<&[u8]> {
