@@ -143,6 +143,11 @@ fn check_after_kill(data: &Path, what: &str) {
             assert!(loaded.is_ok(), "{what}: {path} is a damaged resume point: {:?}", loaded.err());
             continue;
         }
+        if name == layerlab::stages::reset_eval::RESUME_FILE {
+            let loaded = layerlab::stages::reset_eval::ResumeFile::read(&data.join(path));
+            assert!(loaded.is_ok(), "{what}: {path} is a damaged resume point of the grid: {:?}", loaded.err());
+            continue;
+        }
         assert_eq!(
             reference.get(path),
             Some(hash),
@@ -318,6 +323,116 @@ fn sigkill_of_each_stage_binary_at_seeded_moments_then_a_rerun_gives_identical_o
     }
 }
 
+/// A grid slow enough to kill between its groups (each a few evaluations of an FCN 2×256 on
+/// 3,000 examples), fast enough for a test.
+fn grid_config_text(data_dir: &Path) -> String {
+    format!(
+        r#"data_dir = "{}"
+datasets_dir = "{}"
+[[experiment]]
+name = "grid"
+dataset = "mnist"
+seeds = [0]
+[experiment.model]
+arch = "fcn"
+depth = 2
+width = 256
+[experiment.train]
+epochs = 1
+lr = 0.05
+checkpoints = [0, 1]
+train_examples = 2000
+test_examples = 2000
+eval_batch_size = 500
+[experiment.reset]
+draws = 2
+train_subset = 1000
+"#,
+        data_dir.display(),
+        mnist_datasets().display()
+    )
+}
+
+/// reset-eval keeps a resume point after each group of variants: killed after its first groups,
+/// its rerun takes them from the resume point (computing only the rest) and writes the rows of an
+/// unbroken run, bit for bit. A resume point of other settings is ignored; a damaged one is named,
+/// and the results already written are kept.
+#[test]
+fn a_grid_killed_after_its_first_groups_resumes_from_them_to_an_unbroken_runs_rows() {
+    let s = setup(None);
+    fs::write(&s.config, grid_config_text(&s.data)).unwrap();
+    let args = ["--config", s.config.to_str().unwrap(), "-e", "grid", "-s", "0"];
+    let out = run_bin("train", &args);
+    assert!(out.status.success(), "{}", text(&out));
+    let reset_dir = s.data.join("runs/grid/seed-0/reset");
+    let (results, resume, stamp) =
+        (reset_dir.join("results.parquet"), reset_dir.join("resume.json"), reset_dir.join("stamp.json"));
+    let reset_eval = |extra: &[&str]| {
+        let out = run_bin("reset-eval", &[&args[..], extra].concat());
+        assert!(out.status.success(), "{}", text(&out));
+        text(&out)
+    };
+    let unbroken = reset_eval(&[]);
+    assert!(!unbroken.contains("resume point"), "{unbroken}");
+    let reference = sha256_file(&results);
+    assert!(!resume.exists(), "the resume point outlived the results");
+
+    // A grid from nothing, killed (-9) as soon as its first group's resume point exists.
+    let kill_after_first_group = || {
+        fs::remove_dir_all(&reset_dir).unwrap();
+        let mut child = Command::new(bins().join("reset-eval"))
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let t0 = Instant::now();
+        while !resume.exists() && t0.elapsed() < Duration::from_secs(300) {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let _ = Command::new("kill").args(["-KILL", "--", &format!("-{}", child.id())]).status();
+        child.wait().unwrap();
+        assert!(!stamp.exists() && !results.exists(), "the grid finished before the kill: make it longer");
+    };
+    kill_after_first_group();
+    let kept = layerlab::stages::reset_eval::ResumeFile::read(&resume).unwrap().groups.len();
+    assert!(kept >= 1, "the resume point holds no group");
+    let resumed = reset_eval(&[]);
+    let said = |t: &str| t.lines().filter(|l| l.contains("evaluations in")).collect::<Vec<_>>().join("\n");
+    eprintln!("unbroken: {}\nkilled after {kept} groups, rerun: {}", said(&unbroken), said(&resumed));
+    assert!(
+        resumed.contains(&format!("resuming reset-eval grid seed 0: {kept} groups already evaluated")),
+        "{resumed}"
+    );
+    assert!(resumed.contains(&format!("{kept} groups taken from the resume point")), "{resumed}");
+    assert_eq!(sha256_file(&results), reference, "the resumed grid's rows differ from an unbroken run's");
+    assert!(!resume.exists(), "the resume point outlived the results");
+
+    // A resume point written under other settings is not continued.
+    kill_after_first_group();
+    let mut other = layerlab::stages::reset_eval::ResumeFile::read(&resume).unwrap();
+    other.key = "another key".into();
+    for group in &mut other.groups {
+        for m in group.metrics.iter_mut().flatten().flatten() {
+            m.error = 2.0; // would show in the rows if it were taken
+        }
+    }
+    fs::write(&resume, serde_json::to_string(&other).unwrap()).unwrap();
+    let fresh = reset_eval(&[]);
+    assert!(!fresh.contains("resume point"), "{fresh}");
+    assert_eq!(sha256_file(&results), reference, "a resume point of other settings was taken");
+
+    // A damaged resume point is named; the results already written stay.
+    fs::remove_file(&stamp).unwrap();
+    fs::write(&resume, b"{\"format\": \"layerlab-reset-resume-1\", \"key\": ").unwrap();
+    let out = run_bin("reset-eval", &args);
+    let t = text(&out);
+    assert!(!out.status.success(), "{t}");
+    assert!(t.contains("resume.json") && t.contains("damaged") && !t.contains("panicked"), "{t}");
+    assert_eq!(sha256_file(&results), reference, "the results were touched");
+}
+
 /// Runs `f` with a tmpfs of `size` mounted at `dir`, or returns false when mounting is not allowed.
 fn with_tmpfs(dir: &Path, size: &str, f: impl FnOnce()) -> bool {
     fs::create_dir_all(dir).unwrap();
@@ -369,7 +484,10 @@ fn a_full_disk_gives_a_clear_error_keeps_earlier_results_and_a_rerun_completes()
         let t = text(&out);
         assert!(!out.status.success(), "a full disk went unnoticed:\n{t}");
         assert!(t.contains("No space left on device"), "{t}");
-        assert!(t.contains("results.parquet") || t.contains("stamp.json"), "the message names no file:\n{t}");
+        assert!(
+            ["results.parquet", "stamp.json", "resume.json"].iter().any(|f| t.contains(f)),
+            "the message names no file:\n{t}"
+        );
         assert!(!t.contains("panicked"), "{t}");
         let after = tree(&s.data);
         for (path, hash) in &before {

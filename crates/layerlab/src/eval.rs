@@ -12,7 +12,7 @@ use crate::data::Split;
 use crate::resident::ResidentSplit;
 
 /// Mean loss and error rate over a set of examples.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Metrics {
     pub loss: f64,
     pub error: f64,

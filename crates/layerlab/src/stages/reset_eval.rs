@@ -1,8 +1,11 @@
 //! The `reset-eval` stage: a trained run → `reset/results.parquet`, one row per evaluation of a
 //! reset network (baseline, re-initialization to each kept epoch, re-randomization draws, joint
-//! resets), each on the whole test set and on a fixed, seeded training subset.
+//! resets), each on the whole test set and on a fixed, seeded training subset. The grid keeps a
+//! resume point (`resume.json`) after every group of variants, so a killed grid continues where it
+//! stopped and ends with the rows of an unbroken one.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -22,10 +25,12 @@ use layerlab_pipeline::{BnStats, Experiment, ResetMode, RowMode};
 
 pub enum Outcome {
     UpToDate,
-    /// `reused`: rows that repeat another variant's network, given its metrics (not computed).
+    /// `reused`: rows that repeat another variant's network, given its metrics (not computed);
+    /// `resumed`: groups whose metrics came from the resume point of a killed run.
     Written {
         rows: usize,
         reused: usize,
+        resumed: usize,
         seconds: f64,
     },
 }
@@ -78,6 +83,18 @@ pub fn run(ctx: &StageContext, seed: u64) -> Result<Outcome> {
     let calibration = EvalSet::new(&train_split, cal_examples, batch_size);
 
     let named = |e| name_memory_settings(exp, &bn_settings, e);
+    let mut progress = GridProgress::load(&out_dir, &key.key)?;
+    // From here on a resume point is written beside the old results: they must not look done, so
+    // that a run killed from here on is continued by the next one.
+    Stamp::remove(&out_dir)?;
+    if progress.resumable() > 0 {
+        tracing::info!(
+            "resuming reset-eval {} seed {seed}: {} groups already evaluated ({})",
+            exp.name,
+            progress.resumable(),
+            progress.path.display()
+        );
+    }
 
     let eval_sets = [&test_set, &train_set];
     let executor = exec::choose(&arch, &dev, exp.train.compute, KernelOptions::with_tf32(exp.train.tf32));
@@ -118,6 +135,7 @@ pub fn run(ctx: &StageContext, seed: u64) -> Result<Outcome> {
         checkpoints: &checkpoints,
         bn_settings: &bn_settings,
         grid: &mut grid,
+        progress: &mut progress,
         bar: &bar,
     };
     for group in &known {
@@ -154,11 +172,12 @@ pub fn run(ctx: &StageContext, seed: u64) -> Result<Outcome> {
     }
     rows.extend(rows_by_setting.into_iter().flatten());
     bar.finish_and_clear();
-    Stamp::remove(&out_dir)?;
     write_results(&out_dir.join("results.parquet"), &rows, exp, &arch, seed, &key, &device_name)?;
+    let resumed = progress.replayed;
+    progress.finish()?;
     let seconds = t0.elapsed().as_secs_f64();
     Stamp::write_on(&out_dir, &key, seconds, Some(&device_name))?;
-    Ok(Outcome::Written { rows: rows.len(), reused: grid.reused, seconds })
+    Ok(Outcome::Written { rows: rows.len(), reused: grid.reused, resumed, seconds })
 }
 
 /// Evaluates groups of variants into rows, drawing each re-randomization once per group.
@@ -170,6 +189,7 @@ struct GroupEvaluator<'a, 'g> {
     checkpoints: &'a BTreeMap<u32, State>,
     bn_settings: &'a [Option<BnStats>],
     grid: &'a mut reset::GridEvaluator<'g>,
+    progress: &'a mut GridProgress,
     bar: &'a indicatif::ProgressBar,
 }
 
@@ -202,11 +222,30 @@ impl GroupEvaluator<'_, '_> {
             labels.push(setting_labels);
         }
         let reused_before = self.grid.reused;
-        let metrics = self
-            .grid
-            .evaluate(group, variants_by_setting)
-            .map_err(|e| name_memory_settings(exp, self.bn_settings, e))
-            .with_context(|| format!("evaluating resets of {name}"))?;
+        let metrics = match self.progress.replay(name, settings) {
+            Some(metrics) => {
+                let counts = |m: &[Vec<Vec<Metrics>>]| m.iter().map(Vec::len).collect::<Vec<_>>();
+                if counts(&metrics) != labels.iter().map(Vec::len).collect::<Vec<_>>() {
+                    anyhow::bail!(
+                        "resume file {} holds {:?} rows of {name}, this grid {:?}: it is damaged; delete it to \
+                         evaluate the grid from the start",
+                        self.progress.path.display(),
+                        counts(&metrics),
+                        labels.iter().map(Vec::len).collect::<Vec<_>>()
+                    );
+                }
+                metrics
+            }
+            None => {
+                let metrics = self
+                    .grid
+                    .evaluate(group, variants_by_setting)
+                    .map_err(|e| name_memory_settings(exp, self.bn_settings, e))
+                    .with_context(|| format!("evaluating resets of {name}"))?;
+                self.progress.record(name, settings, &metrics)?;
+                metrics
+            }
+        };
         let unit_names = group.units.iter().map(|u| u.name.as_str()).collect::<Vec<_>>().join(",");
         let mut evaluations = 0;
         for (&setting, (labels, metrics)) in settings.iter().zip(labels.into_iter().zip(metrics)) {
@@ -231,6 +270,120 @@ impl GroupEvaluator<'_, '_> {
             tracing::info!("{name}: {evaluations} evaluations, {reused} of them repeats of another");
         }
         Ok(())
+    }
+}
+
+/// The grid's resume point: the metrics of every group evaluated so far, in the order the grid
+/// evaluates them, rewritten (atomically) after each group. A rerun with the same stage key replays
+/// them instead of evaluating again; they are the bits the evaluation gave (serde_json writes the
+/// shortest decimal that reads back as the same f64 and reads it back exactly with its
+/// `float_roundtrip` feature), so the rows equal an unbroken run's. Re-randomizations are drawn
+/// from seeds of (unit, draw) alone, so the groups after the resume point draw what an unbroken
+/// run draws.
+pub struct GridProgress {
+    pub path: PathBuf,
+    file: ResumeFile,
+    /// Where the grid stands in `file.groups`: the groups before it are this run's.
+    next: usize,
+    /// How many of `file.groups` may be replayed: up to the first that differs from the grid.
+    replayable: usize,
+    /// Groups taken from the file rather than evaluated.
+    pub replayed: usize,
+}
+
+pub const RESUME_FILE: &str = "resume.json";
+const RESUME_FORMAT: &str = "layerlab-reset-resume-1";
+
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct ResumeFile {
+    pub format: String,
+    /// The stage key it was written under: a file of another key is not ours to continue.
+    pub key: String,
+    pub groups: Vec<EvaluatedGroup>,
+}
+
+/// One group's metrics: per BatchNorm setting (indices into the experiment's `reset.bn_stats`),
+/// per variant, one per evaluation set (test, train subset).
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct EvaluatedGroup {
+    pub group: String,
+    pub settings: Vec<usize>,
+    pub metrics: Vec<Vec<Vec<Metrics>>>,
+}
+
+impl ResumeFile {
+    /// Reads a resume file, refusing one that is not whole.
+    pub fn read(path: &Path) -> Result<ResumeFile> {
+        let damaged =
+            || format!("resume file {} is damaged; delete it to evaluate the grid from the start", path.display());
+        let text = std::fs::read_to_string(path).with_context(damaged)?;
+        let file: ResumeFile = serde_json::from_str(&text).with_context(damaged)?;
+        anyhow::ensure!(file.format == RESUME_FORMAT, "{}: format {:?}, not {RESUME_FORMAT:?}", damaged(), file.format);
+        Ok(file)
+    }
+}
+
+impl GridProgress {
+    /// The resume point in `dir` for the stage key `key`: its groups when it was written under
+    /// that key, none otherwise.
+    pub fn load(dir: &Path, key: &str) -> Result<GridProgress> {
+        let path = dir.join(RESUME_FILE);
+        let fresh = ResumeFile { format: RESUME_FORMAT.into(), key: key.into(), groups: Vec::new() };
+        let file = match path.exists() {
+            true => Some(ResumeFile::read(&path)?).filter(|f| f.key == key).unwrap_or(fresh),
+            false => fresh,
+        };
+        let replayable = file.groups.len();
+        Ok(GridProgress { path, file, next: 0, replayable, replayed: 0 })
+    }
+
+    /// Groups the resume point holds for this grid.
+    pub fn resumable(&self) -> usize {
+        self.replayable
+    }
+
+    /// The metrics of the next group, if the resume point holds them: the group the grid asks for
+    /// must be the one recorded at this place (with the same settings). From the first that is
+    /// not, everything is evaluated again.
+    fn replay(&mut self, group: &str, settings: &[usize]) -> Option<Vec<Vec<Vec<Metrics>>>> {
+        if self.next < self.replayable {
+            let recorded = &self.file.groups[self.next];
+            if recorded.group == group && recorded.settings == settings {
+                self.next += 1;
+                self.replayed += 1;
+                return Some(recorded.metrics.clone());
+            }
+            tracing::warn!(
+                "{}: group {} is {:?}, this grid's is {group:?}: evaluating from there",
+                self.path.display(),
+                self.next,
+                recorded.group
+            );
+            self.replayable = self.next;
+        }
+        None
+    }
+
+    /// Adds a group just evaluated and writes the resume point.
+    fn record(&mut self, group: &str, settings: &[usize], metrics: &[Vec<Vec<Metrics>>]) -> Result<()> {
+        self.file.groups.truncate(self.next);
+        self.file.groups.push(EvaluatedGroup {
+            group: group.to_string(),
+            settings: settings.to_vec(),
+            metrics: metrics.to_vec(),
+        });
+        self.next += 1;
+        self.replayable = self.next;
+        layerlab_pipeline::fsutil::write_atomic(&self.path, serde_json::to_string(&self.file)?.as_bytes())
+    }
+
+    /// Removes the resume point once the results are written.
+    fn finish(self) -> Result<()> {
+        match std::fs::remove_file(&self.path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("cannot remove {}", self.path.display())),
+        }
     }
 }
 
@@ -286,8 +439,67 @@ pub fn describe(ctx: &StageContext, seed: u64) -> Result<String> {
     let name = &ctx.experiment.name;
     Ok(match run(ctx, seed)? {
         Outcome::UpToDate => format!("reset-eval {name} seed {seed}: up to date"),
-        Outcome::Written { rows, reused, seconds } => {
-            format!("reset-eval {name} seed {seed}: {rows} evaluations in {seconds:.1} s ({reused} of them repeats, computed once)")
+        Outcome::Written { rows, reused, resumed, seconds } => {
+            let resumed =
+                if resumed > 0 { format!("; {resumed} groups taken from the resume point") } else { String::new() };
+            format!(
+                "reset-eval {name} seed {seed}: {rows} evaluations in {seconds:.1} s ({reused} of them repeats, computed once{resumed})"
+            )
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One group's metrics: one setting, one variant, test and train values that do not print
+    /// short (so the round trip through JSON is tested on every bit).
+    fn metrics(x: f64) -> Vec<Vec<Vec<Metrics>>> {
+        let m = |y: f64| Metrics { loss: y.sqrt() / 3.0, error: y / 7.0, examples: 300 };
+        vec![vec![vec![m(x), m(x + 0.1)]]]
+    }
+
+    #[test]
+    fn a_resume_point_is_replayed_up_to_the_first_group_that_differs() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut progress = GridProgress::load(dir.path(), "k").unwrap();
+        assert_eq!(progress.resumable(), 0);
+        assert_eq!(progress.replay("fc1", &[0, 1]), None);
+        for (i, group) in ["fc1", "fc2", "fc3"].into_iter().enumerate() {
+            progress.record(group, &[0, 1], &metrics(i as f64 + 0.3)).unwrap();
+        }
+        // Another stage key: nothing to continue.
+        assert_eq!(GridProgress::load(dir.path(), "other").unwrap().resumable(), 0);
+
+        let mut progress = GridProgress::load(dir.path(), "k").unwrap();
+        assert_eq!(progress.resumable(), 3);
+        assert_eq!(progress.replay("fc1", &[0, 1]), Some(metrics(0.3)), "not the bits recorded");
+        // Other settings at the second place: from there, everything is evaluated again.
+        assert_eq!(progress.replay("fc2", &[0]), None);
+        assert_eq!(progress.replay("fc3", &[0, 1]), None);
+        assert_eq!(progress.replayed, 1);
+        progress.record("fc2", &[0], &metrics(5.0)).unwrap();
+        assert_eq!(progress.replayed, 1);
+        let file = ResumeFile::read(&dir.path().join(RESUME_FILE)).unwrap();
+        let groups: Vec<_> = file.groups.iter().map(|g| (g.group.as_str(), g.settings.clone())).collect();
+        assert_eq!(groups, [("fc1", vec![0, 1]), ("fc2", vec![0])]);
+        assert_eq!(file.groups[1].metrics, metrics(5.0));
+        progress.finish().unwrap();
+        assert!(!dir.path().join(RESUME_FILE).exists());
+    }
+
+    #[test]
+    fn a_damaged_resume_point_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(RESUME_FILE);
+        for bytes in [
+            &b"{\"format\": \"layerlab-reset-resume-1\", \"key\": "[..],
+            b"{\"format\": \"x\", \"key\": \"k\", \"groups\": []}",
+        ] {
+            std::fs::write(&path, bytes).unwrap();
+            let e = format!("{:#}", GridProgress::load(dir.path(), "k").err().unwrap());
+            assert!(e.contains("resume.json") && e.contains("damaged"), "{e}");
+        }
+    }
 }
