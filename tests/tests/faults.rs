@@ -398,6 +398,9 @@ fn a_grid_killed_after_its_first_groups_resumes_from_them_to_an_unbroken_runs_ro
     kill_after_first_group();
     let kept = layerlab::stages::reset_eval::ResumeFile::read(&resume).unwrap().groups.len();
     assert!(kept >= 1, "the resume point holds no group");
+    let status = text(&run_bin("xtask", &["status", "--config", args[1], "-e", "grid"]));
+    let reset_line = status.lines().find(|l| l.starts_with("reset-eval grid seed 0 ")).unwrap_or_default();
+    assert!(reset_line.ends_with(&format!(" missing (resumes after {kept} groups of its grid)")), "{status}");
     let resumed = reset_eval(&[]);
     let said = |t: &str| t.lines().filter(|l| l.contains("evaluations in")).collect::<Vec<_>>().join("\n");
     eprintln!("unbroken: {}\nkilled after {kept} groups, rerun: {}", said(&unbroken), said(&resumed));

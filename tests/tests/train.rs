@@ -101,6 +101,9 @@ fn identical_runs_and_an_exact_resume(optimizer: &str) {
     child.wait().unwrap();
     assert!(resume.exists(), "no resume point appeared");
     assert!(!c.path().join("data/runs/det/seed-4/train/stamp.json").exists(), "a killed run must not look done");
+    let status = text(&run_bin("xtask", &["status", "--config", cfg.to_str().unwrap(), "-e", "det"]));
+    let train_line = status.lines().find(|l| l.starts_with("train det seed 4 ")).unwrap_or_default();
+    assert!(train_line.contains(" missing (resumes after epoch "), "{status}");
     let out = train(&cfg);
     let t = text(&out);
     assert!(out.status.success(), "{t}");

@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 
 use anyhow::{Context, Result};
-use layerlab_pipeline::cache::{Freshness, Stamp};
+use layerlab_pipeline::cache::{Freshness, Stage, Stamp};
 use layerlab_pipeline::lock::RunLock;
 use layerlab_pipeline::Layout;
 use xshell::{cmd, Shell};
@@ -48,6 +48,9 @@ impl flags::Status {
                 Freshness::Missing => "missing".to_string(),
                 Freshness::Stale(why) => format!("stale: {why}"),
             };
+            if let Some(point) = resume_point(job, &layout) {
+                let _ = write!(state, " ({point})");
+            }
             let mut tail = String::new();
             if let Some(record) = records.current(job) {
                 if let Some(slurm_state) = states.get(&record.job_id) {
@@ -61,6 +64,41 @@ impl flags::Status {
         }
         Ok(())
     }
+}
+
+/// What a killed stage left to continue from under the job's current key: training's last
+/// finished epoch (`train/resume.safetensors`), a reset grid's finished groups
+/// (`reset/resume.json`). A resume point of other settings is not continued, so not shown.
+fn resume_point(job: &plan::Job, layout: &Layout) -> Option<String> {
+    let dir = job.output_dir(layout);
+    let key = job.key();
+    match job.stage {
+        Stage::Train => {
+            let meta = safetensors_metadata(&dir.join("resume.safetensors"))?;
+            let epoch = meta.get("epoch")?.as_str()?;
+            (meta.get("key")?.as_str()? == key).then(|| format!("resumes after epoch {epoch}"))
+        }
+        Stage::ResetEval => {
+            let text = std::fs::read_to_string(dir.join("resume.json")).ok()?;
+            let point: serde_json::Value = serde_json::from_str(&text).ok()?;
+            let groups = point.get("groups")?.as_array()?.len();
+            (point.get("key")?.as_str()? == key).then(|| format!("resumes after {groups} groups of its grid"))
+        }
+        _ => None,
+    }
+}
+
+/// The `__metadata__` of a safetensors file's header (read without the tensors).
+fn safetensors_metadata(path: &std::path::Path) -> Option<serde_json::Map<String, serde_json::Value>> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).ok()?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len).ok()?;
+    let len = usize::try_from(u64::from_le_bytes(len)).ok().filter(|&n| n <= 100 << 20)?;
+    let mut header = vec![0u8; len];
+    file.read_exact(&mut header).ok()?;
+    let header: serde_json::Value = serde_json::from_slice(&header).ok()?;
+    header.get("__metadata__")?.as_object().cloned()
 }
 
 impl flags::Clean {
