@@ -409,6 +409,9 @@ fn a_grid_killed_after_its_first_groups_resumes_from_them_to_an_unbroken_runs_ro
         "{resumed}"
     );
     assert!(resumed.contains(&format!("{kept} groups taken from the resume point")), "{resumed}");
+    // Each replayed group says so, rather than claiming evaluations it did not make.
+    let replayed_lines = resumed.lines().filter(|l| l.contains(" results taken from the resume point")).count();
+    assert_eq!(replayed_lines, kept, "{resumed}");
     assert_eq!(sha256_file(&results), reference, "the resumed grid's rows differ from an unbroken run's");
     assert!(!resume.exists(), "the resume point outlived the results");
 

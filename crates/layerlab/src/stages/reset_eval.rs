@@ -222,7 +222,9 @@ impl GroupEvaluator<'_, '_> {
             labels.push(setting_labels);
         }
         let reused_before = self.grid.reused;
-        let metrics = match self.progress.replay(name, settings) {
+        let replayed = self.progress.replay(name, settings);
+        let was_replayed = replayed.is_some();
+        let metrics = match replayed {
             Some(metrics) => {
                 let counts = |m: &[Vec<Vec<Metrics>>]| m.iter().map(Vec::len).collect::<Vec<_>>();
                 if counts(&metrics) != labels.iter().map(Vec::len).collect::<Vec<_>>() {
@@ -266,8 +268,12 @@ impl GroupEvaluator<'_, '_> {
         }
         self.bar.inc(settings.len() as u64);
         if !progress::interactive() {
-            let reused = self.grid.reused - reused_before;
-            tracing::info!("{name}: {evaluations} evaluations, {reused} of them repeats of another");
+            if was_replayed {
+                tracing::info!("{name}: {evaluations} results taken from the resume point");
+            } else {
+                let reused = self.grid.reused - reused_before;
+                tracing::info!("{name}: {evaluations} evaluations, {reused} of them repeats of another");
+            }
         }
         Ok(())
     }
