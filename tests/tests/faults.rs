@@ -374,6 +374,23 @@ fn a_grid_killed_after_its_first_groups_resumes_from_them_to_an_unbroken_runs_ro
     };
     let unbroken = reset_eval(&[]);
     assert!(!unbroken.contains("resume point"), "{unbroken}");
+    // Each group's line says where the grid stands: groups 1 to N, in order, of N (the robust set
+    // and the growth curve counted; the robust set dropped from the count once it is found empty).
+    let positions: Vec<(usize, usize)> = unbroken
+        .lines()
+        .filter_map(|l| {
+            let (done, total) = l.rsplit_once("(group ")?.1.strip_suffix(')')?.split_once(" of ")?;
+            Some((done.parse().ok()?, total.parse().ok()?))
+        })
+        .collect();
+    let groups = positions.len();
+    assert!(groups > 2, "{unbroken}");
+    let done: Vec<usize> = positions.iter().map(|p| p.0).collect();
+    assert_eq!(done, (1..=groups).collect::<Vec<_>>(), "{unbroken}");
+    assert_eq!(positions.last().unwrap().1, groups, "{unbroken}");
+    let no_robust_set = unbroken.contains("no unit is robust alone");
+    assert_eq!(positions[0].1, groups + usize::from(no_robust_set), "{unbroken}");
+    assert!(positions.windows(2).all(|w| w[1].1 <= w[0].1), "{unbroken}");
     let reference = sha256_file(&results);
     assert!(!resume.exists(), "the resume point outlived the results");
 

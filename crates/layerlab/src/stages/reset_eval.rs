@@ -125,8 +125,13 @@ pub fn run(ctx: &StageContext, seed: u64) -> Result<Outcome> {
     let mut rows_by_setting: Vec<Vec<ResultRow>> = vec![Vec::new(); bn_settings.len()];
     let finds_robust = exp.reset.finds_robust_set();
     let grows = exp.reset.modes.contains(&ResetMode::Growth);
-    let followers = usize::from(finds_robust) + if grows { arch.units.len() } else { 0 };
+    // They need each unit's re-initialization to epoch 0 (see the loop below).
+    let has_own_errors = exp.reset.modes.contains(&ResetMode::Reinit) && checkpoints.contains_key(&0);
+    let followers =
+        if has_own_errors { usize::from(finds_robust) + if grows { arch.units.len() } else { 0 } } else { 0 };
     let bar = progress::bar(((known.len() + followers) * bn_settings.len()) as u64, "reset-eval");
+    // Groups, as the resume point counts them: each known group once, each follower per setting.
+    let groups_total = known.len() + followers * bn_settings.len();
     let mut evaluator = GroupEvaluator {
         exp,
         seed,
@@ -137,6 +142,8 @@ pub fn run(ctx: &StageContext, seed: u64) -> Result<Outcome> {
         grid: &mut grid,
         progress: &mut progress,
         bar: &bar,
+        groups_done: 0,
+        groups_total,
     };
     for group in &known {
         evaluator.evaluate(group, &all_settings, &mut rows_by_setting)?;
@@ -159,7 +166,10 @@ pub fn run(ctx: &StageContext, seed: u64) -> Result<Outcome> {
             if finds_robust {
                 match reset::robust_set(&arch, &own_error, base[0].error, exp.aggregate.tolerance) {
                     Some(set) => followers.push(set),
-                    None => tracing::info!("{}: no unit is robust alone", reset::bn_label(bn)),
+                    None => {
+                        tracing::info!("{}: no unit is robust alone", reset::bn_label(bn));
+                        evaluator.groups_total -= 1;
+                    }
                 }
             }
             if grows {
@@ -191,6 +201,9 @@ struct GroupEvaluator<'a, 'g> {
     grid: &'a mut reset::GridEvaluator<'g>,
     progress: &'a mut GridProgress,
     bar: &'a indicatif::ProgressBar,
+    /// Where the grid stands, for the log: a grid can run for hours.
+    groups_done: usize,
+    groups_total: usize,
 }
 
 impl GroupEvaluator<'_, '_> {
@@ -203,6 +216,7 @@ impl GroupEvaluator<'_, '_> {
         rows_by_setting: &mut [Vec<ResultRow>],
     ) -> Result<()> {
         let (exp, seed, dev) = (self.exp, self.seed, self.dev);
+        let started = std::time::Instant::now();
         let name = &group.name;
         let mut drawn: BTreeMap<(usize, u32), State> = BTreeMap::new();
         let mut variants_by_setting = Vec::with_capacity(settings.len());
@@ -267,12 +281,18 @@ impl GroupEvaluator<'_, '_> {
             }
         }
         self.bar.inc(settings.len() as u64);
+        self.groups_done += 1;
         if !progress::interactive() {
+            let (done, total) = (self.groups_done, self.groups_total);
             if was_replayed {
-                tracing::info!("{name}: {evaluations} results taken from the resume point");
+                tracing::info!("{name}: {evaluations} results taken from the resume point (group {done} of {total})");
             } else {
                 let reused = self.grid.reused - reused_before;
-                tracing::info!("{name}: {evaluations} evaluations, {reused} of them repeats of another");
+                let seconds = started.elapsed().as_secs_f64();
+                tracing::info!(
+                    "{name}: {evaluations} evaluations, {reused} of them repeats of another, in {seconds:.1} s \
+                     (group {done} of {total})"
+                );
             }
         }
         Ok(())
