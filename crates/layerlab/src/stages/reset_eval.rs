@@ -125,10 +125,7 @@ pub fn run(ctx: &StageContext, seed: u64) -> Result<Outcome> {
     let mut rows_by_setting: Vec<Vec<ResultRow>> = vec![Vec::new(); bn_settings.len()];
     let finds_robust = exp.reset.finds_robust_set();
     let grows = exp.reset.modes.contains(&ResetMode::Growth);
-    // They need each unit's re-initialization to epoch 0 (see the loop below).
-    let has_own_errors = exp.reset.modes.contains(&ResetMode::Reinit) && checkpoints.contains_key(&0);
-    let followers =
-        if has_own_errors { usize::from(finds_robust) + if grows { arch.units.len() } else { 0 } } else { 0 };
+    let followers = usize::from(finds_robust) + if grows { arch.units.len() } else { 0 };
     let bar = progress::bar(((known.len() + followers) * bn_settings.len()) as u64, "reset-eval");
     // Groups, as the resume point counts them: each known group once, each follower per setting.
     let groups_total = known.len() + followers * bn_settings.len();
