@@ -139,7 +139,6 @@ pub fn run(ctx: &StageContext, seed: u64) -> Result<Outcome> {
         grid: &mut grid,
         progress: &mut progress,
         bar: &bar,
-        groups_done: 0,
         groups_total,
     };
     for group in &known {
@@ -198,8 +197,7 @@ struct GroupEvaluator<'a, 'g> {
     grid: &'a mut reset::GridEvaluator<'g>,
     progress: &'a mut GridProgress,
     bar: &'a indicatif::ProgressBar,
-    /// Where the grid stands, for the log: a grid can run for hours.
-    groups_done: usize,
+    /// How many groups the grid has, for the log: a grid can run for hours.
     groups_total: usize,
 }
 
@@ -278,9 +276,8 @@ impl GroupEvaluator<'_, '_> {
             }
         }
         self.bar.inc(settings.len() as u64);
-        self.groups_done += 1;
         if !progress::interactive() {
-            let (done, total) = (self.groups_done, self.groups_total);
+            let (done, total) = (self.progress.groups_done(), self.groups_total);
             if was_replayed {
                 tracing::info!("{name}: {evaluations} results taken from the resume point (group {done} of {total})");
             } else {
@@ -358,6 +355,11 @@ impl GridProgress {
         };
         let replayable = file.groups.len();
         Ok(GridProgress { path, file, next: 0, replayable, replayed: 0 })
+    }
+
+    /// Groups of this run so far, replayed or evaluated.
+    pub fn groups_done(&self) -> usize {
+        self.next
     }
 
     /// Groups the resume point holds for this grid.
