@@ -26,7 +26,7 @@ pub(super) fn shifted(g: &Geom) -> bool {
 
 /// The channel counts the direct kernels take: 8 or more input and output channels, multiples
 /// of 4 (for the weight gradient's tiles, [`direct::GRAD_CHANNELS`] outputs × `GRAD_TAPS`
-/// (input channel, tap) pairs out of 9 per input channel), on a CPU with AVX-512.
+/// (input channel, tap) pairs out of 9 per input channel), on a CPU with AVX-512, or AVX2 and FMA.
 fn direct_fits(g: &Geom) -> bool {
     g.c >= 8 && g.o >= 8 && g.c.is_multiple_of(4) && g.o.is_multiple_of(direct::GRAD_CHANNELS) && direct::available()
 }

@@ -9,7 +9,7 @@
 //! GPU goes through cuDNN (`kernels::cudnn`, the `cuda` feature); other devices and dtypes keep
 //! candle's own `conv2d`.
 //!
-//! Same-size 3×3 convolutions with enough channels skip the column matrix on CPUs with AVX-512:
+//! Same-size 3×3 convolutions with enough channels skip the column matrix on CPUs with AVX-512 or AVX2:
 //! a direct kernel ([`direct`]) keeps a tile of outputs in registers through all taps and input
 //! channels, on planes laid out with their zero border ([`shifted`](layouts::shifted), 16×16 and
 //! larger) or with 16 images side by side in each vector ([`interleaved`](layouts::interleaved),
@@ -30,7 +30,7 @@
 //! - [`weight_grad`]: the weight gradient on f32 slices, through every path;
 //! - [`im2col`]: the column matrix and its adjoint, for the products through `gemm`;
 //! - [`layouts`]: which convolutions take the direct kernels, and the plane layouts they read;
-//! - [`direct`]: the direct kernels themselves, in AVX-512;
+//! - [`direct`]: the direct kernels themselves, in AVX-512 and in AVX2 (the same bits);
 //! - [`geom`]: a convolution's shapes and its chunks of images; [`scratch`]: each thread's buffers.
 
 mod direct;

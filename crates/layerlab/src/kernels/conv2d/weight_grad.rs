@@ -22,7 +22,10 @@ pub(crate) fn grad_weight(g: &Geom, x: &[f32], grad: &[f32]) -> Vec<f32> {
     let ckk = g.ckk();
     let chunks = g.chunks();
     let per_group = chunks.len().div_ceil(WEIGHT_GRAD_GROUPS).max(1);
-    if shifted(g) {
+    // CPUs with AVX2 but not AVX-512 run the direct convolution but not its weight gradient
+    // (see `direct`'s module comment): theirs goes through `gemm`.
+    let direct = direct::weight_grad_available();
+    if direct && shifted(g) {
         let partials = chunks
             .par_chunks(per_group)
             .map(|group| {
@@ -37,7 +40,7 @@ pub(crate) fn grad_weight(g: &Geom, x: &[f32], grad: &[f32]) -> Vec<f32> {
         return grad_weight_pointwise(g, x, grad);
     }
     let strided = interleaved_strided(g) && g.h * g.w >= STRIDED_WEIGHT_GRAD_MIN_PLANE;
-    if (interleaved(g) && g.h * g.w >= INTERLEAVED_WEIGHT_GRAD_MIN_PLANE) || strided {
+    if direct && ((interleaved(g) && g.h * g.w >= INTERLEAVED_WEIGHT_GRAD_MIN_PLANE) || strided) {
         return grad_weight_interleaved(g, x, grad);
     }
     let partials: Vec<Vec<f32>> = chunks
