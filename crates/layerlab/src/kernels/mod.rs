@@ -2,8 +2,9 @@
 //! plain function on f32 slices) with its own backward where training needs one:
 //!
 //! - [`gemm`]: the one matrix-product wrapper every kernel and the fully connected path use;
-//! - [`conv2d`]: convolution, forward and both gradients: direct kernels (AVX-512, or AVX2 with
-//!   FMA) for same-size 3×3 layers, im2col + gemm for the rest (a folder: one file per role);
+//! - [`conv2d`]: convolution, forward and both gradients: direct kernels for same-size 3×3 layers
+//!   (AVX-512; with only AVX2 and FMA, the forward pass and input gradient), im2col + gemm for the
+//!   rest (a folder: one file per role);
 //! - [`norm`]: BatchNorm in training and evaluation mode, fused;
 //! - [`layers`]: ReLU, 2×2 max-pooling and the bias gradient;
 //! - [`pixels`]: a batch gathered from u8 images by position, augmented and scaled;

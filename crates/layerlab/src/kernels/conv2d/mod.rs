@@ -9,7 +9,8 @@
 //! GPU goes through cuDNN (`kernels::cudnn`, the `cuda` feature); other devices and dtypes keep
 //! candle's own `conv2d`.
 //!
-//! Same-size 3×3 convolutions with enough channels skip the column matrix on CPUs with AVX-512 or AVX2:
+//! Same-size 3×3 convolutions with enough channels skip the column matrix on CPUs with AVX-512
+//! (on CPUs with only AVX2, in the forward pass and the input gradient; the weight gradient keeps it):
 //! a direct kernel ([`direct`]) keeps a tile of outputs in registers through all taps and input
 //! channels, on planes laid out with their zero border ([`shifted`](layouts::shifted), 16×16 and
 //! larger) or with 16 images side by side in each vector ([`interleaved`](layouts::interleaved),
